@@ -1,0 +1,42 @@
+"""End-of-sweep summary: the untrained model, the best SFT trial and the best trial of each method.
+
+Pure pandas over plain records (what orchestrator.tracking reads back); no MLflow here.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import pandas as pd
+
+METRIC_COLUMNS = ["mean_score", "win_vs_chosen", "win_vs_sft", "kl", "length"]
+
+
+def trials_frame(records: Iterable[dict]) -> pd.DataFrame:
+    """One row per trial: stage, method, run_name, status, trial_key and the metric columns (NaN if absent)."""
+    rows = [{"stage": r["stage"], "method": r["method"], "run_name": r["run_name"], "status": r["status"],
+             "trial_key": r["trial_key"], **{m: r["metrics"].get(m, float("nan")) for m in METRIC_COLUMNS}}
+            for r in records]
+    return pd.DataFrame(rows, columns=["stage", "method", "run_name", "status", "trial_key", *METRIC_COLUMNS])
+
+
+def best_per_stage(frame: pd.DataFrame, stage_order: list[str], by: str = "mean_score") -> pd.DataFrame:
+    """The best FINISHED trial of each stage by `by`, in `stage_order`, with finished/failed counts.
+    Failed trials are counted, never silently dropped."""
+    rows = []
+    for stage in stage_order:
+        trials = frame[frame["stage"] == stage]
+        done = trials[trials["status"] == "FINISHED"]
+        counts = {"finished": len(done), "failed": int((trials["status"] == "FAILED").sum())}
+        if done.empty:
+            rows.append({"stage": stage, "best run": "(none finished)", **counts})
+            continue
+        best = done.loc[done[by].idxmax()]
+        rows.append({"stage": stage, "best run": best["run_name"], **{m: best[m] for m in METRIC_COLUMNS},
+                     **counts})
+    return pd.DataFrame(rows, columns=["stage", "best run", *METRIC_COLUMNS, "finished", "failed"])
+
+
+def format_summary(table: pd.DataFrame) -> str:
+    """Fixed-width text; metrics a trial does not have (win_vs_sft of the SFT stage itself) show as '-'."""
+    return table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}")

@@ -1,0 +1,26 @@
+"""In-process executor: trials run one after another in the driver (the embedded default)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from cluster.base import Progress, TrialFn, register_executor
+from orchestrator.task import TrialResult, TrialTask
+
+
+@register_executor("local")
+class LocalExecutor:
+    def __init__(self, spec=None):
+        self.spec = spec
+
+    def run(self, tasks: list[TrialTask], trial_fn: TrialFn, progress: Optional[Progress] = None
+            ) -> list[TrialResult]:
+        results = []
+        for task in tasks:
+            if progress:
+                progress.trial_started(task)
+            result = trial_fn(task, report=progress.trial_step if progress else None)
+            if progress:
+                progress.trial_done(result)
+            results.append(result)
+        return results

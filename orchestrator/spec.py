@@ -1,0 +1,361 @@
+"""Sweep specs: YAML -> validated pydantic models. Every config model forbids unknown keys.
+
+A bad spec raises SpecError, whose one-line message names the file, the line (where known), the field
+path and what is allowed. Nothing is imported from torch here, so validation is quick.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
+
+from trainers.methods import METHODS, Method, unknown_name_message
+
+Scalar = Union[int, float, str, bool]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- model ---------------------------------------------------------------------------------------
+class TinyModelSpec(Strict):
+    """A small LlamaForCausalLM built from config for the synthetic task's vocabulary."""
+    kind: Literal["tiny"] = "tiny"
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    max_positions: int = Field(128, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        return self
+
+
+ModelSpec = Annotated[Union[TinyModelSpec], Field(discriminator="kind")]
+
+
+# ---- data and reward -----------------------------------------------------------------------------
+class SyntheticDataSpec(Strict):
+    """The built-in synthetic preference task (trainers/synthetic.py)."""
+    kind: Literal["synthetic"] = "synthetic"
+    seed: int = 0
+    n_train: int = Field(2000, ge=8)
+    n_eval: int = Field(64, ge=1)
+    label_noise: float = Field(0.1, ge=0, lt=0.5)
+
+
+DataSpec = Annotated[Union[SyntheticDataSpec], Field(discriminator="kind")]
+
+
+class SyntheticRewardSpec(Strict):
+    kind: Literal["synthetic"] = "synthetic"
+
+
+class HFRewardSpec(Strict):
+    """A local Hugging Face sequence-classification model folder with one output."""
+    kind: Literal["hf"]
+    path: str
+    trust_remote_code: bool = False
+    batch_size: int = Field(16, gt=0)
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, value: str) -> str:
+        if not Path(value).expanduser().is_dir():
+            raise ValueError(f"no such folder: {value} (resolved to {Path(value).expanduser().resolve()})")
+        return value
+
+
+RewardSpec = Annotated[Union[SyntheticRewardSpec, HFRewardSpec], Field(discriminator="kind")]
+
+
+# ---- training and evaluation ---------------------------------------------------------------------
+class TrainingSpec(Strict):
+    batch_size: int = Field(32, gt=0)
+    max_length: int = Field(48, gt=1)
+    seed: int = 0
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
+    max_steps: Optional[int] = Field(None, gt=0, description="cap on optimizer steps per trial")
+    log_every: int = Field(10, gt=0)
+
+
+class EvaluationSpec(Strict):
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(24, gt=0)
+    num_prompts: int = Field(64, gt=0)
+    seed: int = 0
+    batch_size: int = Field(64, gt=0)
+
+
+class TrainHParams(Strict):
+    """Grid keys every method accepts, besides its own (trainers/methods.py)."""
+    learning_rate: float = Field(gt=0)
+    epochs: int = Field(1, ge=1)
+
+
+# ---- grids and stages ----------------------------------------------------------------------------
+class GridSpec(Strict):
+    """`grid`: the product of the listed values. `zip`: equal-length lists taken together (coupled
+    parameters, e.g. SimPO's beta and gamma), crossed with the grid."""
+    grid: dict[str, list[Scalar]] = Field(default_factory=dict)
+    zip: dict[str, list[Scalar]] = Field(default_factory=dict)
+
+    @field_validator("grid", "zip")
+    @classmethod
+    def _non_empty_distinct(cls, value: dict[str, list[Scalar]]) -> dict[str, list[Scalar]]:
+        for key, values in value.items():
+            if not values:
+                raise ValueError(f"{key}: empty list; give at least one value")
+        return value
+
+    @model_validator(mode="after")
+    def _zip_lengths(self):
+        lengths = {k: len(v) for k, v in self.zip.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"zip lists must have equal lengths; got {lengths}")
+        both = sorted(set(self.grid) & set(self.zip))
+        if both:
+            raise ValueError(f"{', '.join(both)} given in both grid and zip; keep each key in one")
+        for key, values in self.grid.items():
+            duplicates = sorted({str(v) for v in values if values.count(v) > 1})
+            if duplicates:
+                raise ValueError(f"grid.{key}: duplicate values {', '.join(duplicates)}")
+        return self
+
+
+class StagesSpec(Strict):
+    sft: GridSpec
+    methods: dict[str, GridSpec] = Field(min_length=1)
+
+
+class LocalExecutorSpec(Strict):
+    kind: Literal["local"] = "local"
+
+
+ExecutorSpec = Annotated[Union[LocalExecutorSpec], Field(discriminator="kind")]
+
+
+class TrackingSpec(Strict):
+    uri: Optional[str] = Field(None, description="MLflow tracking URI; default sqlite:///mlflow.db")
+
+
+class SweepSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    workdir: str = Field("posweep_runs", description="checkpoints, samples and caches go here")
+    model: ModelSpec = Field(default_factory=TinyModelSpec)
+    data: DataSpec = Field(default_factory=SyntheticDataSpec)
+    reward: RewardSpec = Field(default_factory=SyntheticRewardSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    stages: StagesSpec
+    executor: ExecutorSpec = Field(default_factory=LocalExecutorSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @model_validator(mode="after")
+    def _eval_prompts_exist(self):
+        if self.evaluation.num_prompts > self.data.n_eval:
+            raise ValueError(f"evaluation.num_prompts ({self.evaluation.num_prompts}) exceeds "
+                             f"data.n_eval ({self.data.n_eval})")
+        return self
+
+
+# ---- errors --------------------------------------------------------------------------------------
+class SpecError(ValueError):
+    """A spec problem, printed as one line: `FILE:LINE: FIELD.PATH: what is wrong and what is allowed`."""
+
+    def __init__(self, file: str, path: str, message: str, line: Optional[int] = None):
+        self.file, self.path, self.message, self.line = file, path, message, line
+        where = f"{file}:{line}" if line else file
+        super().__init__(f"{where}: {path}: {message}" if path else f"{where}: {message}")
+
+
+def _yaml_lines(text: str) -> dict[tuple, int]:
+    """Map each field path (tuple of keys/indices) to its 1-based line in the YAML text."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path: tuple) -> None:
+        lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                lines[path + (key.value,)] = key.start_mark.line + 1
+                walk(value, path + (key.value,))
+                lines[path + (key.value,)] = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, path + (i,))
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _line_for(lines: dict[tuple, int], loc: tuple) -> Optional[int]:
+    for end in range(len(loc), -1, -1):  # the deepest known ancestor
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def _unwrap(annotation):
+    """Strip Optional/Annotated to the model classes an annotation may hold."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(get_args(annotation)[0])
+    if origin is Union:
+        return [m for a in get_args(annotation) for m in _unwrap(a)]
+    return [annotation]
+
+
+def _allowed_fields(loc: tuple) -> list[str]:
+    """Field names of the model that sits at `loc` (its parent when loc names a field)."""
+    candidates: list = [SweepSpec]
+    for part in loc:
+        nxt = []
+        for c in candidates:
+            if isinstance(c, type) and issubclass(c, BaseModel):
+                if part in c.model_fields:
+                    nxt += _unwrap(c.model_fields[part].annotation)
+                else:  # a discriminator tag in the location: keep the member whose kind matches
+                    kind = c.model_fields.get("kind")
+                    if kind is not None and part in get_args(kind.annotation):
+                        nxt.append(c)
+            elif get_origin(c) is dict:
+                nxt += _unwrap(get_args(c)[1])
+        candidates = nxt
+    return sorted({f for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)
+                   for f in c.model_fields})
+
+
+def _format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop pydantic's discriminator tags from a location, keeping real field names and indices."""
+    tags = {"tiny", "synthetic", "hf", "local"}
+    return tuple(p for i, p in enumerate(loc) if not (p in tags and i > 0 and loc[i - 1] in
+                                                      ("model", "data", "reward", "executor")))
+
+
+def _error_from_validation(file: str, exc: ValidationError, lines: dict[tuple, int]) -> SpecError:
+    errors = exc.errors()
+    first = errors[0]
+    loc = _clean_loc(tuple(first["loc"]))
+    more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_fields(loc[:-1])
+        message = f"unknown field {loc[-1]!r}; allowed: {', '.join(allowed)}"
+    elif first["type"] == "missing":
+        message = "required field is missing"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+        if "input" in first and not isinstance(first["input"], (dict, list)) and first["type"] != "value_error":
+            message += f" (got {first['input']!r})"
+    return SpecError(file, _format_loc(loc), message + more, _line_for(lines, loc))
+
+
+# ---- method grids --------------------------------------------------------------------------------
+def grid_fields(method: Method) -> dict[str, Any]:
+    """Allowed grid keys of a method -> pydantic FieldInfo (training keys, then method keys)."""
+    return {**(TrainHParams.model_fields if method.trains else {}), **method.params.model_fields}
+
+
+def hparam_adapter(method: Method, key: str) -> TypeAdapter:
+    """Validator and coercer of one grid key of `method` (YAML reads `1e-3` as a string: this makes it
+    the float the field declares)."""
+    field = grid_fields(method)[key]
+    return TypeAdapter(Annotated[(field.annotation, *field.metadata)])
+
+
+def coerce_hparam(method: Method, key: str, value: Scalar) -> Scalar:
+    return hparam_adapter(method, key).validate_python(value, strict=isinstance(value, bool))
+
+
+def _check_grid(file: str, where: tuple, method: Method, grid: GridSpec, lines) -> None:
+    fields = grid_fields(method)
+    for section in ("grid", "zip"):
+        for key, values in getattr(grid, section).items():
+            loc = where + (section, key)
+            if key not in fields:
+                raise SpecError(file, _format_loc(loc), unknown_name_message(
+                    f"hyperparameter for {method.name}", key, list(fields)), _line_for(lines, loc))
+            for i, value in enumerate(values):
+                try:
+                    coerce_hparam(method, key, value)
+                except ValidationError as exc:
+                    msg = exc.errors()[0]["msg"]
+                    raise SpecError(file, _format_loc(loc + (i,)), f"{msg} (got {value!r})",
+                                    _line_for(lines, loc + (i,))) from None
+    given = set(grid.grid) | set(grid.zip)
+    for key, field in fields.items():
+        if field.is_required() and key not in given:
+            loc = where + ("grid",)
+            raise SpecError(file, _format_loc(loc), f"{method.name} needs {key!r} in grid or zip",
+                            _line_for(lines, where))
+
+
+def _check_methods(file: str, spec: SweepSpec, lines) -> None:
+    _check_grid(file, ("stages", "sft"), METHODS["sft"], spec.stages.sft, lines)
+    preference = [name for name, m in METHODS.items() if m.kind == "preference"]
+    for name, grid in spec.stages.methods.items():
+        loc = ("stages", "methods", name)
+        if name not in preference:
+            raise SpecError(file, _format_loc(loc), unknown_name_message("method", name, preference),
+                            _line_for(lines, loc))
+        _check_grid(file, loc, METHODS[name], grid, lines)
+
+
+# ---- loading -------------------------------------------------------------------------------------
+def parse_spec(text: str, file: str = "<spec>") -> SweepSpec:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(file, "", f"invalid YAML: {problem}", mark.line + 1 if mark else None) from None
+    if not isinstance(raw, dict):
+        raise SpecError(file, "", f"a sweep spec is a YAML mapping; got {type(raw).__name__}")
+    lines = _yaml_lines(text)
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise _error_from_validation(file, exc, lines) from None
+    _check_methods(file, spec, lines)
+    return spec
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(str(path), "", f"cannot read spec: {exc.strerror}") from None
+    return parse_spec(text, str(path))
+
+
+def spec_to_yaml(spec: SweepSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)

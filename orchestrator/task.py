@@ -1,0 +1,45 @@
+"""What an executor carries to the trial function and brings back. Plain data (pydantic): it crosses
+process and machine boundaries (Ray, SLURM) as JSON/pickle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from orchestrator.grid import TrialSpec
+from orchestrator.spec import Strict
+
+
+class TrialRuntime(Strict):
+    """Where a trial runs and what it starts from; none of it is part of the trial key."""
+    sweep: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    workdir: str                          # absolute; shared by every worker of the sweep
+    init_checkpoint: Optional[str] = None  # HF folder of the selected SFT trial (preference stages)
+    init_trial_key: Optional[str] = None
+    sft_samples: Optional[str] = None      # JSON per-sample records of the selected SFT trial
+
+
+class TrialTask(Strict):
+    trial: TrialSpec
+    runtime: TrialRuntime
+
+    @property
+    def trial_dir(self) -> Path:
+        return trial_dir(self.runtime.workdir, self.trial.trial_key)
+
+
+def trial_dir(workdir: str | Path, trial_key: str) -> Path:
+    """Per-trial files (checkpoint/, samples.json); keyed by trial, so reruns of a key share them."""
+    return Path(workdir) / "trials" / trial_key[:16]
+
+
+class TrialResult(Strict):
+    trial_key: str
+    run_id: Optional[str]
+    status: str                   # FINISHED | FAILED
+    metrics: dict[str, float] = {}
+    error: Optional[str] = None
+    wall_seconds: float = 0.0

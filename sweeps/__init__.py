@@ -1,0 +1,1 @@
+"""Built-in sweep specs, shipped as package data so `sweep run quickstart` works from any directory."""

@@ -1,0 +1,86 @@
+"""Preference data: sources (registry by spec kind), tokenization, batching, per-sequence log-probs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from trainers import synthetic
+from trainers.methods import unknown_name_message
+from trainers.synthetic import PreferencePair
+
+# kind -> (data_spec, split) -> pairs. Real-data adapters (HH-RLHF, SafeRLHF, jsonl) register here.
+DATA_SOURCES: dict[str, Callable[..., list[PreferencePair]]] = {
+    "synthetic": lambda spec, split: synthetic.generate_split(
+        split, spec.n_train if split == "train" else spec.n_eval, spec.seed, spec.label_noise),
+}
+
+
+def load_pairs(data_spec, split: str) -> list[PreferencePair]:
+    if data_spec.kind not in DATA_SOURCES:
+        raise KeyError(unknown_name_message("data kind", data_spec.kind, list(DATA_SOURCES)))
+    return DATA_SOURCES[data_spec.kind](data_spec, split)
+
+
+@dataclass(frozen=True)
+class EncodedSequence:
+    ids: list[int]      # bos + prompt + response (+ eos), already truncated
+    prompt_len: int     # number of leading ids that belong to the prompt (never trained on)
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    return [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def encode_sequence(tokenizer, prompt: str, response: str, max_length: int) -> EncodedSequence:
+    """Keep the whole prompt when it fits (its end if not) and cut the response to fit max_length."""
+    prompt_ids = encode_prompt(tokenizer, prompt)[-(max_length - 1):]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (prompt_ids + response_ids)[:max_length]
+    return EncodedSequence(ids, len(prompt_ids))
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    index: int
+    chosen: EncodedSequence
+    rejected: EncodedSequence
+
+
+def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int) -> list[EncodedPair]:
+    return [EncodedPair(i, encode_sequence(tokenizer, p.prompt, p.chosen, max_length),
+                        encode_sequence(tokenizer, p.prompt, p.rejected, max_length))
+            for i, p in enumerate(pairs)]
+
+
+def collate_sequences(seqs: list[EncodedSequence], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask and response_mask, each (B, T)."""
+    width = max(len(s.ids) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    response_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for row, s in enumerate(seqs):
+        input_ids[row, :len(s.ids)] = torch.tensor(s.ids)
+        attention_mask[row, :len(s.ids)] = 1
+        response_mask[row, s.prompt_len:len(s.ids)] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows, in one (2B, T) batch so one forward pass serves both."""
+    batch = collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    batch["index"] = torch.tensor([p.index for p in pairs], dtype=torch.long)  # (B,)
+    return batch
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the response tokens and their count, each (B,)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
+    targets = input_ids[:, 1:].unsqueeze(-1)                                            # (B, T-1, 1)
+    # gather - logsumexp avoids materialising a second (B, T-1, V) log-softmax tensor
+    token_logps = logits.float().gather(-1, targets).squeeze(-1) - torch.logsumexp(logits.float(), -1)
+    mask = response_mask[:, 1:].to(token_logps.dtype)                                   # (B, T-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)

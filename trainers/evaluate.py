@@ -1,0 +1,132 @@
+"""Evaluation on held-out prompts: sample, score with the gold reward, compare, measure KL and length.
+
+Metrics (DESIGN.md, paper §5), per trial:
+  mean_score     mean gold score of the policy's generations
+  win_vs_chosen  share of prompts where the generation outscores the dataset's chosen response (ties 1/2)
+  win_vs_sft     share where it outscores the SFT model's generation for the same prompt (ties 1/2)
+  kl             mean over samples of Σ_t [log πθ(y_t|·) − log π_SFT(y_t|·)] on the policy's own samples
+                 (untempered log-probs of both models; the EOS token counts when it was sampled)
+  length         generated tokens before EOS, in the policy's tokenizer
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from trainers.data import EncodedSequence, collate_sequences, encode_prompt, sequence_logps
+from trainers.reward import RewardModel
+from trainers.synthetic import PreferencePair
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    num_prompts: int
+    seed: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Generation:
+    ids: list[int]     # sampled tokens, EOS included when the model emitted it
+    length: int        # tokens before EOS
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], settings: EvalSettings,
+             device: torch.device) -> list[Generation]:
+    model.eval()
+    torch.manual_seed(settings.seed)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    out: list[Generation] = []
+    for start in range(0, len(prompts), settings.batch_size):
+        encoded = [encode_prompt(tokenizer, p) for p in prompts[start:start + settings.batch_size]]
+        width = max(len(e) for e in encoded)
+        input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)  # (B, P)
+        attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+        sampled = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
+                                 temperature=settings.temperature, top_p=settings.top_p, top_k=0,
+                                 max_new_tokens=settings.max_new_tokens, pad_token_id=pad,
+                                 eos_token_id=eos)[:, width:].tolist()                   # (B, <=N)
+        for row in sampled:
+            length = row.index(eos) if eos in row else len(row)
+            out.append(Generation(row[:length + 1] if eos in row else row, length))
+    return out
+
+
+@torch.no_grad()
+def generation_logps(model, tokenizer, prompts: Sequence[str], generations: Sequence[Generation],
+                     device: torch.device, batch_size: int) -> list[float]:
+    """Summed log-prob (temperature 1) of each generation given its prompt."""
+    model.eval()
+    logps: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        seqs = []
+        for prompt, gen in zip(prompts[start:start + batch_size], generations[start:start + batch_size]):
+            prompt_ids = encode_prompt(tokenizer, prompt)
+            seqs.append(EncodedSequence(prompt_ids + gen.ids, len(prompt_ids)))
+        batch = {k: v.to(device) for k, v in collate_sequences(seqs, tokenizer.pad_token_id).items()}
+        values, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        logps += values.cpu().tolist()
+    return logps
+
+
+def win_rate(scores: Sequence[float], baseline: Sequence[float]) -> float:
+    """Share of items where score beats baseline; ties count half."""
+    wins = sum(1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores, baseline, strict=True))
+    return wins / len(scores)
+
+
+def summarize_samples(samples: list[dict]) -> dict[str, float]:
+    """Trial metrics from per-sample records (keys as written by `evaluate`)."""
+    scores = [s["score"] for s in samples]
+    metrics = {
+        "mean_score": sum(scores) / len(scores),
+        "win_vs_chosen": win_rate(scores, [s["chosen_score"] for s in samples]),
+        "length": sum(s["length"] for s in samples) / len(samples),
+    }
+    if all("sft_score" in s for s in samples):
+        metrics["win_vs_sft"] = win_rate(scores, [s["sft_score"] for s in samples])
+    if all("kl" in s for s in samples):
+        metrics["kl"] = sum(s["kl"] for s in samples) / len(samples)
+    return metrics
+
+
+@dataclass
+class SftBaseline:
+    """What a preference trial compares against: the SFT model (for KL) and its per-prompt scores."""
+    model: Optional[torch.nn.Module]
+    scores: dict[str, float]  # prompt_id -> SFT generation's gold score
+
+
+def evaluate(model, tokenizer, pairs: list[PreferencePair], reward: RewardModel, settings: EvalSettings,
+             device: torch.device, sft: Optional[SftBaseline] = None) -> tuple[dict[str, float], list[dict]]:
+    """Returns (metrics, per-sample records) over the first `settings.num_prompts` evaluation pairs."""
+    pairs = pairs[:settings.num_prompts]
+    prompts = [p.prompt for p in pairs]
+    generations = generate(model, tokenizer, prompts, settings, device)
+    texts = [tokenizer.decode(g.ids, skip_special_tokens=True) for g in generations]
+    scores = reward.score(prompts, texts)
+    chosen_scores = reward.score(prompts, [p.chosen for p in pairs])
+    samples = [{"prompt_id": p.prompt_id, "prompt": p.prompt, "generation": text, "length": g.length,
+                "score": score, "chosen_score": chosen}
+               for p, g, text, score, chosen in zip(pairs, generations, texts, scores, chosen_scores)]
+    if sft is not None:
+        for sample in samples:
+            sample["sft_score"] = sft.scores[sample["prompt_id"]]
+        if sft.model is not None:
+            own = generation_logps(model, tokenizer, prompts, generations, device, settings.batch_size)
+            ref = generation_logps(sft.model, tokenizer, prompts, generations, device, settings.batch_size)
+            for sample, lp, lq in zip(samples, own, ref):
+                sample["kl"] = lp - lq
+    metrics = summarize_samples(samples)
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"non-finite evaluation metrics: {', '.join(bad)}")
+    return metrics, samples

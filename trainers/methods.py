@@ -1,0 +1,84 @@
+"""Catalogue of training methods: name -> hyperparameter model and what the method needs.
+
+Torch-free on purpose: the spec validates grids against this catalogue before anything heavy is
+imported. trainers/losses.py registers one loss function per preference method named here (a test keeps
+the two in step).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MethodParams(BaseModel):
+    """Method-specific hyperparameters (the grid's non-training keys)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoParams(MethodParams):
+    pass
+
+
+class DPOParams(MethodParams):
+    beta: float = Field(gt=0, description="inverse temperature of the implicit reward")
+
+
+class LNDPOParams(MethodParams):
+    beta: float = Field(gt=0, description="inverse temperature on length-normalised log-ratios")
+
+
+class SimPOParams(MethodParams):
+    beta: float = Field(gt=0, description="scale of the length-normalised log-likelihood reward")
+    gamma: float = Field(ge=0, description="target reward margin (absolute, as in the paper's Table 2)")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    params: type[MethodParams]
+    kind: str  # "untrained" (evaluated only), "sft" (NLL on chosen responses) or "preference"
+    needs_reference: bool
+    summary: str
+
+    @property
+    def trains(self) -> bool:
+        """Whether the method has an optimizer loop (and so learning_rate/epochs in its grid)."""
+        return self.kind != "untrained"
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+register_method(Method("untrained", NoParams, "untrained", False,
+                       "the initial model, evaluated without training (the sweep's floor)"))
+register_method(Method("sft", NoParams, "sft", False, "supervised fine-tuning on the chosen responses"))
+register_method(Method("dpo", DPOParams, "preference", True,
+                       "-log σ(β·[log πθ(yw)/πref(yw) − log πθ(yl)/πref(yl)])"))
+register_method(Method("simpo", SimPOParams, "preference", False,
+                       "-log σ(β/|yw|·log πθ(yw) − β/|yl|·log πθ(yl) − γ)"))
+register_method(Method("ln_dpo", LNDPOParams, "preference", True,
+                       "-log σ(β/|yw|·log πθ(yw)/πref(yw) − β/|yl|·log πθ(yl)/πref(yl))"))
+
+
+def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
+    """"unknown method 'dp0' (did you mean 'dpo'?); known: dpo, ln_dpo, simpo" — shared by registries."""
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown {kind} {name!r}{hint}; known: {', '.join(sorted(known))}"
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise KeyError(unknown_name_message("method", name, list(METHODS)))
+    return METHODS[name]

@@ -1,0 +1,138 @@
+"""One training loop for SFT and every preference loss (accelerate, so the same code runs on a GPU).
+
+The loop knows nothing about methods: an objective turns a batch into (loss, stats). SFT and preference
+objectives are built below; preference losses come from the trainers.losses registry.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from transformers import get_linear_schedule_with_warmup
+
+from trainers.data import EncodedPair, collate_pairs, sequence_logps
+from trainers.losses import get_loss
+
+Objective = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
+OnLog = Callable[[int, int, dict[str, float]], None]  # (step, total_steps, stats)
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, step: int, value: float):
+        super().__init__(f"non-finite loss {value} at step {step}; the trial diverged "
+                         "(try a lower learning rate)")
+        self.step = step
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    learning_rate: float
+    epochs: int
+    batch_size: int
+    warmup_ratio: float
+    weight_decay: float
+    max_grad_norm: float
+    max_steps: Optional[int]
+    seed: int
+    log_every: int
+
+
+def make_accelerator() -> Accelerator:
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def count_steps(n_examples: int, settings: LoopSettings) -> int:
+    steps = math.ceil(n_examples / settings.batch_size) * settings.epochs
+    return min(steps, settings.max_steps) if settings.max_steps else steps
+
+
+def sft_objective(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean next-token NLL over the chosen responses (rows [:B] of a pair batch)."""
+    half = batch["index"].shape[0]
+    logps, lengths = sequence_logps(model, batch["input_ids"][:half], batch["attention_mask"][:half],
+                                    batch["response_mask"][:half])
+    loss = -logps.sum() / lengths.sum()
+    return loss, {"loss": loss.item()}
+
+
+def preference_objective(loss_name: str, hparams: dict[str, float],
+                         reference: Optional[tuple[torch.Tensor, torch.Tensor]]) -> Objective:
+    """Objective for a registered preference loss. `reference` holds precomputed (N,) chosen and
+    rejected reference log-probs indexed by pair index, or None for reference-free methods."""
+    loss_fn = get_loss(loss_name)
+
+    def objective(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        half = batch["index"].shape[0]
+        logps, lengths = sequence_logps(model, batch["input_ids"], batch["attention_mask"],
+                                        batch["response_mask"])                        # (2B,)
+        ref_c = ref_r = None
+        if reference is not None:
+            idx = batch["index"].cpu()
+            ref_c, ref_r = (r[idx].to(logps.device) for r in reference)
+        losses, chosen_r, rejected_r = loss_fn(logps[:half], logps[half:], ref_c, ref_r,
+                                               lengths[:half], lengths[half:], **hparams)
+        loss = losses.mean()
+        margin = chosen_r - rejected_r
+        return loss, {"loss": loss.item(), "reward_margin": margin.mean().item(),
+                      "reward_accuracy": (margin > 0).float().mean().item(),
+                      "chosen_reward": chosen_r.mean().item(), "rejected_reward": rejected_r.mean().item()}
+
+    return objective
+
+
+@torch.no_grad()
+def reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected summed log-probs, each (N,), in pair-index order."""
+    model.eval()
+    chosen = torch.empty(len(pairs))
+    rejected = torch.empty(len(pairs))
+    for start in range(0, len(pairs), batch_size):
+        batch = collate_pairs(pairs[start:start + batch_size], pad_id)
+        half = batch["index"].shape[0]
+        logps, _ = sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                  batch["response_mask"].to(device))
+        chosen[batch["index"]] = logps[:half].cpu()
+        rejected[batch["index"]] = logps[half:].cpu()
+    return chosen, rejected
+
+
+def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopSettings, pad_id: int,
+          accelerator: Accelerator, on_log: Optional[OnLog] = None) -> list[dict[str, float]]:
+    """Run the loop; returns the logged stats (one dict per logged step). Raises NonFiniteLoss."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    loader = DataLoader(pairs, batch_size=settings.batch_size, shuffle=True, generator=generator,
+                        collate_fn=lambda b: collate_pairs(b, pad_id))
+    total = count_steps(len(pairs), settings)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,
+                                  weight_decay=settings.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total), total)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model.train()
+    history: list[dict[str, float]] = []
+    step = 0
+    for _epoch in range(settings.epochs):
+        for batch in loader:
+            loss, stats = objective(model, batch)
+            if not math.isfinite(stats["loss"]):
+                raise NonFiniteLoss(step + 1, stats["loss"])
+            accelerator.backward(loss)
+            if settings.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            if step % settings.log_every == 0 or step == total:
+                stats = {**stats, "learning_rate": scheduler.get_last_lr()[0]}
+                history.append({"step": step, **stats})
+                if on_log:
+                    on_log(step, total, stats)
+            if step >= total:
+                return history
+    return history

@@ -1,0 +1,158 @@
+"""The one function an executor calls: run_trial(task) -> TrialResult.
+
+load -> train -> evaluate -> log. Any exception inside a trial (a diverged loss, an evaluation error)
+marks that trial FAILED in MLflow with its reason and returns; it never stops the sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from orchestrator import tracking
+from orchestrator.spec import TrainHParams
+from orchestrator.task import TrialResult, TrialTask
+from trainers.data import encode_pairs, load_pairs
+from trainers.evaluate import EvalSettings, SftBaseline, evaluate
+from trainers.methods import METHODS, Method
+from trainers.models import ensure_base_model, load_causal_lm, load_tokenizer, save_model
+from trainers.reward import load_reward_model
+from trainers.train import (LoopSettings, make_accelerator, preference_objective, reference_logps,
+                            sft_objective, train)
+
+Report = Callable[[int, int], None]  # (step, total_steps)
+
+# Only SFT checkpoints are read by a later stage; preference-trial weights would cost disk per trial.
+CHECKPOINTED_KINDS = {"sft"}
+
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f)
+    os.replace(tmp, path)
+
+
+def trial_params(task: TrialTask) -> dict[str, object]:
+    """Hyperparameters under their own names (compare / parallel-coordinates views) plus the config."""
+    trial = task.trial
+    params: dict[str, object] = {**trial.hparams, "method": trial.method, "stage": trial.stage}
+    for section in ("model", "data", "reward", "training", "evaluation"):
+        for key, value in getattr(trial, section).model_dump(mode="json").items():
+            params[f"{section}.{key}"] = value
+    if task.runtime.init_trial_key:
+        params["init_trial_key"] = task.runtime.init_trial_key
+    return params
+
+
+def _loop_settings(task: TrialTask) -> LoopSettings:
+    t = task.trial.training
+    return LoopSettings(learning_rate=float(task.trial.hparams["learning_rate"]),
+                        epochs=int(task.trial.hparams["epochs"]), batch_size=t.batch_size,
+                        warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay,
+                        max_grad_norm=t.max_grad_norm, max_steps=t.max_steps, seed=t.seed,
+                        log_every=t.log_every)
+
+
+def _method_hparams(task: TrialTask) -> dict[str, float]:
+    return {k: v for k, v in task.trial.hparams.items() if k not in TrainHParams.model_fields}
+
+
+def _build_objective(task: TrialTask, method: Method, pairs, tokenizer, init: Path, device):
+    if method.kind == "sft":
+        return sft_objective
+    reference = None
+    if method.needs_reference:  # the reference is the starting checkpoint; computed once, then freed
+        ref_model = load_causal_lm(init, device)
+        reference = reference_logps(ref_model, pairs, tokenizer.pad_token_id, task.trial.training.batch_size,
+                                    device)
+        del ref_model
+    return preference_objective(method.name, _method_hparams(task), reference)
+
+
+def _sft_baseline(task: TrialTask, method: Method, init: Path, device) -> Optional[SftBaseline]:
+    if method.kind != "preference":
+        return None
+    if not task.runtime.sft_samples:
+        raise ValueError("a preference trial needs the selected SFT trial's samples (runtime.sft_samples)")
+    samples = json.loads(Path(task.runtime.sft_samples).read_text())
+    return SftBaseline(load_causal_lm(init, device), {s["prompt_id"]: s["score"] for s in samples})
+
+
+def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger,
+             report: Optional[Report]) -> dict[str, float]:
+    trial, workdir = task.trial, Path(task.runtime.workdir)
+    torch.manual_seed(trial.training.seed)
+    accelerator = make_accelerator()
+    device = accelerator.device
+    base = ensure_base_model(trial.model, workdir / "models")
+    init = Path(task.runtime.init_checkpoint) if task.runtime.init_checkpoint else base
+    tokenizer = load_tokenizer(init)
+    model = load_causal_lm(init, device)
+    steps = 0
+    if method.kind != "untrained":
+        pairs = encode_pairs(tokenizer, load_pairs(trial.data, "train"), trial.training.max_length)
+        objective = _build_objective(task, method, pairs, tokenizer, init, device)
+
+        def on_log(step: int, total: int, stats: dict[str, float]) -> None:
+            logger.log_metrics({f"train/{k}": v for k, v in stats.items()}, step)
+            if report:
+                report(step, total)
+
+        history = train(model, pairs, objective, _loop_settings(task), tokenizer.pad_token_id, accelerator,
+                        on_log)
+        steps = int(history[-1]["step"]) if history else 0
+        model = accelerator.unwrap_model(model)
+    if method.kind in CHECKPOINTED_KINDS:
+        checkpoint = save_model(model, tokenizer, task.trial_dir / "checkpoint")
+        logger.set_tags({tracking.TAG_CHECKPOINT: str(checkpoint)})
+    e = trial.evaluation
+    settings = EvalSettings(e.temperature, e.top_p, e.max_new_tokens, e.num_prompts, e.seed, e.batch_size)
+    metrics, samples = evaluate(model, tokenizer, load_pairs(trial.data, "eval"), load_reward_model(trial.reward),
+                                settings, device, _sft_baseline(task, method, init, device))
+    samples_path = task.trial_dir / "samples.json"
+    write_json_atomic(samples_path, samples)
+    logger.log_samples(samples)
+    logger.set_tags({tracking.TAG_SAMPLES: str(samples_path)})
+    return {**metrics, "train_steps": float(steps)}
+
+
+def run_trial(task: TrialTask, report: Optional[Report] = None) -> TrialResult:
+    trial, runtime = task.trial, task.runtime
+    method = METHODS[trial.method]
+    logger = tracking.TrialLogger(runtime.tracking_uri, runtime.experiment_id, runtime.parent_run_id)
+    tags = {tracking.TAG_SWEEP: runtime.sweep, tracking.TAG_STAGE: trial.stage, tracking.TAG_METHOD: trial.method,
+            tracking.TAG_KEY: trial.trial_key}
+    if runtime.init_trial_key:
+        tags[tracking.TAG_INIT_KEY] = runtime.init_trial_key
+    run_id = logger.start(trial.run_name, tags, trial_params(task))
+    started = time.monotonic()
+    try:
+        metrics = _execute(task, method, logger, report)
+    except KeyboardInterrupt:
+        logger.finish("KILLED")
+        raise
+    except Exception as exc:  # noqa: BLE001 - a trial's failure is data, not a crash of the sweep
+        reason = f"{type(exc).__name__}: {exc}"
+        logger.set_tags({tracking.TAG_FAILURE: reason[:5000]})
+        logger.log_text(traceback.format_exc(), "failure.txt")
+        logger.finish("FAILED")
+        return TrialResult(trial_key=trial.trial_key, run_id=run_id, status="FAILED", error=reason,
+                           wall_seconds=time.monotonic() - started)
+    metrics["wall_seconds"] = time.monotonic() - started
+    logger.log_metrics(metrics)
+    logger.finish("FINISHED")
+    return TrialResult(trial_key=trial.trial_key, run_id=run_id, status="FINISHED", metrics=metrics,
+                       wall_seconds=metrics["wall_seconds"])
