@@ -8,8 +8,10 @@ hyperparameter as a param, the evaluation metrics, per-step training curves, and
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -19,6 +21,7 @@ from pydantic import BaseModel
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_PARAM_LENGTH = 6000
+SAMPLES_ARTIFACT = "samples.json"
 
 TAG_SWEEP = "posweep.sweep"
 TAG_KIND = "posweep.run_kind"        # "stage" | "trial"
@@ -136,8 +139,12 @@ class SweepTracker:
             self.client.set_terminated(r.run_id, "KILLED")
         return len(stale)
 
-    def log_stage_artifact_text(self, run_id: str, text: str, name: str) -> None:
-        self.client.log_text(run_id, text, name)
+    def load_samples(self, run_id: str, artifact_file: str = SAMPLES_ARTIFACT) -> list[dict]:
+        """A trial's per-sample records, read back from its table artifact."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self.client.download_artifacts(run_id, artifact_file, tmp)
+            table = json.loads(Path(path).read_text())
+        return [dict(zip(table["columns"], row)) for row in table["data"]]
 
 
 class TrialLogger:
@@ -170,7 +177,7 @@ class TrialLogger:
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_samples(self, samples: list[dict], artifact_file: str = "samples.json") -> None:
+    def log_samples(self, samples: list[dict], artifact_file: str = SAMPLES_ARTIFACT) -> None:
         """Per-sample records as an MLflow table (viewable in the UI's artifact and evaluation views)."""
         columns = {key: [s.get(key) for s in samples] for key in samples[0]} if samples else {}
         self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)

@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+
+from orchestrator.grid import expand_grid, plan_sweep
+from orchestrator.spec import GridSpec, load_spec, parse_spec
+
+SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
+
+SPEC = """\
+name: t
+stages:
+  sft:
+    grid: {learning_rate: [1e-3, 3e-3], epochs: [1, 2]}
+  methods:
+    simpo:
+      grid: {learning_rate: [1e-4]}
+      zip: {beta: [2.0, 2.5, 3.0], gamma: [0.5, 1.0, 1.5]}
+    dpo:
+      grid: {beta: [0.1, 0.3], learning_rate: [1e-4, 3e-4], epochs: [1, 3]}
+"""
+
+
+def test_product_and_zip():
+    points = expand_grid(GridSpec(grid={"a": [1, 2], "b": [3]}, zip={"c": [4, 5], "d": [6, 7]}))
+    assert points == [{"a": 1, "b": 3, "c": 4, "d": 6}, {"a": 1, "b": 3, "c": 5, "d": 7},
+                      {"a": 2, "b": 3, "c": 4, "d": 6}, {"a": 2, "b": 3, "c": 5, "d": 7}]
+
+
+def test_trial_counts_per_stage():
+    stages = {s.stage: s.trials for s in plan_sweep(parse_spec(SPEC))}
+    assert [len(stages[k]) for k in ("base", "sft", "simpo", "dpo")] == [1, 4, 3, 8]
+
+
+def test_yaml_exponent_strings_become_floats_with_defaults():
+    sft = {s.stage: s.trials for s in plan_sweep(parse_spec(SPEC))}["simpo"][0]
+    assert sft.hparams == {"beta": 2.0, "gamma": 0.5, "learning_rate": 1e-4, "epochs": 1}
+    assert isinstance(sft.hparams["learning_rate"], float)
+
+
+def test_keys_deterministic_unique_and_config_sensitive():
+    first = [t.trial_key for s in plan_sweep(parse_spec(SPEC)) for t in s.trials]
+    again = [t.trial_key for s in plan_sweep(parse_spec(SPEC)) for t in s.trials]
+    assert first == again and len(set(first)) == len(first)
+    renamed = [t.trial_key for s in plan_sweep(parse_spec(SPEC.replace("name: t", "name: other")))
+               for t in s.trials]
+    assert renamed == first  # the sweep's name is not part of a trial's identity
+    longer = [t.trial_key for s in plan_sweep(parse_spec(SPEC + "training: {max_length: 64}\n"))
+              for t in s.trials]
+    assert set(longer).isdisjoint(first)
+
+
+def test_preference_keys_follow_the_sft_grid():
+    base = {s.stage: s for s in plan_sweep(parse_spec(SPEC))}
+    changed = {s.stage: s for s in plan_sweep(parse_spec(SPEC.replace("epochs: [1, 2]", "epochs: [1]")))}
+    assert base["dpo"].trials[0].trial_key != changed["dpo"].trials[0].trial_key
+
+
+def test_smoke_thins_grids_and_shortens_trials():
+    stages = plan_sweep(parse_spec(SPEC), smoke=True)
+    assert all(len(s.trials) <= 2 for s in stages)
+    assert all(t.training.max_steps == 30 and t.evaluation.num_prompts == 16 for s in stages for t in s.trials)
+
+
+def test_run_names_are_readable():
+    simpo = {s.stage: s.trials for s in plan_sweep(parse_spec(SPEC))}["simpo"][0]
+    assert simpo.run_name == "simpo beta=2 gamma=0.5 lr=0.0001 e=1".replace("beta", "b").replace("gamma", "g")
+
+
+@pytest.mark.parametrize("name,counts", [
+    ("quickstart", None),
+    ("dpo", {"sft": 2, "dpo": 20}),
+    ("ln_dpo", {"sft": 2, "ln_dpo": 24}),
+    ("simpo", {"sft": 2, "simpo": 96}),
+])
+def test_shipped_sweeps_validate(name, counts):
+    stages = {s.stage: len(s.trials) for s in plan_sweep(load_spec(SWEEPS / f"{name}.yaml"))}
+    if counts:
+        assert {k: stages[k] for k in counts} == counts
+    else:
+        assert {"base", "sft", "dpo", "simpo", "ln_dpo"} <= set(stages)

@@ -1,0 +1,125 @@
+"""End to end on the built-in task (smoke-sized): spec -> trials -> train -> evaluate -> MLflow."""
+
+import math
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from orchestrator.grid import plan_sweep
+from orchestrator.pipeline import run_sweep
+from orchestrator.spec import parse_spec
+from orchestrator.tracking import TAG_FAILURE, TAG_PARENT, SweepTracker, TrialLogger
+from trainers import losses
+
+SPEC = """\
+name: e2e
+workdir: {workdir}
+data: {{kind: synthetic, n_train: 256, n_eval: 16}}
+training: {{batch_size: 16, max_length: 40, log_every: 5}}
+evaluation: {{num_prompts: 16, max_new_tokens: 16}}
+stages:
+  sft:
+    grid: {{learning_rate: [3.0e-3], epochs: [2]}}
+  methods:
+    dpo:
+      grid: {{beta: [0.1, 0.5], learning_rate: [3.0e-4]}}
+    simpo:
+      grid: {{beta: [2.0], gamma: [0.5], learning_rate: [3.0e-4]}}
+    ln_dpo:
+      grid: {{beta: [1.0, 2.0], learning_rate: [3.0e-4]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    spec = parse_spec(SPEC.format(workdir=root / "work"))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    outcome = run_sweep(spec, uri, smoke=True, show_progress=False, echo=lambda _: None)
+    return spec, uri, outcome
+
+
+def test_every_trial_finished_with_metrics_in_range(sweep):
+    spec, uri, outcome = sweep
+    assert outcome.ran == 7 and outcome.failed == 0 and outcome.skipped == 0
+    records = SweepTracker(uri, spec.name).trials()
+    by_stage = {}
+    for r in records:
+        by_stage.setdefault(r.stage, []).append(r)
+    assert {k: len(v) for k, v in by_stage.items()} == {"base": 1, "sft": 1, "dpo": 2, "simpo": 1, "ln_dpo": 2}
+    for r in records:
+        assert r.status == "FINISHED"
+        m = r.metrics
+        assert 0 <= m["win_vs_chosen"] <= 1 and m["length"] > 0 and math.isfinite(m["mean_score"])
+        if r.stage in ("dpo", "simpo", "ln_dpo"):
+            assert 0 <= m["win_vs_sft"] <= 1 and math.isfinite(m["kl"])
+            assert r.params["beta"] in ("0.1", "0.5", "1.0", "2.0") and r.tags["posweep.init_trial_key"]
+            assert r.tags[TAG_PARENT]  # a child of its stage run
+
+
+def test_training_curves_and_samples_are_logged(sweep):
+    spec, uri, _ = sweep
+    client = mlflow.tracking.MlflowClient(uri)
+    tracker = SweepTracker(uri, spec.name)
+    dpo = tracker.trials("dpo")[0]
+    curve = client.get_metric_history(dpo.run_id, "train/loss")
+    assert len(curve) >= 2 and [m.step for m in curve] == sorted(m.step for m in curve)
+    for name in ("train/reward_margin", "train/reward_accuracy"):
+        assert client.get_metric_history(dpo.run_id, name)
+    samples = tracker.load_samples(dpo.run_id)
+    assert len(samples) == 16 and {"prompt_id", "generation", "score", "sft_score", "chosen_score", "kl",
+                                   "length"} <= set(samples[0])
+    assert all(isinstance(s["generation"], str) and s["length"] >= 0 for s in samples)
+
+
+def test_rerun_skips_finished_trials(sweep):
+    spec, uri, _ = sweep
+    again = run_sweep(spec, uri, smoke=True, show_progress=False, echo=lambda _: None)
+    assert again.ran == 0 and again.skipped == 7
+    keys = [r.trial_key for r in SweepTracker(uri, spec.name).trials() if r.status == "FINISHED"]
+    assert len(keys) == len(set(keys)) == 7
+
+
+def test_summary_has_baseline_sft_and_every_method(sweep):
+    _, _, outcome = sweep
+    summary = outcome.summary
+    assert list(summary["stage"]) == ["base", "sft", "dpo", "simpo", "ln_dpo"]
+    assert (summary["finished"] >= 1).all() and (summary["failed"] == 0).all()
+
+
+def test_diverging_trial_fails_cleanly_and_sweep_goes_on(tmp_path, monkeypatch):
+    """Bug guard: a NaN loss must mark the trial FAILED with its reason, not crash the sweep."""
+    def nan_loss(*args, **kwargs):
+        losses_, c, r = losses.dpo_loss(*args, **kwargs)
+        return losses_ * torch.tensor(float("nan")), c, r
+
+    monkeypatch.setitem(losses.LOSSES, "dpo", nan_loss)
+    spec = parse_spec(SPEC.format(workdir=tmp_path / "work"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    outcome = run_sweep(spec, uri, smoke=True, show_progress=False, echo=lambda _: None)
+    assert outcome.failed == 2 and outcome.ran == 7
+    records = SweepTracker(uri, spec.name).trials()
+    failed = [r for r in records if r.status == "FAILED"]
+    assert {r.stage for r in failed} == {"dpo"}
+    assert all("non-finite loss" in r.tags[TAG_FAILURE] and "step 1" in r.tags[TAG_FAILURE] for r in failed)
+    assert all(r.status == "FINISHED" for r in records if r.stage != "dpo")
+    summary = outcome.summary.set_index("stage")
+    assert summary.loc["dpo", "failed"] == 2 and summary.loc["dpo", "finished"] == 0
+
+    monkeypatch.setitem(losses.LOSSES, "dpo", losses.dpo_loss)  # fixed: a rerun runs only what failed
+    rerun = run_sweep(spec, uri, smoke=True, show_progress=False, echo=lambda _: None)
+    assert rerun.ran == 2 and rerun.skipped == 5 and rerun.failed == 0
+
+
+def test_stale_running_run_is_closed_as_killed(tmp_path):
+    spec = parse_spec(SPEC.format(workdir=tmp_path / "work"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = SweepTracker(uri, spec.name)
+    base_trial = plan_sweep(spec, smoke=True)[0].trials[0]
+    stale = TrialLogger(uri, tracker.experiment_id, tracker.stage_run("base"))
+    stale.start("left over", {"posweep.trial_key": base_trial.trial_key, "posweep.stage": "base"}, {})
+    run_sweep(spec, uri, smoke=True, show_progress=False, echo=lambda _: None)
+    statuses = sorted(r.status for r in tracker.trials("base"))
+    assert statuses == ["FINISHED", "KILLED"]

@@ -1,0 +1,119 @@
+"""Bad specs: one clear line naming file, line, field path and what is allowed; nothing starts."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.spec import SpecError, load_spec, parse_spec
+
+GOOD = """\
+name: t
+stages:
+  sft:
+    grid: {learning_rate: [1.0e-3]}
+  methods:
+    dpo:
+      grid:
+        beta: [0.1, 0.5]
+        learning_rate: [1.0e-4]
+"""
+
+
+def error_of(text: str) -> SpecError:
+    with pytest.raises(SpecError) as info:
+        parse_spec(text, "s.yaml")
+    return info.value
+
+
+def test_good_spec_uses_defaults():
+    spec = parse_spec(GOOD)
+    assert spec.evaluation.temperature == 0.7 and spec.evaluation.top_p == 0.95
+    assert spec.model.kind == "tiny" and spec.executor.kind == "local"
+
+
+def test_unknown_top_level_key_lists_allowed():
+    err = error_of(GOOD + "trianing: {}\n")
+    assert err.path == "trianing" and err.line == 10
+    assert "unknown field 'trianing'" in err.message and "training" in err.message
+
+
+def test_unknown_nested_key_names_full_path():
+    err = error_of(GOOD + "training: {batch_sise: 4}\n")
+    assert err.path == "training.batch_sise" and "batch_size" in err.message and err.line == 10
+
+
+def test_wrong_type():
+    err = error_of(GOOD + "training: {batch_size: many}\n")
+    assert err.path == "training.batch_size" and "integer" in err.message and "'many'" in err.message
+
+
+def test_empty_grid_list():
+    err = error_of(GOOD.replace("beta: [0.1, 0.5]", "beta: []"))
+    assert "stages.methods.dpo.grid" in err.path and "empty list" in err.message
+
+
+def test_unknown_method_suggests():
+    err = error_of(GOOD.replace("    dpo:", "    dp0:"))
+    assert err.path == "stages.methods.dp0" and "did you mean 'dpo'" in err.message and err.line == 6
+
+
+def test_negative_beta_names_index_and_line():
+    err = error_of(GOOD.replace("beta: [0.1, 0.5]", "beta: [0.1, -0.5]"))
+    assert err.path == "stages.methods.dpo.grid.beta[1]" and "greater than 0" in err.message
+    assert "-0.5" in err.message and err.line == 8
+
+
+def test_unknown_hyperparameter_for_method():
+    err = error_of(GOOD.replace("beta: [0.1, 0.5]", "gamma: [0.5]"))
+    assert "unknown hyperparameter for dpo 'gamma'" in err.message
+
+
+def test_missing_required_hyperparameter():
+    err = error_of(GOOD.replace("        beta: [0.1, 0.5]\n", ""))
+    assert "dpo needs 'beta'" in err.message
+
+
+def test_missing_reward_folder():
+    err = error_of(GOOD + "reward: {kind: hf, path: /no/such/reward}\n")
+    assert err.path == "reward.path" and "no such folder" in err.message
+
+
+def test_wrong_executor_kind():
+    err = error_of(GOOD + "executor: {kind: rey}\n")
+    assert err.path.startswith("executor") and "'local'" in err.message
+
+
+def test_yaml_syntax_error_has_line():
+    err = error_of("name: t\nstages: {sft: [\n")
+    assert "invalid YAML" in err.message and err.line is not None
+
+
+def test_zip_lengths_must_match():
+    err = error_of(GOOD.replace("grid:\n        beta: [0.1, 0.5]", "zip:\n        beta: [0.1, 0.5]\n"
+                                "        learning_rate: [1.0e-4]\n      grid:\n        epochs: [1]")
+                   .replace("        learning_rate: [1.0e-4]\n\n", ""))
+    assert "equal lengths" in err.message
+
+
+def test_missing_spec_file():
+    with pytest.raises(SpecError, match="cannot read spec"):
+        load_spec("/no/such/spec.yaml")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda t: t + "bogus: 1\n",
+    lambda t: t.replace("beta: [0.1, 0.5]", "beta: [-1]"),
+    lambda t: t.replace("    dpo:", "    dpoo:"),
+])
+def test_cli_exit_2_one_line_no_traceback_no_tracking(tmp_path: Path, edit):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(edit(GOOD))
+    for command in ("run", "plan"):
+        proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", command, str(spec)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {spec}:") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
