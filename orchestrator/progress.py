@@ -12,7 +12,7 @@ from orchestrator.task import TrialResult, TrialTask
 class TrialProgress:
     def __init__(self, total: int, already_done: int, enabled: bool = True):
         self.bar = tqdm(total=total, initial=already_done, unit="trial", desc="trials", dynamic_ncols=True,
-                        disable=not enabled, file=sys.stderr)
+                        disable=None if enabled else True, file=sys.stderr)  # None: off when not a TTY
         self.current = ""
         self.failed = 0
 

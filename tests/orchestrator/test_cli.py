@@ -1,0 +1,81 @@
+"""The `sweep` command as a user runs it."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from orchestrator.tracking import SweepTracker
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def sweep_cmd(*args, cwd, timeout=900):
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_plan_prints_table_and_count_and_runs_nothing(tmp_path):
+    proc = sweep_cmd("plan", str(REPO / "sweeps" / "simpo.yaml"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "stage simpo (96 trials)" in proc.stdout and "99 trials: 1 untrained baseline, 2 SFT, 96 preference" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_defaults_to_the_builtin_quickstart(tmp_path):
+    proc = sweep_cmd("plan", "--smoke", cwd=tmp_path)
+    assert proc.returncode == 0 and "sweep 'quickstart' (smoke)" in proc.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_sweep_on_localhost(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    SweepTracker(uri, "browse-me")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--tracking-uri", uri, "--port",
+                             str(port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        assert f"at http://127.0.0.1:{port}" in proc.stdout.readline()
+        body = None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and body is None:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search",
+                    data=json.dumps({"max_results": 10}).encode(), headers={"Content-Type": "application/json"})
+                body = json.loads(urllib.request.urlopen(request, timeout=5).read())
+            except OSError:
+                time.sleep(1)
+        assert body is not None, "the MLflow UI did not answer within 90 s"
+        assert "browse-me" in [e["name"] for e in body["experiments"]]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_quickstart_sweep_learns(tmp_path):
+    """The issue's bar: SFT clearly above the untrained model, a preference method above SFT."""
+    proc = sweep_cmd("run", str(REPO / "sweeps" / "quickstart.yaml"), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = SweepTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "quickstart").trials()
+    assert len(records) == 21 and all(r.status == "FINISHED" for r in records)
+    best = {}
+    for r in records:
+        best[r.stage] = max(best.get(r.stage, float("-inf")), r.metrics["mean_score"])
+    assert best["sft"] > best["base"] + 3
+    assert max(best["dpo"], best["simpo"], best["ln_dpo"]) > best["sft"]
+    assert "best run" in proc.stdout and "ln_dpo" in proc.stdout

@@ -1,0 +1,99 @@
+"""The training loop on the tiny model: losses go down, parameters move, divergence is caught."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from trainers.data import collate_sequences, encode_pairs, encode_sequence, sequence_logps
+from trainers.models import build_task_tokenizer, build_tiny_model
+from trainers.synthetic import generate_split
+from trainers.train import (LoopSettings, NonFiniteLoss, make_accelerator, preference_objective,
+                            reference_logps, sft_objective, train)
+
+TINY = SimpleNamespace(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, max_positions=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = build_task_tokenizer()
+    pairs = encode_pairs(tokenizer, generate_split("train", 128, seed=0), max_length=40)
+    return tokenizer, pairs
+
+
+def settings(lr, steps=None, epochs=2):
+    return LoopSettings(learning_rate=lr, epochs=epochs, batch_size=16, warmup_ratio=0.0, weight_decay=0.0,
+                        max_grad_norm=1.0, max_steps=steps, seed=0, log_every=1)
+
+
+def test_encode_sequence_keeps_prompt_and_truncates_response():
+    tokenizer = build_task_tokenizer()
+    seq = encode_sequence(tokenizer, "ask tell koza and bifa ?", "very " * 20, max_length=10)
+    assert len(seq.ids) == 10 and seq.prompt_len == 7 and seq.ids[0] == tokenizer.bos_token_id
+    full = encode_sequence(tokenizer, "ask tell koza and bifa ?", "very so", max_length=40)
+    assert full.ids[-1] == tokenizer.eos_token_id and len(full.ids) == 7 + 3
+
+
+def test_sequence_logps_match_a_manual_sum():
+    tokenizer = build_task_tokenizer()
+    model = build_tiny_model(TINY, tokenizer).eval()
+    seqs = [encode_sequence(tokenizer, "ask tell koza and bifa ?", r, 40) for r in ("very so", "so")]
+    batch = collate_sequences(seqs, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logps, lengths = sequence_logps(model, **batch)
+        for row, seq in enumerate(seqs):
+            ids = torch.tensor([seq.ids])
+            logprobs = model(ids).logits.log_softmax(-1)[0]  # (T, V), unpadded
+            manual = sum(logprobs[t - 1, seq.ids[t]].item() for t in range(seq.prompt_len, len(seq.ids)))
+            assert logps[row].item() == pytest.approx(manual, abs=1e-4)
+            assert lengths[row].item() == len(seq.ids) - seq.prompt_len
+
+
+def test_sft_loss_goes_down(setup):
+    tokenizer, pairs = setup
+    model = build_tiny_model(TINY, tokenizer)
+    history = train(model, pairs, sft_objective, settings(1e-2, epochs=4), tokenizer.pad_token_id,
+                    make_accelerator())
+    assert history[-1]["loss"] < history[0]["loss"] - 0.5
+
+
+@pytest.mark.parametrize("method,hparams", [("dpo", {"beta": 0.5}), ("simpo", {"beta": 2.0, "gamma": 0.5}),
+                                            ("ln_dpo", {"beta": 2.0})])
+def test_preference_losses_go_down_and_parameters_move(setup, method, hparams):
+    tokenizer, pairs = setup
+    model = build_tiny_model(TINY, tokenizer)
+    before = [p.detach().clone() for p in model.parameters()]
+    reference = None
+    if method != "simpo":
+        reference = reference_logps(build_tiny_model(TINY, tokenizer), pairs, tokenizer.pad_token_id, 32,
+                                    torch.device("cpu"))
+    objective = preference_objective(method, hparams, reference)
+    history = train(model, pairs, objective, settings(3e-3, epochs=4), tokenizer.pad_token_id,
+                    make_accelerator())
+    first, last = history[0], history[-1]
+    assert last["loss"] < first["loss"]
+    assert last["reward_accuracy"] >= first["reward_accuracy"]
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_dpo_at_the_reference_starts_at_log2(setup):
+    tokenizer, pairs = setup
+    model = build_tiny_model(TINY, tokenizer)
+    reference = reference_logps(model, pairs, tokenizer.pad_token_id, 32, torch.device("cpu"))
+    history = train(model, pairs, preference_objective("dpo", {"beta": 0.1}, reference),
+                    settings(1e-9, steps=1), tokenizer.pad_token_id, make_accelerator())
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert history[0]["reward_margin"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_non_finite_loss_raises_with_step(setup):
+    tokenizer, pairs = setup
+    model = build_tiny_model(TINY, tokenizer)
+
+    def exploding(model, batch):
+        loss, stats = sft_objective(model, batch)
+        return loss * float("inf"), {**stats, "loss": float("inf")}
+
+    with pytest.raises(NonFiniteLoss, match="at step 1"):
+        train(model, pairs, exploding, settings(1e-3), tokenizer.pad_token_id, make_accelerator())
