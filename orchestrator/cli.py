@@ -55,7 +55,7 @@ def cmd_plan(args) -> int:
     total = 0
     print(f"sweep {spec.name!r}{' (smoke)' if args.smoke else ''}: nothing is run by `plan`")
     for stage in stages:
-        print(f"\nstage {stage.stage} ({len(stage.trials)} trials)")
+        print(f"\nstage {stage.stage} ({len(stage.trials)} trial{'s' * (len(stage.trials) != 1)})")
         print(f"  {'key':<12}  {'method':<10}  hyperparameters")
         for trial in stage.trials:
             hp = ", ".join(f"{k}={v}" for k, v in trial.hparams.items()) or "-"
@@ -90,6 +90,9 @@ def cmd_ui(args) -> int:
     from orchestrator.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri, None)
+    if uri.startswith(("http://", "https://")):  # a tracking server already serves its own UI
+        print(f"MLflow UI: {uri}")
+        return EXIT_OK
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     url = f"http://{args.host}:{args.port}"
     print(f"MLflow UI for {uri} at {url} (Ctrl-C stops it)", flush=True)
@@ -111,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--smoke", action="store_true",
                            help=f"at most 2 trials per grid, few steps and prompts (CI, first tries)")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: spec, $MLFLOW_TRACKING_URI, "
-                                              "then sqlite:///mlflow.db)")
+                                              "then sqlite:///mlflow.db; `plan` reads no tracking store)")
 
     run = sub.add_parser("run", help="run a sweep (resumes: finished trials are skipped)")
     common(run)
@@ -136,6 +139,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command to resume (finished trials are skipped)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -133,6 +133,11 @@ class GridSpec(Strict):
             duplicates = sorted({str(v) for v in values if values.count(v) > 1})
             if duplicates:
                 raise ValueError(f"grid.{key}: duplicate values {', '.join(duplicates)}")
+        rows = list(zip(*self.zip.values()))
+        repeated = sorted({str(r) for r in rows if rows.count(r) > 1})
+        if repeated:
+            raise ValueError(f"zip: duplicate rows {', '.join(repeated)} ({', '.join(self.zip)}); each would be "
+                             "the same trial")
         return self
 
 
@@ -223,24 +228,31 @@ def _unwrap(annotation):
     return [annotation]
 
 
-def _allowed_fields(loc: tuple) -> list[str]:
-    """Field names of the model that sits at `loc` (its parent when loc names a field)."""
+def _resolve_loc(loc: tuple) -> tuple[tuple, list]:
+    """Walk pydantic's error location through the spec's models. Returns the location without
+    discriminator tags (pydantic inserts the `kind` value, e.g. model.tiny.hidden_size) and the types
+    that may sit at the end of it."""
     candidates: list = [SweepSpec]
+    clean: list = []
     for part in loc:
-        nxt = []
+        nxt, is_tag = [], False
         for c in candidates:
             if isinstance(c, type) and issubclass(c, BaseModel):
                 if part in c.model_fields:
                     nxt += _unwrap(c.model_fields[part].annotation)
-                else:  # a discriminator tag in the location: keep the member whose kind matches
-                    kind = c.model_fields.get("kind")
-                    if kind is not None and part in get_args(kind.annotation):
-                        nxt.append(c)
-            elif get_origin(c) is dict:
-                nxt += _unwrap(get_args(c)[1])
+                elif "kind" in c.model_fields and part in get_args(c.model_fields["kind"].annotation):
+                    nxt.append(c)
+                    is_tag = True
+            elif get_origin(c) in (dict, list):
+                nxt += _unwrap(get_args(c)[-1])
+        if not is_tag:
+            clean.append(part)
         candidates = nxt
-    return sorted({f for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)
-                   for f in c.model_fields})
+    return tuple(clean), candidates
+
+
+def _allowed_fields(candidates: list) -> list[str]:
+    return sorted({f for c in candidates if isinstance(c, type) and issubclass(c, BaseModel) for f in c.model_fields})
 
 
 def _format_loc(loc: tuple) -> str:
@@ -250,20 +262,13 @@ def _format_loc(loc: tuple) -> str:
     return out
 
 
-def _clean_loc(loc: tuple) -> tuple:
-    """Drop pydantic's discriminator tags from a location, keeping real field names and indices."""
-    tags = {"tiny", "synthetic", "hf", "local"}
-    return tuple(p for i, p in enumerate(loc) if not (p in tags and i > 0 and loc[i - 1] in
-                                                      ("model", "data", "reward", "executor")))
-
-
 def _error_from_validation(file: str, exc: ValidationError, lines: dict[tuple, int]) -> SpecError:
     errors = exc.errors()
     first = errors[0]
-    loc = _clean_loc(tuple(first["loc"]))
+    loc, _ = _resolve_loc(tuple(first["loc"]))
     more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
     if first["type"] == "extra_forbidden":
-        allowed = _allowed_fields(loc[:-1])
+        allowed = _allowed_fields(_resolve_loc(tuple(first["loc"])[:-1])[1])
         message = f"unknown field {loc[-1]!r}; allowed: {', '.join(allowed)}"
     elif first["type"] == "missing":
         message = "required field is missing"

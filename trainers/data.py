@@ -79,8 +79,10 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the response tokens and their count, each (B,)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
+    if logits.dtype in (torch.float16, torch.bfloat16):  # half-precision log-softmax loses too much
+        logits = logits.float()
     targets = input_ids[:, 1:].unsqueeze(-1)                                            # (B, T-1, 1)
     # gather - logsumexp avoids materialising a second (B, T-1, V) log-softmax tensor
-    token_logps = logits.float().gather(-1, targets).squeeze(-1) - torch.logsumexp(logits.float(), -1)
+    token_logps = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, -1)
     mask = response_mask[:, 1:].to(token_logps.dtype)                                   # (B, T-1)
     return (token_logps * mask).sum(-1), mask.sum(-1)

@@ -97,6 +97,13 @@ def test_zip_lengths_must_match():
     assert "equal lengths" in err.message
 
 
+def test_duplicate_grid_values_and_zip_rows():
+    err = error_of(GOOD.replace("beta: [0.1, 0.5]", "beta: [0.1, 0.1]"))
+    assert "duplicate values 0.1" in err.message
+    err = error_of(GOOD.replace("grid:\n        beta: [0.1, 0.5]", "zip:\n        beta: [0.1, 0.1]\n      grid:"))
+    assert "duplicate rows" in err.message
+
+
 def test_missing_spec_file():
     with pytest.raises(SpecError, match="cannot read spec"):
         load_spec("/no/such/spec.yaml")

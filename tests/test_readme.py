@@ -1,0 +1,24 @@
+"""The README states the same commands CI runs and the same methods the code registers."""
+
+import re
+from pathlib import Path
+
+from trainers.methods import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_commands():
+    readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci" / "run").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
+    install, tests = blocks[0].strip(), blocks[1].strip()
+    assert "torch==2.13.0" in install and "sweep run sweeps/quickstart.yaml" in install
+    ci_lines = [line.strip() for line in ci.splitlines()]
+    assert install in ci_lines and tests in ci_lines
+
+
+def test_readme_method_table_matches_the_registry():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Methods", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `(\w+)` \|", section, re.M))
+    assert listed == {name for name, m in METHODS.items() if m.kind == "preference"}
