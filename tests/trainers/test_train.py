@@ -97,3 +97,13 @@ def test_non_finite_loss_raises_with_step(setup):
 
     with pytest.raises(NonFiniteLoss, match="at step 1"):
         train(model, pairs, exploding, settings(1e-3), tokenizer.pad_token_id, make_accelerator())
+
+
+def test_sequence_logps_keep_float64():
+    """Bug guard: log-probs of a float64 model were silently cast to float32."""
+    tokenizer = build_task_tokenizer()
+    model = build_tiny_model(TINY, tokenizer).double()
+    batch = collate_sequences([encode_sequence(tokenizer, "ask tell koza and bifa ?", "very", 40)],
+                              tokenizer.pad_token_id)
+    logps, _ = sequence_logps(model, **batch)
+    assert logps.dtype == torch.float64
