@@ -32,6 +32,7 @@ TAG_INIT_KEY = "posweep.init_trial_key"
 TAG_CHECKPOINT = "posweep.checkpoint"
 TAG_SAMPLES = "posweep.samples"
 TAG_FAILURE = "posweep.failure"
+TAG_REF_CACHE = "posweep.ref_cache"  # hit | miss: whether the trial computed its reference log-probs
 TAG_PARENT = "mlflow.parentRunId"
 TAG_NOTE = "mlflow.note.content"
 

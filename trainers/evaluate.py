@@ -100,9 +100,11 @@ def summarize_samples(samples: list[dict]) -> dict[str, float]:
 
 @dataclass
 class SftBaseline:
-    """What a preference trial compares against: the SFT model (for KL) and its per-prompt scores."""
+    """What a preference trial compares against, computed once by the selected SFT trial: the SFT model
+    (for KL), its generations' gold scores and the chosen responses' gold scores (prompt_id -> score)."""
     model: Optional[torch.nn.Module]
-    scores: dict[str, float]  # prompt_id -> SFT generation's gold score
+    scores: dict[str, float]
+    chosen_scores: dict[str, float]
 
 
 def evaluate(model, tokenizer, pairs: list[PreferencePair], reward: RewardModel, settings: EvalSettings,
@@ -113,7 +115,8 @@ def evaluate(model, tokenizer, pairs: list[PreferencePair], reward: RewardModel,
     generations = generate(model, tokenizer, prompts, settings, device)
     texts = [tokenizer.decode(g.ids, skip_special_tokens=True) for g in generations]
     scores = reward.score(prompts, texts)
-    chosen_scores = reward.score(prompts, [p.chosen for p in pairs])
+    chosen_scores = ([sft.chosen_scores[p.prompt_id] for p in pairs] if sft is not None
+                     else reward.score(prompts, [p.chosen for p in pairs]))  # scored once, by the SFT trial
     samples = [{"prompt_id": p.prompt_id, "prompt": p.prompt, "generation": text, "length": g.length,
                 "score": score, "chosen_score": chosen}
                for p, g, text, score, chosen in zip(pairs, generations, texts, scores, chosen_scores)]

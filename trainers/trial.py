@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 from orchestrator import tracking
 from orchestrator.spec import TrainHParams
 from orchestrator.task import TrialResult, TrialTask
+from trainers.cache import cached_reference_logps, reference_cache_key
 from trainers.data import encode_pairs, load_pairs
 from trainers.evaluate import EvalSettings, SftBaseline, evaluate
 from trainers.methods import METHODS, Method
@@ -70,15 +71,23 @@ def _method_hparams(task: TrialTask) -> dict[str, float]:
     return {k: v for k, v in task.trial.hparams.items() if k not in TrainHParams.model_fields}
 
 
-def _build_objective(task: TrialTask, method: Method, pairs, tokenizer, init: Path, device):
+def _reference(task: TrialTask, raw_pairs, pairs, tokenizer, init: Path, device, logger) -> tuple:
+    """Reference log-probs of the training pairs under the starting checkpoint: read from the sweep's cache,
+    or computed (the reference model is loaded only then, and freed before training starts)."""
+    def compute():
+        ref_model = load_causal_lm(init, device)
+        return reference_logps(ref_model, pairs, tokenizer.pad_token_id, task.trial.training.batch_size, device)
+
+    key = reference_cache_key(init, raw_pairs, task.trial.training.max_length)
+    reference, hit = cached_reference_logps(Path(task.runtime.workdir) / "cache", key, len(pairs), compute)
+    logger.set_tags({tracking.TAG_REF_CACHE: "hit" if hit else "miss"})
+    return reference
+
+
+def _build_objective(task: TrialTask, method: Method, raw_pairs, pairs, tokenizer, init: Path, device, logger):
     if method.kind == "sft":
         return sft_objective
-    reference = None
-    if method.needs_reference:  # the reference is the starting checkpoint; computed once, then freed
-        ref_model = load_causal_lm(init, device)
-        reference = reference_logps(ref_model, pairs, tokenizer.pad_token_id, task.trial.training.batch_size,
-                                    device)
-        del ref_model
+    reference = _reference(task, raw_pairs, pairs, tokenizer, init, device, logger) if method.needs_reference else None
     return preference_objective(method.name, _method_hparams(task), reference)
 
 
@@ -88,7 +97,8 @@ def _sft_baseline(task: TrialTask, method: Method, init: Path, device) -> Option
     if not task.runtime.sft_samples:
         raise ValueError("a preference trial needs the selected SFT trial's samples (runtime.sft_samples)")
     samples = json.loads(Path(task.runtime.sft_samples).read_text())
-    return SftBaseline(load_causal_lm(init, device), {s["prompt_id"]: s["score"] for s in samples})
+    return SftBaseline(load_causal_lm(init, device), scores={s["prompt_id"]: s["score"] for s in samples},
+                       chosen_scores={s["prompt_id"]: s["chosen_score"] for s in samples})
 
 
 def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger,
@@ -103,8 +113,9 @@ def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger,
     model = load_causal_lm(init, device)
     steps = 0
     if method.kind != "untrained":
-        pairs = encode_pairs(tokenizer, load_pairs(trial.data, "train"), trial.training.max_length)
-        objective = _build_objective(task, method, pairs, tokenizer, init, device)
+        raw_pairs = load_pairs(trial.data, "train")
+        pairs = encode_pairs(tokenizer, raw_pairs, trial.training.max_length)
+        objective = _build_objective(task, method, raw_pairs, pairs, tokenizer, init, device, logger)
 
         def on_log(step: int, total: int, stats: dict[str, float]) -> None:
             logger.log_metrics({f"train/{k}": v for k, v in stats.items()}, step)

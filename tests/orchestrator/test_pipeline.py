@@ -10,7 +10,7 @@ import torch
 from orchestrator.grid import plan_sweep
 from orchestrator.pipeline import run_sweep
 from orchestrator.spec import parse_spec
-from orchestrator.tracking import TAG_FAILURE, TAG_PARENT, SweepTracker, TrialLogger
+from orchestrator.tracking import TAG_FAILURE, TAG_PARENT, TAG_REF_CACHE, SweepTracker, TrialLogger
 from trainers import losses
 
 SPEC = """\
@@ -57,6 +57,23 @@ def test_every_trial_finished_with_metrics_in_range(sweep):
             assert 0 <= m["win_vs_sft"] <= 1 and math.isfinite(m["kl"])
             assert r.params["beta"] in ("0.1", "0.5", "1.0", "2.0") and r.tags["posweep.init_trial_key"]
             assert r.tags[TAG_PARENT]  # a child of its stage run
+
+
+def test_reference_log_probs_are_computed_once_per_sweep(sweep):
+    spec, uri, _ = sweep
+    tracker = SweepTracker(uri, spec.name)
+    reference_based = tracker.trials("dpo") + tracker.trials("ln_dpo")
+    assert sorted(r.tags[TAG_REF_CACHE] for r in reference_based) == ["hit", "hit", "hit", "miss"]
+    assert all(TAG_REF_CACHE not in r.tags for r in tracker.trials("simpo"))  # reference-free
+
+
+def test_chosen_scores_come_from_the_sft_trial(sweep):
+    spec, uri, _ = sweep
+    tracker = SweepTracker(uri, spec.name)
+    sft = {s["prompt_id"]: s for s in tracker.load_samples(tracker.trials("sft")[0].run_id)}
+    dpo = tracker.load_samples(tracker.trials("dpo")[0].run_id)
+    assert all(s["chosen_score"] == sft[s["prompt_id"]]["chosen_score"] for s in dpo)
+    assert all(s["sft_score"] == sft[s["prompt_id"]]["score"] for s in dpo)
 
 
 def test_training_curves_and_samples_are_logged(sweep):

@@ -26,10 +26,13 @@ def test_evaluate_records_every_metric_and_zero_kl_against_itself():
     model = build_tiny_model(tiny, tokenizer)
     pairs = generate_split("eval", 8, seed=0)
     settings = EvalSettings(temperature=0.7, top_p=0.95, max_new_tokens=8, num_prompts=6, seed=0, batch_size=4)
-    sft = SftBaseline(model, {p.prompt_id: 0.0 for p in pairs})
+    chosen = dict(zip([p.prompt_id for p in pairs], SyntheticGoldReward().score([p.prompt for p in pairs],
+                                                                                [p.chosen for p in pairs])))
+    sft = SftBaseline(model, {p.prompt_id: 0.0 for p in pairs}, chosen)
     metrics, samples = evaluate(model, tokenizer, pairs, SyntheticGoldReward(), settings, torch.device("cpu"), sft)
     assert len(samples) == 6 and set(metrics) == {"mean_score", "win_vs_chosen", "win_vs_sft", "kl", "length"}
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy is its own SFT model here
     assert all(0 <= s["length"] <= 8 for s in samples)
+    assert [s["chosen_score"] for s in samples] == [chosen[p.prompt_id] for p in pairs[:6]]
     again, _ = evaluate(model, tokenizer, pairs, SyntheticGoldReward(), settings, torch.device("cpu"), sft)
     assert again == metrics  # seeded sampling

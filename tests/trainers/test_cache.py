@@ -1,0 +1,79 @@
+"""The reference-log-prob cache: same inputs hit, any input that changes the value misses, and a trial
+trained from the cache follows the same loss curve as one that computed its reference."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from trainers.cache import cached_reference_logps, reference_cache_key
+from trainers.data import encode_pairs
+from trainers.models import build_task_tokenizer, build_tiny_model, save_model
+from trainers.synthetic import generate_split
+from trainers.train import LoopSettings, make_accelerator, preference_objective, reference_logps, train
+
+TINY = SimpleNamespace(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, max_positions=64, seed=0)
+
+
+@pytest.fixture()
+def checkpoint(tmp_path) -> Path:
+    tokenizer = build_task_tokenizer()
+    return save_model(build_tiny_model(TINY, tokenizer), tokenizer, tmp_path / "sft")
+
+
+def test_key_changes_with_max_length_data_and_checkpoint(tmp_path, checkpoint):
+    pairs = generate_split("train", 32, seed=0)
+    key = reference_cache_key(checkpoint, pairs, 40)
+    assert key == reference_cache_key(checkpoint, pairs, 40)
+    assert key != reference_cache_key(checkpoint, pairs, 41)
+    assert key != reference_cache_key(checkpoint, generate_split("train", 32, seed=1), 40)
+    assert key != reference_cache_key(checkpoint, pairs[:-1], 40)
+    tokenizer = build_task_tokenizer()
+    other = save_model(build_tiny_model(SimpleNamespace(**{**vars(TINY), "seed": 1}), tokenizer), tokenizer,
+                       tmp_path / "other-sft")
+    assert key != reference_cache_key(other, pairs, 40)
+
+
+def test_second_call_hits_and_never_recomputes(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return torch.arange(3.0), -torch.arange(3.0)
+
+    first, hit1 = cached_reference_logps(tmp_path, "k", 3, compute)
+    second, hit2 = cached_reference_logps(tmp_path, "k", 3, compute)
+    assert (hit1, hit2) == (False, True) and len(calls) == 1
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert not [p for p in (tmp_path / "ref_logps").iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_unreadable_cache_file_is_recomputed(tmp_path):
+    (tmp_path / "ref_logps").mkdir()
+    (tmp_path / "ref_logps" / "k.pt").write_bytes(b"truncated")
+    values, hit = cached_reference_logps(tmp_path, "k", 2, lambda: (torch.zeros(2), torch.ones(2)))
+    assert not hit and torch.equal(values[1], torch.ones(2))
+
+
+def test_training_from_cache_follows_the_same_loss_curve(tmp_path, checkpoint):
+    tokenizer = build_task_tokenizer()
+    pairs = encode_pairs(tokenizer, generate_split("train", 64, seed=0), 40)
+    settings = LoopSettings(learning_rate=1e-3, epochs=2, batch_size=16, warmup_ratio=0.0, weight_decay=0.0,
+                            max_grad_norm=1.0, max_steps=None, seed=0, log_every=1)
+
+    def curve(reference):
+        model = build_tiny_model(SimpleNamespace(**{**vars(TINY), "seed": 2}), tokenizer)
+        history = train(model, pairs, preference_objective("dpo", {"beta": 0.5}, reference), settings,
+                        tokenizer.pad_token_id, make_accelerator())
+        return torch.tensor([h["loss"] for h in history])
+
+    def compute():
+        from trainers.models import load_causal_lm
+        return reference_logps(load_causal_lm(checkpoint, torch.device("cpu")), pairs, tokenizer.pad_token_id, 16,
+                               torch.device("cpu"))
+
+    fresh, hit = cached_reference_logps(tmp_path / "cache", "key", len(pairs), compute)
+    cached, hit_again = cached_reference_logps(tmp_path / "cache", "key", len(pairs), compute)
+    assert (hit, hit_again) == (False, True)
+    torch.testing.assert_close(curve(cached), curve(compute()), rtol=0, atol=1e-5)
