@@ -75,3 +75,58 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
     chosen = beta * policy_chosen_logps / chosen_lengths
     rejected = beta * policy_rejected_logps / rejected_lengths
     return -F.logsigmoid(chosen - rejected - gamma), chosen.detach(), rejected.detach()
+
+
+@register_loss("ipo")
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             chosen_lengths, rejected_lengths, *, beta: float) -> LossOutput:
+    """(Δ − 1/(2β))² with Δ the difference of length-averaged log-ratios (Azar et al. 2023, Eq. 17), as
+    TRL's DPOTrainer `ipo` computes it (its authors confirmed the per-token averaging)."""
+    _require_reference("ipo", ref_chosen_logps, ref_rejected_logps)
+    chosen = (policy_chosen_logps - ref_chosen_logps) / chosen_lengths
+    rejected = (policy_rejected_logps - ref_rejected_logps) / rejected_lengths
+    return (chosen - rejected - 1 / (2 * beta)) ** 2, chosen.detach(), rejected.detach()
+
+
+@register_loss("rdpo")
+def rdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+              chosen_lengths, rejected_lengths, *, beta: float, alpha: float) -> LossOutput:
+    """R-DPO (Park et al. 2024, length-regularized DPO): -log σ(β·[Δlog-ratio] − α·(|yw| − |yl|))."""
+    _require_reference("rdpo", ref_chosen_logps, ref_rejected_logps)
+    chosen = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected = beta * (policy_rejected_logps - ref_rejected_logps)
+    margin = chosen - rejected - alpha * (chosen_lengths - rejected_lengths)
+    return -F.logsigmoid(margin), chosen.detach(), rejected.detach()
+
+
+@register_loss("orpo")
+def orpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+              chosen_lengths, rejected_lengths, *, beta: float) -> LossOutput:
+    """ORPO (Hong et al. 2024): NLL of the chosen response − β·log σ(log odds ratio), as TRL's ORPOTrainer.
+
+    Odds use length-averaged log-probs a: log odds(y) = a − log(1 − e^a). TRL's NLL is the token mean over the
+    whole batch; written per pair as −log πθ(yw) / mean(|yw|), the batch mean of these losses is exactly that.
+    Rewards are β·a, as TRL logs them."""
+    chosen_avg = policy_chosen_logps / chosen_lengths
+    rejected_avg = policy_rejected_logps / rejected_lengths
+    log_odds = (chosen_avg - rejected_avg) - (torch.log1p(-torch.exp(chosen_avg)) -
+                                              torch.log1p(-torch.exp(rejected_avg)))
+    nll = -policy_chosen_logps / chosen_lengths.mean()
+    return nll - beta * F.logsigmoid(log_odds), beta * chosen_avg.detach(), beta * rejected_avg.detach()
+
+
+@register_loss("kto")
+def kto_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             chosen_lengths, rejected_lengths, *, beta: float, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> LossOutput:
+    """KTO on paired data (Ethayarajh et al. 2024), as TRL's paired `kto_pair` loss computed it: the reference
+    points are the batch means of the log-ratios, clamped at 0 and detached (no gradient), the chosen side
+    measured against the rejected mean and vice versa. Per pair: the mean of its two weighted losses."""
+    _require_reference("kto", ref_chosen_logps, ref_rejected_logps)
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    chosen_kl = chosen_ratio.mean().clamp(min=0).detach()
+    rejected_kl = rejected_ratio.mean().clamp(min=0).detach()
+    chosen_losses = desirable_weight * (1 - torch.sigmoid(beta * (chosen_ratio - rejected_kl)))
+    rejected_losses = undesirable_weight * (1 - torch.sigmoid(beta * (chosen_kl - rejected_ratio)))
+    return (chosen_losses + rejected_losses) / 2, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()

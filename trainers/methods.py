@@ -36,6 +36,25 @@ class SimPOParams(MethodParams):
     gamma: float = Field(ge=0, description="target reward margin (absolute, as in the paper's Table 2)")
 
 
+class IPOParams(MethodParams):
+    beta: float = Field(gt=0, description="τ: the target log-ratio margin is 1/(2τ)")
+
+
+class RDPOParams(MethodParams):
+    beta: float = Field(gt=0, description="inverse temperature, as in DPO")
+    alpha: float = Field(ge=0, description="length regularizer: margin reduced by α·(|yw| − |yl|)")
+
+
+class ORPOParams(MethodParams):
+    beta: float = Field(gt=0, description="λ, weight of the odds-ratio term against the SFT NLL (TRL's beta)")
+
+
+class KTOParams(MethodParams):
+    beta: float = Field(gt=0, description="inverse temperature of the value function")
+    desirable_weight: float = Field(1.0, gt=0, description="weight of the chosen (desirable) losses")
+    undesirable_weight: float = Field(1.0, gt=0, description="weight of the rejected (undesirable) losses")
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -69,6 +88,14 @@ register_method(Method("simpo", SimPOParams, "preference", False,
                        "-log σ(β/|yw|·log πθ(yw) − β/|yl|·log πθ(yl) − γ)"))
 register_method(Method("ln_dpo", LNDPOParams, "preference", True,
                        "-log σ(β/|yw|·log πθ(yw)/πref(yw) − β/|yl|·log πθ(yl)/πref(yl))"))
+register_method(Method("ipo", IPOParams, "preference", True,
+                       "(log πθ(yw)/πref(yw)/|yw| − log πθ(yl)/πref(yl)/|yl| − 1/(2β))²"))
+register_method(Method("rdpo", RDPOParams, "preference", True,
+                       "-log σ(β·[log πθ(yw)/πref(yw) − log πθ(yl)/πref(yl)] − α·(|yw| − |yl|))"))
+register_method(Method("orpo", ORPOParams, "preference", False,
+                       "−log πθ(yw)/|yw|·(token mean) − β·log σ(log odds(yw) − log odds(yl)), odds on mean log-probs"))
+register_method(Method("kto", KTOParams, "preference", True,
+                       "w+·(1 − σ(β·(r(yw) − z_l))) and w−·(1 − σ(β·(z_w − r(yl)))), z = clamp(batch mean r, 0)"))
 
 
 def unknown_name_message(kind: str, name: str, known: list[str]) -> str:

@@ -70,3 +70,51 @@ def test_losses_backpropagate_to_policy_only():
     losses.sum().backward()
     assert chosen.grad is not None and (chosen.grad < 0).all()  # raising log π(yw) lowers the loss
     assert not chosen_reward.requires_grad
+
+
+def test_ipo_hand_computed():
+    """beta=0.5, so the target margin 1/(2β) = 1. Pair 1: log-ratios averaged per token 1/5 = 0.2 and
+    -1/4 = -0.25, Δ = 0.45, loss (0.45-1)² = 0.3025. Pair 2: 0/2 and 1/2, Δ = -0.5, loss (-1.5)² = 2.25."""
+    losses, chosen, rejected = get_loss("ipo")(*ARGS, beta=0.5)
+    torch.testing.assert_close(losses, torch.tensor([0.3025, 2.25], dtype=torch.float64))
+    torch.testing.assert_close(chosen - rejected, torch.tensor([0.45, -0.5], dtype=torch.float64))
+
+
+def test_rdpo_hand_computed():
+    """beta=0.1, alpha=0.05. Pair 1: DPO margin 0.2 minus 0.05·(5-4) = 0.15, loss log(1+e^-0.15) =
+    0.6209570478. Pair 2: equal lengths, so plain DPO: margin -0.1, loss 0.7443966601."""
+    losses, _, _ = get_loss("rdpo")(*ARGS, beta=0.1, alpha=0.05)
+    torch.testing.assert_close(losses, torch.tensor([0.6209570478, 0.7443966601], dtype=torch.float64))
+    dpo, _, _ = get_loss("dpo")(*ARGS, beta=0.1)
+    torch.testing.assert_close(get_loss("rdpo")(*ARGS, beta=0.1, alpha=0.0)[0], dpo)
+
+
+def test_orpo_hand_computed():
+    """beta=0.1. Mean log-probs: pair 1 chosen -10/5 = -2, rejected -12/4 = -3; log odds =
+    (−2+3) − (log(1−e^−2) − log(1−e^−3)) = 1.0943442769. NLL per pair −log π(yw)/mean|yw| = 10/3.5.
+    loss = 2.8571428571 + 0.1·log(1+e^−1.0943442769) = 2.8860179356. Pair 2: mean log-probs -2.5 and -2,
+    log odds -0.5597629741, loss 5/3.5 + 0.1·log(1+e^0.5597629741) = 1.5297408864."""
+    losses, chosen, _ = get_loss("orpo")(*ARGS, beta=0.1)
+    torch.testing.assert_close(losses, torch.tensor([2.8860179356, 1.5297408864], dtype=torch.float64))
+    torch.testing.assert_close(chosen, torch.tensor([-0.2, -0.25], dtype=torch.float64))
+
+
+def test_kto_hand_computed():
+    """beta=1. Log-ratios: chosen [1, 0], rejected [-1, 1]. Reference points: chosen mean 0.5, rejected mean
+    0 (clamped at 0). Chosen losses 1−σ(1−0) = 0.2689414214, 1−σ(0) = 0.5; rejected losses 1−σ(0.5+1) =
+    0.1824255238, 1−σ(0.5−1) = 0.6224593312. Per pair the mean: 0.2256834726, 0.5612296656."""
+    losses, _, _ = get_loss("kto")(*ARGS, beta=1.0)
+    torch.testing.assert_close(losses, torch.tensor([0.2256834726, 0.5612296656], dtype=torch.float64))
+    weighted, _, _ = get_loss("kto")(*ARGS, beta=1.0, desirable_weight=2.0, undesirable_weight=0.0)
+    torch.testing.assert_close(weighted, torch.tensor([0.2689414214, 0.5], dtype=torch.float64))
+
+
+def test_kto_reference_points_carry_no_gradient():
+    chosen = POLICY_CHOSEN.clone().requires_grad_()
+    losses, _, _ = get_loss("kto")(chosen, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, CHOSEN_LEN, REJECTED_LEN,
+                                   beta=1.0)
+    losses.sum().backward()
+    # d/dc of (1 − σ(c − z_l))/2 is −σ'(·)/2 per pair; through z_w it would add the rejected side's term
+    expected = -torch.sigmoid(torch.tensor([1.0, 0.0], dtype=torch.float64)) * (
+        1 - torch.sigmoid(torch.tensor([1.0, 0.0], dtype=torch.float64))) / 2
+    torch.testing.assert_close(chosen.grad, expected)

@@ -1,10 +1,12 @@
 """Our losses against TRL's own implementations on identical inputs, in float64 (TRL is the oracle).
 
-DPO (`sigmoid`) and LN-DPO (`sigmoid_norm`) have no standalone function in TRL 1.x, so the smallest real
+DPO (`sigmoid`), LN-DPO (`sigmoid_norm`) and IPO (`ipo`) have no standalone function in TRL 1.x, so the smallest real
 path is driven: DPOTrainer._compute_loss on a tiny float64 model and one batch. Our loss is fed the same
 per-sequence log-probs TRL uses (its fused LM head, which returns float32 per-token values) and the same
 completion lengths, so the comparison is of the loss formulas on identical inputs. SimPO is CPOTrainer.cpo_loss (loss_type="simpo", cpo_alpha=0)
-on length-averaged log-probs; TRL's simpo_gamma is an absolute margin, like the paper's γ.
+on length-averaged log-probs; TRL's simpo_gamma is an absolute margin, like the paper's γ. ORPO's odds-ratio
+term is ORPOTrainer.odds_ratio_loss (which computes in float32); its NLL term is TRL's token-mean cross-entropy
+over the chosen completions, i.e. −Σ log πθ(yw) / Σ|yw|.
 """
 
 import os
@@ -54,7 +56,7 @@ def trl_dpo_loss_and_inputs(tmp_path, loss_type: str, beta: float):
     return trl_loss.detach(), logps, ref_logps, batch["completion_mask"].sum(1).double()
 
 
-@pytest.mark.parametrize("method,trl_type", [("dpo", "sigmoid"), ("ln_dpo", "sigmoid_norm")])
+@pytest.mark.parametrize("method,trl_type", [("dpo", "sigmoid"), ("ln_dpo", "sigmoid_norm"), ("ipo", "ipo")])
 @pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
 def test_dpo_family_matches_trl_dpo_trainer(tmp_path, method, trl_type, beta):
     trl_loss, logps, ref_logps, lengths = trl_dpo_loss_and_inputs(tmp_path, trl_type, beta)
@@ -80,3 +82,17 @@ def test_simpo_matches_trl_cpo_simpo(beta, gamma):
     ours, _, _ = get_loss("simpo")(chosen, rejected, None, None, chosen_len, rejected_len, beta=beta, gamma=gamma)
     assert trl_losses.dtype == torch.float64
     torch.testing.assert_close(ours, trl_losses, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_orpo_matches_trl_orpo(beta):
+    from trl.experimental.orpo import ORPOTrainer
+
+    generator = torch.Generator().manual_seed(1)
+    lengths = torch.randint(1, 20, (2, 16), generator=generator).double()
+    chosen, rejected = -lengths * (0.05 + 3 * torch.rand(2, 16, generator=generator, dtype=torch.float64))
+    trl_self = SimpleNamespace(beta=beta, accelerator=SimpleNamespace(device=torch.device("cpu")))
+    or_losses, *_ = ORPOTrainer.odds_ratio_loss(trl_self, chosen / lengths[0], rejected / lengths[1])
+    trl_total = -chosen.sum() / lengths[0].sum() - or_losses.double().mean()
+    ours, _, _ = get_loss("orpo")(chosen, rejected, None, None, lengths[0], lengths[1], beta=beta)
+    torch.testing.assert_close(ours.mean(), trl_total, rtol=2e-6, atol=1e-7)

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from trainers.methods import METHODS
 from trainers.data import collate_sequences, encode_pairs, encode_sequence, sequence_logps
 from trainers.models import build_task_tokenizer, build_tiny_model
 from trainers.synthetic import generate_split
@@ -58,14 +59,16 @@ def test_sft_loss_goes_down(setup):
     assert history[-1]["loss"] < history[0]["loss"] - 0.5
 
 
-@pytest.mark.parametrize("method,hparams", [("dpo", {"beta": 0.5}), ("simpo", {"beta": 2.0, "gamma": 0.5}),
-                                            ("ln_dpo", {"beta": 2.0})])
+@pytest.mark.parametrize("method,hparams", [
+    ("dpo", {"beta": 0.5}), ("simpo", {"beta": 2.0, "gamma": 0.5}), ("ln_dpo", {"beta": 2.0}),
+    ("ipo", {"beta": 0.5}), ("rdpo", {"beta": 0.5, "alpha": 0.01}), ("orpo", {"beta": 0.5}), ("kto", {"beta": 0.5}),
+])
 def test_preference_losses_go_down_and_parameters_move(setup, method, hparams):
     tokenizer, pairs = setup
     model = build_tiny_model(TINY, tokenizer)
     before = [p.detach().clone() for p in model.parameters()]
     reference = None
-    if method != "simpo":
+    if METHODS[method].needs_reference:
         reference = reference_logps(build_tiny_model(TINY, tokenizer), pairs, tokenizer.pad_token_id, 32,
                                     torch.device("cpu"))
     objective = preference_objective(method, hparams, reference)
