@@ -41,7 +41,33 @@ class TinyModelSpec(Strict):
         return self
 
 
-ModelSpec = Annotated[Union[TinyModelSpec], Field(discriminator="kind")]
+def _existing_path(value: Optional[str]) -> Optional[str]:
+    if value is not None and not Path(value).expanduser().exists():
+        raise ValueError(f"no such file or folder: {value} (resolved to {Path(value).expanduser().resolve()})")
+    return value
+
+
+class HFModelSpec(Strict):
+    """Any Hugging Face causal LM: a local folder (`path`), a hub id (`hub_id`, needs the network or a filled
+    HF cache), either optionally with a GGUF file inside (`gguf_file`; rebuilt once into a trainable folder)."""
+    kind: Literal["hf"]
+    path: Optional[str] = None
+    hub_id: Optional[str] = None
+    revision: Optional[str] = None
+    gguf_file: Optional[str] = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.hub_id is None):
+            raise ValueError("give exactly one of path (a local folder) or hub_id")
+        _existing_path(self.path)
+        if self.path and self.gguf_file and not (Path(self.path).expanduser() / self.gguf_file).is_file():
+            raise ValueError(f"no GGUF file {self.gguf_file!r} in {self.path}")
+        return self
+
+
+ModelSpec = Annotated[Union[TinyModelSpec, HFModelSpec], Field(discriminator="kind")]
 
 
 # ---- data and reward -----------------------------------------------------------------------------
@@ -54,7 +80,83 @@ class SyntheticDataSpec(Strict):
     label_noise: float = Field(0.1, ge=0, lt=0.5)
 
 
-DataSpec = Annotated[Union[SyntheticDataSpec], Field(discriminator="kind")]
+class FileDataSpec(Strict):
+    """Shared by file/hub sources (trainers/sources.py): where the rows are and how to split them."""
+    path: Optional[str] = Field(None, description=".jsonl, .jsonl.gz, .json or .parquet file")
+    hub_id: Optional[str] = Field(None, description="a hub dataset name for datasets.load_dataset")
+    split: str = Field("train", description="the hub dataset's split")
+    n_train: Optional[int] = Field(None, ge=1, description="use at most this many training pairs")
+    n_eval: int = Field(64, ge=1, description="held-out evaluation pairs")
+    on_malformed: Literal["error", "skip"] = "error"
+    eval: Optional["EvalDataSpec"] = Field(None, description="a separate source for the evaluation pairs")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.hub_id is None):
+            raise ValueError("give exactly one of path (a local file) or hub_id")
+        _existing_path(self.path)
+        if self.eval is not None and self.eval.eval is not None:
+            raise ValueError("an eval source cannot have an eval source of its own")
+        return self
+
+
+class HHRLHFDataSpec(FileDataSpec):
+    """Anthropic HH-RLHF rows ({chosen, rejected} whole dialogues)."""
+    kind: Literal["hh_rlhf"]
+
+
+class SafeRLHFDataSpec(FileDataSpec):
+    """PKU-SafeRLHF rows; `rule` picks the chosen response (see trainers.sources.saferlhf_pair)."""
+    kind: Literal["saferlhf"]
+    rule: Literal["safe_vs_unsafe", "safer", "better"] = "safe_vs_unsafe"
+
+
+class ColumnMap(Strict):
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+
+
+class GenericDataSpec(FileDataSpec):
+    """Any rows with a prompt, a chosen and a rejected text column (names mapped by `columns`)."""
+    kind: Literal["generic"]
+    columns: ColumnMap = Field(default_factory=ColumnMap)
+
+    @model_validator(mode="after")
+    def _columns_exist(self):
+        first = _first_jsonl_row(self.path) if self.path else None
+        if isinstance(first, dict):
+            missing = [c for c in (self.columns.prompt, self.columns.chosen, self.columns.rejected) if c not in first]
+            if missing:
+                raise ValueError(f"columns {', '.join(map(repr, missing))} not in {self.path} "
+                                 f"(its columns: {', '.join(map(str, first))}); map them with data.columns")
+        return self
+
+
+def _first_jsonl_row(path: str):
+    """The first row of a local .jsonl(.gz) file, to check column names before anything runs."""
+    import gzip
+    import json
+
+    p = Path(path).expanduser()
+    if not p.name.endswith((".jsonl", ".jsonl.gz")):
+        return None
+    with (gzip.open if p.name.endswith(".gz") else open)(p, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    return json.loads(line)
+                except json.JSONDecodeError:
+                    return None
+    return None
+
+
+EvalDataSpec = Annotated[Union[HHRLHFDataSpec, SafeRLHFDataSpec, GenericDataSpec], Field(discriminator="kind")]
+for _model in (FileDataSpec, HHRLHFDataSpec, SafeRLHFDataSpec, GenericDataSpec):
+    _model.model_rebuild()
+
+DataSpec = Annotated[Union[SyntheticDataSpec, HHRLHFDataSpec, SafeRLHFDataSpec, GenericDataSpec],
+                     Field(discriminator="kind")]
 
 
 class SyntheticRewardSpec(Strict):

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from trainers.synthetic import PreferencePair
+from trainers.pairs import PreferencePair
 
 CACHE_VERSION = "ref-logps-v1"
 _CHUNK = 1 << 20

@@ -1,42 +1,36 @@
-"""Preference data: sources (registry by spec kind), tokenization, batching, per-sequence log-probs."""
+"""Tokenization, batching and per-sequence log-probs of preference pairs (sources live in trainers.sources)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Sequence
 
 import torch
 
-from trainers import synthetic
-from trainers.methods import unknown_name_message
-from trainers.synthetic import PreferencePair
-
-# kind -> (data_spec, split) -> pairs. Real-data adapters (HH-RLHF, SafeRLHF, jsonl) register here.
-DATA_SOURCES: dict[str, Callable[..., list[PreferencePair]]] = {
-    "synthetic": lambda spec, split: synthetic.generate_split(
-        split, spec.n_train if split == "train" else spec.n_eval, spec.seed, spec.label_noise),
-}
-
-
-def load_pairs(data_spec, split: str) -> list[PreferencePair]:
-    if data_spec.kind not in DATA_SOURCES:
-        raise KeyError(unknown_name_message("data kind", data_spec.kind, list(DATA_SOURCES)))
-    return DATA_SOURCES[data_spec.kind](data_spec, split)
+from trainers.pairs import PreferencePair
 
 
 @dataclass(frozen=True)
 class EncodedSequence:
-    ids: list[int]      # bos + prompt + response (+ eos), already truncated
+    ids: list[int]      # prompt + response + eos, already truncated
     prompt_len: int     # number of leading ids that belong to the prompt (never trained on)
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    return [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+def encode_prompt(tokenizer, prompt: str, messages: Sequence[tuple[str, str]] = ()) -> list[int]:
+    """Prompt ids: the tokenizer's chat template with a generation prompt when it has one, else
+    BOS (if the tokenizer has one) + the plain prompt text."""
+    if getattr(tokenizer, "chat_template", None):
+        turns = [{"role": r, "content": c} for r, c in messages] or [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
-def encode_sequence(tokenizer, prompt: str, response: str, max_length: int) -> EncodedSequence:
+def encode_sequence(tokenizer, prompt: str, response: str, max_length: int,
+                    messages: Sequence[tuple[str, str]] = ()) -> EncodedSequence:
     """Keep the whole prompt when it fits (its end if not) and cut the response to fit max_length."""
-    prompt_ids = encode_prompt(tokenizer, prompt)[-(max_length - 1):]
+    prompt_ids = encode_prompt(tokenizer, prompt, messages)[-(max_length - 1):]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = (prompt_ids + response_ids)[:max_length]
     return EncodedSequence(ids, len(prompt_ids))
@@ -50,8 +44,8 @@ class EncodedPair:
 
 
 def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int) -> list[EncodedPair]:
-    return [EncodedPair(i, encode_sequence(tokenizer, p.prompt, p.chosen, max_length),
-                        encode_sequence(tokenizer, p.prompt, p.rejected, max_length))
+    return [EncodedPair(i, encode_sequence(tokenizer, p.prompt, p.chosen, max_length, p.messages),
+                        encode_sequence(tokenizer, p.prompt, p.rejected, max_length, p.messages))
             for i, p in enumerate(pairs)]
 
 

@@ -19,7 +19,7 @@ import torch
 
 from trainers.data import EncodedSequence, collate_sequences, encode_prompt, sequence_logps
 from trainers.reward import RewardModel
-from trainers.synthetic import PreferencePair
+from trainers.pairs import PreferencePair
 
 
 @dataclass(frozen=True)
@@ -39,14 +39,14 @@ class Generation:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], settings: EvalSettings,
+def generate(model, tokenizer, pairs: Sequence[PreferencePair], settings: EvalSettings,
              device: torch.device) -> list[Generation]:
     model.eval()
     torch.manual_seed(settings.seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     out: list[Generation] = []
-    for start in range(0, len(prompts), settings.batch_size):
-        encoded = [encode_prompt(tokenizer, p) for p in prompts[start:start + settings.batch_size]]
+    for start in range(0, len(pairs), settings.batch_size):
+        encoded = [encode_prompt(tokenizer, p.prompt, p.messages) for p in pairs[start:start + settings.batch_size]]
         width = max(len(e) for e in encoded)
         input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)  # (B, P)
         attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
@@ -61,15 +61,15 @@ def generate(model, tokenizer, prompts: Sequence[str], settings: EvalSettings,
 
 
 @torch.no_grad()
-def generation_logps(model, tokenizer, prompts: Sequence[str], generations: Sequence[Generation],
+def generation_logps(model, tokenizer, pairs: Sequence[PreferencePair], generations: Sequence[Generation],
                      device: torch.device, batch_size: int) -> list[float]:
     """Summed log-prob (temperature 1) of each generation given its prompt."""
     model.eval()
     logps: list[float] = []
-    for start in range(0, len(prompts), batch_size):
+    for start in range(0, len(pairs), batch_size):
         seqs = []
-        for prompt, gen in zip(prompts[start:start + batch_size], generations[start:start + batch_size]):
-            prompt_ids = encode_prompt(tokenizer, prompt)
+        for pair, gen in zip(pairs[start:start + batch_size], generations[start:start + batch_size]):
+            prompt_ids = encode_prompt(tokenizer, pair.prompt, pair.messages)
             seqs.append(EncodedSequence(prompt_ids + gen.ids, len(prompt_ids)))
         batch = {k: v.to(device) for k, v in collate_sequences(seqs, tokenizer.pad_token_id).items()}
         values, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
@@ -112,7 +112,7 @@ def evaluate(model, tokenizer, pairs: list[PreferencePair], reward: RewardModel,
     """Returns (metrics, per-sample records) over the first `settings.num_prompts` evaluation pairs."""
     pairs = pairs[:settings.num_prompts]
     prompts = [p.prompt for p in pairs]
-    generations = generate(model, tokenizer, prompts, settings, device)
+    generations = generate(model, tokenizer, pairs, settings, device)
     texts = [tokenizer.decode(g.ids, skip_special_tokens=True) for g in generations]
     scores = reward.score(prompts, texts)
     chosen_scores = ([sft.chosen_scores[p.prompt_id] for p in pairs] if sft is not None
@@ -124,8 +124,8 @@ def evaluate(model, tokenizer, pairs: list[PreferencePair], reward: RewardModel,
         for sample in samples:
             sample["sft_score"] = sft.scores[sample["prompt_id"]]
         if sft.model is not None:
-            own = generation_logps(model, tokenizer, prompts, generations, device, settings.batch_size)
-            ref = generation_logps(sft.model, tokenizer, prompts, generations, device, settings.batch_size)
+            own = generation_logps(model, tokenizer, pairs, generations, device, settings.batch_size)
+            ref = generation_logps(sft.model, tokenizer, pairs, generations, device, settings.batch_size)
             for sample, lp, lq in zip(samples, own, ref):
                 sample["kl"] = lp - lq
     metrics = summarize_samples(samples)

@@ -1,17 +1,19 @@
-"""Models and tokenizers: the built-in tiny Llama for the synthetic task, saved as an ordinary HF folder.
-
-Everything downstream loads models with `AutoModelForCausalLM.from_pretrained(folder)`, so the tiny model
-and a real one take the same code path.
+"""Models and tokenizers. Every model spec kind becomes an ordinary HF folder once (ensure_base_model):
+the built-in tiny Llama is built and saved; a Hugging Face model is used in place (local folder or hub
+snapshot); a GGUF file is dequantized into a plain, trainable folder and cached. Everything downstream loads
+with `AutoModelForCausalLM.from_pretrained(folder)`, so the tiny model and a real one take the same path.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
@@ -83,9 +85,8 @@ def write_folder_atomically(target: Path, write) -> Path:
     return target
 
 
-def ensure_base_model(model_spec, cache_dir: Path) -> Path:
-    """Build the initial model + tokenizer once per model fingerprint and return its HF folder."""
-    target = Path(cache_dir) / f"base-{model_spec.kind}-{model_fingerprint(model_spec)}"
+def _tiny_base(model_spec, cache_dir: Path) -> Path:
+    target = Path(cache_dir) / f"base-tiny-{model_fingerprint(model_spec)}"
 
     def write(folder: Path) -> None:
         tokenizer = build_task_tokenizer()
@@ -95,12 +96,66 @@ def ensure_base_model(model_spec, cache_dir: Path) -> Path:
     return write_folder_atomically(target, write)
 
 
-def load_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
-    return AutoTokenizer.from_pretrained(str(folder))
+def _hf_source_folder(model_spec) -> Path:
+    if model_spec.path:
+        return Path(model_spec.path).expanduser().resolve()
+    from huggingface_hub import snapshot_download
+
+    patterns = [model_spec.gguf_file] if model_spec.gguf_file else None
+    return Path(snapshot_download(model_spec.hub_id, revision=model_spec.revision, allow_patterns=patterns))
 
 
-def load_causal_lm(folder: Path, device: torch.device) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+def dequantize_gguf(source: Path, gguf_file: str, target: Path) -> Path:
+    """A GGUF load is quantized and cannot be trained or saved: rebuild a plain model of the same config
+    from its (dequantized) state dict, once, into `target`."""
+    def write(folder: Path) -> None:
+        loaded = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=gguf_file, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict())
+        plain.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(str(source), gguf_file=gguf_file).save_pretrained(folder)
+
+    return write_folder_atomically(target, write)
+
+
+def _hf_base(model_spec, cache_dir: Path) -> Path:
+    source = _hf_source_folder(model_spec)
+    if not model_spec.gguf_file:
+        return source
+    gguf = source / model_spec.gguf_file
+    stamp = hashlib.sha256(f"{gguf.resolve()}:{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}".encode())
+    return dequantize_gguf(source, model_spec.gguf_file,
+                           Path(cache_dir) / f"gguf-{gguf.stem}-{stamp.hexdigest()[:16]}")
+
+
+BASE_MODELS: dict[str, Callable[..., Path]] = {"tiny": _tiny_base, "hf": _hf_base}
+
+
+def ensure_base_model(model_spec, cache_dir: Path) -> Path:
+    """The HF folder of the spec's initial model (built or converted once, then reused)."""
+    return BASE_MODELS[model_spec.kind](model_spec, Path(cache_dir))
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer in {folder} has neither a pad nor an EOS token; add a pad token")
+        logging.getLogger(__name__).warning("tokenizer in %s has no pad token; using its EOS token", folder)
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer in {folder} has no EOS token; responses need one to end")
+    return tokenizer
+
+
+def load_causal_lm(folder: Path, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:
+    if trust_remote_code:
+        logging.getLogger(__name__).warning("loading %s with trust_remote_code=True (the spec asked for it)", folder)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code)
     return model.to(device)
 
 

@@ -35,11 +35,12 @@ class SequenceClassificationReward:
 
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        # num_labels=1: a reward model has one output. A checkpoint whose head has another size fails to
+        # load (a classifier is not a reward model); an encoder without a head gets a new one, seeded so
+        # every trial of a sweep scores with the same head.
+        torch.manual_seed(0)
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, trust_remote_code=trust_remote_code).to(self.device).eval()
-        if self.model.config.num_labels != 1:
-            raise ValueError(f"reward model {path} has {self.model.config.num_labels} labels; "
-                             "a reward model needs exactly one output")
+            path, num_labels=1, trust_remote_code=trust_remote_code).to(self.device).eval()
         self.batch_size, self.max_length = batch_size, max_length
 
     @torch.no_grad()

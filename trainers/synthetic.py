@@ -15,7 +15,8 @@ appear at a size that trains in seconds on a CPU:
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+
+from trainers.pairs import PreferencePair
 
 # The vocabulary is fixed (its own seed), so every data seed shares one tokenizer and one model shape.
 _VOCAB_SEED = 20240721
@@ -65,14 +66,6 @@ def vocabulary() -> list[str]:
     """Every word the task can produce, in a fixed order (special tokens are the tokenizer's business)."""
     words = [PROMPT_START, PROMPT_END, JOINER, *TRAIN_FRAMINGS, *EVAL_FRAMINGS, *FILLER_WORDS, *BAD_WORDS]
     return words + [w for topic in TOPIC_WORDS for w in topic]
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    prompt_id: str
-    prompt: str
-    chosen: str
-    rejected: str
 
 
 def prompt_topics(prompt: str) -> set[int]:

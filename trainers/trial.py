@@ -21,7 +21,8 @@ from orchestrator import tracking
 from orchestrator.spec import TrainHParams
 from orchestrator.task import TrialResult, TrialTask
 from trainers.cache import cached_reference_logps, reference_cache_key
-from trainers.data import encode_pairs, load_pairs
+from trainers.data import encode_pairs
+from trainers.sources import load_split
 from trainers.evaluate import EvalSettings, SftBaseline, evaluate
 from trainers.methods import METHODS, Method
 from trainers.models import ensure_base_model, load_causal_lm, load_tokenizer, save_model
@@ -58,6 +59,11 @@ def trial_params(task: TrialTask) -> dict[str, object]:
     return params
 
 
+def _trusts_remote_code(task: TrialTask) -> bool:
+    """Only a model spec that says so runs a model repository's own code (the tiny model has no such field)."""
+    return getattr(task.trial.model, "trust_remote_code", False)
+
+
 def _loop_settings(task: TrialTask) -> LoopSettings:
     t = task.trial.training
     return LoopSettings(learning_rate=float(task.trial.hparams["learning_rate"]),
@@ -75,7 +81,7 @@ def _reference(task: TrialTask, raw_pairs, pairs, tokenizer, init: Path, device,
     """Reference log-probs of the training pairs under the starting checkpoint: read from the sweep's cache,
     or computed (the reference model is loaded only then, and freed before training starts)."""
     def compute():
-        ref_model = load_causal_lm(init, device)
+        ref_model = load_causal_lm(init, device, _trusts_remote_code(task))
         return reference_logps(ref_model, pairs, tokenizer.pad_token_id, task.trial.training.batch_size, device)
 
     key = reference_cache_key(init, raw_pairs, task.trial.training.max_length)
@@ -91,13 +97,13 @@ def _build_objective(task: TrialTask, method: Method, raw_pairs, pairs, tokenize
     return preference_objective(method.name, _method_hparams(task), reference)
 
 
-def _sft_baseline(task: TrialTask, method: Method, init: Path, device) -> Optional[SftBaseline]:
+def _sft_baseline(task: TrialTask, method: Method, init: Path, device, remote: bool) -> Optional[SftBaseline]:
     if method.kind != "preference":
         return None
     if not task.runtime.sft_samples:
         raise ValueError("a preference trial needs the selected SFT trial's samples (runtime.sft_samples)")
     samples = json.loads(Path(task.runtime.sft_samples).read_text())
-    return SftBaseline(load_causal_lm(init, device), scores={s["prompt_id"]: s["score"] for s in samples},
+    return SftBaseline(load_causal_lm(init, device, remote), scores={s["prompt_id"]: s["score"] for s in samples},
                        chosen_scores={s["prompt_id"]: s["chosen_score"] for s in samples})
 
 
@@ -109,11 +115,14 @@ def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger,
     device = accelerator.device
     base = ensure_base_model(trial.model, workdir / "models")
     init = Path(task.runtime.init_checkpoint) if task.runtime.init_checkpoint else base
-    tokenizer = load_tokenizer(init)
-    model = load_causal_lm(init, device)
-    steps = 0
+    remote = _trusts_remote_code(task)
+    tokenizer = load_tokenizer(init, remote)
+    model = load_causal_lm(init, device, remote)
+    eval_data = load_split(trial.data, "eval")
+    steps, skipped = 0, eval_data.skipped
     if method.kind != "untrained":
-        raw_pairs = load_pairs(trial.data, "train")
+        train_data = load_split(trial.data, "train")
+        raw_pairs, skipped = train_data.pairs, skipped + train_data.skipped
         pairs = encode_pairs(tokenizer, raw_pairs, trial.training.max_length)
         objective = _build_objective(task, method, raw_pairs, pairs, tokenizer, init, device, logger)
 
@@ -131,13 +140,13 @@ def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger,
         logger.set_tags({tracking.TAG_CHECKPOINT: str(checkpoint)})
     e = trial.evaluation
     settings = EvalSettings(e.temperature, e.top_p, e.max_new_tokens, e.num_prompts, e.seed, e.batch_size)
-    metrics, samples = evaluate(model, tokenizer, load_pairs(trial.data, "eval"), load_reward_model(trial.reward),
-                                settings, device, _sft_baseline(task, method, init, device))
+    metrics, samples = evaluate(model, tokenizer, eval_data.pairs, load_reward_model(trial.reward),
+                                settings, device, _sft_baseline(task, method, init, device, remote))
     samples_path = task.trial_dir / "samples.json"
     write_json_atomic(samples_path, samples)
     logger.log_samples(samples)
     logger.set_tags({tracking.TAG_SAMPLES: str(samples_path)})
-    return {**metrics, "train_steps": float(steps)}
+    return {**metrics, "train_steps": float(steps), "data_skipped_rows": float(skipped)}
 
 
 def run_trial(task: TrialTask, report: Optional[Report] = None) -> TrialResult:
