@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from trainers.methods import METHODS, Method, unknown_name_message
 
@@ -164,18 +163,21 @@ class SyntheticRewardSpec(Strict):
 
 
 class HFRewardSpec(Strict):
-    """A local Hugging Face sequence-classification model folder with one output."""
+    """A Hugging Face sequence-classification reward model with one output: a local folder (`path`) or a
+    hub id (`hub_id`, needs the network or a filled HF cache)."""
     kind: Literal["hf"]
-    path: str
+    path: Optional[str] = None
+    hub_id: Optional[str] = None
     trust_remote_code: bool = False
     batch_size: int = Field(16, gt=0)
 
-    @field_validator("path")
-    @classmethod
-    def _exists(cls, value: str) -> str:
-        if not Path(value).expanduser().is_dir():
-            raise ValueError(f"no such folder: {value} (resolved to {Path(value).expanduser().resolve()})")
-        return value
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.hub_id is None):
+            raise ValueError("give exactly one of path (a local folder) or hub_id")
+        if self.path is not None and not Path(self.path).expanduser().is_dir():
+            raise ValueError(f"no such folder: {self.path} (resolved to {Path(self.path).expanduser().resolve()})")
+        return self
 
 
 RewardSpec = Annotated[Union[SyntheticRewardSpec, HFRewardSpec], Field(discriminator="kind")]

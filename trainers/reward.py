@@ -59,7 +59,8 @@ class SequenceClassificationReward:
 
 REWARD_MODELS: dict[str, Callable[..., RewardModel]] = {
     "synthetic": lambda spec: SyntheticGoldReward(),
-    "hf": lambda spec: SequenceClassificationReward(spec.path, spec.trust_remote_code, spec.batch_size),
+    "hf": lambda spec: SequenceClassificationReward(spec.path or spec.hub_id, spec.trust_remote_code,
+                                                    spec.batch_size),
 }
 
 

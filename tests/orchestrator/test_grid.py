@@ -72,6 +72,7 @@ def test_run_names_are_readable():
     ("dpo", {"sft": 2, "dpo": 20}),
     ("ln_dpo", {"sft": 2, "ln_dpo": 24}),
     ("simpo", {"sft": 2, "simpo": 96}),
+    ("paper/phi3_saferlhf", {"sft": 8, "dpo": 40, "ln_dpo": 48, "simpo": 192}),
 ])
 def test_shipped_sweeps_validate(name, counts):
     stages = {s.stage: len(s.trials) for s in plan_sweep(load_spec(SWEEPS / f"{name}.yaml"))}
