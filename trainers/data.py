@@ -69,10 +69,20 @@ def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tens
     return batch
 
 
+def next_token_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T-1, V) logits that predict tokens 1..T-1."""
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+
+
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the response tokens and their count, each (B,)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
+    return logps_from_logits(next_token_logits(model, input_ids, attention_mask), input_ids, response_mask)
+
+
+def logps_from_logits(logits: torch.Tensor, input_ids: torch.Tensor,
+                      response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the response tokens under (B, T-1, V) next-token logits, and their count; (B,) each."""
     if logits.dtype in (torch.float16, torch.bfloat16):  # half-precision log-softmax loses too much
         logits = logits.float()
     targets = input_ids[:, 1:].unsqueeze(-1)                                            # (B, T-1, 1)

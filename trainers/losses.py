@@ -12,6 +12,7 @@ implicit rewards (used for reward margin / accuracy curves; detached). No model,
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -130,3 +131,72 @@ def kto_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     chosen_losses = desirable_weight * (1 - torch.sigmoid(beta * (chosen_ratio - rejected_kl)))
     rejected_losses = undesirable_weight * (1 - torch.sigmoid(beta * (chosen_kl - rejected_ratio)))
     return (chosen_losses + rejected_losses) / 2, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+@dataclass
+class BetaDPOState:
+    """Running statistics of the implicit reward gaps across steps (β-DPO's EMA) and its sampling RNG."""
+    gap_mean: float = 0.0
+    gap_std: float = 0.0
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+
+    def update(self, gaps: Tensor, momentum: float) -> None:
+        self.gap_mean = momentum * self.gap_mean + (1 - momentum) * gaps.mean().item()
+        self.gap_std = momentum * self.gap_std + (1 - momentum) * gaps.std().item()
+
+
+# Losses whose function takes a `state` that lives across the steps of one trial: name -> state factory.
+LOSS_STATES: dict[str, Callable[[], object]] = {"beta_dpo": BetaDPOState}
+
+
+@register_loss("beta_dpo")
+def beta_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                  chosen_lengths, rejected_lengths, *, beta: float, alpha: float, rho: float = 0.2,
+                  momentum: float = 0.9, state: BetaDPOState) -> LossOutput:
+    """β-DPO (Wu et al. 2024), following junkangwu/beta-DPO:
+    1. gaps g = Δlog-ratio (detached); the running mean/std are updated with them first (EMA, `momentum`);
+    2. filter: keep int(B·(1−ρ)) pairs drawn without replacement with weights exp(−½((g−mean)/std)²);
+    3. β_batch = β·(1 + α·(mean of kept g − running mean)), at least 1e-3, no gradient;
+    4. loss −log σ(β_batch·Δ) averaged over the kept pairs. Dropped pairs get loss 0 and kept pairs are scaled
+       by B/kept, so the batch mean of the returned losses is the mean over kept pairs.
+    The only loss with state: `state` is updated in place (step 1)."""
+    _require_reference("beta_dpo", ref_chosen_logps, ref_rejected_logps)
+    logits = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)  # (B,)
+    gaps = logits.detach()
+    state.update(gaps, momentum)
+    std = state.gap_std if state.gap_std > 0 else 1.0  # first step of a one-pair batch: no spread yet
+    weights = torch.exp(-0.5 * ((gaps - state.gap_mean) / std) ** 2).double().cpu()
+    kept = max(1, int(gaps.numel() * (1 - rho)))
+    index = torch.multinomial(weights, kept, replacement=False, generator=state.generator).to(gaps.device)
+    mask = torch.zeros_like(gaps)
+    mask[index] = 1.0
+    beta_used = max(beta * (1 + alpha * (gaps[index].mean().item() - state.gap_mean)), 1e-3)
+    losses = -F.logsigmoid(beta_used * logits) * mask * (gaps.numel() / kept)
+    chosen = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen, rejected
+
+
+def epsilon_steps(logratios: Tensor, plus_logratios: Tensor, minus_logratios: Tensor) -> Tensor:
+    """s ∈ {+1, 0, −1} per pair (ε-DPO, as oddqueue/e-dpo decides it). The log-ratios (chosen − rejected) are
+    those of the policy, of its logits pushed away from the reference ("plus": (1+ε)·l − ε·l_ref) and pulled
+    toward it ("minus": (1−ε)·l + ε·l_ref). s = +1 if plus > policy > minus (the ratio grows monotonically
+    as the policy moves away from the reference: a bigger step, smaller β, is safe), −1 if minus > policy >
+    plus, else 0. Inputs (B,), output (B,) long."""
+    plus = (plus_logratios > logratios) & (logratios > minus_logratios)
+    minus = (minus_logratios > logratios) & (logratios > plus_logratios)
+    return plus.long() - minus.long()
+
+
+@register_loss("epsilon_dpo")
+def epsilon_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                     chosen_lengths, rejected_lengths, *, beta: float, epsilon: float, steps: Tensor) -> LossOutput:
+    """ε-DPO (Lee et al. 2025), following oddqueue/e-dpo: per pair β_i = β / (1 + ε·s_i) with s_i from
+    `epsilon_steps`; loss −log σ(β_i·Δlog-ratio). `beta` is the current β, which the trainer updates after each
+    optimizer step as β ← β / (1 + ε·mean(s)) (trainers.train.epsilon_dpo_objective)."""
+    _require_reference("epsilon_dpo", ref_chosen_logps, ref_rejected_logps)
+    beta_i = beta / (1 + epsilon * steps.to(policy_chosen_logps.dtype))
+    logits = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    chosen = beta_i * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected = beta_i * (policy_rejected_logps - ref_rejected_logps).detach()
+    return -F.logsigmoid(beta_i * logits), chosen, rejected

@@ -55,6 +55,18 @@ class KTOParams(MethodParams):
     undesirable_weight: float = Field(1.0, gt=0, description="weight of the rejected (undesirable) losses")
 
 
+class BetaDPOParams(MethodParams):
+    beta: float = Field(gt=0, description="base β, scaled per batch by the reward-gap statistics")
+    alpha: float = Field(ge=0, description="a: β_batch = β·(1 + a·(mean selected gap − running gap mean))")
+    rho: float = Field(0.2, ge=0, lt=1, description="share of each batch the reward-gap filter drops")
+    momentum: float = Field(0.9, ge=0, lt=1, description="EMA momentum of the running gap mean and std")
+
+
+class EpsilonDPOParams(MethodParams):
+    beta: float = Field(gt=0, description="initial β; updated after every optimizer step")
+    epsilon: float = Field(gt=0, lt=1, description="ε: size of the logit perturbation toward/away from the reference")
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -62,6 +74,9 @@ class Method:
     kind: str  # "untrained" (evaluated only), "sft" (NLL on chosen responses) or "preference"
     needs_reference: bool
     summary: str
+    # Token logits of the reference at every step (not just its sequence log-probs): the reference model stays
+    # in memory during training and the reference-log-prob cache cannot serve it.
+    needs_reference_logits: bool = False
 
     @property
     def trains(self) -> bool:
@@ -94,6 +109,11 @@ register_method(Method("rdpo", RDPOParams, "preference", True,
                        "-log σ(β·[log πθ(yw)/πref(yw) − log πθ(yl)/πref(yl)] − α·(|yw| − |yl|))"))
 register_method(Method("orpo", ORPOParams, "preference", False,
                        "−log πθ(yw)/|yw|·(token mean) − β·log σ(log odds(yw) − log odds(yl)), odds on mean log-probs"))
+register_method(Method("beta_dpo", BetaDPOParams, "preference", True,
+                       "DPO with β calibrated per batch from reward gaps, after a Gaussian gap filter (Wu et al. 2024)"))
+register_method(Method("epsilon_dpo", EpsilonDPOParams, "preference", True,
+                       "DPO with per-pair β/(1+ε·s), s from logit monotonicity under ε-perturbation (Lee et al. 2025)",
+                       needs_reference_logits=True))
 register_method(Method("kto", KTOParams, "preference", True,
                        "w+·(1 − σ(β·(r(yw) − z_l))) and w−·(1 − σ(β·(z_w − r(yl)))), z = clamp(batch mean r, 0)"))
 

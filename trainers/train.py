@@ -15,8 +15,8 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
-from trainers.data import EncodedPair, collate_pairs, sequence_logps
-from trainers.losses import get_loss
+from trainers.data import EncodedPair, collate_pairs, logps_from_logits, next_token_logits, sequence_logps
+from trainers.losses import LOSS_STATES, epsilon_steps, get_loss
 
 Objective = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
 OnLog = Callable[[int, int, dict[str, float]], None]  # (step, total_steps, stats)
@@ -65,6 +65,7 @@ def preference_objective(loss_name: str, hparams: dict[str, float],
     """Objective for a registered preference loss. `reference` holds precomputed (N,) chosen and
     rejected reference log-probs indexed by pair index, or None for reference-free methods."""
     loss_fn = get_loss(loss_name)
+    extra = {"state": LOSS_STATES[loss_name]()} if loss_name in LOSS_STATES else {}
 
     def objective(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         half = batch["index"].shape[0]
@@ -75,12 +76,48 @@ def preference_objective(loss_name: str, hparams: dict[str, float],
             idx = batch["index"].cpu()
             ref_c, ref_r = (r[idx].to(logps.device) for r in reference)
         losses, chosen_r, rejected_r = loss_fn(logps[:half], logps[half:], ref_c, ref_r,
-                                               lengths[:half], lengths[half:], **hparams)
-        loss = losses.mean()
-        margin = chosen_r - rejected_r
-        return loss, {"loss": loss.item(), "reward_margin": margin.mean().item(),
-                      "reward_accuracy": (margin > 0).float().mean().item(),
-                      "chosen_reward": chosen_r.mean().item(), "rejected_reward": rejected_r.mean().item()}
+                                               lengths[:half], lengths[half:], **hparams, **extra)
+        return losses.mean(), _pair_stats(losses, chosen_r, rejected_r)
+
+    return objective
+
+
+def _pair_stats(losses: torch.Tensor, chosen_r: torch.Tensor, rejected_r: torch.Tensor) -> dict[str, float]:
+    margin = chosen_r - rejected_r
+    return {"loss": losses.mean().item(), "reward_margin": margin.mean().item(),
+            "reward_accuracy": (margin > 0).float().mean().item(),
+            "chosen_reward": chosen_r.mean().item(), "rejected_reward": rejected_r.mean().item()}
+
+
+def epsilon_dpo_objective(hparams: dict[str, float], ref_model) -> Objective:
+    """ε-DPO needs the reference's token logits at every step (to perturb the policy's logits toward and
+    away from it), so it keeps the reference model instead of cached log-probs. β starts at hparams["beta"]
+    and after every step becomes β / (1 + ε·mean(s)), used from the next step on (one optimizer step per
+    objective call: the loop has no gradient accumulation)."""
+    loss_fn, epsilon = get_loss("epsilon_dpo"), float(hparams["epsilon"])
+    beta = [float(hparams["beta"])]
+    ref_model.eval()
+
+    def objective(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        half = batch["index"].shape[0]
+        ids, mask = batch["input_ids"], batch["response_mask"]
+        logits = next_token_logits(model, ids, batch["attention_mask"])                # (2B, T-1, V)
+        logps, lengths = logps_from_logits(logits, ids, mask)
+        with torch.no_grad():
+            ref_logits = next_token_logits(ref_model, ids, batch["attention_mask"])
+            ref_logps, _ = logps_from_logits(ref_logits, ids, mask)
+            plus, _ = logps_from_logits((1 + epsilon) * logits - epsilon * ref_logits, ids, mask)
+            minus, _ = logps_from_logits((1 - epsilon) * logits + epsilon * ref_logits, ids, mask)
+            ratio = lambda x: x[:half] - x[half:]  # noqa: E731 - chosen minus rejected, (B,)
+            steps = epsilon_steps(ratio(logps.detach()), ratio(plus), ratio(minus))
+        losses, chosen_r, rejected_r = loss_fn(logps[:half], logps[half:], ref_logps[:half], ref_logps[half:],
+                                               lengths[:half], lengths[half:], beta=beta[0], epsilon=epsilon,
+                                               steps=steps)
+        stats = {**_pair_stats(losses, chosen_r, rejected_r), "beta": beta[0],
+                 "epsilon_steps_plus": (steps == 1).float().mean().item(),
+                 "epsilon_steps_minus": (steps == -1).float().mean().item()}
+        beta[0] = beta[0] / (1 + epsilon * steps.float().mean().item())
+        return losses.mean(), stats
 
     return objective
 

@@ -27,8 +27,8 @@ from trainers.evaluate import EvalSettings, SftBaseline, evaluate
 from trainers.methods import METHODS, Method
 from trainers.models import ensure_base_model, load_causal_lm, load_tokenizer, save_model
 from trainers.reward import load_reward_model
-from trainers.train import (LoopSettings, make_accelerator, preference_objective, reference_logps,
-                            sft_objective, train)
+from trainers.train import (LoopSettings, epsilon_dpo_objective, make_accelerator, preference_objective,
+                            reference_logps, sft_objective, train)
 
 Report = Callable[[int, int], None]  # (step, total_steps)
 
@@ -93,6 +93,9 @@ def _reference(task: TrialTask, raw_pairs, pairs, tokenizer, init: Path, device,
 def _build_objective(task: TrialTask, method: Method, raw_pairs, pairs, tokenizer, init: Path, device, logger):
     if method.kind == "sft":
         return sft_objective
+    if method.needs_reference_logits:  # explicit: this method cannot use the reference-log-prob cache
+        logger.set_tags({tracking.TAG_REF_CACHE: "not used: the method needs the reference's token logits"})
+        return epsilon_dpo_objective(_method_hparams(task), load_causal_lm(init, device, _trusts_remote_code(task)))
     reference = _reference(task, raw_pairs, pairs, tokenizer, init, device, logger) if method.needs_reference else None
     return preference_objective(method.name, _method_hparams(task), reference)
 

@@ -29,6 +29,8 @@ stages:
       grid: {{beta: [2.0], gamma: [0.5], learning_rate: [3.0e-4]}}
     ln_dpo:
       grid: {{beta: [1.0, 2.0], learning_rate: [3.0e-4]}}
+    epsilon_dpo:
+      grid: {{beta: [0.1], epsilon: [0.1], learning_rate: [3.0e-4]}}
 """
 
 
@@ -43,19 +45,20 @@ def sweep(tmp_path_factory):
 
 def test_every_trial_finished_with_metrics_in_range(sweep):
     spec, uri, outcome = sweep
-    assert outcome.ran == 7 and outcome.failed == 0 and outcome.skipped == 0
+    assert outcome.ran == 8 and outcome.failed == 0 and outcome.skipped == 0
     records = SweepTracker(uri, spec.name).trials()
     by_stage = {}
     for r in records:
         by_stage.setdefault(r.stage, []).append(r)
-    assert {k: len(v) for k, v in by_stage.items()} == {"base": 1, "sft": 1, "dpo": 2, "simpo": 1, "ln_dpo": 2}
+    assert {k: len(v) for k, v in by_stage.items()} == {"base": 1, "sft": 1, "dpo": 2, "simpo": 1, "ln_dpo": 2,
+                                                       "epsilon_dpo": 1}
     for r in records:
         assert r.status == "FINISHED"
         m = r.metrics
         assert 0 <= m["win_vs_chosen"] <= 1 and m["length"] > 0 and math.isfinite(m["mean_score"])
-        if r.stage in ("dpo", "simpo", "ln_dpo"):
+        if r.stage in ("dpo", "simpo", "ln_dpo", "epsilon_dpo"):
             assert 0 <= m["win_vs_sft"] <= 1 and math.isfinite(m["kl"])
-            assert r.params["beta"] in ("0.1", "0.5", "1.0", "2.0") and r.tags["posweep.init_trial_key"]
+            assert r.params["beta"] in ("0.1", "0.5", "1.0", "2.0", "0.1") and r.tags["posweep.init_trial_key"]
             assert r.tags[TAG_PARENT]  # a child of its stage run
 
 
@@ -65,6 +68,7 @@ def test_reference_log_probs_are_computed_once_per_sweep(sweep):
     reference_based = tracker.trials("dpo") + tracker.trials("ln_dpo")
     assert sorted(r.tags[TAG_REF_CACHE] for r in reference_based) == ["hit", "hit", "hit", "miss"]
     assert all(TAG_REF_CACHE not in r.tags for r in tracker.trials("simpo"))  # reference-free
+    assert tracker.trials("epsilon_dpo")[0].tags[TAG_REF_CACHE].startswith("not used")
 
 
 def test_chosen_scores_come_from_the_sft_trial(sweep):
@@ -94,15 +98,15 @@ def test_training_curves_and_samples_are_logged(sweep):
 def test_rerun_skips_finished_trials(sweep):
     spec, uri, _ = sweep
     again = run_sweep(spec, uri, smoke=True, show_progress=False, echo=lambda _: None)
-    assert again.ran == 0 and again.skipped == 7
+    assert again.ran == 0 and again.skipped == 8
     keys = [r.trial_key for r in SweepTracker(uri, spec.name).trials() if r.status == "FINISHED"]
-    assert len(keys) == len(set(keys)) == 7
+    assert len(keys) == len(set(keys)) == 8
 
 
 def test_summary_has_baseline_sft_and_every_method(sweep):
     _, _, outcome = sweep
     summary = outcome.summary
-    assert list(summary["stage"]) == ["base", "sft", "dpo", "simpo", "ln_dpo"]
+    assert list(summary["stage"]) == ["base", "sft", "dpo", "simpo", "ln_dpo", "epsilon_dpo"]
     assert (summary["finished"] >= 1).all() and (summary["failed"] == 0).all()
 
 
@@ -116,7 +120,7 @@ def test_diverging_trial_fails_cleanly_and_sweep_goes_on(tmp_path, monkeypatch):
     spec = parse_spec(SPEC.format(workdir=tmp_path / "work"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     outcome = run_sweep(spec, uri, smoke=True, show_progress=False, echo=lambda _: None)
-    assert outcome.failed == 2 and outcome.ran == 7
+    assert outcome.failed == 2 and outcome.ran == 8
     records = SweepTracker(uri, spec.name).trials()
     failed = [r for r in records if r.status == "FAILED"]
     assert {r.stage for r in failed} == {"dpo"}
@@ -127,7 +131,7 @@ def test_diverging_trial_fails_cleanly_and_sweep_goes_on(tmp_path, monkeypatch):
 
     monkeypatch.setitem(losses.LOSSES, "dpo", losses.dpo_loss)  # fixed: a rerun runs only what failed
     rerun = run_sweep(spec, uri, smoke=True, show_progress=False, echo=lambda _: None)
-    assert rerun.ran == 2 and rerun.skipped == 5 and rerun.failed == 0
+    assert rerun.ran == 2 and rerun.skipped == 6 and rerun.failed == 0
 
 
 def test_stale_running_run_is_closed_as_killed(tmp_path):

@@ -1,5 +1,7 @@
 """Loss values against numbers computed by hand (log σ(x) = -log(1 + e^-x))."""
 
+import math
+
 import pytest
 import torch
 
@@ -118,3 +120,66 @@ def test_kto_reference_points_carry_no_gradient():
     expected = -torch.sigmoid(torch.tensor([1.0, 0.0], dtype=torch.float64)) * (
         1 - torch.sigmoid(torch.tensor([1.0, 0.0], dtype=torch.float64))) / 2
     torch.testing.assert_close(chosen.grad, expected)
+
+
+def gaps_args(gaps):
+    """Inputs whose DPO log-ratio differences (the β-DPO 'gaps') are `gaps`: policy chosen = gap, rest 0."""
+    g = torch.tensor(gaps, dtype=torch.float64)
+    zero = torch.zeros_like(g)
+    return g, zero, zero, zero, torch.ones_like(g), torch.ones_like(g)
+
+
+def test_beta_dpo_hand_computed_without_filter():
+    """Rules of junkangwu/beta-DPO. gaps [1, 2, 3, 6]: batch mean 3, std sqrt(14/3) = 2.1602. A fresh state
+    with momentum 0.9 becomes mean 0.3, std 0.21602. rho=0 keeps all 4, so the kept mean is 3 and
+    β_batch = 0.1·(1 + 0.5·(3 − 0.3)) = 0.235. Losses log(1+e^(−0.235·g)) = 0.5825344794, 0.4855092116,
+    0.4015297576, 0.2184471671."""
+    from trainers.losses import BetaDPOState
+
+    state = BetaDPOState()
+    losses, _, _ = get_loss("beta_dpo")(*gaps_args([1, 2, 3, 6]), beta=0.1, alpha=0.5, rho=0.0, momentum=0.9,
+                                         state=state)
+    assert state.gap_mean == pytest.approx(0.3) and state.gap_std == pytest.approx(0.2160246899)
+    torch.testing.assert_close(losses, torch.tensor([0.5825344794, 0.4855092116, 0.4015297576, 0.2184471671],
+                                                    dtype=torch.float64))
+
+
+def test_beta_dpo_filter_drops_outlying_gaps_and_averages_over_kept():
+    """gaps [0, 0, 50, −50]: after the update mean 0, std 0.1·40.82 = 4.08, so the outliers weigh e^−75 and
+    the two kept pairs (rho=0.5) are the zeros. Kept mean 0 = running mean, so β_batch = β; each kept loss
+    log 2 is scaled by 4/2, dropped ones are 0: the batch mean is log 2."""
+    from trainers.losses import BetaDPOState
+
+    losses, _, _ = get_loss("beta_dpo")(*gaps_args([0, 0, 50, -50]), beta=0.1, alpha=1.0, rho=0.5, momentum=0.9,
+                                         state=BetaDPOState())
+    torch.testing.assert_close(losses, torch.tensor([2 * math.log(2), 2 * math.log(2), 0, 0], dtype=torch.float64))
+
+
+def test_beta_dpo_running_statistics_accumulate():
+    from trainers.losses import BetaDPOState
+
+    state = BetaDPOState()
+    for _ in range(2):
+        get_loss("beta_dpo")(*gaps_args([1, 3]), beta=0.1, alpha=0.5, rho=0.0, momentum=0.9, state=state)
+    assert state.gap_mean == pytest.approx(0.9 * 0.2 + 0.1 * 2)  # 0.1·2 after one step, then EMA again
+
+
+def test_epsilon_steps_each_branch():
+    """oddqueue/e-dpo: +1 if plus > policy > minus, −1 if minus > policy > plus, 0 otherwise (ties too)."""
+    from trainers.losses import epsilon_steps
+
+    policy = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    plus = torch.tensor([2.0, 0.0, 1.5, 1.0])
+    minus = torch.tensor([0.0, 2.0, 1.5, 0.0])
+    assert epsilon_steps(policy, plus, minus).tolist() == [1, -1, 0, 0]
+
+
+def test_epsilon_dpo_hand_computed():
+    """beta=0.1, epsilon=0.5, s = [+1, −1, 0]: β_i = 0.1/1.5, 0.1/0.5, 0.1. Every pair has Δlog-ratio 2, so the
+    losses are log(1+e^(−2β_i)) = 0.6287010920, 0.5130152524, 0.5981388694."""
+    g = torch.full((3,), 2.0, dtype=torch.float64)
+    zero = torch.zeros_like(g)
+    losses, chosen, _ = get_loss("epsilon_dpo")(g, zero, zero, zero, zero + 1, zero + 1, beta=0.1, epsilon=0.5,
+                                                steps=torch.tensor([1, -1, 0]))
+    torch.testing.assert_close(losses, torch.tensor([0.6287010920, 0.5130152524, 0.5981388694], dtype=torch.float64))
+    torch.testing.assert_close(chosen, torch.tensor([2 * 0.1 / 1.5, 2 * 0.2, 2 * 0.1], dtype=torch.float64))

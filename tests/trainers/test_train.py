@@ -62,6 +62,7 @@ def test_sft_loss_goes_down(setup):
 @pytest.mark.parametrize("method,hparams", [
     ("dpo", {"beta": 0.5}), ("simpo", {"beta": 2.0, "gamma": 0.5}), ("ln_dpo", {"beta": 2.0}),
     ("ipo", {"beta": 0.5}), ("rdpo", {"beta": 0.5, "alpha": 0.01}), ("orpo", {"beta": 0.5}), ("kto", {"beta": 0.5}),
+    ("beta_dpo", {"beta": 0.5, "alpha": 0.5, "rho": 0.2, "momentum": 0.9}),
 ])
 def test_preference_losses_go_down_and_parameters_move(setup, method, hparams):
     tokenizer, pairs = setup
@@ -110,3 +111,21 @@ def test_sequence_logps_keep_float64():
                               tokenizer.pad_token_id)
     logps, _ = sequence_logps(model, **batch)
     assert logps.dtype == torch.float64
+
+
+def test_epsilon_dpo_trains_and_updates_beta_by_the_mean_step(setup):
+    from trainers.train import epsilon_dpo_objective
+
+    tokenizer, pairs = setup
+    model = build_tiny_model(TINY, tokenizer)
+    reference = build_tiny_model(SimpleNamespace(**{**vars(TINY), "seed": 1}), tokenizer)
+    before = [p.detach().clone() for p in model.parameters()]
+    history = train(model, pairs, epsilon_dpo_objective({"beta": 0.5, "epsilon": 0.2}, reference),
+                    settings(3e-3, epochs=4), tokenizer.pad_token_id, make_accelerator())
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert history[0]["beta"] == 0.5
+    for prev, nxt in zip(history, history[1:]):  # β ← β / (1 + ε·mean(s)), mean(s) = share(+1) − share(−1)
+        mean_step = prev["epsilon_steps_plus"] - prev["epsilon_steps_minus"]
+        assert nxt["beta"] == pytest.approx(prev["beta"] / (1 + 0.2 * mean_step))
+    assert any(h["epsilon_steps_plus"] > 0 or h["epsilon_steps_minus"] > 0 for h in history)
