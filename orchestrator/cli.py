@@ -75,7 +75,8 @@ def cmd_run(args) -> int:
     spec = _load(args)
     uri = resolve_tracking_uri(args.tracking_uri, spec.tracking.uri)
     try:
-        outcome = run_sweep(spec, uri, smoke=args.smoke, show_progress=not args.no_progress)
+        outcome = run_sweep(spec, uri, smoke=args.smoke, show_progress=not args.no_progress,
+                            share_work=not args.no_shared_work)
     except SweepError as exc:
         print(f"sweep stopped: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(run)
     run.add_argument("--executor", help="override the spec's executor kind (e.g. local)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-shared-work", action="store_true",
+                     help="every trial computes its own reference log-probs and SFT baseline (to measure sharing)")
     run.set_defaults(func=cmd_run)
     plan = sub.add_parser("plan", help="print the trial table and count; runs nothing")
     common(plan)

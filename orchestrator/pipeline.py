@@ -73,7 +73,8 @@ def _latest_records(tracker: SweepTracker, keys: set[str]) -> list[TrialRecord]:
 
 
 def run_sweep(spec: SweepSpec, tracking_uri: str, smoke: bool = False, executor=None,
-              show_progress: bool = True, echo: Callable[[str], None] = print) -> SweepOutcome:
+              show_progress: bool = True, echo: Callable[[str], None] = print,
+              share_work: bool = True) -> SweepOutcome:
     from cluster import make_executor
     from trainers.trial import run_trial
 
@@ -97,7 +98,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, smoke: bool = False, executor=
             tracker.close_stale(t.trial_key for t in pending)
             runtime = TrialRuntime(sweep=spec.name, tracking_uri=tracking_uri,
                                    experiment_id=tracker.experiment_id, parent_run_id=parent,
-                                   workdir=str(Path(spec.workdir).resolve()), **init)
+                                   workdir=str(Path(spec.workdir).resolve()), share_work=share_work, **init)
             results = executor.run([TrialTask(trial=t, runtime=runtime) for t in pending], run_trial, progress)
             ran += len(results)
             failed += sum(r.status != "FINISHED" for r in results)

@@ -20,6 +20,9 @@ class TrialRuntime(Strict):
     init_checkpoint: Optional[str] = None  # HF folder of the selected SFT trial (preference stages)
     init_trial_key: Optional[str] = None
     sft_samples: Optional[str] = None      # JSON per-sample records of the selected SFT trial
+    # Reuse work across trials (reference log-probs, the SFT baseline's generations and scores). Off only to
+    # measure what sharing saves (`sweep run --no-shared-work`); results are the same either way.
+    share_work: bool = True
 
 
 class TrialTask(Strict):

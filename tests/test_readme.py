@@ -22,3 +22,14 @@ def test_readme_method_table_matches_the_registry():
     section = readme.split("## Methods", 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"^\| `(\w+)` \|", section, re.M))
     assert listed == {name for name, m in METHODS.items() if m.kind == "preference"}
+
+
+def test_readme_method_rows_name_every_hyperparameter():
+    """Hyperparameters are declared once (trainers/methods.py); the README's table must list each of them."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Methods", 1)[1].split("\n## ", 1)[0]
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(\w+)` \|.*$", section, re.M)}
+    for name, method in METHODS.items():
+        if method.kind == "preference":
+            missing = [f for f in method.params.model_fields if f"`{f}`" not in rows[name].split("|")[-2]]
+            assert not missing, f"README row of {name} does not name {missing}"

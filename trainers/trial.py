@@ -84,6 +84,9 @@ def _reference(task: TrialTask, raw_pairs, pairs, tokenizer, init: Path, device,
         ref_model = load_causal_lm(init, device, _trusts_remote_code(task))
         return reference_logps(ref_model, pairs, tokenizer.pad_token_id, task.trial.training.batch_size, device)
 
+    if not task.runtime.share_work:
+        logger.set_tags({tracking.TAG_REF_CACHE: "off"})
+        return compute()
     key = reference_cache_key(init, raw_pairs, task.trial.training.max_length)
     reference, hit = cached_reference_logps(Path(task.runtime.workdir) / "cache", key, len(pairs), compute)
     logger.set_tags({tracking.TAG_REF_CACHE: "hit" if hit else "miss"})
@@ -100,13 +103,20 @@ def _build_objective(task: TrialTask, method: Method, raw_pairs, pairs, tokenize
     return preference_objective(method.name, _method_hparams(task), reference)
 
 
-def _sft_baseline(task: TrialTask, method: Method, init: Path, device, remote: bool) -> Optional[SftBaseline]:
+def _sft_baseline(task: TrialTask, method: Method, init: Path, device, tokenizer, eval_pairs, reward,
+                  settings: EvalSettings) -> Optional[SftBaseline]:
+    """The SFT model (for KL) and its scores: read from the selected SFT trial's samples, or, with shared
+    work off, generated and scored again by this trial."""
     if method.kind != "preference":
         return None
-    if not task.runtime.sft_samples:
-        raise ValueError("a preference trial needs the selected SFT trial's samples (runtime.sft_samples)")
-    samples = json.loads(Path(task.runtime.sft_samples).read_text())
-    return SftBaseline(load_causal_lm(init, device, remote), scores={s["prompt_id"]: s["score"] for s in samples},
+    sft_model = load_causal_lm(init, device, _trusts_remote_code(task))
+    if task.runtime.share_work:
+        if not task.runtime.sft_samples:
+            raise ValueError("a preference trial needs the selected SFT trial's samples (runtime.sft_samples)")
+        samples = json.loads(Path(task.runtime.sft_samples).read_text())
+    else:
+        _, samples = evaluate(sft_model, tokenizer, eval_pairs, reward, settings, device)
+    return SftBaseline(sft_model, scores={s["prompt_id"]: s["score"] for s in samples},
                        chosen_scores={s["prompt_id"]: s["chosen_score"] for s in samples})
 
 
@@ -143,8 +153,9 @@ def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger,
         logger.set_tags({tracking.TAG_CHECKPOINT: str(checkpoint)})
     e = trial.evaluation
     settings = EvalSettings(e.temperature, e.top_p, e.max_new_tokens, e.num_prompts, e.seed, e.batch_size)
-    metrics, samples = evaluate(model, tokenizer, eval_data.pairs, load_reward_model(trial.reward),
-                                settings, device, _sft_baseline(task, method, init, device, remote))
+    reward = load_reward_model(trial.reward)
+    sft = _sft_baseline(task, method, init, device, tokenizer, eval_data.pairs, reward, settings)
+    metrics, samples = evaluate(model, tokenizer, eval_data.pairs, reward, settings, device, sft)
     samples_path = task.trial_dir / "samples.json"
     write_json_atomic(samples_path, samples)
     logger.log_samples(samples)

@@ -144,3 +144,18 @@ def test_stale_running_run_is_closed_as_killed(tmp_path):
     run_sweep(spec, uri, smoke=True, show_progress=False, echo=lambda _: None)
     statuses = sorted(r.status for r in tracker.trials("base"))
     assert statuses == ["FINISHED", "KILLED"]
+
+
+def test_shared_work_changes_nothing_but_time(sweep, tmp_path):
+    """With sharing off every preference trial recomputes its reference log-probs and SFT baseline; the
+    results must be the same as with the shared ones."""
+    spec, uri, _ = sweep
+    alone = parse_spec(SPEC.format(workdir=tmp_path / "work"))
+    alone_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_sweep(alone, alone_uri, smoke=True, show_progress=False, echo=lambda _: None, share_work=False)
+    shared = {r.trial_key: r for r in SweepTracker(uri, spec.name).trials()}
+    for record in SweepTracker(alone_uri, spec.name).trials():
+        if record.stage in ("dpo", "ln_dpo", "simpo"):
+            assert record.tags.get(TAG_REF_CACHE, "off") == "off"
+            for metric in ("mean_score", "win_vs_chosen", "win_vs_sft", "kl", "length"):
+                assert record.metrics[metric] == pytest.approx(shared[record.trial_key].metrics[metric], abs=1e-5)
