@@ -8,6 +8,7 @@ hyperparameter as a param, the evaluation metrics, per-step training curves, and
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -47,7 +48,9 @@ def _quiet_mlflow() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+@functools.lru_cache(maxsize=4)
 def _client(uri: str):
+    """One client per URI and process: building one costs ~0.25 s, and trials of a process share it."""
     from mlflow.tracking import MlflowClient
 
     _quiet_mlflow()

@@ -1,4 +1,5 @@
-"""Work shared across the trials of a sweep, cached on disk under the sweep's workdir.
+"""Work shared across the trials of a sweep: on disk under the sweep's workdir (reference log-probs, for
+every process and machine of the sweep) and in memory within one worker process (tokenized training pairs).
 
 Reference log-probs of the training pairs depend only on the reference checkpoint, the pairs and how they
 are tokenized — not on a trial's hyperparameters — so every reference-based trial that starts from the same
@@ -12,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
@@ -47,12 +49,14 @@ def reference_cache_key(checkpoint: Path, pairs: list[PreferencePair], max_lengt
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def write_file_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """`write(tmp_path)` then rename onto `path`: a reader sees the old file or the whole new one, never half."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(tensors, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -72,5 +76,34 @@ def cached_reference_logps(cache_dir: Path, key: str, n_pairs: int,
         except Exception:  # noqa: BLE001 - torch.load of a damaged file raises many types; recompute it
             pass
     chosen, rejected = compute()
-    save_tensors_atomic(path, {"chosen": chosen, "rejected": rejected})
+    write_file_atomically(path, lambda tmp: torch.save({"chosen": chosen, "rejected": rejected}, tmp))
     return (chosen, rejected), False
+
+
+# ---- in-process: tokenized training pairs ----------------------------------------------------------------
+_ENCODED: "OrderedDict[tuple, list]" = OrderedDict()
+_ENCODED_MAX = 4  # a worker rarely alternates between more tokenizer/data/length combinations than this
+
+
+def tokenizer_fingerprint(folder: Path) -> str:
+    """sha256 of a model folder's tokenizer files (what tokenization depends on), not its weights."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and (path.name.startswith(("tokenizer", "special_tokens", "chat_template"))
+                               or path.name in ("vocab.json", "merges.txt")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def shared_encoded_pairs(folder: Path, raw_pairs: list[PreferencePair], max_length: int,
+                         encode: Callable[[], list]) -> list:
+    """`encode()`'s result, reused by later trials of this process with the same tokenizer files, pairs and
+    max_length (every trial of a stage, and the SFT and preference stages alike: they share a tokenizer)."""
+    key = (tokenizer_fingerprint(folder), pairs_fingerprint(raw_pairs), max_length)
+    if key in _ENCODED:
+        _ENCODED.move_to_end(key)
+        return _ENCODED[key]
+    _ENCODED[key] = encode()
+    if len(_ENCODED) > _ENCODED_MAX:
+        _ENCODED.popitem(last=False)
+    return _ENCODED[key]

@@ -11,6 +11,7 @@ the last n_eval usable rows of the source itself; "train" is then every other ro
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 from dataclasses import dataclass
@@ -204,19 +205,31 @@ def _file_split(spec, split: str) -> LoadedPairs:
     return LoadedPairs(train[:spec.n_train] if spec.n_train else train, loaded.skipped)
 
 
+@functools.lru_cache(maxsize=8)
+def _synthetic_pairs(split: str, n: int, seed: int, label_noise: float) -> tuple[PreferencePair, ...]:
+    """Pure and deterministic, so trials of one process share one copy (generating is not free: ~0.15 s)."""
+    return tuple(synthetic.generate_split(split, n, seed, label_noise))
+
+
+def _synthetic_split(spec, split: str, shared: bool) -> LoadedPairs:
+    args = (split, spec.n_train if split == "train" else spec.n_eval, spec.seed, spec.label_noise)
+    return LoadedPairs(list(_synthetic_pairs(*args) if shared else synthetic.generate_split(*args)), 0)
+
+
 DATA_SOURCES: dict[str, Callable[..., LoadedPairs]] = {
-    "synthetic": lambda spec, split: LoadedPairs(synthetic.generate_split(
-        split, spec.n_train if split == "train" else spec.n_eval, spec.seed, spec.label_noise), 0),
-    **{kind: _file_split for kind in ROW_ADAPTERS},
+    "synthetic": _synthetic_split,
+    # files are read again by every trial: a file may change between trials, and reading is cheap
+    **{kind: (lambda spec, split, shared: _file_split(spec, split)) for kind in ROW_ADAPTERS},
 }
 
 
-def load_split(data_spec, split: str) -> LoadedPairs:
+def load_split(data_spec, split: str, shared: bool = False) -> LoadedPairs:
+    """The split's pairs; shared=True may reuse what this process already built for the same spec."""
     if split not in ("train", "eval"):
         raise ValueError(f"unknown split {split!r}; known: train, eval")
     if data_spec.kind not in DATA_SOURCES:
         raise KeyError(unknown_name_message("data kind", data_spec.kind, list(DATA_SOURCES)))
-    return DATA_SOURCES[data_spec.kind](data_spec, split)
+    return DATA_SOURCES[data_spec.kind](data_spec, split, shared)
 
 
 def load_pairs(data_spec, split: str) -> list[PreferencePair]:

@@ -7,8 +7,6 @@ marks that trial FAILED in MLflow with its reason and returns; it never stops th
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -20,13 +18,14 @@ from transformers.utils import logging as hf_logging
 from orchestrator import tracking
 from orchestrator.spec import TrainHParams
 from orchestrator.task import TrialResult, TrialTask
-from trainers.cache import cached_reference_logps, reference_cache_key
+from trainers.cache import (cached_reference_logps, reference_cache_key, shared_encoded_pairs,
+                            write_file_atomically)
 from trainers.data import encode_pairs
-from trainers.sources import load_split
 from trainers.evaluate import EvalSettings, SftBaseline, evaluate
 from trainers.methods import METHODS, Method
 from trainers.models import ensure_base_model, load_causal_lm, load_tokenizer, save_model
 from trainers.reward import load_reward_model
+from trainers.sources import load_split
 from trainers.train import (LoopSettings, epsilon_dpo_objective, make_accelerator, preference_objective,
                             reference_logps, sft_objective, train)
 
@@ -37,14 +36,6 @@ CHECKPOINTED_KINDS = {"sft"}
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
-
-
-def write_json_atomic(path: Path, payload) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f)
-    os.replace(tmp, path)
 
 
 def trial_params(task: TrialTask) -> dict[str, object]:
@@ -131,12 +122,14 @@ def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger,
     remote = _trusts_remote_code(task)
     tokenizer = load_tokenizer(init, remote)
     model = load_causal_lm(init, device, remote)
-    eval_data = load_split(trial.data, "eval")
+    shared = task.runtime.share_work
+    eval_data = load_split(trial.data, "eval", shared)
     steps, skipped = 0, eval_data.skipped
     if method.kind != "untrained":
-        train_data = load_split(trial.data, "train")
+        train_data = load_split(trial.data, "train", shared)
         raw_pairs, skipped = train_data.pairs, skipped + train_data.skipped
-        pairs = encode_pairs(tokenizer, raw_pairs, trial.training.max_length)
+        encode = lambda: encode_pairs(tokenizer, raw_pairs, trial.training.max_length)  # noqa: E731
+        pairs = shared_encoded_pairs(init, raw_pairs, trial.training.max_length, encode) if shared else encode()
         objective = _build_objective(task, method, raw_pairs, pairs, tokenizer, init, device, logger)
 
         def on_log(step: int, total: int, stats: dict[str, float]) -> None:
@@ -157,7 +150,7 @@ def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger,
     sft = _sft_baseline(task, method, init, device, tokenizer, eval_data.pairs, reward, settings)
     metrics, samples = evaluate(model, tokenizer, eval_data.pairs, reward, settings, device, sft)
     samples_path = task.trial_dir / "samples.json"
-    write_json_atomic(samples_path, samples)
+    write_file_atomically(samples_path, lambda tmp: Path(tmp).write_text(json.dumps(samples)))
     logger.log_samples(samples)
     logger.set_tags({tracking.TAG_SAMPLES: str(samples_path)})
     return {**metrics, "train_steps": float(steps), "data_skipped_rows": float(skipped)}

@@ -77,3 +77,23 @@ def test_training_from_cache_follows_the_same_loss_curve(tmp_path, checkpoint):
     cached, hit_again = cached_reference_logps(tmp_path / "cache", "key", len(pairs), compute)
     assert (hit, hit_again) == (False, True)
     torch.testing.assert_close(curve(cached), curve(compute()), rtol=0, atol=1e-5)
+
+
+def test_encoded_pairs_are_shared_within_a_process_by_tokenizer_data_and_length(tmp_path, checkpoint):
+    from trainers.cache import shared_encoded_pairs
+
+    tokenizer = build_task_tokenizer()
+    raw = generate_split("train", 16, seed=0)
+    calls = []
+
+    def encode(max_length):
+        calls.append(max_length)
+        return encode_pairs(tokenizer, raw, max_length)
+
+    first = shared_encoded_pairs(checkpoint, raw, 40, lambda: encode(40))
+    assert shared_encoded_pairs(checkpoint, raw, 40, lambda: encode(40)) is first
+    shared_encoded_pairs(checkpoint, raw, 32, lambda: encode(32))
+    shared_encoded_pairs(checkpoint, raw[:-1], 40, lambda: encode(40))
+    (checkpoint / "tokenizer_config.json").write_text((checkpoint / "tokenizer_config.json").read_text() + " ")
+    shared_encoded_pairs(checkpoint, raw, 40, lambda: encode(40))  # tokenizer files changed: a miss
+    assert calls == [40, 32, 40, 40]
