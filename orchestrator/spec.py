@@ -6,7 +6,6 @@ path and what is allowed. Nothing is imported from torch here, so validation is 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
@@ -460,11 +459,3 @@ def load_spec(path: str | Path) -> SweepSpec:
     except OSError as exc:
         raise SpecError(str(path), "", f"cannot read spec: {exc.strerror}") from None
     return parse_spec(text, str(path))
-
-
-def spec_to_yaml(spec: SweepSpec) -> str:
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-
-
-def safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)

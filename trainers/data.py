@@ -50,15 +50,15 @@ def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int) -> lis
 
 
 def collate_sequences(seqs: list[EncodedSequence], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask and response_mask, each (B, T)."""
+    """Right-padded batch: input_ids, attention_mask and response_mask, each (B, T). Built from one padded
+    list and two comparisons (a per-row tensor loop was the loop's main Python cost)."""
     width = max(len(s.ids) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    response_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for row, s in enumerate(seqs):
-        input_ids[row, :len(s.ids)] = torch.tensor(s.ids)
-        attention_mask[row, :len(s.ids)] = 1
-        response_mask[row, s.prompt_len:len(s.ids)] = True
+    input_ids = torch.tensor([s.ids + [pad_id] * (width - len(s.ids)) for s in seqs], dtype=torch.long)
+    lengths = torch.tensor([len(s.ids) for s in seqs]).unsqueeze(1)       # (B, 1)
+    prompt_lens = torch.tensor([s.prompt_len for s in seqs]).unsqueeze(1)  # (B, 1)
+    positions = torch.arange(width).unsqueeze(0)                           # (1, T)
+    attention_mask = (positions < lengths).long()
+    response_mask = (positions >= prompt_lens) & (positions < lengths)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 

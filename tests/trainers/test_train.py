@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trainers.methods import METHODS
-from trainers.data import collate_sequences, encode_pairs, encode_sequence, sequence_logps
+from trainers.data import EncodedSequence, collate_sequences, encode_pairs, encode_sequence, sequence_logps
 from trainers.models import build_task_tokenizer, build_tiny_model
 from trainers.synthetic import generate_split
 from trainers.train import (LoopSettings, NonFiniteLoss, make_accelerator, preference_objective,
@@ -129,3 +129,11 @@ def test_epsilon_dpo_trains_and_updates_beta_by_the_mean_step(setup):
         mean_step = prev["epsilon_steps_plus"] - prev["epsilon_steps_minus"]
         assert nxt["beta"] == pytest.approx(prev["beta"] / (1 + 0.2 * mean_step))
     assert any(h["epsilon_steps_plus"] > 0 or h["epsilon_steps_minus"] > 0 for h in history)
+
+
+def test_collate_masks_by_hand():
+    seqs = [EncodedSequence([1, 5, 6, 2], prompt_len=2), EncodedSequence([1, 7, 2], prompt_len=1)]
+    batch = collate_sequences(seqs, pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 2], [1, 7, 2, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert batch["response_mask"].tolist() == [[False, False, True, True], [False, True, True, False]]
