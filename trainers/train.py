@@ -127,8 +127,9 @@ def reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: in
                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected summed log-probs, each (N,), in pair-index order."""
     model.eval()
-    chosen = torch.empty(len(pairs))
-    rejected = torch.empty(len(pairs))
+    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    chosen = torch.empty(len(pairs), dtype=dtype)
+    rejected = torch.empty(len(pairs), dtype=dtype)
     for start in range(0, len(pairs), batch_size):
         batch = collate_pairs(pairs[start:start + batch_size], pad_id)
         half = batch["index"].shape[0]
