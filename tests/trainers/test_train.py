@@ -137,3 +137,11 @@ def test_collate_masks_by_hand():
     assert batch["input_ids"].tolist() == [[1, 5, 6, 2], [1, 7, 2, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     assert batch["response_mask"].tolist() == [[False, False, True, True], [False, True, True, False]]
+
+
+def test_reference_logps_keep_float64(setup):
+    """Bug guard: reference log-probs of a float64 model were stored in a float32 buffer."""
+    tokenizer, pairs = setup
+    model = build_tiny_model(TINY, tokenizer).double()
+    chosen, rejected = reference_logps(model, pairs[:4], tokenizer.pad_token_id, 2, torch.device("cpu"))
+    assert chosen.dtype == rejected.dtype == torch.float64
