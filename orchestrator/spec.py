@@ -39,9 +39,13 @@ class TinyModelSpec(Strict):
         return self
 
 
-def _existing_path(value: Optional[str]) -> Optional[str]:
-    if value is not None and not Path(value).expanduser().exists():
-        raise ValueError(f"no such file or folder: {value} (resolved to {Path(value).expanduser().resolve()})")
+def _existing_path(value: Optional[str], folder: bool) -> Optional[str]:
+    """A spec path must exist when the spec loads (field-level, so the error names e.g. `reward.path`)."""
+    if value is None:
+        return value
+    path = Path(value).expanduser()
+    if not (path.is_dir() if folder else path.is_file()):
+        raise ValueError(f"no such {'folder' if folder else 'file'}: {value} (resolved to {path.resolve()})")
     return value
 
 
@@ -55,11 +59,12 @@ class HFModelSpec(Strict):
     gguf_file: Optional[str] = None
     trust_remote_code: bool = False
 
+    _path_exists = field_validator("path")(lambda cls, v: _existing_path(v, folder=True))
+
     @model_validator(mode="after")
     def _one_source(self):
         if (self.path is None) == (self.hub_id is None):
             raise ValueError("give exactly one of path (a local folder) or hub_id")
-        _existing_path(self.path)
         if self.path and self.gguf_file and not (Path(self.path).expanduser() / self.gguf_file).is_file():
             raise ValueError(f"no GGUF file {self.gguf_file!r} in {self.path}")
         return self
@@ -88,11 +93,12 @@ class FileDataSpec(Strict):
     on_malformed: Literal["error", "skip"] = "error"
     eval: Optional["EvalDataSpec"] = Field(None, description="a separate source for the evaluation pairs")
 
+    _path_exists = field_validator("path")(lambda cls, v: _existing_path(v, folder=False))
+
     @model_validator(mode="after")
     def _one_source(self):
         if (self.path is None) == (self.hub_id is None):
             raise ValueError("give exactly one of path (a local file) or hub_id")
-        _existing_path(self.path)
         if self.eval is not None and self.eval.eval is not None:
             raise ValueError("an eval source cannot have an eval source of its own")
         return self
@@ -170,12 +176,12 @@ class HFRewardSpec(Strict):
     trust_remote_code: bool = False
     batch_size: int = Field(16, gt=0)
 
+    _path_exists = field_validator("path")(lambda cls, v: _existing_path(v, folder=True))
+
     @model_validator(mode="after")
     def _one_source(self):
         if (self.path is None) == (self.hub_id is None):
             raise ValueError("give exactly one of path (a local folder) or hub_id")
-        if self.path is not None and not Path(self.path).expanduser().is_dir():
-            raise ValueError(f"no such folder: {self.path} (resolved to {Path(self.path).expanduser().resolve()})")
         return self
 
 

@@ -80,6 +80,13 @@ def test_missing_reward_folder():
     assert err.path == "reward.path" and "no such folder" in err.message
 
 
+def test_missing_model_and_data_paths_name_their_field():
+    err = error_of(GOOD + "model: {kind: hf, path: /no/such/model}\n")
+    assert err.path == "model.path" and "no such folder" in err.message
+    err = error_of(GOOD + "data: {kind: hh_rlhf, path: /no/such.jsonl}\n")
+    assert err.path == "data.path" and "no such file" in err.message
+
+
 def test_wrong_executor_kind():
     err = error_of(GOOD + "executor: {kind: rey}\n")
     assert err.path.startswith("executor") and "'local'" in err.message
