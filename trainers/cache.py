@@ -25,15 +25,25 @@ CACHE_VERSION = "ref-logps-v1"
 _CHUNK = 1 << 20
 
 
+_FINGERPRINTS: dict[tuple, str] = {}  # (folder, files' names, sizes, mtimes) -> content hash, per process
+
+
 def folder_fingerprint(folder: Path) -> str:
-    """sha256 over every file of a model folder (weights, config, tokenizer), by relative path and bytes."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-    return digest.hexdigest()
+    """sha256 over every file of a model folder (weights, config, tokenizer), by relative path and bytes.
+    Remembered per process under the files' sizes and mtimes: hashing a real checkpoint reads every byte
+    (~1 s for 0.5 GB), and every preference trial of a sweep asks for the same SFT checkpoint."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    stamp = (str(Path(folder).resolve()),
+             tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if stamp not in _FINGERPRINTS:
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(str(path.relative_to(folder)).encode() + b"\0")
+            with open(path, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    digest.update(chunk)
+        _FINGERPRINTS[stamp] = digest.hexdigest()
+    return _FINGERPRINTS[stamp]
 
 
 def pairs_fingerprint(pairs: list[PreferencePair]) -> str:

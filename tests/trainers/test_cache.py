@@ -97,3 +97,13 @@ def test_encoded_pairs_are_shared_within_a_process_by_tokenizer_data_and_length(
     (checkpoint / "tokenizer_config.json").write_text((checkpoint / "tokenizer_config.json").read_text() + " ")
     shared_encoded_pairs(checkpoint, raw, 40, lambda: encode(40))  # tokenizer files changed: a miss
     assert calls == [40, 32, 40, 40]
+
+
+def test_checkpoint_fingerprint_follows_content_changes(checkpoint):
+    from trainers.cache import folder_fingerprint
+
+    before = folder_fingerprint(checkpoint)
+    assert folder_fingerprint(checkpoint) == before
+    config = checkpoint / "config.json"
+    config.write_text(config.read_text() + "\n")
+    assert folder_fingerprint(checkpoint) != before
