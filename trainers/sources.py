@@ -189,11 +189,11 @@ def _read_all(spec) -> LoadedPairs:
 
 
 def _file_split(spec, split: str) -> LoadedPairs:
+    if spec.eval is not None and split == "eval":  # the training source is not read at all
+        other = _read_all(spec.eval)
+        return LoadedPairs(other.pairs[:spec.n_eval], other.skipped)
     loaded = _read_all(spec)
     if spec.eval is not None:
-        if split == "eval":
-            other = _read_all(spec.eval)
-            return LoadedPairs(other.pairs[:spec.n_eval], other.skipped)
         train = loaded.pairs
     else:
         if len(loaded.pairs) <= spec.n_eval:

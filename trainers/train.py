@@ -122,6 +122,13 @@ def epsilon_dpo_objective(hparams: dict[str, float], ref_model) -> Objective:
     return objective
 
 
+# Methods that need the reference model's token logits at every step (Method.needs_reference_logits):
+# name -> builder(hparams, ref_model) -> Objective.
+TOKEN_LOGIT_OBJECTIVES: dict[str, Callable[[dict[str, float], torch.nn.Module], Objective]] = {
+    "epsilon_dpo": epsilon_dpo_objective,
+}
+
+
 @torch.no_grad()
 def reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int,
                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from trainers.methods import METHODS, Method
 from trainers.models import ensure_base_model, load_causal_lm, load_tokenizer, save_model
 from trainers.reward import load_reward_model
 from trainers.sources import load_split
-from trainers.train import (LoopSettings, epsilon_dpo_objective, make_accelerator, preference_objective,
+from trainers.train import (TOKEN_LOGIT_OBJECTIVES, LoopSettings, make_accelerator, preference_objective,
                             reference_logps, sft_objective, train)
 
 Report = Callable[[int, int], None]  # (step, total_steps)
@@ -55,6 +55,11 @@ def _trusts_remote_code(task: TrialTask) -> bool:
     return getattr(task.trial.model, "trust_remote_code", False)
 
 
+def _load_starting_checkpoint(task: TrialTask, init: Path, device) -> torch.nn.Module:
+    """A frozen copy of the checkpoint the trial starts from: the reference, and the SFT model for KL."""
+    return load_causal_lm(init, device, _trusts_remote_code(task)).eval()
+
+
 def _loop_settings(task: TrialTask) -> LoopSettings:
     t = task.trial.training
     return LoopSettings(learning_rate=float(task.trial.hparams["learning_rate"]),
@@ -72,7 +77,7 @@ def _reference(task: TrialTask, raw_pairs, pairs, tokenizer, init: Path, device,
     """Reference log-probs of the training pairs under the starting checkpoint: read from the sweep's cache,
     or computed (the reference model is loaded only then, and freed before training starts)."""
     def compute():
-        ref_model = load_causal_lm(init, device, _trusts_remote_code(task))
+        ref_model = _load_starting_checkpoint(task, init, device)
         return reference_logps(ref_model, pairs, tokenizer.pad_token_id, task.trial.training.batch_size, device)
 
     if not task.runtime.share_work:
@@ -85,22 +90,25 @@ def _reference(task: TrialTask, raw_pairs, pairs, tokenizer, init: Path, device,
 
 
 def _build_objective(task: TrialTask, method: Method, raw_pairs, pairs, tokenizer, init: Path, device, logger):
+    """(objective, the frozen reference model if training keeps one in memory, else None)."""
     if method.kind == "sft":
-        return sft_objective
+        return sft_objective, None
     if method.needs_reference_logits:  # explicit: this method cannot use the reference-log-prob cache
         logger.set_tags({tracking.TAG_REF_CACHE: "not used: the method needs the reference's token logits"})
-        return epsilon_dpo_objective(_method_hparams(task), load_causal_lm(init, device, _trusts_remote_code(task)))
+        ref_model = _load_starting_checkpoint(task, init, device)
+        return TOKEN_LOGIT_OBJECTIVES[method.name](_method_hparams(task), ref_model), ref_model
     reference = _reference(task, raw_pairs, pairs, tokenizer, init, device, logger) if method.needs_reference else None
-    return preference_objective(method.name, _method_hparams(task), reference)
+    return preference_objective(method.name, _method_hparams(task), reference), None
 
 
 def _sft_baseline(task: TrialTask, method: Method, init: Path, device, tokenizer, eval_pairs, reward,
-                  settings: EvalSettings) -> Optional[SftBaseline]:
-    """The SFT model (for KL) and its scores: read from the selected SFT trial's samples, or, with shared
-    work off, generated and scored again by this trial."""
+                  settings: EvalSettings, sft_model=None) -> Optional[SftBaseline]:
+    """The SFT model (for KL; reused when training already holds it) and its scores: read from the selected
+    SFT trial's samples, or, with shared work off, generated and scored again by this trial."""
     if method.kind != "preference":
         return None
-    sft_model = load_causal_lm(init, device, _trusts_remote_code(task))
+    if sft_model is None:
+        sft_model = _load_starting_checkpoint(task, init, device)
     if task.runtime.share_work:
         if not task.runtime.sft_samples:
             raise ValueError("a preference trial needs the selected SFT trial's samples (runtime.sft_samples)")
@@ -124,13 +132,14 @@ def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger,
     model = load_causal_lm(init, device, remote)
     shared = task.runtime.share_work
     eval_data = load_split(trial.data, "eval", shared)
-    steps, skipped = 0, eval_data.skipped
+    steps, skipped, frozen_reference = 0, eval_data.skipped, None
     if method.kind != "untrained":
         train_data = load_split(trial.data, "train", shared)
         raw_pairs, skipped = train_data.pairs, skipped + train_data.skipped
         encode = lambda: encode_pairs(tokenizer, raw_pairs, trial.training.max_length)  # noqa: E731
         pairs = shared_encoded_pairs(init, raw_pairs, trial.training.max_length, encode) if shared else encode()
-        objective = _build_objective(task, method, raw_pairs, pairs, tokenizer, init, device, logger)
+        objective, frozen_reference = _build_objective(task, method, raw_pairs, pairs, tokenizer, init, device,
+                                                       logger)
 
         def on_log(step: int, total: int, stats: dict[str, float]) -> None:
             logger.log_metrics({f"train/{k}": v for k, v in stats.items()}, step)
@@ -147,7 +156,7 @@ def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger,
     e = trial.evaluation
     settings = EvalSettings(e.temperature, e.top_p, e.max_new_tokens, e.num_prompts, e.seed, e.batch_size)
     reward = load_reward_model(trial.reward)
-    sft = _sft_baseline(task, method, init, device, tokenizer, eval_data.pairs, reward, settings)
+    sft = _sft_baseline(task, method, init, device, tokenizer, eval_data.pairs, reward, settings, frozen_reference)
     metrics, samples = evaluate(model, tokenizer, eval_data.pairs, reward, settings, device, sft)
     samples_path = task.trial_dir / "samples.json"
     write_file_atomically(samples_path, lambda tmp: Path(tmp).write_text(json.dumps(samples)))

@@ -94,3 +94,13 @@ def test_too_few_rows_for_the_held_out_split(tmp_path):
     path = write_jsonl(tmp_path / "hh.jsonl", [hh_row(0), hh_row(1)])
     with pytest.raises(DataError, match="not enough for n_eval=2"):
         load_pairs(data_spec(f"data: {{kind: hh_rlhf, path: {path}, n_eval: 2}}"), "train")
+
+
+def test_eval_split_from_its_own_source_never_reads_the_training_file(tmp_path):
+    """Work in the wrong place: loading the eval split used to read (and parse) the whole training source."""
+    train = write_jsonl(tmp_path / "train.jsonl", [hh_row(0), "{broken"])
+    held_out = write_jsonl(tmp_path / "eval.jsonl", [hh_row(i) for i in range(2)])
+    spec = data_spec(f"data: {{kind: hh_rlhf, path: {train}, n_eval: 2, eval: {{kind: hh_rlhf, path: {held_out}}}}}")
+    assert len(load_pairs(spec, "eval")) == 2
+    with pytest.raises(DataError, match="train.jsonl:2"):
+        load_pairs(spec, "train")
