@@ -1,4 +1,4 @@
 """Executors behind one protocol (cluster.base). Importing this package registers the built-in ones."""
 
-from cluster import local  # noqa: F401  (registers "local")
+from cluster import local, ray_tune  # noqa: F401  (registers "local", "ray")
 from cluster.base import EXECUTORS, Executor, make_executor  # noqa: F401

@@ -1,7 +1,8 @@
 """The executor protocol shared by every backend (local now; Ray and SLURM behind the same interface).
 
-An executor takes the pending TrialTasks of one stage and the trial function, runs each task once, and
-returns one TrialResult per task. It reports progress through the driver's Progress object.
+An executor takes a batch of pending TrialTasks and the trial function, runs each task once, and returns one
+TrialResult per task, in order. A task whose worker died beyond the executor's retries comes back FAILED
+(trainers.trial.record_lost_trial), never missing. It reports progress through the driver's Progress object.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ class Progress(Protocol):
 
 
 class Executor(Protocol):
+    parallel: bool   # trials run in other processes (the tracking store then needs a server)
+    slots: int       # trials it runs at once (a search asks for this many points per batch)
+
     def run(self, tasks: list[TrialTask], trial_fn: TrialFn, progress: Optional[Progress] = None
             ) -> list[TrialResult]: ...
 

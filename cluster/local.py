@@ -10,6 +10,9 @@ from orchestrator.task import TrialResult, TrialTask
 
 @register_executor("local")
 class LocalExecutor:
+    parallel = False  # trials run in the driver: one process writes the tracking store
+    slots = 1
+
     def __init__(self, spec=None):
         self.spec = spec
 

@@ -43,7 +43,11 @@ def _load(args) -> SweepSpec:
         if args.executor not in EXECUTORS:
             from trainers.methods import unknown_name_message
             raise SpecError("--executor", "", unknown_name_message("executor", args.executor, list(EXECUTORS)))
-        spec = spec.model_copy(update={"executor": type(spec.executor)(kind=args.executor)})
+        if args.executor != spec.executor.kind:  # the other kind's defaults; the spec's section is for its kind
+            from pydantic import TypeAdapter
+            from orchestrator.spec import ExecutorSpec
+            executor = TypeAdapter(ExecutorSpec).validate_python({"kind": args.executor})
+            spec = spec.model_copy(update={"executor": executor})
     return spec
 
 
@@ -119,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a sweep (resumes: finished trials are skipped)")
     common(run)
-    run.add_argument("--executor", help="override the spec's executor kind (e.g. local)")
+    run.add_argument("--executor", help="override the spec's executor kind: local, ray or slurm (with that "
+                                        "kind's defaults when the spec configures another kind)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-shared-work", action="store_true",
                      help="every trial computes its own reference log-probs and SFT baseline (to measure sharing)")

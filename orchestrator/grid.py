@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
-from orchestrator.spec import (DataSpec, EvaluationSpec, GridSpec, ModelSpec, RewardSpec, Scalar, Strict,
-                               SweepSpec, TrainHParams, TrainingSpec, coerce_hparam)
+from orchestrator.spec import (DataSpec, EvaluationSpec, GridSpec, ModelSpec, OptunaSearchSpec, RewardSpec, Scalar,
+                               SearchRange, Strict, SweepSpec, TrainHParams, TrainingSpec, coerce_hparam)
 from trainers.methods import METHODS
 
 KEY_VERSION = "posweep-trial-v1"  # bump when the meaning of a config field changes
@@ -60,13 +60,40 @@ class TrialSpec(Strict):
 
 
 @dataclass(frozen=True)
+class StageSearch:
+    """A stage whose trials are proposed while it runs (search.kind optuna) instead of listed up front."""
+    template: TrialSpec                 # the stage's trial with only the fixed hyperparameters set
+    fixed: dict[str, Scalar]            # one-value grid keys
+    space: dict[str, SearchRange]
+    settings: OptunaSearchSpec
+    n_trials: int
+
+    def trial(self, point: dict[str, Scalar]) -> TrialSpec:
+        hparams = resolve_hparams(self.template.method, {**self.fixed, **point})
+        return self.template.model_copy(update={"hparams": hparams})
+
+    def identity(self) -> str:
+        space = {k: v.model_dump(mode="json") for k, v in self.space.items()}
+        return json.dumps({"template": self.template.canonical_json(), "fixed": self.fixed, "space": space,
+                           "search": self.settings.model_dump(mode="json"), "n": self.n_trials}, sort_keys=True)
+
+
+@dataclass(frozen=True)
 class StagePlan:
     stage: str
-    trials: list[TrialSpec]
+    trials: list[TrialSpec]             # empty for a searched stage
+    search: Optional[StageSearch] = None
 
     @property
     def stage_key(self) -> str:
-        return hashlib.sha256("".join(sorted(t.trial_key for t in self.trials)).encode()).hexdigest()
+        """A grid stage is its set of trial keys; a searched stage is its template, space and settings."""
+        text = self.search.identity() if self.search else "".join(sorted(t.trial_key for t in self.trials))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def size(self) -> int:
+        """Trials the stage will run in all (planned, or the search budget)."""
+        return self.search.n_trials if self.search else len(self.trials)
 
 
 def expand_grid(grid: GridSpec) -> list[dict[str, Scalar]]:
@@ -108,13 +135,23 @@ def _trial(spec: SweepSpec, stage: str, method: str, point: dict, init=None) -> 
                      evaluation=spec.evaluation, init=init)
 
 
+def _stage(spec: SweepSpec, stage: str, method: str, grid: GridSpec, smoke: bool, init=None) -> StagePlan:
+    if not grid.space:
+        return StagePlan(stage, [_trial(spec, stage, method, p, init) for p in _thin(expand_grid(grid), smoke)])
+    assert isinstance(spec.search, OptunaSearchSpec)  # the spec validator guarantees it
+    template = TrialSpec(stage=stage, method=method, hparams={}, model=spec.model, data=spec.data,
+                         reward=spec.reward, training=spec.training, evaluation=spec.evaluation, init=init)
+    fixed = {k: v[0] for k, v in grid.grid.items()}
+    n_trials = min(spec.search.n_trials, 2) if smoke else spec.search.n_trials
+    return StagePlan(stage, [], StageSearch(template, fixed, dict(grid.space), spec.search, n_trials))
+
+
 def plan_sweep(spec: SweepSpec, smoke: bool = False) -> list[StagePlan]:
     """Stages in run order: base (the untrained model), sft, then one stage per preference method."""
     if smoke:
         spec = smoke_spec(spec)
     base = StagePlan("base", [_trial(spec, "base", "untrained", {})])
-    sft = StagePlan("sft", [_trial(spec, "sft", "sft", p) for p in _thin(expand_grid(spec.stages.sft), smoke)])
+    sft = _stage(spec, "sft", "sft", spec.stages.sft, smoke)
     init = InitFromStage(from_stage="sft", stage_key=sft.stage_key, select_by=SELECT_SFT_BY)
-    methods = [StagePlan(name, [_trial(spec, name, name, p, init) for p in _thin(expand_grid(grid), smoke)])
-               for name, grid in spec.stages.methods.items()]
+    methods = [_stage(spec, name, name, grid, smoke, init) for name, grid in spec.stages.methods.items()]
     return [base, sft, *methods]

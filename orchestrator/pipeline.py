@@ -16,9 +16,11 @@ import pandas as pd
 from analysis.summary import best_per_stage, trials_frame
 from orchestrator.grid import SELECT_SFT_BY, StagePlan, plan_sweep
 from orchestrator.progress import TrialProgress
+from orchestrator.search import run_search
 from orchestrator.spec import SweepSpec
-from orchestrator.task import TrialTask, TrialRuntime
-from orchestrator.tracking import TAG_CHECKPOINT, TAG_SAMPLES, SweepTracker, TrialRecord
+from orchestrator.task import TrialResult, TrialTask, TrialRuntime
+from orchestrator.tracking import (TAG_CHECKPOINT, TAG_SAMPLES, TAG_STAGE_KEY, SweepTracker, TrialRecord,
+                                   store_for_workers)
 
 
 class SweepError(RuntimeError):
@@ -41,13 +43,45 @@ class SweepOutcome:
 
 
 def _stage_description(stage: StagePlan, sweep: str) -> str:
-    return (f"Sweep **{sweep}**, stage **{stage.stage}**: {len(stage.trials)} trials (child runs). "
+    what = (f"an Optuna search ({stage.search.settings.sampler}) of {stage.size} trials" if stage.search
+            else f"{stage.size} trials")
+    return (f"Sweep **{sweep}**, stage **{stage.stage}**: {what} (child runs). "
             "Compare them on mean_score, win_vs_chosen, win_vs_sft, kl and length.")
 
 
-def select_init(tracker: SweepTracker, stage: StagePlan) -> dict[str, str]:
+def stage_records(records: list[TrialRecord], stage: StagePlan) -> list[TrialRecord]:
+    """The runs that belong to a stage: a grid stage's planned keys, a searched stage's stage_key tag."""
+    if stage.search:
+        return [r for r in records if r.stage == stage.stage and r.tags.get(TAG_STAGE_KEY) == stage.stage_key]
+    keys = {t.trial_key for t in stage.trials}
+    return [r for r in records if r.trial_key in keys]
+
+
+def latest_per_key(records: list[TrialRecord]) -> list[TrialRecord]:
+    """One record per key: its FINISHED run if any, else its most recent run (records come newest first)."""
+    by_key: dict[str, TrialRecord] = {}
+    for record in records:
+        kept = by_key.get(record.trial_key)
+        if kept is None or (kept.status != "FINISHED" and record.status == "FINISHED"):
+            by_key[record.trial_key] = record
+    return list(by_key.values())
+
+
+def completed(records: list[TrialRecord]) -> list[TrialRecord]:
+    """Trials that ran to an outcome (FINISHED or FAILED); KILLED and RUNNING ones will run again."""
+    return [r for r in latest_per_key(records) if r.status in ("FINISHED", "FAILED")]
+
+
+def done_count(records: list[TrialRecord], stage: StagePlan) -> int:
+    """Trials a rerun skips: a grid stage's FINISHED keys; a search's completed runs (its budget counts
+    FAILED ones too, as Optuna was told of them)."""
+    done = completed(stage_records(records, stage))
+    return len(done) if stage.search else sum(r.status == "FINISHED" for r in done)
+
+
+def select_init(records: list[TrialRecord], stage: StagePlan) -> dict[str, str]:
     """Runtime fields that point preference trials at the best finished trial of `stage`."""
-    finished = list(tracker.finished(t.trial_key for t in stage.trials).values())
+    finished = [r for r in latest_per_key(stage_records(records, stage)) if r.status == "FINISHED"]
     if not finished:
         raise SweepError(f"no trial of stage {stage.stage!r} finished, so there is no checkpoint to start the "
                          "preference stages from; see the FAILED runs' posweep.failure tag")
@@ -60,52 +94,91 @@ def select_init(tracker: SweepTracker, stage: StagePlan) -> dict[str, str]:
     return {"init_checkpoint": checkpoint, "init_trial_key": best.trial_key, "sft_samples": samples}
 
 
-def _latest_records(tracker: SweepTracker, keys: set[str]) -> list[TrialRecord]:
-    """One record per key: its FINISHED run if any, else its most recent run."""
-    by_key: dict[str, TrialRecord] = {}
-    for record in tracker.trials():  # newest first (MLflow's default order)
-        if record.trial_key not in keys:
-            continue
-        kept = by_key.get(record.trial_key)
-        if kept is None or (kept.status != "FINISHED" and record.status == "FINISHED"):
-            by_key[record.trial_key] = record
-    return list(by_key.values())
+# Stages that can run side by side: the untrained baseline with the SFT grid, then every preference method
+# together (they all start from the picked SFT checkpoint), so an executor's slots are not idle at a
+# stage boundary.
+def phases(stages: list[StagePlan]) -> list[list[StagePlan]]:
+    first = [s for s in stages if s.stage in ("base", "sft")]
+    return [first, [s for s in stages if s not in first]]
+
+
+class _StageRunner:
+    """Runs the phases of one sweep through one executor, against one tracking URI."""
+
+    def __init__(self, spec: SweepSpec, tracker: SweepTracker, executor, tracking_uri: str, share_work: bool,
+                 progress: TrialProgress, trial_fn):
+        self.spec, self.tracker, self.executor, self.trial_fn = spec, tracker, executor, trial_fn
+        self.progress = progress
+        self.runtime = dict(sweep=spec.name, tracking_uri=tracking_uri, experiment_id=tracker.experiment_id,
+                            workdir=str(Path(spec.workdir).resolve()), share_work=share_work,
+                            checkpoint_every=spec.executor.checkpoint_every)
+        self.results: list[TrialResult] = []
+
+    def _runtime(self, stage: StagePlan, parent: str, init: dict[str, str]) -> TrialRuntime:
+        return TrialRuntime(**self.runtime, parent_run_id=parent, stage_key=stage.stage_key, **init)
+
+    def _run(self, tasks: list[TrialTask]) -> list[TrialResult]:
+        results = self.executor.run(tasks, self.trial_fn, self.progress) if tasks else []
+        self.results += results
+        return results
+
+    def run_phase(self, phase: list[StagePlan], finished: set[str], init: dict[str, str]) -> None:
+        parents = {s.stage: self.tracker.stage_run(s.stage, _stage_description(s, self.spec.name)) for s in phase}
+        grid_tasks = []
+        for stage in phase:
+            if stage.search is None:
+                pending = [t for t in stage.trials if t.trial_key not in finished]
+                self.tracker.close_stale(t.trial_key for t in pending)
+                runtime = self._runtime(stage, parents[stage.stage], init)
+                grid_tasks += [TrialTask(trial=t, runtime=runtime) for t in pending]
+        self._run(grid_tasks)
+        for stage in phase:
+            if stage.search is not None:
+                runtime = self._runtime(stage, parents[stage.stage], init)
+                previous = completed(stage_records(self.tracker.trials(stage.stage), stage))
+                run_search(stage.search, previous,
+                           lambda trials: self._run([TrialTask(trial=t, runtime=runtime) for t in trials]),
+                           self.executor.slots)
+        for parent in parents.values():
+            self.tracker.finish_stage(parent)
 
 
 def run_sweep(spec: SweepSpec, tracking_uri: str, smoke: bool = False, executor=None,
               show_progress: bool = True, echo: Callable[[str], None] = print,
-              share_work: bool = True) -> SweepOutcome:
+              share_work: bool = True, trial_fn=None) -> SweepOutcome:
+    """Run (or resume) a sweep. `trial_fn` defaults to the real trial (trainers.trial.run_trial)."""
     from cluster import make_executor
     from trainers.trial import run_trial
 
     started = time.monotonic()
     stages = plan_sweep(spec, smoke)
     executor = executor or make_executor(spec.executor)
-    tracker = SweepTracker(tracking_uri, spec.name)
-    keys = {t.trial_key for s in stages for t in s.trials}
-    finished = tracker.finished(keys)
-    echo(f"sweep {spec.name!r}: {len(keys)} trials in {len(stages)} stages; tracking {tracking_uri} "
-         f"(experiment {tracker.experiment_id})")
-    if finished:
-        echo(f"resuming: skipping {len(finished)} trials already FINISHED")
-    progress = TrialProgress(len(keys), len(finished), enabled=show_progress)
-    init: dict[str, str] = {}
-    ran = failed = 0
-    try:
-        for stage in stages:
-            pending = [t for t in stage.trials if t.trial_key not in finished]
-            parent = tracker.stage_run(stage.stage, _stage_description(stage, spec.name))
-            tracker.close_stale(t.trial_key for t in pending)
-            runtime = TrialRuntime(sweep=spec.name, tracking_uri=tracking_uri,
-                                   experiment_id=tracker.experiment_id, parent_run_id=parent,
-                                   workdir=str(Path(spec.workdir).resolve()), share_work=share_work, **init)
-            results = executor.run([TrialTask(trial=t, runtime=runtime) for t in pending], run_trial, progress)
-            ran += len(results)
-            failed += sum(r.status != "FINISHED" for r in results)
-            tracker.finish_stage(parent)
-            if stage.stage == "sft":
-                init = select_init(tracker, stage)
-    finally:
-        progress.close()
-    return SweepOutcome(stages, _latest_records(tracker, keys), len(finished), ran, failed,
-                        time.monotonic() - started)
+    with store_for_workers(tracking_uri, executor.parallel, spec.tracking.server_host) as uri:
+        if uri != tracking_uri:
+            echo(f"trials run in parallel: serving {tracking_uri} through an MLflow server at {uri}")
+        tracker = SweepTracker(uri, spec.name)
+        before = tracker.trials()
+        finished = {r.trial_key for r in before if r.status == "FINISHED"}
+        skipped = sum(done_count(before, s) for s in stages)
+        echo(f"sweep {spec.name!r}: {sum(s.size for s in stages)} trials in {len(stages)} stages; tracking "
+             f"{tracking_uri} (experiment {tracker.experiment_id}); executor {spec.executor.kind}")
+        if skipped:
+            echo(f"resuming: skipping {skipped} trials already done")
+        progress = TrialProgress(sum(s.size for s in stages), skipped, enabled=show_progress)
+        runner = _StageRunner(spec, tracker, executor, uri, share_work, progress, trial_fn or run_trial)
+        init: dict[str, str] = {}
+        try:
+            for phase in phases(stages):
+                runner.run_phase(phase, finished, init)
+                sft = next((s for s in phase if s.stage == "sft"), None)
+                if sft is not None:
+                    init = select_init(tracker.trials("sft"), sft)
+        finally:
+            progress.close()
+            close = getattr(executor, "close", None)
+            if close:
+                close()
+        records = tracker.trials()
+    ran = runner.results
+    return SweepOutcome(stages, latest_per_key([r for s in stages for r in stage_records(records, s)]), skipped,
+                        len(ran), sum(r.status != "FINISHED" for r in ran), time.monotonic() - started)

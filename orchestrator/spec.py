@@ -221,6 +221,7 @@ class GridSpec(Strict):
     parameters, e.g. SimPO's beta and gamma), crossed with the grid."""
     grid: dict[str, list[Scalar]] = Field(default_factory=dict)
     zip: dict[str, list[Scalar]] = Field(default_factory=dict)
+    space: dict[str, SearchRange] = Field(default_factory=dict, description="ranges for search.kind optuna")
 
     @field_validator("grid", "zip")
     @classmethod
@@ -235,9 +236,15 @@ class GridSpec(Strict):
         lengths = {k: len(v) for k, v in self.zip.items()}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"zip lists must have equal lengths; got {lengths}")
-        both = sorted(set(self.grid) & set(self.zip))
-        if both:
-            raise ValueError(f"{', '.join(both)} given in both grid and zip; keep each key in one")
+        for a, b in (("grid", "zip"), ("grid", "space"), ("zip", "space")):
+            both = sorted(set(getattr(self, a)) & set(getattr(self, b)))
+            if both:
+                raise ValueError(f"{', '.join(both)} given in both {a} and {b}; keep each key in one")
+        if self.space:
+            listed = sorted([k for k, v in self.grid.items() if len(v) > 1] + list(self.zip))
+            if listed:
+                raise ValueError(f"a searched stage (with `space`) takes one fixed value per grid key; "
+                                 f"{', '.join(listed)} list several: move them into space as choices")
         for key, values in self.grid.items():
             duplicates = sorted({str(v) for v in values if values.count(v) > 1})
             if duplicates:
@@ -255,15 +262,115 @@ class StagesSpec(Strict):
     methods: dict[str, GridSpec] = Field(min_length=1)
 
 
-class LocalExecutorSpec(Strict):
+class ExecutorBase(Strict):
+    checkpoint_every: Optional[int] = Field(
+        None, gt=0, description="save the training state every N optimizer steps; a killed, preempted or "
+                                "requeued trial resumes from its last save")
+
+
+class LocalExecutorSpec(ExecutorBase):
+    """Trials one after another in the driver process."""
     kind: Literal["local"] = "local"
 
 
-ExecutorSpec = Annotated[Union[LocalExecutorSpec], Field(discriminator="kind")]
+class RayResources(Strict):
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0, description="fractions allowed (0.5: two trials share a GPU)")
+
+
+class RayExecutorSpec(ExecutorBase):
+    """Ray Tune over the pending trials, on a local Ray (address omitted) or an existing cluster."""
+    kind: Literal["ray"]
+    address: Optional[str] = Field(None, description="e.g. 'auto' or 'ray://head:10001'; omitted: start a "
+                                                     "local Ray for this sweep")
+    num_cpus: Optional[int] = Field(None, gt=0, description="CPUs of the local Ray (default: all)")
+    resources_per_trial: RayResources = Field(default_factory=RayResources)
+    max_concurrent_trials: Optional[int] = Field(None, gt=0)
+    max_failures: int = Field(2, ge=0, description="retries of a trial whose worker process or node died")
+
+
+class SlurmExecutorSpec(ExecutorBase):
+    """One submitit job array per batch of trials; every trial a requeueable job (Checkpointable)."""
+    kind: Literal["slurm"]
+    partition: Optional[str] = None
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_task: int = Field(1, gt=0)
+    mem_gb: Optional[float] = Field(None, gt=0)
+    timeout_min: int = Field(60, gt=0)
+    array_parallelism: int = Field(64, gt=0, description="most array tasks running at once")
+    max_requeues: int = Field(3, ge=0, description="requeues after preemption or time-out")
+    poll_seconds: float = Field(2.0, gt=0)
+    folder: Optional[str] = Field(None, description="submitit logs and pickles; default WORKDIR/slurm")
+    sbatch_options: dict[str, str] = Field(default_factory=dict, description="extra #SBATCH options "
+                                           "(e.g. account, qos, constraint)")
+
+
+ExecutorSpec = Annotated[Union[LocalExecutorSpec, RayExecutorSpec, SlurmExecutorSpec], Field(discriminator="kind")]
+
+
+# ---- search beyond grids -------------------------------------------------------------------------
+class FloatRange(Strict):
+    """`{low: 1e-5, high: 1e-3, log: true}`: uniform, or log-uniform with `log: true`."""
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (got {self.low})")
+        return self
+
+
+class IntRange(Strict):
+    """`{int_low: 1, int_high: 3}`: integers from low to high inclusive."""
+    int_low: int
+    int_high: int
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.int_low < self.int_high:
+            raise ValueError(f"int_low ({self.int_low}) must be below int_high ({self.int_high})")
+        return self
+
+
+class Choice(Strict):
+    """`{choices: [1, 3]}`: one of the listed values."""
+    choices: list[Scalar] = Field(min_length=1)
+
+
+SearchRange = Union[FloatRange, IntRange, Choice]
+
+
+class GridSearchSpec(Strict):
+    kind: Literal["grid"] = "grid"
+
+
+class OptunaSearchSpec(Strict):
+    """Every stage that declares a `space` runs `n_trials` trials proposed by Optuna from it (stages without
+    one still expand their grid). Trials run in batches as wide as the executor's parallelism."""
+    kind: Literal["optuna"]
+    n_trials: int = Field(gt=0, description="trials per searched stage")
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    metric: Literal["mean_score", "win_vs_chosen", "win_vs_sft"] = "mean_score"
+
+
+SearchSpec = Annotated[Union[GridSearchSpec, OptunaSearchSpec], Field(discriminator="kind")]
+
+
+class CostSpec(Strict):
+    """What `sweep plan` assumes before any trial of the sweep has run (measured trials replace it)."""
+    trial_seconds: Optional[float] = Field(None, gt=0, description="wall seconds of one trial")
+    gpus_per_trial: float = Field(0.0, ge=0)
 
 
 class TrackingSpec(Strict):
     uri: Optional[str] = Field(None, description="MLflow tracking URI; default sqlite:///mlflow.db")
+    server_host: str = Field("127.0.0.1", description="where the MLflow server that `sweep run` starts for "
+                             "parallel trials on a SQLite store listens; only widen it on a trusted network")
 
 
 class SweepSpec(Strict):
@@ -276,7 +383,19 @@ class SweepSpec(Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     stages: StagesSpec
     executor: ExecutorSpec = Field(default_factory=LocalExecutorSpec)
+    search: SearchSpec = Field(default_factory=GridSearchSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    cost: CostSpec = Field(default_factory=CostSpec)
+
+    @model_validator(mode="after")
+    def _search_has_a_space(self):
+        grids = [self.stages.sft, *self.stages.methods.values()]
+        if self.search.kind == "optuna" and not any(g.space for g in grids):
+            raise ValueError("search.kind optuna needs a `space` in at least one stage (ranges to search)")
+        if self.search.kind == "grid" and any(g.space for g in grids):
+            raise ValueError("a stage declares `space` but search.kind is grid; set search: {kind: optuna, "
+                             "n_trials: N} or remove the space")
+        return self
 
     @model_validator(mode="after")
     def _eval_prompts_exist(self):
@@ -405,6 +524,15 @@ def coerce_hparam(method: Method, key: str, value: Scalar) -> Scalar:
     return hparam_adapter(method, key).validate_python(value, strict=isinstance(value, bool))
 
 
+def range_bounds(search_range: SearchRange) -> list[Scalar]:
+    """The values a range can reach at its ends (or all of its choices), for validation."""
+    if isinstance(search_range, Choice):
+        return list(search_range.choices)
+    if isinstance(search_range, IntRange):
+        return [search_range.int_low, search_range.int_high]
+    return [search_range.low, search_range.high]
+
+
 def _check_grid(file: str, where: tuple, method: Method, grid: GridSpec, lines) -> None:
     fields = grid_fields(method)
     for section in ("grid", "zip"):
@@ -420,7 +548,18 @@ def _check_grid(file: str, where: tuple, method: Method, grid: GridSpec, lines) 
                     msg = exc.errors()[0]["msg"]
                     raise SpecError(file, _format_loc(loc + (i,)), f"{msg} (got {value!r})",
                                     _line_for(lines, loc + (i,))) from None
-    given = set(grid.grid) | set(grid.zip)
+    for key, search_range in grid.space.items():
+        loc = where + ("space", key)
+        if key not in fields:
+            raise SpecError(file, _format_loc(loc), unknown_name_message(
+                f"hyperparameter for {method.name}", key, list(fields)), _line_for(lines, loc))
+        for value in range_bounds(search_range):
+            try:
+                coerce_hparam(method, key, value)
+            except ValidationError as exc:
+                raise SpecError(file, _format_loc(loc), f"{exc.errors()[0]['msg']} (got {value!r})",
+                                _line_for(lines, loc)) from None
+    given = set(grid.grid) | set(grid.zip) | set(grid.space)
     for key, field in fields.items():
         if field.is_required() and key not in given:
             loc = where + ("grid",)

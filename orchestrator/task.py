@@ -23,6 +23,10 @@ class TrialRuntime(Strict):
     # Reuse work across trials (reference log-probs, the SFT baseline's generations and scores). Off only to
     # measure what sharing saves (`sweep run --no-shared-work`); results are the same either way.
     share_work: bool = True
+    # Save the training state every N optimizer steps so a killed, preempted or requeued trial resumes there
+    # (executor.checkpoint_every); None: a rerun starts the trial over.
+    checkpoint_every: Optional[int] = None
+    stage_key: str = ""                    # identifies the stage's grid or search (tagged on every trial run)
 
 
 class TrialTask(Strict):
@@ -46,3 +50,4 @@ class TrialResult(Strict):
     metrics: dict[str, float] = {}
     error: Optional[str] = None
     wall_seconds: float = 0.0
+    lost: bool = False            # no result came back (worker or job died beyond its retries)

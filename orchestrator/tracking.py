@@ -8,14 +8,21 @@ hyperparameter as a param, the evaluation metrics, per-step training curves, and
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
 from pydantic import BaseModel
@@ -34,6 +41,9 @@ TAG_CHECKPOINT = "posweep.checkpoint"
 TAG_SAMPLES = "posweep.samples"
 TAG_FAILURE = "posweep.failure"
 TAG_REF_CACHE = "posweep.ref_cache"  # hit | miss: whether the trial computed its reference log-probs
+TAG_STAGE_KEY = "posweep.stage_key"
+TAG_RESUMED = "posweep.resumed_from_step"
+TAG_DEVICE = "posweep.device"        # e.g. "cpu" or "cuda:NVIDIA H100 80GB HBM3"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_NOTE = "mlflow.note.content"
 
@@ -41,6 +51,86 @@ TAG_NOTE = "mlflow.note.content"
 def resolve_tracking_uri(cli_uri: Optional[str] = None, spec_uri: Optional[str] = None) -> str:
     """--tracking-uri, then the spec's tracking.uri, then MLFLOW_TRACKING_URI, then ./mlflow.db."""
     return cli_uri or spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+class TrackingServerError(RuntimeError):
+    """The MLflow server for a parallel sweep did not come up."""
+
+
+def _sqlite_path(uri: str) -> Path:
+    return Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-5:])
+            raise TrackingServerError(f"the MLflow server exited ({process.returncode}); {log}:\n{tail}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TrackingServerError(f"the MLflow server at {url} was not healthy after {timeout:.0f} s; see {log}")
+
+
+@contextlib.contextmanager
+def mlflow_server(sqlite_uri: str, host: str = "127.0.0.1", timeout: float = 180.0) -> Iterator[str]:
+    """Serve a SQLite tracking store over HTTP for the duration of the block; yields the server's URI.
+
+    One server process owns the SQLite file, so parallel trials never write it concurrently. Artifacts keep
+    the store's local layout (mlartifacts/ beside the database; workers write them directly), so the store
+    reads the same with or without the server."""
+    db = _sqlite_path(sqlite_uri)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    port = _free_port(host)
+    url = f"http://{host}:{port}"
+    log = db.parent / "mlflow-server.log"
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    command = [mlflow, "server", "--backend-store-uri", f"sqlite:///{db}", "--default-artifact-root",
+               (db.parent / "mlartifacts").as_uri(), "--no-serve-artifacts", "--host", host, "--port", str(port),
+               "--workers", "1"]
+    with open(log, "ab") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_healthy(url, process, log, timeout)
+        yield url
+    finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (it runs workers), SIGKILL what is left after 15 s."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextlib.contextmanager
+def store_for_workers(uri: str, parallel: bool, host: str = "127.0.0.1") -> Iterator[str]:
+    """The tracking URI that the driver and every worker use: a local SQLite store is put behind an MLflow
+    server when trials run in parallel; anything else (a server URI, a sequential sweep) is used as is."""
+    if parallel and urlparse(uri).scheme == "sqlite":
+        with mlflow_server(uri, host) as url:
+            yield url
+    else:
+        yield uri
 
 
 def _quiet_mlflow() -> None:
@@ -62,8 +152,7 @@ def _local_artifact_root(uri: str) -> Optional[str]:
     parsed = urlparse(uri)
     if parsed.scheme != "sqlite":
         return None
-    db_path = Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
-    return (db_path.parent / "mlartifacts").as_uri()
+    return (_sqlite_path(uri).parent / "mlartifacts").as_uri()
 
 
 class TrialRecord(BaseModel):
@@ -191,3 +280,17 @@ class TrialLogger:
 
     def finish(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
+
+    def runs_of(self, trial_key: str) -> list[TrialRecord]:
+        """Every run of one trial key in this experiment, newest first."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{TAG_KEY}` = '{trial_key}'",
+                                       max_results=1000)
+        return [_record(r) for r in runs]
+
+    def reopen(self, run_id: str) -> None:
+        """Continue logging into an earlier attempt's run (a trial resumed from its checkpoint)."""
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+
+    def close(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status)

@@ -140,6 +140,13 @@ class BetaDPOState:
     gap_std: float = 0.0
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
 
+    def state_dict(self) -> dict:
+        return {"gap_mean": self.gap_mean, "gap_std": self.gap_std, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gap_mean, self.gap_std = state["gap_mean"], state["gap_std"]
+        self.generator.set_state(state["generator"])
+
     def update(self, gaps: Tensor, momentum: float) -> None:
         self.gap_mean = momentum * self.gap_mean + (1 - momentum) * gaps.mean().item()
         self.gap_std = momentum * self.gap_std + (1 - momentum) * gaps.std().item()

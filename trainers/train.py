@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -15,6 +16,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
+from trainers.cache import write_file_atomically
 from trainers.data import EncodedPair, collate_pairs, logps_from_logits, next_token_logits, sequence_logps
 from trainers.losses import LOSS_STATES, epsilon_steps, get_loss
 
@@ -42,6 +44,52 @@ class LoopSettings:
     log_every: int
 
 
+@dataclass(frozen=True)
+class Checkpointing:
+    """Save the loop's whole state to `folder`/state.pt every `every` optimizer steps, so a killed, preempted or
+    requeued trial continues from its last save with the same result as an uninterrupted run."""
+    folder: Path
+    every: int
+
+    @property
+    def path(self) -> Path:
+        return self.folder / "state.pt"
+
+    @property
+    def saved_step(self) -> int:
+        """The step of the last save (0: none), read without loading the state itself."""
+        meta = self.folder / "step"
+        return int(meta.read_text()) if meta.is_file() and self.path.is_file() else 0
+
+
+def load_training_state(checkpointing: Optional[Checkpointing]) -> Optional[dict]:
+    """The last saved loop state, or None (no checkpointing, nothing saved yet, or an unreadable file)."""
+    if checkpointing is None or not checkpointing.path.is_file():
+        return None
+    try:
+        return torch.load(checkpointing.path, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 - a damaged save (atomic writes make this rare): start over
+        return None
+
+
+def _save_training_state(checkpointing: Checkpointing, step: int, model, optimizer, scheduler, objective,
+                         history: list[dict[str, float]]) -> None:
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "history": history, "rng": torch.get_rng_state(),
+             "objective": objective.state_dict() if hasattr(objective, "state_dict") else None}
+    write_file_atomically(checkpointing.path, lambda tmp: torch.save(state, tmp))
+    write_file_atomically(checkpointing.folder / "step", lambda tmp: Path(tmp).write_text(str(step)))
+
+
+def _restore_training_state(state: dict, model, optimizer, scheduler, objective) -> None:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if state["objective"] is not None:
+        objective.load_state_dict(state["objective"])
+
+
 def make_accelerator() -> Accelerator:
     return Accelerator(cpu=not torch.cuda.is_available())
 
@@ -66,6 +114,7 @@ def preference_objective(loss_name: str, hparams: dict[str, float],
     rejected reference log-probs indexed by pair index, or None for reference-free methods."""
     loss_fn = get_loss(loss_name)
     extra = {"state": LOSS_STATES[loss_name]()} if loss_name in LOSS_STATES else {}
+    state = extra.get("state")
 
     def objective(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         half = batch["index"].shape[0]
@@ -79,6 +128,9 @@ def preference_objective(loss_name: str, hparams: dict[str, float],
                                                lengths[:half], lengths[half:], **hparams, **extra)
         return losses.mean(), _pair_stats(losses, chosen_r, rejected_r)
 
+    if state is not None:  # a loss with state across steps (beta_dpo): it must survive a resume
+        objective.state_dict = state.state_dict
+        objective.load_state_dict = state.load_state_dict
     return objective
 
 
@@ -119,6 +171,8 @@ def epsilon_dpo_objective(hparams: dict[str, float], ref_model) -> Objective:
         beta[0] = beta[0] / (1 + epsilon * steps.float().mean().item())
         return losses.mean(), stats
 
+    objective.state_dict = lambda: {"beta": beta[0]}          # β adapts across steps: part of a resume
+    objective.load_state_dict = lambda d: beta.__setitem__(0, d["beta"])
     return objective
 
 
@@ -148,8 +202,13 @@ def reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: in
 
 
 def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopSettings, pad_id: int,
-          accelerator: Accelerator, on_log: Optional[OnLog] = None) -> list[dict[str, float]]:
-    """Run the loop; returns the logged stats (one dict per logged step). Raises NonFiniteLoss."""
+          accelerator: Accelerator, on_log: Optional[OnLog] = None,
+          checkpointing: Optional[Checkpointing] = None) -> list[dict[str, float]]:
+    """Run the loop; returns the logged stats (one dict per logged step). Raises NonFiniteLoss.
+
+    With `checkpointing`, the loop resumes from the last saved state (if any) and saves every N steps: the
+    batches already consumed are replayed from the seeded shuffle and skipped, so the resumed run sees the
+    same batches in the same order as an uninterrupted one."""
     generator = torch.Generator().manual_seed(settings.seed)
     loader = DataLoader(pairs, batch_size=settings.batch_size, shuffle=True, generator=generator,
                         collate_fn=lambda b: collate_pairs(b, pad_id))
@@ -160,9 +219,17 @@ def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopS
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     model.train()
     history: list[dict[str, float]] = []
+    resumed = load_training_state(checkpointing)
+    if resumed is not None:
+        _restore_training_state(resumed, accelerator.unwrap_model(model), optimizer, scheduler, objective)
+        history = list(resumed["history"])
+    done = resumed["step"] if resumed is not None else 0
     step = 0
     for _epoch in range(settings.epochs):
         for batch in loader:
+            if step < done:  # consumed before the interruption
+                step += 1
+                continue
             loss, stats = objective(model, batch)
             if not math.isfinite(stats["loss"]):
                 raise NonFiniteLoss(step + 1, stats["loss"])
@@ -178,6 +245,9 @@ def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopS
                 history.append({"step": step, **stats})
                 if on_log:
                     on_log(step, total, stats)
+            if checkpointing and step % checkpointing.every == 0 and step < total:
+                _save_training_state(checkpointing, step, accelerator.unwrap_model(model), optimizer, scheduler,
+                                     objective, history)
             if step >= total:
                 return history
     return history

@@ -6,7 +6,10 @@ marks that trial FAILED in MLflow with its reason and returns; it never stops th
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -26,8 +29,8 @@ from trainers.methods import METHODS, Method
 from trainers.models import ensure_base_model, load_causal_lm, load_tokenizer, save_model
 from trainers.reward import load_reward_model
 from trainers.sources import load_split
-from trainers.train import (TOKEN_LOGIT_OBJECTIVES, LoopSettings, make_accelerator, preference_objective,
-                            reference_logps, sft_objective, train)
+from trainers.train import (TOKEN_LOGIT_OBJECTIVES, Checkpointing, LoopSettings, make_accelerator,
+                            preference_objective, reference_logps, sft_objective, train)
 
 Report = Callable[[int, int], None]  # (step, total_steps)
 
@@ -119,11 +122,30 @@ def _sft_baseline(task: TrialTask, method: Method, init: Path, device, tokenizer
                        chosen_scores={s["prompt_id"]: s["chosen_score"] for s in samples})
 
 
-def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger,
-             report: Optional[Report]) -> dict[str, float]:
+def _checkpointing(task: TrialTask) -> Optional[Checkpointing]:
+    every = task.runtime.checkpoint_every
+    return Checkpointing(task.trial_dir / "resume", every) if every else None
+
+
+def device_usage(accelerator) -> tuple[str, int]:
+    """(device description, device count) of this trial, for cost accounting."""
+    device = accelerator.device
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}", accelerator.num_processes
+    return device.type, accelerator.num_processes
+
+
+def cost_metrics(device: str, count: int, wall_seconds: float) -> dict[str, float]:
+    """GPU-hours are wall time x GPUs held; a CPU trial holds none (its device-hours still say what it cost)."""
+    gpus = count if device.startswith("cuda") else 0
+    return {"wall_seconds": wall_seconds, "device_count": float(count),
+            "device_hours": wall_seconds * count / 3600, "gpu_hours": wall_seconds * gpus / 3600}
+
+
+def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger, report: Optional[Report],
+             accelerator) -> dict[str, float]:
     trial, workdir = task.trial, Path(task.runtime.workdir)
     torch.manual_seed(trial.training.seed)
-    accelerator = make_accelerator()
     device = accelerator.device
     base = ensure_base_model(trial.model, workdir / "models")
     init = Path(task.runtime.init_checkpoint) if task.runtime.init_checkpoint else base
@@ -147,7 +169,7 @@ def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger,
                 report(step, total)
 
         history = train(model, pairs, objective, _loop_settings(task), tokenizer.pad_token_id, accelerator,
-                        on_log)
+                        on_log, _checkpointing(task))
         steps = int(history[-1]["step"]) if history else 0
         model = accelerator.unwrap_model(model)
     if method.kind in CHECKPOINTED_KINDS:
@@ -165,30 +187,121 @@ def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger,
     return {**metrics, "train_steps": float(steps), "data_skipped_rows": float(skipped)}
 
 
-def run_trial(task: TrialTask, report: Optional[Report] = None) -> TrialResult:
+@contextlib.contextmanager
+def trial_lock(folder: Path):
+    """Hold an exclusive lock on the trial's folder for the whole attempt. Two attempts of one key (a retry
+    racing an orphan of a killed driver, a requeued job) never run at once; the second one waits, then finds
+    the first one's FINISHED run and returns it. The lock dies with its process (flock), so nothing goes stale."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _trial_tags(task: TrialTask) -> dict[str, str]:
     trial, runtime = task.trial, task.runtime
-    method = METHODS[trial.method]
-    logger = tracking.TrialLogger(runtime.tracking_uri, runtime.experiment_id, runtime.parent_run_id)
     tags = {tracking.TAG_SWEEP: runtime.sweep, tracking.TAG_STAGE: trial.stage, tracking.TAG_METHOD: trial.method,
-            tracking.TAG_KEY: trial.trial_key}
+            tracking.TAG_KEY: trial.trial_key, tracking.TAG_STAGE_KEY: runtime.stage_key}
     if runtime.init_trial_key:
         tags[tracking.TAG_INIT_KEY] = runtime.init_trial_key
-    run_id = logger.start(trial.run_name, tags, trial_params(task))
+    return tags
+
+
+def _open_run(task: TrialTask, logger: tracking.TrialLogger, earlier: list[tracking.TrialRecord]) -> str:
+    """Continue the run of the attempt whose checkpoint this one resumes, or start a new run. Other RUNNING
+    runs of this key belong to dead attempts (this process holds the trial's lock): they are closed KILLED."""
+    checkpointing = _checkpointing(task)
+    run_id_file = task.trial_dir / "resume" / "run_id"
+    resumable = checkpointing is not None and checkpointing.saved_step > 0 and run_id_file.is_file()
+    resume_id = run_id_file.read_text().strip() if resumable else None
+    for record in earlier:
+        if record.status == "RUNNING" and record.run_id != resume_id:
+            logger.close(record.run_id, "KILLED")
+    if resume_id and any(r.run_id == resume_id for r in earlier):
+        logger.reopen(resume_id)
+        logger.set_tags({tracking.TAG_RESUMED: str(checkpointing.saved_step)})
+        return resume_id
+    if checkpointing is not None:  # a fresh start: an old checkpoint without its run is not resumed
+        shutil.rmtree(checkpointing.folder, ignore_errors=True)
+    run_id = logger.start(task.trial.run_name, _trial_tags(task), trial_params(task))
+    if checkpointing is not None:
+        write_file_atomically(run_id_file, lambda tmp: Path(tmp).write_text(run_id))
+    return run_id
+
+
+# body(task, logger, report, accelerator) -> metrics: what a trial does between opening and closing its run.
+TrialBody = Callable[[TrialTask, tracking.TrialLogger, Optional[Report], object], dict[str, float]]
+
+
+def _train_and_evaluate(task: TrialTask, logger: tracking.TrialLogger, report: Optional[Report],
+                        accelerator) -> dict[str, float]:
+    return _execute(task, METHODS[task.trial.method], logger, report, accelerator)
+
+
+def run_trial(task: TrialTask, report: Optional[Report] = None,
+              body: TrialBody = _train_and_evaluate) -> TrialResult:
+    """Run one trial exactly once per key: under the trial's lock, a key that already has a FINISHED run
+    returns it instead of training again. `body` is the real training and evaluation except in probes
+    (trainers.probe) that measure an executor's dispatch."""
+    with trial_lock(task.trial_dir):
+        return _run_locked(task, report, body)
+
+
+def _run_locked(task: TrialTask, report: Optional[Report], body: TrialBody) -> TrialResult:
+    trial, runtime = task.trial, task.runtime
+    logger = tracking.TrialLogger(runtime.tracking_uri, runtime.experiment_id, runtime.parent_run_id)
+    earlier = logger.runs_of(trial.trial_key)
+    finished = next((r for r in earlier if r.status == "FINISHED"), None)
+    if finished is not None:
+        return TrialResult(trial_key=trial.trial_key, run_id=finished.run_id, status="FINISHED",
+                           metrics=finished.metrics, wall_seconds=finished.metrics.get("wall_seconds", 0.0))
+    run_id = _open_run(task, logger, earlier)
     started = time.monotonic()
+    accelerator = make_accelerator()
+    device, count = device_usage(accelerator)
+    logger.set_tags({tracking.TAG_DEVICE: device})
     try:
-        metrics = _execute(task, method, logger, report)
+        metrics = body(task, logger, report, accelerator)
     except KeyboardInterrupt:
         logger.finish("KILLED")
         raise
     except Exception as exc:  # noqa: BLE001 - a trial's failure is data, not a crash of the sweep
         reason = f"{type(exc).__name__}: {exc}"
+        cost = cost_metrics(device, count, time.monotonic() - started)
+        logger.log_metrics(cost)
         logger.set_tags({tracking.TAG_FAILURE: reason[:5000]})
         logger.log_text(traceback.format_exc(), "failure.txt")
         logger.finish("FAILED")
         return TrialResult(trial_key=trial.trial_key, run_id=run_id, status="FAILED", error=reason,
-                           wall_seconds=time.monotonic() - started)
-    metrics["wall_seconds"] = time.monotonic() - started
+                           metrics=cost, wall_seconds=cost["wall_seconds"])
+    metrics.update(cost_metrics(device, count, time.monotonic() - started))
     logger.log_metrics(metrics)
     logger.finish("FINISHED")
+    checkpointing = _checkpointing(task)
+    if checkpointing is not None:  # the result is logged; the training state is only disk now
+        shutil.rmtree(checkpointing.folder, ignore_errors=True)
     return TrialResult(trial_key=trial.trial_key, run_id=run_id, status="FINISHED", metrics=metrics,
                        wall_seconds=metrics["wall_seconds"])
+
+
+def record_lost_trial(task: TrialTask, reason: str) -> TrialResult:
+    """An executor got no result for `task` (its worker or job died beyond its retries): mark the attempt's
+    RUNNING run FAILED with the reason, or create a FAILED run if it died before starting one."""
+    logger = tracking.TrialLogger(task.runtime.tracking_uri, task.runtime.experiment_id, task.runtime.parent_run_id)
+    earlier = logger.runs_of(task.trial.trial_key)
+    finished = next((r for r in earlier if r.status == "FINISHED"), None)
+    if finished is not None:  # it did finish; only the report back was lost
+        return TrialResult(trial_key=task.trial.trial_key, run_id=finished.run_id, status="FINISHED",
+                           metrics=finished.metrics, wall_seconds=finished.metrics.get("wall_seconds", 0.0))
+    running = next((r for r in earlier if r.status == "RUNNING"), None)
+    if running is not None:
+        logger.reopen(running.run_id)
+    else:
+        logger.start(task.trial.run_name, _trial_tags(task), trial_params(task))
+    logger.set_tags({tracking.TAG_FAILURE: reason[:5000]})
+    logger.finish("FAILED")
+    return TrialResult(trial_key=task.trial.trial_key, run_id=logger.run_id, status="FAILED", error=reason,
+                       lost=True)

@@ -145,3 +145,58 @@ def test_reference_logps_keep_float64(setup):
     model = build_tiny_model(TINY, tokenizer).double()
     chosen, rejected = reference_logps(model, pairs[:4], tokenizer.pad_token_id, 2, torch.device("cpu"))
     assert chosen.dtype == rejected.dtype == torch.float64
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["sft", "beta_dpo", "epsilon_dpo"])
+def test_a_killed_loop_resumes_from_its_checkpoint_with_the_uninterrupted_result(setup, tmp_path, method):
+    """Killed at step 7 with saves every 3 steps: the rerun restarts from step 6 and ends where an uninterrupted
+    run ends (same batches, optimizer, schedule and loss state: beta_dpo's EMA/RNG, epsilon_dpo's beta)."""
+    from trainers.train import Checkpointing, TOKEN_LOGIT_OBJECTIVES, load_training_state
+
+    tokenizer, pairs = setup
+    ref = build_tiny_model(TINY, tokenizer).eval()
+    reference = reference_logps(ref, pairs, tokenizer.pad_token_id, 16, torch.device("cpu"))
+
+    def objective():
+        if method == "sft":
+            return sft_objective
+        hp = METHODS[method].params(beta=0.1, **({"epsilon": 0.1} if method == "epsilon_dpo" else {"alpha": 0.5}))
+        if method == "epsilon_dpo":
+            return TOKEN_LOGIT_OBJECTIVES[method](hp.model_dump(), ref)
+        return preference_objective(method, hp.model_dump(), reference)
+
+    run = lambda model, **kw: train(model, pairs, objective(), settings(3e-3, steps=10), tokenizer.pad_token_id,  # noqa: E731
+                                    make_accelerator(), **kw)
+    whole = build_tiny_model(TINY, tokenizer)
+    expected = run(whole)
+
+    checkpointing = Checkpointing(tmp_path / "resume", every=3)
+
+    def kill_at_7(step, total, stats):
+        if step == 7:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run(build_tiny_model(TINY, tokenizer), on_log=kill_at_7, checkpointing=checkpointing)
+    assert load_training_state(checkpointing)["step"] == 6
+    resumed_steps = []
+    model = build_tiny_model(TINY, tokenizer)  # fresh weights: everything must come from the checkpoint
+    history = run(model, on_log=lambda step, total, stats: resumed_steps.append(step), checkpointing=checkpointing)
+    assert resumed_steps == [7, 8, 9, 10]
+    assert [h["step"] for h in history] == list(range(1, 11))
+    for got, want in zip(history, expected):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6)
+    for p, q in zip(model.parameters(), whole.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_damaged_checkpoint_is_ignored(tmp_path):
+    from trainers.train import Checkpointing, load_training_state
+
+    checkpointing = Checkpointing(tmp_path, every=1)
+    checkpointing.path.write_bytes(b"not a torch file")
+    assert load_training_state(checkpointing) is None
