@@ -100,12 +100,23 @@ def mlflow_server(sqlite_uri: str, host: str = "127.0.0.1", timeout: float = 180
                (db.parent / "mlartifacts").as_uri(), "--no-serve-artifacts", "--host", host, "--port", str(port),
                "--workers", "1"]
     with open(log, "ab") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=_die_with_parent)
     try:
         _wait_healthy(url, process, log, timeout)
         yield url
     finally:
         _stop(process)
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when the driver dies, even by SIGKILL, so a rerun never finds an orphan
+    server still writing the SQLite file."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -134,6 +145,8 @@ def store_for_workers(uri: str, parallel: bool, host: str = "127.0.0.1") -> Iter
 
 
 def _quiet_mlflow() -> None:
+    # Over HTTP, MLflow prints "View run ... at: URL" on every run end: one line per trial in the driver's output
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 

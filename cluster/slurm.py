@@ -1,0 +1,140 @@
+"""SLURM executor through submitit: one job array per batch of trials (`map_array`).
+
+Every array task runs the trial function in a fresh Python on a compute node and is a submitit
+Checkpointable: when Slurm preempts it or its time runs out, submitit requeues it, and the trial resumes
+from the training state it saves every `checkpoint_every` steps (trainers.train.Checkpointing); a job
+requeued by hand (`scontrol requeue`) resumes the same way.
+
+Job states without accounting. submitit reads job states through `sacct`, which needs slurmdbd; on a
+cluster without it, a cancelled job would never be reported done and a driver waiting on `result()` would
+wait forever. So this executor does not ask sacct: a job is finished when its result file exists, alive
+while `squeue` lists it (pending, running, requeued), and lost when it has left the queue without a result,
+which is recorded FAILED with the reason instead of waited on.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+import submitit
+
+from cluster.base import Progress, TrialFn, register_executor
+from orchestrator.task import TrialResult, TrialTask
+
+# A job that left squeue gets this long for its result file to appear (it is written just before the exit).
+RESULT_GRACE_SECONDS = 10.0
+
+
+class SlurmTrial(submitit.helpers.Checkpointable):
+    """The callable a job runs (pickled by submitit). Checkpointable: on preemption or time-out submitit
+    requeues the same task, and the trial resumes from its own checkpoint on disk."""
+
+    def __init__(self, trial_fn: TrialFn):
+        self.trial_fn = trial_fn
+
+    def __call__(self, task_json: str) -> str:
+        return self.trial_fn(TrialTask.model_validate_json(task_json)).model_dump_json()
+
+
+def queue_states(job_ids: list[str]) -> dict[str, str]:
+    """job id (array tasks as MASTER_INDEX) -> Slurm state, for the jobs squeue still lists."""
+    masters = sorted({j.split("_")[0] for j in job_ids})
+    if not masters:
+        return {}
+    proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(masters)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+        raise RuntimeError(f"squeue failed: {proc.stderr.strip()}")
+    return dict(line.split("|", 1) for line in proc.stdout.split() if "|" in line)
+
+
+@register_executor("slurm")
+class SlurmExecutor:
+    parallel = True
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    @property
+    def slots(self) -> int:
+        return self.spec.array_parallelism
+
+    def _executor(self, folder: Path, name: str):
+        s = self.spec
+        executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm",
+                                         slurm_max_num_timeout=s.max_requeues)
+        params = dict(name=name, timeout_min=s.timeout_min, cpus_per_task=s.cpus_per_task,
+                      slurm_array_parallelism=s.array_parallelism)
+        if s.gpus_per_node:
+            params["gpus_per_node"] = s.gpus_per_node
+        if s.mem_gb:
+            params["mem_gb"] = s.mem_gb
+        if s.partition:
+            params["slurm_partition"] = s.partition
+        if s.sbatch_options:
+            params["slurm_additional_parameters"] = dict(s.sbatch_options)
+        executor.update_parameters(**params)
+        return executor
+
+    def submit(self, tasks: list[TrialTask], trial_fn: TrialFn) -> list:
+        folder = Path(self.spec.folder or Path(tasks[0].runtime.workdir) / "slurm")
+        executor = self._executor(folder, f"posweep-{tasks[0].runtime.sweep}")
+        return executor.map_array(SlurmTrial(trial_fn), [t.model_dump_json() for t in tasks])
+
+    def run(self, tasks: list[TrialTask], trial_fn: TrialFn, progress: Optional[Progress] = None
+            ) -> list[TrialResult]:
+        if not tasks:
+            return []
+        return self.wait(tasks, self.submit(tasks, trial_fn), progress)
+
+    def wait(self, tasks: list[TrialTask], jobs: list, progress: Optional[Progress] = None) -> list[TrialResult]:
+        """Poll until every job has a result or has left the queue without one."""
+        from trainers.trial import record_lost_trial
+
+        results: dict[int, TrialResult] = {}
+        started: set[int] = set()
+        gone_since: dict[int, float] = {}
+        while len(results) < len(jobs):
+            states = queue_states([j.job_id for i, j in enumerate(jobs) if i not in results])
+            for i, job in enumerate(jobs):
+                if i in results:
+                    continue
+                state = states.get(job.job_id)
+                if state == "RUNNING" and i not in started:
+                    started.add(i)
+                    if progress:
+                        progress.trial_started(tasks[i])
+                result = self._result(job)
+                if result is None and state is None:
+                    gone_since.setdefault(i, time.monotonic())
+                    if time.monotonic() - gone_since[i] > RESULT_GRACE_SECONDS:
+                        result = record_lost_trial(tasks[i], f"slurm job {job.job_id} left the queue without a "
+                                                             "result (cancelled, node failure, or out of time "
+                                                             "and requeues)")
+                elif state is not None:
+                    gone_since.pop(i, None)
+                if result is not None:
+                    results[i] = result
+                    if progress:
+                        progress.trial_done(result)
+            if len(results) < len(jobs):
+                time.sleep(self.spec.poll_seconds)
+        return [results[i] for i in range(len(jobs))]
+
+    @staticmethod
+    def _result(job) -> Optional[TrialResult]:
+        """The job's TrialResult once its result file exists (an exception in the job is a lost trial too)."""
+        if not job.paths.result_pickle.exists():
+            return None
+        try:
+            return TrialResult.model_validate_json(job.result())
+        except Exception as exc:  # noqa: BLE001 - the job raised outside the trial's own error handling
+            from trainers.trial import record_lost_trial
+
+            # job.result() re-raises the job's exception; that task is lost, not the batch
+            task_json = job.submission().args[0]
+            return record_lost_trial(TrialTask.model_validate_json(task_json),
+                                     f"slurm job {job.job_id} raised: {type(exc).__name__}: {str(exc)[:500]}")

@@ -1,0 +1,115 @@
+"""The SLURM executor against a real single-node Slurm (Debian's slurm-wlm + munge) started and stopped here."""
+
+import functools
+import subprocess
+import threading
+import time
+
+import pytest
+
+from cluster import local_slurm, make_executor
+from orchestrator.pipeline import run_sweep
+from orchestrator.spec import SlurmExecutorSpec, parse_spec
+from orchestrator.tracking import TAG_FAILURE, TAG_RESUMED, SweepTracker, _client, store_for_workers
+from trainers.probe import probe_trial
+from trainers.trial import run_trial
+
+pytestmark = pytest.mark.skipif(bool(local_slurm.available()), reason=f"no local Slurm: {local_slurm.available()}")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    with local_slurm.local_slurm(tmp_path_factory.mktemp("slurm")) as env:
+        yield env
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _job_state(job_id: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+
+
+SWEEP = """\
+name: on-slurm
+workdir: {workdir}
+data: {{kind: synthetic, n_train: 128, n_eval: 16}}
+training: {{batch_size: 16, max_length: 40}}
+evaluation: {{num_prompts: 16, max_new_tokens: 16}}
+stages:
+  sft: {{grid: {{learning_rate: [3.0e-3], epochs: [1]}}}}
+  methods:
+    dpo: {{grid: {{beta: [0.1, 0.5], learning_rate: [3.0e-4]}}}}
+executor: {{kind: slurm, cpus_per_task: 1, timeout_min: 10, poll_seconds: 0.5}}
+"""
+
+
+def test_a_small_sweep_completes_on_slurm(tmp_path, slurm):
+    spec = parse_spec(SWEEP.format(workdir=tmp_path / "work"))
+    messages = []
+    outcome = run_sweep(spec, f"sqlite:///{tmp_path / 'mlflow.db'}", show_progress=False, echo=messages.append)
+    assert outcome.ran == 4 and outcome.failed == 0
+    assert any("through an MLflow server" in m for m in messages)
+    records = SweepTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "on-slurm").trials()
+    assert sorted(r.stage for r in records if r.status == "FINISHED") == ["base", "dpo", "dpo", "sft"]
+    assert list((tmp_path / "work" / "slurm").glob("*/*_result.pkl"))  # each trial ran as its own job
+
+
+def test_a_requeued_job_resumes_from_its_checkpoint(tmp_path, slurm, tasks_for):
+    """`scontrol requeue` kills the running job mid-training and puts it back in the queue; the rerun
+    continues from the last saved step, in the same MLflow run, and the trial finishes once."""
+    executor = make_executor(SlurmExecutorSpec(kind="slurm", poll_seconds=0.5))
+    sqlite = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with store_for_workers(sqlite, parallel=True) as uri:
+        spec_tasks = tasks_for(tmp_path, uri, "requeue", 1, checkpoint_every=5)
+        task = spec_tasks[0]
+        long = task.trial.model_copy(update={
+            "method": "sft", "stage": "sft", "hparams": {"learning_rate": 1e-3, "epochs": 300}, "init": None})
+        task = task.model_copy(update={"trial": long})
+        jobs = executor.submit([task], run_trial)
+        step_file = task.trial_dir / "resume" / "step"
+        _wait_for(lambda: step_file.exists() and int(step_file.read_text()) >= 20, 240, "20 steps saved")
+        subprocess.run(["scontrol", "requeue", jobs[0].job_id], check=True)
+        # Slurm holds a requeued job for ~2 minutes (BeginTime); release it now
+        _wait_for(lambda: _job_state(jobs[0].job_id) == "PENDING", 60, "the job to be requeued")
+        subprocess.run(["scontrol", "update", f"JobId={jobs[0].job_id}", "StartTime=now"], check=True)
+        [result] = executor.wait([task], jobs)
+        assert result.status == "FINISHED", result.error
+        run = _client(uri).get_run(result.run_id)
+        assert int(run.data.tags[TAG_RESUMED]) >= 20
+        history = _client(uri).get_metric_history(result.run_id, "train/loss")
+        # steps logged after the last save and before the kill are logged again, with the same values
+        by_step = {}
+        for point in history:
+            by_step.setdefault(point.step, []).append(point.value)
+        total = int(result.metrics["train_steps"])
+        assert sorted(by_step) == [s for s in range(1, total + 1) if s % 10 == 0 or s == total]
+        assert all(max(v) - min(v) < 1e-5 for v in by_step.values())
+    runs = [r for r in SweepTracker(sqlite, "requeue").trials() if r.trial_key == task.trial.trial_key]
+    assert [r.status for r in runs] == ["FINISHED"]
+
+
+def test_a_cancelled_job_is_reported_failed_not_waited_on(tmp_path, slurm, tasks_for):
+    executor = make_executor(SlurmExecutorSpec(kind="slurm", poll_seconds=0.5))
+    sqlite = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with store_for_workers(sqlite, parallel=True) as uri:
+        tasks = tasks_for(tmp_path, uri, "cancel", 2)
+        jobs = executor.submit(tasks, functools.partial(probe_trial, steps=1, seconds=300))
+        _wait_for(lambda: _job_state(jobs[0].job_id) == "RUNNING", 120, "the job to run")
+        time.sleep(2)
+        subprocess.run(["scancel", jobs[0].job_id], check=True)
+        subprocess.run(["scancel", jobs[1].job_id], check=True)
+        started = time.monotonic()
+        results = executor.wait(tasks, jobs)
+        assert time.monotonic() - started < 60
+    assert [r.status for r in results] == ["FAILED", "FAILED"]
+    assert "left the queue without a result" in results[0].error
+    records = {r.trial_key: r for r in SweepTracker(sqlite, "cancel").trials()}
+    assert "left the queue" in records[tasks[0].trial.trial_key].tags[TAG_FAILURE]

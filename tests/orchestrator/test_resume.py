@@ -1,0 +1,70 @@
+"""Resume is ours, keyed by trial_key: SIGKILL the driver mid-sweep, rerun the same command, and only the
+unfinished trials run; no key ends with two FINISHED runs; the dead attempt's RUNNING run is closed KILLED."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.tracking import SweepTracker
+
+SPEC = """\
+name: resume-{kind}
+workdir: {workdir}
+data: {{kind: synthetic, n_train: 128, n_eval: 16}}
+training: {{batch_size: 16, max_length: 40, log_every: 5}}
+evaluation: {{num_prompts: 16, max_new_tokens: 16}}
+stages:
+  sft: {{grid: {{learning_rate: [3.0e-3], epochs: [1]}}}}
+  methods:
+    dpo: {{grid: {{beta: [0.1, 0.3, 0.5], learning_rate: [3.0e-4]}}}}
+    simpo: {{grid: {{beta: [2.0], gamma: [0.5, 1.0], learning_rate: [3.0e-4]}}}}
+executor: {executor}
+"""
+EXECUTORS = {"local": "{kind: local}", "ray": "{kind: ray, num_cpus: 2, max_concurrent_trials: 2}"}
+TOTAL = 7  # untrained + 1 SFT + 3 DPO + 2 SimPO
+
+
+def _finished(db: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            return con.execute("select count(*) from runs r join tags t on t.run_uuid = r.run_uuid where "
+                               "t.key = 'posweep.run_kind' and t.value = 'trial' and r.status = 'FINISHED'"
+                               ).fetchone()[0]
+    except sqlite3.Error:  # not created yet, or busy
+        return 0
+
+
+@pytest.mark.parametrize("kind", ["local", "ray"])
+def test_sigkill_the_driver_then_rerun_finishes_only_the_rest(tmp_path, kind):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC.format(kind=kind, workdir=tmp_path / "work", executor=EXECUTORS[kind]))
+    db = tmp_path / "mlflow.db"
+    command = [sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--no-progress", "--tracking-uri",
+               f"sqlite:///{db}"]
+    driver = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 400
+    while _finished(db) < 3 and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert driver.poll() is None, "the sweep ended before it could be killed:\n" + driver.stdout.read()
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    time.sleep(2)  # the dying driver's helpers (Ray, the MLflow server) go down with it
+    done_before = _finished(db)
+    assert 3 <= done_before < TOTAL
+
+    rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"resuming: skipping {done_before} trials already done" in rerun.stdout
+    assert f"{TOTAL - done_before} trials run, {done_before} skipped" in rerun.stdout
+
+    records = SweepTracker(f"sqlite:///{db}", f"resume-{kind}").trials()
+    finished = [r.trial_key for r in records if r.status == "FINISHED"]
+    assert len(finished) == len(set(finished)) == TOTAL  # every key once, none twice
+    assert not [r for r in records if r.status == "RUNNING"]
+    assert {r.status for r in records} <= {"FINISHED", "KILLED"}
