@@ -1,4 +1,4 @@
-"""`sweep` command line: run, plan, ui.
+"""`sweep` command line: run, plan, status, ui.
 
 Exit codes: 0 success; 1 the sweep ran but could not finish (SweepError) or trials failed; 2 bad input
 (spec, arguments) — one line on stderr, no traceback, nothing started.
@@ -51,23 +51,95 @@ def _load(args) -> SweepSpec:
     return spec
 
 
+def _describe_range(search_range) -> str:
+    from orchestrator.spec import Choice, IntRange
+
+    if isinstance(search_range, Choice):
+        return f"one of {search_range.choices}"
+    if isinstance(search_range, IntRange):
+        return f"integer in [{search_range.int_low}, {search_range.int_high}]"
+    kind = "log-uniform" if search_range.log else "uniform"
+    return f"{kind} in [{search_range.low:g}, {search_range.high:g}]"
+
+
+def _print_stage(stage) -> None:
+    print(f"\nstage {stage.stage} ({stage.size} trial{'s' * (stage.size != 1)})")
+    if stage.search:
+        s = stage.search
+        print(f"  optuna search ({s.settings.sampler}, seed {s.settings.seed}, maximizing {s.settings.metric}): "
+              f"{s.n_trials} trials")
+        for key, search_range in s.space.items():
+            print(f"    {key}: {_describe_range(search_range)}")
+        for key, value in s.fixed.items():
+            print(f"    {key}: {value} (fixed)")
+        return
+    print(f"  {'key':<12}  {'method':<10}  hyperparameters")
+    for trial in stage.trials:
+        hp = ", ".join(f"{k}={v}" for k, v in trial.hparams.items()) or "-"
+        print(f"  {trial.trial_key[:12]}  {trial.method:<10}  {hp}")
+
+
+def _print_cost(spec, stages, records) -> None:
+    from orchestrator.status import cost_estimate, format_hours
+
+    table = cost_estimate(stages, records, spec.cost)
+    print("\ncost estimate (per trial: the mean of this sweep's measured trials, else the spec's `cost`)")
+    print(f"  {'stage':<12} {'trials':>6} {'to run':>6} {'s/trial':>8}  {'source':<17} {'trial-h':>8} "
+          f"{'to run':>8} {'GPU-h':>8} {'to run':>8}")
+    for row in table.itertuples():
+        seconds = f"{row.seconds_per_trial:.1f}" if row.seconds_per_trial is not None and row.seconds_per_trial == row.seconds_per_trial else "?"
+        print(f"  {row.stage:<12} {row.trials:>6} {row.to_run:>6} {seconds:>8}  {row.source:<17} "
+              f"{format_hours(row.trial_hours):>8} {format_hours(row.trial_hours_to_run):>8} "
+              f"{format_hours(row.gpu_hours):>8} {format_hours(row.gpu_hours_to_run):>8}")
+    total = lambda col: None if table[col].isna().any() else table[col].sum()  # noqa: E731
+    print(f"  {'all':<12} {table.trials.sum():>6} {table.to_run.sum():>6} {'':>8}  {'':<17} "
+          f"{format_hours(total('trial_hours')):>8} {format_hours(total('trial_hours_to_run')):>8} "
+          f"{format_hours(total('gpu_hours')):>8} {format_hours(total('gpu_hours_to_run')):>8}")
+    if (table.source == "unknown").any():
+        print("  (? = no trial measured yet: set cost.trial_seconds and cost.gpus_per_trial in the spec, or "
+              "run some trials)")
+
+
 def cmd_plan(args) -> int:
     from orchestrator.grid import plan_sweep
+    from orchestrator.tracking import existing_trials, resolve_tracking_uri
 
     spec = _load(args)
     stages = plan_sweep(spec, smoke=args.smoke)
-    total = 0
     print(f"sweep {spec.name!r}{' (smoke)' if args.smoke else ''}: nothing is run by `plan`")
     for stage in stages:
-        print(f"\nstage {stage.stage} ({len(stage.trials)} trial{'s' * (len(stage.trials) != 1)})")
-        print(f"  {'key':<12}  {'method':<10}  hyperparameters")
-        for trial in stage.trials:
-            hp = ", ".join(f"{k}={v}" for k, v in trial.hparams.items()) or "-"
-            print(f"  {trial.trial_key[:12]}  {trial.method:<10}  {hp}")
-        total += len(stage.trials)
-    n_pref = sum(len(s.trials) for s in stages if s.stage not in ("base", "sft"))
-    n_sft = sum(len(s.trials) for s in stages if s.stage == "sft")
-    print(f"\n{total} trials: 1 untrained baseline, {n_sft} SFT, {n_pref} preference")
+        _print_stage(stage)
+    n_pref = sum(s.size for s in stages if s.stage not in ("base", "sft"))
+    n_sft = sum(s.size for s in stages if s.stage == "sft")
+    print(f"\n{sum(s.size for s in stages)} trials: 1 untrained baseline, {n_sft} SFT, {n_pref} preference")
+    _print_cost(spec, stages, existing_trials(resolve_tracking_uri(args.tracking_uri, spec.tracking.uri), spec.name))
+    return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    import time
+
+    from orchestrator.grid import plan_sweep
+    from orchestrator.status import elapsed_seconds, format_hours, status_table
+    from orchestrator.tracking import existing_trials, resolve_tracking_uri
+
+    spec = _load(args)
+    uri = resolve_tracking_uri(args.tracking_uri, spec.tracking.uri)
+    stages = plan_sweep(spec, smoke=args.smoke)
+    records = existing_trials(uri, spec.name)
+    table = status_table(stages, records)
+    print(f"sweep {spec.name!r}{' (smoke)' if args.smoke else ''} in {uri}")
+    print(f"  {'stage':<12} {'planned':>7} {'done':>5} {'running':>7} {'failed':>6} {'pending':>7} "
+          f"{'trial-h':>8} {'GPU-h':>8}")
+    for row in table.itertuples():
+        print(f"  {row.stage:<12} {row.planned:>7} {row.done:>5} {row.running:>7} {row.failed:>6} {row.pending:>7} "
+              f"{format_hours(row.trial_hours):>8} {format_hours(row.gpu_hours):>8}")
+    print(f"  {'all':<12} {table.planned.sum():>7} {table.done.sum():>5} {table.running.sum():>7} "
+          f"{table.failed.sum():>6} {table.pending.sum():>7} {format_hours(table.trial_hours.sum()):>8} "
+          f"{format_hours(table.gpu_hours.sum()):>8}")
+    elapsed = elapsed_seconds(records, int(time.time() * 1000))
+    print(f"\nelapsed: {'-' if elapsed is None else f'{elapsed / 60:.1f} min'} (first trial start to last end); "
+          f"trial-h sums every attempt's wall time, GPU-h its wall time x GPUs held")
     return EXIT_OK
 
 
@@ -129,9 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-shared-work", action="store_true",
                      help="every trial computes its own reference log-probs and SFT baseline (to measure sharing)")
     run.set_defaults(func=cmd_run)
-    plan = sub.add_parser("plan", help="print the trial table and count; runs nothing")
+    plan = sub.add_parser("plan", help="print the trial table, count and cost estimate; runs nothing")
     common(plan)
     plan.set_defaults(func=cmd_plan)
+    status = sub.add_parser("status", help="done/running/failed/pending per stage, elapsed time and GPU-hours")
+    common(status)
+    status.set_defaults(func=cmd_status)
     ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store (127.0.0.1)")
     common(ui, spec=False)
     ui.add_argument("--host", default="127.0.0.1")

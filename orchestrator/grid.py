@@ -74,8 +74,10 @@ class StageSearch:
 
     def identity(self) -> str:
         space = {k: v.model_dump(mode="json") for k, v in self.space.items()}
+        # not n_trials: raising the budget continues the same search (its finished trials are replayed)
+        settings = self.settings.model_dump(mode="json", exclude={"n_trials"})
         return json.dumps({"template": self.template.canonical_json(), "fixed": self.fixed, "space": space,
-                           "search": self.settings.model_dump(mode="json"), "n": self.n_trials}, sort_keys=True)
+                           "search": settings}, sort_keys=True)
 
 
 @dataclass(frozen=True)

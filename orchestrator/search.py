@@ -54,9 +54,12 @@ def _told_value(result_metrics: dict[str, float], status: str, metric: str) -> O
     return result_metrics.get(metric) if status == "FINISHED" else None
 
 
-def new_study(search: StageSearch) -> optuna.Study:
+def new_study(search: StageSearch, n_replayed: int = 0) -> optuna.Study:
+    """A study whose sampler seed moves on with the number of replayed trials: a resumed search with the
+    spec's own seed would draw its random (startup) points again, and propose trials it has already run."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(direction="maximize", sampler=SAMPLERS[search.settings.sampler](search.settings.seed))
+    seed = search.settings.seed + n_replayed
+    return optuna.create_study(direction="maximize", sampler=SAMPLERS[search.settings.sampler](seed))
 
 
 def replay(study: optuna.Study, search: StageSearch, records: list[TrialRecord]) -> None:
@@ -72,7 +75,7 @@ def replay(study: optuna.Study, search: StageSearch, records: list[TrialRecord])
 def run_search(search: StageSearch, previous: list[TrialRecord], run_batch: RunBatch,
                batch_size: int) -> list[TrialResult]:
     """Run the rest of the stage's budget (n_trials minus its completed runs) in batches of `batch_size`."""
-    study = new_study(search)
+    study = new_study(search, len(previous))
     replay(study, search, previous)
     dists = {k: distribution(v) for k, v in search.space.items()}
     results: list[TrialResult] = []

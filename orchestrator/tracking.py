@@ -179,22 +179,43 @@ class TrialRecord(BaseModel):
     params: dict[str, str]
     metrics: dict[str, float]
     tags: dict[str, str]
+    start_time: Optional[int] = None   # ms since the epoch
+    end_time: Optional[int] = None
 
 
 def _record(run) -> TrialRecord:
     tags = run.data.tags
     return TrialRecord(run_id=run.info.run_id, run_name=run.info.run_name or "", trial_key=tags.get(TAG_KEY, ""),
                        stage=tags.get(TAG_STAGE, ""), method=tags.get(TAG_METHOD, ""), status=run.info.status,
-                       params=dict(run.data.params), metrics=dict(run.data.metrics), tags=dict(tags))
+                       params=dict(run.data.params), metrics=dict(run.data.metrics), tags=dict(tags),
+                       start_time=run.info.start_time, end_time=run.info.end_time)
+
+
+def store_exists(uri: str) -> bool:
+    """Whether reading `uri` would find a store (a SQLite file that is there, or any server); reading never
+    creates one."""
+    return urlparse(uri).scheme != "sqlite" or _sqlite_path(uri).is_file()
+
+
+def existing_trials(uri: str, sweep: str) -> list[TrialRecord]:
+    """The sweep's trial runs, or [] when there is no store or no such sweep yet (nothing is created)."""
+    if not store_exists(uri):
+        return []
+    try:
+        return SweepTracker(uri, sweep, create=False).trials()
+    except LookupError:
+        return []
 
 
 class SweepTracker:
     """Driver-side view of one sweep's experiment."""
 
-    def __init__(self, uri: str, sweep: str):
+    def __init__(self, uri: str, sweep: str, create: bool = True):
         self.uri, self.sweep = uri, sweep
         self.client = _client(uri)
         experiment = self.client.get_experiment_by_name(sweep)
+        if experiment is None and not create:
+            raise LookupError(f"no sweep {sweep!r} in {uri}")
         if experiment is None:
             self.experiment_id = self.client.create_experiment(
                 sweep, artifact_location=_local_artifact_root(uri), tags={TAG_SWEEP: sweep})

@@ -1,0 +1,96 @@
+"""Where a sweep stands and what it will cost: pure functions over the plan and the runs tracking returns.
+
+`sweep status` counts trials per stage (done, running, failed, pending) with the time and GPU-hours spent;
+`sweep plan` estimates the whole sweep's cost from the trials measured so far (per stage, else the sweep's
+mean) or, before any has run, from the spec's `cost` section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import pandas as pd
+
+from orchestrator.grid import StagePlan
+from orchestrator.pipeline import latest_per_key, stage_records
+from orchestrator.spec import CostSpec
+from orchestrator.tracking import TrialRecord
+
+STATUSES = ("FINISHED", "RUNNING", "FAILED", "KILLED")
+
+
+def _stage_runs(records: list[TrialRecord], stage: StagePlan) -> list[TrialRecord]:
+    """The latest run of each of the stage's trial keys."""
+    return latest_per_key(stage_records(records, stage))
+
+
+def status_table(stages: list[StagePlan], records: list[TrialRecord]) -> pd.DataFrame:
+    """One row per stage: planned, done, running, failed, pending, trial-hours and GPU-hours spent."""
+    rows = []
+    for stage in stages:
+        runs = _stage_runs(records, stage)
+        counts = {s: sum(r.status == s for r in runs) for s in STATUSES}
+        spent = stage_records(records, stage)  # every attempt costs, retried or not
+        rows.append({
+            "stage": stage.stage, "planned": stage.size, "done": counts["FINISHED"], "running": counts["RUNNING"],
+            "failed": counts["FAILED"],
+            "pending": max(stage.size - counts["FINISHED"] - counts["FAILED"] - counts["RUNNING"], 0),
+            "trial_hours": sum(r.metrics.get("wall_seconds", 0.0) for r in spent) / 3600,
+            "gpu_hours": sum(r.metrics.get("gpu_hours", 0.0) for r in spent)})
+    return pd.DataFrame(rows)
+
+
+def elapsed_seconds(records: list[TrialRecord], now_ms: int) -> Optional[float]:
+    """From the first trial's start to the last one's end (or now, while one runs)."""
+    starts = [r.start_time for r in records if r.start_time is not None]
+    if not starts:
+        return None
+    ends = [now_ms if r.end_time is None else r.end_time for r in records]
+    return (max(ends) - min(starts)) / 1000
+
+
+@dataclass(frozen=True)
+class TrialCost:
+    seconds: Optional[float]
+    gpu_hours: Optional[float]
+    source: str           # "measured (stage)", "measured (sweep)", "spec", or "unknown"
+
+
+def _measured(runs: list[TrialRecord]) -> list[TrialRecord]:
+    return [r for r in runs if r.status in ("FINISHED", "FAILED") and "wall_seconds" in r.metrics]
+
+
+def trial_cost(stage: StagePlan, records: list[TrialRecord], stages: list[StagePlan], spec_cost: CostSpec) -> TrialCost:
+    """Cost of one trial of `stage`: the mean over its measured trials, else over the sweep's, else the spec."""
+    for runs, source in ((_measured(_stage_runs(records, stage)), "measured (stage)"),
+                         (_measured([r for s in stages for r in _stage_runs(records, s)]), "measured (sweep)")):
+        if runs:
+            seconds = sum(r.metrics["wall_seconds"] for r in runs) / len(runs)
+            gpu = sum(r.metrics.get("gpu_hours", 0.0) for r in runs) / len(runs)
+            return TrialCost(seconds, gpu, source)
+    if spec_cost.trial_seconds:
+        return TrialCost(spec_cost.trial_seconds, spec_cost.trial_seconds * spec_cost.gpus_per_trial / 3600, "spec")
+    return TrialCost(None, None, "unknown")
+
+
+def cost_estimate(stages: list[StagePlan], records: list[TrialRecord], spec_cost: CostSpec) -> pd.DataFrame:
+    """Per stage: trials, cost per trial and its source, estimated trial-hours and GPU-hours for the whole
+    stage and for what is still to run."""
+    rows = []
+    for stage in stages:
+        cost = trial_cost(stage, records, stages, spec_cost)
+        runs = _stage_runs(records, stage)
+        left = max(stage.size - sum(r.status in ("FINISHED", "FAILED") for r in runs), 0)
+        hours = (lambda n: n * cost.seconds / 3600) if cost.seconds is not None else (lambda n: None)  # noqa: E731
+        gpu = (lambda n: n * cost.gpu_hours) if cost.gpu_hours is not None else (lambda n: None)  # noqa: E731
+        rows.append({"stage": stage.stage, "trials": stage.size, "to_run": left, "seconds_per_trial": cost.seconds,
+                     "source": cost.source, "trial_hours": hours(stage.size), "trial_hours_to_run": hours(left),
+                     "gpu_hours": gpu(stage.size), "gpu_hours_to_run": gpu(left)})
+    return pd.DataFrame(rows)
+
+
+def format_hours(value: Optional[float]) -> str:
+    if value is None or pd.isna(value):
+        return "?"
+    return f"{value:.3g}" if value < 100 else f"{value:,.0f}"

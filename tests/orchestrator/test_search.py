@@ -1,0 +1,112 @@
+"""Optuna search stages: spec validation, batches, resume by replay, and a real sweep with a searched stage."""
+
+import math
+
+import pytest
+
+from orchestrator.grid import plan_sweep
+from orchestrator.pipeline import run_sweep
+from orchestrator.search import run_search
+from orchestrator.spec import SpecError, parse_spec
+from orchestrator.task import TrialResult
+from orchestrator.tracking import SweepTracker, TrialRecord
+from trainers.probe import probe_score
+
+SPEC = """\
+name: searched
+workdir: {workdir}
+data: {{kind: synthetic, n_train: 128, n_eval: 16}}
+training: {{batch_size: 16, max_length: 40}}
+evaluation: {{num_prompts: 16, max_new_tokens: 16}}
+stages:
+  sft: {{grid: {{learning_rate: [3.0e-3], epochs: [1]}}}}
+  methods:
+    dpo:
+      grid: {{epochs: [1]}}
+      space:
+        learning_rate: {{low: 1.0e-5, high: 1.0e-3, log: true}}
+        beta: {{low: 0.05, high: 0.5}}
+search: {{kind: optuna, n_trials: {n}, sampler: {sampler}, seed: 0}}
+"""
+
+
+def spec_for(tmp_path, n=6, sampler="tpe"):
+    return parse_spec(SPEC.format(workdir=tmp_path / "work", n=n, sampler=sampler))
+
+
+def fake_batch(log):
+    """Runs no training: scores each trial with the probe's known function."""
+    def run_batch(trials):
+        log.append([t.hparams for t in trials])
+        return [TrialResult(trial_key=t.trial_key, run_id=None, status="FINISHED",
+                            metrics={"mean_score": probe_score(t.hparams)}) for t in trials]
+    return run_batch
+
+
+def test_plan_has_a_searched_stage_with_its_budget(tmp_path):
+    dpo = plan_sweep(spec_for(tmp_path))[-1]
+    assert dpo.search is not None and dpo.trials == [] and dpo.size == 6
+    assert plan_sweep(spec_for(tmp_path), smoke=True)[-1].size == 2
+    # the budget is not part of the stage's identity: raising it continues the same search
+    assert plan_sweep(spec_for(tmp_path, n=6))[-1].stage_key == plan_sweep(spec_for(tmp_path, n=9))[-1].stage_key
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_points_stay_in_their_ranges_come_in_executor_sized_batches_and_repeat_with_the_seed(tmp_path, sampler):
+    search = plan_sweep(spec_for(tmp_path, n=5, sampler=sampler))[-1].search
+    log, again = [], []
+    run_search(search, [], fake_batch(log), batch_size=2)
+    run_search(search, [], fake_batch(again), batch_size=2)
+    assert [len(b) for b in log] == [2, 2, 1]
+    points = [p for b in log for p in b]
+    assert all(1e-5 <= p["learning_rate"] <= 1e-3 and 0.05 <= p["beta"] <= 0.5 and p["epochs"] == 1 for p in points)
+    assert log == again
+
+
+def test_a_resumed_search_replays_completed_trials_and_runs_only_the_rest(tmp_path):
+    search = plan_sweep(spec_for(tmp_path, n=5))[-1].search
+    first = []
+    results = run_search(search, [], fake_batch(first), batch_size=1)
+    points = [b[0] for b in first]
+    previous = [TrialRecord(run_id=str(i), run_name="", trial_key=r.trial_key, stage="dpo", method="dpo",
+                            status="FINISHED", params={k: str(v) for k, v in p.items()},
+                            metrics=r.metrics, tags={}) for i, (p, r) in enumerate(zip(points[:3], results[:3]))]
+    rest = []
+    run_search(search, previous, fake_batch(rest), batch_size=1)
+    assert len(rest) == 2  # 5 - 3 replayed
+    # a resumed study does not draw its seeded startup points again (that would rerun trials it has)
+    replayed = {(p["learning_rate"], p["beta"]) for p in points[:3]}
+    assert not {(b[0]["learning_rate"], b[0]["beta"]) for b in rest} & replayed
+
+
+def test_space_errors_are_one_line_with_the_field(tmp_path):
+    bad = {
+        "learning_rate: {low: 0.0, high: 1.0e-3, log: true}": "log range needs low > 0",
+        "learning_rate: {low: 1.0e-3, high: 1.0e-5}": "must be below high",
+        "gamma: {low: 0.1, high: 1.0}": "unknown hyperparameter for dpo 'gamma'",
+    }
+    for line, message in bad.items():
+        text = SPEC.format(workdir=tmp_path, n=3, sampler="tpe").replace(
+            "learning_rate: {low: 1.0e-5, high: 1.0e-3, log: true}", line)
+        with pytest.raises(SpecError) as info:
+            parse_spec(text, "s.yaml")
+        assert message in str(info.value) and "stages.methods.dpo.space" in str(info.value), str(info.value)
+    no_space = SPEC.format(workdir=tmp_path, n=3, sampler="tpe").replace("      space:\n", "      zzz:\n")
+    with pytest.raises(SpecError):
+        parse_spec(no_space, "s.yaml")
+    grid_kind = SPEC.format(workdir=tmp_path, n=3, sampler="tpe").replace(
+        "search: {kind: optuna, n_trials: 3, sampler: tpe, seed: 0}", "")
+    with pytest.raises(SpecError, match="search.kind is grid"):
+        parse_spec(grid_kind, "s.yaml")
+
+
+def test_a_real_sweep_searches_a_stage_and_a_rerun_with_a_bigger_budget_continues_it(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = run_sweep(spec_for(tmp_path, n=2), uri, show_progress=False, echo=lambda _: None)
+    assert first.ran == 4 and first.failed == 0  # base, sft, 2 searched dpo trials
+    more = run_sweep(spec_for(tmp_path, n=3), uri, show_progress=False, echo=lambda _: None)
+    assert more.skipped == 4 and more.ran == 1
+    dpo = [r for r in SweepTracker(uri, "searched").trials("dpo") if r.status == "FINISHED"]
+    assert len(dpo) == 3 and len({r.trial_key for r in dpo}) == 3
+    for r in dpo:
+        assert 1e-5 <= float(r.params["learning_rate"]) <= 1e-3 and math.isfinite(r.metrics["mean_score"])
