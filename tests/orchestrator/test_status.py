@@ -84,5 +84,10 @@ def test_status_and_plan_after_a_run(tmp_path):
     lines = {line.split()[0]: line.split() for line in status.stdout.splitlines()[2:8] if line.strip()}
     assert lines["dpo"][:6] == ["dpo", "2", "2", "0", "0", "0"] and lines["all"][:6] == ["all", "4", "4", "0", "0", "0"]
     assert "GPU-h" in status.stdout and "elapsed:" in status.stdout
-    after = sweep("plan", str(spec), cwd=tmp_path)  # full grid: 2 of 4 DPO keys differ from smoke's
-    assert "measured (sweep)" in after.stdout or "measured (stage)" in after.stdout
+    after = sweep("plan", str(spec), "--smoke", cwd=tmp_path)
+    cost_rows = {l.split()[0]: l.split() for l in after.stdout.split("cost estimate")[1].splitlines()[2:] if l.strip()}
+    assert cost_rows["dpo"][1:3] == ["2", "0"] and cost_rows["dpo"][4:6] == ["measured", "(stage)"]
+    assert cost_rows["dpo"][-2:] == ["0", "0"]  # CPU trials hold no GPU
+    # the full grid's keys differ from the smoke run's (fewer steps): smoke timings are not used for it
+    full = sweep("plan", str(spec), cwd=tmp_path)
+    assert "measured" not in full.stdout
