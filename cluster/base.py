@@ -28,6 +28,8 @@ class Executor(Protocol):
     def run(self, tasks: list[TrialTask], trial_fn: TrialFn, progress: Optional[Progress] = None
             ) -> list[TrialResult]: ...
 
+    # Optional: start(), called once before the first batch (e.g. connect to Ray), and close() at the end.
+
 
 EXECUTORS: dict[str, Callable[..., Executor]] = {}
 

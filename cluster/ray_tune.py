@@ -67,6 +67,10 @@ class RayExecutor:
         self.spec = spec
         self._owns_ray = False
 
+    def start(self) -> None:
+        """Connect to (or start) Ray now; the pipeline does it while the tracking server comes up."""
+        self._connect()
+
     def _connect(self) -> None:
         import ray
 

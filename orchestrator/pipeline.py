@@ -145,15 +145,16 @@ class _StageRunner:
 
 def run_sweep(spec: SweepSpec, tracking_uri: str, smoke: bool = False, executor=None,
               show_progress: bool = True, echo: Callable[[str], None] = print,
-              share_work: bool = True, trial_fn=None) -> SweepOutcome:
-    """Run (or resume) a sweep. `trial_fn` defaults to the real trial (trainers.trial.run_trial)."""
+              share_work: bool = True) -> SweepOutcome:
+    """Run (or resume) a sweep: only trials without a FINISHED run (grids) or the rest of a search's budget."""
     from cluster import make_executor
     from trainers.trial import run_trial
 
     started = time.monotonic()
     stages = plan_sweep(spec, smoke)
     executor = executor or make_executor(spec.executor)
-    with store_for_workers(tracking_uri, executor.parallel, spec.tracking.server_host) as uri:
+    with store_for_workers(tracking_uri, executor.parallel, spec.tracking.server_host,
+                           meanwhile=getattr(executor, "start", None)) as uri:
         if uri != tracking_uri:
             echo(f"trials run in parallel: serving {tracking_uri} through an MLflow server at {uri}")
         tracker = SweepTracker(uri, spec.name)
@@ -165,7 +166,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, smoke: bool = False, executor=
         if skipped:
             echo(f"resuming: skipping {skipped} trials already done")
         progress = TrialProgress(sum(s.size for s in stages), skipped, enabled=show_progress)
-        runner = _StageRunner(spec, tracker, executor, uri, share_work, progress, trial_fn or run_trial)
+        runner = _StageRunner(spec, tracker, executor, uri, share_work, progress, run_trial)
         init: dict[str, str] = {}
         try:
             for phase in phases(stages):

@@ -22,7 +22,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
 from pydantic import BaseModel
@@ -84,7 +84,8 @@ def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float
 
 
 @contextlib.contextmanager
-def mlflow_server(sqlite_uri: str, host: str = "127.0.0.1", timeout: float = 180.0) -> Iterator[str]:
+def mlflow_server(sqlite_uri: str, host: str = "127.0.0.1", timeout: float = 180.0,
+                  meanwhile: Optional[Callable[[], None]] = None) -> Iterator[str]:
     """Serve a SQLite tracking store over HTTP for the duration of the block; yields the server's URI.
 
     One server process owns the SQLite file, so parallel trials never write it concurrently. Artifacts keep
@@ -99,10 +100,14 @@ def mlflow_server(sqlite_uri: str, host: str = "127.0.0.1", timeout: float = 180
     command = [mlflow, "server", "--backend-store-uri", f"sqlite:///{db}", "--default-artifact-root",
                (db.parent / "mlartifacts").as_uri(), "--no-serve-artifacts", "--host", host, "--port", str(port),
                "--workers", "1"]
+    # MLflow's job runner (GenAI evaluation jobs: 3 more processes) has nothing to do for a sweep
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log, "ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                   preexec_fn=_die_with_parent)
+                                   preexec_fn=_die_with_parent, env=env)
     try:
+        if meanwhile:  # e.g. start Ray: the server takes ~10 s to come up, let that overlap
+            meanwhile()
         _wait_healthy(url, process, log, timeout)
         yield url
     finally:
@@ -134,13 +139,17 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def store_for_workers(uri: str, parallel: bool, host: str = "127.0.0.1") -> Iterator[str]:
+def store_for_workers(uri: str, parallel: bool, host: str = "127.0.0.1",
+                      meanwhile: Optional[Callable[[], None]] = None) -> Iterator[str]:
     """The tracking URI that the driver and every worker use: a local SQLite store is put behind an MLflow
-    server when trials run in parallel; anything else (a server URI, a sequential sweep) is used as is."""
+    server when trials run in parallel; anything else (a server URI, a sequential sweep) is used as is.
+    `meanwhile` runs once either way (while the server starts, if one does)."""
     if parallel and urlparse(uri).scheme == "sqlite":
-        with mlflow_server(uri, host) as url:
+        with mlflow_server(uri, host, meanwhile=meanwhile) as url:
             yield url
     else:
+        if meanwhile:
+            meanwhile()
         yield uri
 
 
@@ -252,11 +261,6 @@ class SweepTracker:
         if stage is not None:
             query += f" and tags.`{TAG_STAGE}` = '{stage}'"
         return [_record(r) for r in self._search(query)]
-
-    def finished(self, keys: Iterable[str]) -> dict[str, TrialRecord]:
-        """trial_key -> its FINISHED run, for the given keys."""
-        wanted = set(keys)
-        return {r.trial_key: r for r in self.trials() if r.status == "FINISHED" and r.trial_key in wanted}
 
     def close_stale(self, keys: Iterable[str]) -> int:
         """Mark RUNNING runs of these (unfinished) keys KILLED: their process is gone, a rerun replaces them."""

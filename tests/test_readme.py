@@ -33,3 +33,27 @@ def test_readme_method_rows_name_every_hyperparameter():
         if method.kind == "preference":
             missing = [f for f in method.params.model_fields if f"`{f}`" not in rows[name].split("|")[-2]]
             assert not missing, f"README row of {name} does not name {missing}"
+
+
+def _section(readme: str, title: str) -> str:
+    return readme.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_executor_and_search_examples_are_valid_specs():
+    """The YAML a user copies from the README loads: every executor example, and the search example."""
+    import yaml
+    from pydantic import TypeAdapter
+
+    from orchestrator.spec import CostSpec, ExecutorSpec, parse_spec
+
+    readme = (ROOT / "README.md").read_text()
+    executors = re.findall(r"```yaml\n(.*?)\n```", _section(readme, "Running on Ray and SLURM"), re.S)[0]
+    chunks = re.split(r"\n(?=executor:)", executors)
+    kinds = [TypeAdapter(ExecutorSpec).validate_python(yaml.safe_load(c)["executor"]).kind for c in chunks]
+    assert kinds == ["local", "ray", "slurm"]
+    search = re.findall(r"```yaml\n(.*?)\n```", _section(readme, "Search beyond grids"), re.S)[0]
+    spec = parse_spec("name: s\n" + search.replace("  methods:\n", "  sft: {grid: {learning_rate: [0.001]}}\n"
+                                                   "  methods:\n", 1))
+    assert spec.search.kind == "optuna" and set(spec.stages.methods["simpo"].space) == {"learning_rate", "beta", "gamma"}
+    cost = re.findall(r"```yaml\n(.*?)\n```", _section(readme, "Cost accounting"), re.S)[0]
+    assert CostSpec(**yaml.safe_load(cost)["cost"]).gpus_per_trial == 8

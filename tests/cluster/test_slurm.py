@@ -1,6 +1,7 @@
 """The SLURM executor against a real single-node Slurm (Debian's slurm-wlm + munge) started and stopped here."""
 
 import functools
+import os
 import subprocess
 import threading
 import time
@@ -14,7 +15,9 @@ from orchestrator.tracking import TAG_FAILURE, TAG_RESUMED, SweepTracker, _clien
 from trainers.probe import probe_trial
 from trainers.trial import run_trial
 
-pytestmark = pytest.mark.skipif(bool(local_slurm.available()), reason=f"no local Slurm: {local_slurm.available()}")
+# CI installs Slurm (README's test command): there a missing Slurm fails these tests instead of skipping them
+pytestmark = pytest.mark.skipif(bool(local_slurm.available()) and os.environ.get("CI") != "true",
+                                reason=f"no local Slurm: {local_slurm.available()}")
 
 
 @pytest.fixture(scope="module")

@@ -79,3 +79,21 @@ def test_quickstart_sweep_learns(tmp_path):
     assert best["sft"] > best["base"] + 3
     assert max(best["dpo"], best["simpo"], best["ln_dpo"]) > best["sft"]
     assert "best run" in proc.stdout and "ln_dpo" in proc.stdout
+
+
+def test_executor_flag_overrides_the_spec_with_that_kinds_defaults(tmp_path):
+    from types import SimpleNamespace
+
+    from orchestrator.cli import _load
+    from orchestrator.spec import RayExecutorSpec, SlurmExecutorSpec, SpecError
+
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text("name: s\nstages: {sft: {grid: {learning_rate: [0.001]}}, methods: {dpo: {grid: "
+                         "{beta: [0.1], learning_rate: [0.0001]}}}}\nexecutor: {kind: ray, num_cpus: 1}\n")
+    load = lambda kind: _load(SimpleNamespace(spec=str(spec_file), executor=kind))  # noqa: E731
+    assert load(None).executor == RayExecutorSpec(kind="ray", num_cpus=1)
+    assert load("ray").executor == RayExecutorSpec(kind="ray", num_cpus=1)  # same kind: the spec's section stays
+    assert load("slurm").executor == SlurmExecutorSpec(kind="slurm")
+    assert load("local").executor.kind == "local"
+    with pytest.raises(SpecError, match="unknown executor 'rey'.*did you mean 'ray'"):
+        load("rey")
