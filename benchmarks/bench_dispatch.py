@@ -84,9 +84,11 @@ def time_dispatch(kind: str, executor_spec, n: int, repeats: int) -> tuple[list[
     return per_trial, startup
 
 
-def quickstart_share(concurrency: int, repeats: int) -> list[tuple[float, float, float]]:
-    """(sweep wall, sum of trial walls, share) per repeat of the quickstart on ray."""
+def quickstart_share(concurrency: int, repeats: int, n_train: int = 2000) -> list[tuple[float, float, float]]:
+    """(sweep wall, sum of trial walls, share) per repeat of the quickstart on ray (`n_train` training pairs:
+    2000 as shipped; more makes every trial longer against the same dispatch costs)."""
     spec = load_spec(builtin_spec_path("quickstart"))
+    spec = spec.model_copy(update={"data": spec.data.model_copy(update={"n_train": n_train})})
     out = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
@@ -106,9 +108,19 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--skip-slurm", action="store_true")
     parser.add_argument("--skip-quickstart", action="store_true")
+    parser.add_argument("--skip-dispatch", action="store_true")
+    parser.add_argument("--longer-trials", type=int, default=0, metavar="N_TRAIN",
+                        help="also run the quickstart with this many training pairs (longer trials), once")
     args = parser.parse_args()
     med = statistics.median
+    if not args.skip_dispatch:
+        dispatch_table(args)
+    if not args.skip_quickstart:
+        share_table(args)
 
+
+def dispatch_table(args) -> None:
+    med = statistics.median
     rows = [("local", LocalExecutorSpec()),
             ("ray", RayExecutorSpec(kind="ray", num_cpus=2, max_concurrent_trials=1))]
     print(f"no-op trials, one at a time, {args.trials} per batch, median of {args.repeats}:")
@@ -137,13 +149,18 @@ def main() -> None:
         if kind in results:
             print(f"  {kind} vs local: +{results[kind] - results['local']:.3f} s per trial")
 
-    if args.skip_quickstart:
-        return
+
+
+def share_table(args) -> None:
+    med = statistics.median
     print(f"\nquickstart (21 trials) on ray, median of {args.repeats}:")
-    print(f"  {'concurrent':>10} {'sweep wall':>10} {'in trials':>10} {'share':>7}  runs (share)")
-    for concurrency in (1, 2):
-        runs = quickstart_share(concurrency, args.repeats)
-        print(f"  {concurrency:>10} {med(r[0] for r in runs):>9.1f}s {med(r[1] for r in runs):>9.1f}s "
+    print(f"  {'n_train':>7} {'concurrent':>10} {'sweep wall':>10} {'in trials':>10} {'share':>7}  runs (share)")
+    configs = [(2000, 1, args.repeats), (2000, 2, args.repeats)]
+    if args.longer_trials:
+        configs += [(args.longer_trials, 1, 1)]
+    for n_train, concurrency, repeats in configs:
+        runs = quickstart_share(concurrency, repeats, n_train)
+        print(f"  {n_train:>7} {concurrency:>10} {med(r[0] for r in runs):>9.1f}s {med(r[1] for r in runs):>9.1f}s "
               f"{med(r[2] for r in runs):>7.1%}  {', '.join(f'{r[2]:.1%}' for r in runs)}  (target >= 90%)",
               flush=True)
 
