@@ -232,6 +232,15 @@ def _open_run(task: TrialTask, logger: tracking.TrialLogger, earlier: list[track
     return run_id
 
 
+def _finished_result(runs: list[tracking.TrialRecord]) -> Optional[TrialResult]:
+    """The result of the key's FINISHED run among `runs`, if it has one."""
+    finished = next((r for r in runs if r.status == "FINISHED"), None)
+    if finished is None:
+        return None
+    return TrialResult(trial_key=finished.trial_key, run_id=finished.run_id, status="FINISHED",
+                       metrics=finished.metrics, wall_seconds=finished.metrics.get("wall_seconds", 0.0))
+
+
 # body(task, logger, report, accelerator) -> metrics: what a trial does between opening and closing its run.
 TrialBody = Callable[[TrialTask, tracking.TrialLogger, Optional[Report], object], dict[str, float]]
 
@@ -254,10 +263,9 @@ def _run_locked(task: TrialTask, report: Optional[Report], body: TrialBody) -> T
     trial, runtime = task.trial, task.runtime
     logger = tracking.TrialLogger(runtime.tracking_uri, runtime.experiment_id, runtime.parent_run_id)
     earlier = logger.runs_of(trial.trial_key)
-    finished = next((r for r in earlier if r.status == "FINISHED"), None)
-    if finished is not None:
-        return TrialResult(trial_key=trial.trial_key, run_id=finished.run_id, status="FINISHED",
-                           metrics=finished.metrics, wall_seconds=finished.metrics.get("wall_seconds", 0.0))
+    done = _finished_result(earlier)
+    if done is not None:
+        return done
     run_id = _open_run(task, logger, earlier)
     started = time.monotonic()
     accelerator = make_accelerator()
@@ -292,10 +300,9 @@ def record_lost_trial(task: TrialTask, reason: str) -> TrialResult:
     RUNNING run FAILED with the reason, or create a FAILED run if it died before starting one."""
     logger = tracking.TrialLogger(task.runtime.tracking_uri, task.runtime.experiment_id, task.runtime.parent_run_id)
     earlier = logger.runs_of(task.trial.trial_key)
-    finished = next((r for r in earlier if r.status == "FINISHED"), None)
-    if finished is not None:  # it did finish; only the report back was lost
-        return TrialResult(trial_key=task.trial.trial_key, run_id=finished.run_id, status="FINISHED",
-                           metrics=finished.metrics, wall_seconds=finished.metrics.get("wall_seconds", 0.0))
+    done = _finished_result(earlier)
+    if done is not None:  # it did finish; only the report back was lost
+        return done
     running = next((r for r in earlier if r.status == "RUNNING"), None)
     if running is not None:
         logger.reopen(running.run_id)
