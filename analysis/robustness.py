@@ -1,0 +1,138 @@
+"""How a method behaves across its whole grid, not just at its best run (issue 5's analysis core).
+
+Pure pandas/numpy over the trials frame (analysis.summary.trials_frame). Failed trials stay in every
+denominator: a config that failed is a draw a user paid for and got nothing from.
+"""
+
+from __future__ import annotations
+
+import itertools
+from math import comb
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis.summary import METRIC_COLUMNS
+
+REFERENCE_METHOD = "dpo"  # the paper normalizes by DPO's best run
+
+
+def expected_best_of_k(scores: Sequence[float], n_failed: int, k: int) -> tuple[float, float]:
+    """(expected best score, probability that every draw failed) for k configs drawn at random without
+    replacement from n = len(scores) + n_failed configs. Exact order statistics: with all n configs sorted
+    (failed ones below every finished one), the i-th smallest is the best of the draw with probability
+    C(i-1, k-1) / C(n, k). The expectation is over the draws that have at least one finished config."""
+    finished = np.sort(np.asarray(scores, dtype=float))
+    n = len(finished) + n_failed
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}] (the number of configs); got {k}")
+    total = comb(n, k)
+    all_failed = comb(n_failed, k) / total
+    if all_failed == 1.0:
+        return float("nan"), 1.0
+    weights = np.array([comb(n_failed + j, k - 1) for j in range(len(finished))], dtype=float) / total
+    return float((weights * finished).sum() / (1 - all_failed)), all_failed
+
+
+def best_of_k_curve(scores: Sequence[float], n_failed: int, ks: Optional[Sequence[int]] = None,
+                    n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+    """Expected best-of-k for each k with a bootstrap band: the method's configs (failures included) are
+    resampled with replacement `n_boot` times and the curve recomputed; the band is the central `level`."""
+    n = len(scores) + n_failed
+    ks = list(ks) if ks is not None else list(range(1, n + 1))
+    outcomes = np.concatenate([np.asarray(scores, dtype=float), np.full(n_failed, np.nan)])
+    rng = np.random.default_rng(seed)
+    boot = np.full((n_boot, len(ks)), np.nan)
+    for b in range(n_boot):
+        sample = outcomes[rng.integers(0, n, n)]
+        done = sample[~np.isnan(sample)]
+        for j, k in enumerate(ks):
+            boot[b, j] = expected_best_of_k(done, n - len(done), k)[0] if len(done) else np.nan
+    rows = []
+    for j, k in enumerate(ks):
+        mean, p_fail = expected_best_of_k(scores, n_failed, k)
+        low, high = np.nanquantile(boot[:, j], [(1 - level) / 2, 1 - (1 - level) / 2])
+        rows.append({"k": k, "expected_best": mean, "low": float(low), "high": float(high),
+                     "p_all_failed": p_fail})
+    return pd.DataFrame(rows)
+
+
+def probability_beats(scores: Sequence[float], n_failed: int, baseline: float) -> float:
+    """Chance that one config drawn at random beats `baseline` (ties count half; a failed config does not)."""
+    s = np.asarray(scores, dtype=float)
+    n = len(s) + n_failed
+    return float(((s > baseline).sum() + 0.5 * (s == baseline).sum()) / n) if n else float("nan")
+
+
+def pareto_front(frame: pd.DataFrame, score: str = "mean_score", cost: str = "kl") -> pd.DataFrame:
+    """Runs no other run beats on both axes (higher `score`, lower `cost`), sorted by cost."""
+    runs = frame.dropna(subset=[score, cost]).sort_values([cost, score], ascending=[True, False])
+    front, best = [], -np.inf
+    for index, row in runs.iterrows():
+        if row[score] > best:
+            front.append(index)
+            best = row[score]
+    return runs.loc[front]
+
+
+def table1(frame: pd.DataFrame, methods: Sequence[str], reference: str = REFERENCE_METHOD) -> pd.DataFrame:
+    """The best FINISHED run of each method by mean_score with every metric, and each metric's relative change
+    against the reference method's best run: (m - m_ref) / |m_ref|."""
+    rows = []
+    for method in methods:
+        runs = frame[(frame["method"] == method) & (frame["status"] == "FINISHED")]
+        failed = int(((frame["method"] == method) & (frame["status"] == "FAILED")).sum())
+        if runs.empty:
+            rows.append({"method": method, "run_name": None, "finished": 0, "failed": failed})
+            continue
+        best = runs.loc[runs["mean_score"].idxmax()]
+        rows.append({"method": method, "run_name": best["run_name"], "finished": len(runs), "failed": failed,
+                     **{m: best[m] for m in METRIC_COLUMNS}})
+    table = pd.DataFrame(rows).set_index("method")
+    if reference in table.index and table.loc[reference, "run_name"] is not None:
+        for m in METRIC_COLUMNS:
+            ref = table.loc[reference, m]
+            table[f"{m}_vs_{reference}"] = (table[m] - ref) / abs(ref) if ref else np.nan
+    return table.reset_index()
+
+
+def run_at_quantile(frame: pd.DataFrame, method: str, q: float, by: str = "mean_score") -> Optional[pd.Series]:
+    """The method's FINISHED run at quantile `q` of `by` (nearest rank: q=1 the best run, q=0.75 the run a
+    quarter of the way down from the top), or None when none finished."""
+    runs = frame[(frame["method"] == method) & (frame["status"] == "FINISHED")].sort_values(by, kind="stable")
+    if runs.empty:
+        return None
+    rank = max(int(np.ceil(q * len(runs))), 1)
+    return runs.iloc[rank - 1]
+
+
+def head_to_head(scores_a: pd.Series, scores_b: pd.Series, n_boot: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> dict[str, float]:
+    """How often run A's generation outscores run B's on the same prompt (series indexed by prompt id; ties
+    count half), over the prompts both have, with a paired bootstrap interval (prompts resampled together)."""
+    common = scores_a.index.intersection(scores_b.index)
+    if common.empty:
+        raise ValueError("the two runs share no evaluation prompt")
+    a, b = scores_a.loc[common].to_numpy(float), scores_b.loc[common].to_numpy(float)
+    outcome = (a > b) + 0.5 * (a == b)                                   # (prompts,) in {0, 0.5, 1}
+    rng = np.random.default_rng(seed)
+    boot = outcome[rng.integers(0, len(outcome), (n_boot, len(outcome)))].mean(axis=1)
+    low, high = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"win_rate": float(outcome.mean()), "low": float(low), "high": float(high), "prompts": len(common)}
+
+
+def table3(frame: pd.DataFrame, samples: dict[str, pd.Series], methods: Sequence[str], q: float,
+           n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Head-to-head win rates between every ordered pair of methods, each at its run at quantile `q` (1: the
+    best run, 0.75: the 75th-percentile run). `samples` maps a run's trial_key to its per-prompt gold scores."""
+    picked = {m: run_at_quantile(frame, m, q) for m in methods}
+    rows = []
+    for a, b in itertools.permutations(methods, 2):
+        if picked[a] is None or picked[b] is None:
+            continue
+        result = head_to_head(samples[picked[a]["trial_key"]], samples[picked[b]["trial_key"]], n_boot, seed)
+        rows.append({"method": a, "opponent": b, "run": picked[a]["run_name"],
+                     "opponent_run": picked[b]["run_name"], **result})
+    return pd.DataFrame(rows, columns=["method", "opponent", "run", "opponent_run", "win_rate", "low", "high",
+                                       "prompts"])
