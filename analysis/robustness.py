@@ -136,3 +136,14 @@ def table3(frame: pd.DataFrame, samples: dict[str, pd.Series], methods: Sequence
                      "opponent_run": picked[b]["run_name"], **result})
     return pd.DataFrame(rows, columns=["method", "opponent", "run", "opponent_run", "win_rate", "low", "high",
                                        "prompts"])
+
+
+def cost_to_reach(frame: pd.DataFrame, method: str, threshold: float, cost: str) -> Optional[float]:
+    """Expected `cost` (e.g. gpu_hours) a user spends trying the method's configs in random order until one
+    scores at least `threshold`: (n + 1) / (m + 1) draws without replacement (n configs, m reaching it, failed
+    ones included in n), times the method's mean cost per trial. None when no config reaches it."""
+    runs = frame[frame["method"] == method]
+    m = int((runs["mean_score"] >= threshold).sum())
+    if m == 0 or runs.empty:
+        return None
+    return (len(runs) + 1) / (m + 1) * float(runs[cost].fillna(0).mean())

@@ -1,4 +1,4 @@
-"""`sweep` command line: run, plan, status, ui.
+"""`sweep` command line: run, plan, status, report, ui.
 
 Exit codes: 0 success; 1 the sweep ran but could not finish (SweepError) or trials failed; 2 bad input
 (spec, arguments) — one line on stderr, no traceback, nothing started.
@@ -180,6 +180,26 @@ def cmd_ui(args) -> int:
         return EXIT_OK
 
 
+def cmd_report(args) -> int:
+    from analysis.report import render
+    from orchestrator.reporting import load_report_inputs
+    from orchestrator.tracking import SweepTracker, existing_trials, resolve_tracking_uri
+
+    spec = _load(args)
+    uri = resolve_tracking_uri(args.tracking_uri, spec.tracking.uri)
+    if not existing_trials(uri, spec.name):
+        print(f"error: no trial of sweep {spec.name!r} in {uri}; run it first (sweep run)", file=sys.stderr)
+        return EXIT_FAILED
+    inputs = load_report_inputs(spec, uri, smoke=args.smoke, show_progress=not args.no_progress)
+    text = render(inputs, args.format)
+    out = Path(args.out or f"{spec.name}-report.{args.format}")
+    out.write_text(text)
+    run_id = SweepTracker(uri, spec.name).log_report(text, f"report.{args.format}")
+    print(f"report: {out} ({len(text) / 1e6:.1f} MB); also the artifact report.{args.format} of run {run_id} "
+          f"(\"sweep {spec.name}\") in {uri}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sweep", description="Hyperparameter sweeps for preference "
                                      "optimization (DPO, SimPO, LN-DPO, ...), tracked in MLflow.")
@@ -207,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="done/running/failed/pending per stage, elapsed time and GPU-hours")
     common(status)
     status.set_defaults(func=cmd_status)
+    report = sub.add_parser("report", help="robustness report (tables, figures, best-of-k) as one HTML or "
+                                           "Markdown file; also logged to MLflow")
+    common(report)
+    report.add_argument("--out", help="output file (default: SWEEP-report.html / .md)")
+    report.add_argument("--format", choices=["html", "md"], default="html")
+    report.add_argument("--no-progress", action="store_true", help="no progress bar while loading runs")
+    report.set_defaults(func=cmd_report)
     ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store (127.0.0.1)")
     common(ui, spec=False)
     ui.add_argument("--host", default="127.0.0.1")

@@ -156,6 +156,7 @@ def store_for_workers(uri: str, parallel: bool, host: str = "127.0.0.1",
 def _quiet_mlflow() -> None:
     # Over HTTP, MLflow prints "View run ... at: URL" on every run end: one line per trial in the driver's output
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per downloaded file
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -269,6 +270,23 @@ class SweepTracker:
         for r in stale:
             self.client.set_terminated(r.run_id, "KILLED")
         return len(stale)
+
+    def log_report(self, text: str, artifact_file: str) -> str:
+        """Attach the robustness report to the sweep's own run (run_kind sweep, created once), whose
+        description points to it; returns that run's id."""
+        found = self._search(f"tags.`{TAG_KIND}` = 'sweep'")
+        if found:
+            run_id = found[0].info.run_id
+        else:
+            run_id = self.client.create_run(self.experiment_id, run_name=f"sweep {self.sweep}",
+                                            tags={TAG_SWEEP: self.sweep, TAG_KIND: "sweep"}).info.run_id
+        self.client.log_text(run_id, text, artifact_file)
+        reports = sorted(a.path for a in self.client.list_artifacts(run_id) if a.path.startswith("report."))
+        self.client.set_tag(run_id, TAG_NOTE, f"Sweep **{self.sweep}**: the robustness report is this run's "
+                            f"artifact {' and '.join(f'`{r}`' for r in reports)} (Artifacts tab). Trials are the "
+                            "child runs of the `stage ...` runs.")
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
 
     def load_samples(self, run_id: str, artifact_file: str = SAMPLES_ARTIFACT) -> list[dict]:
         """A trial's per-sample records, read back from its table artifact."""

@@ -123,3 +123,13 @@ def test_table3_at_the_best_and_the_75th_percentile_run():
     assert q75.loc[("simpo", "dpo"), "run"] == "s1"
     low = table3(frame, samples, ["dpo", "simpo"], q=0.5, n_boot=200).set_index(["method", "opponent"])
     assert low.loc[("simpo", "dpo"), ["run", "opponent_run", "win_rate"]].tolist() == ["s2", "d1", 0.0]
+
+
+def test_cost_to_reach_counts_expected_draws_without_replacement():
+    from analysis.robustness import cost_to_reach
+    frame = trials_frame([record("dpo", f"d{i}", "FINISHED", float(i)) for i in range(4)]
+                         + [record("dpo", "dx", "FAILED", 0.0)])
+    frame["gpu_hours"] = [1.0, 1.0, 1.0, 1.0, 0.5]
+    # 5 configs, 1 reaches score 3: (5+1)/(1+1) = 3 draws x 0.9 GPU-h mean
+    assert cost_to_reach(frame, "dpo", 3.0, "gpu_hours") == pytest.approx(3 * 0.9)
+    assert cost_to_reach(frame, "dpo", 9.0, "gpu_hours") is None

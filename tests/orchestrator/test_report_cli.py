@@ -1,0 +1,92 @@
+"""`sweep report` on a real (smoke) sweep: HTML and Markdown files, the MLflow artifact, and the HTML rendered
+in headless Chromium with every figure loaded and no console error (screenshot kept)."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.tracking import TAG_KIND, TAG_NOTE, SweepTracker
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / ".test-artifacts"  # kept after the run (gitignored): screenshots
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+SPEC = """\
+name: reported
+workdir: {workdir}
+data: {{kind: synthetic, n_train: 128, n_eval: 16}}
+training: {{batch_size: 16, max_length: 40}}
+evaluation: {{num_prompts: 16, max_new_tokens: 16}}
+stages:
+  sft: {{grid: {{learning_rate: [3.0e-3], epochs: [1]}}}}
+  methods:
+    dpo: {{grid: {{beta: [0.1, 0.5], learning_rate: [3.0e-4]}}}}
+    simpo: {{grid: {{beta: [2.0], gamma: [0.5, 1.0], learning_rate: [3.0e-4]}}}}
+"""
+
+
+def sweep(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    spec = root / "spec.yaml"
+    spec.write_text(SPEC.format(workdir=root / "work"))
+    run = sweep("run", str(spec), "--no-progress", cwd=root)
+    assert run.returncode == 0, run.stderr
+    html = sweep("report", str(spec), "--out", "report.html", "--no-progress", cwd=root)
+    assert html.returncode == 0, html.stderr
+    md = sweep("report", str(spec), "--format", "md", "--no-progress", cwd=root)
+    assert md.returncode == 0, md.stderr
+    return root, html.stdout
+
+
+def test_report_files_and_the_mlflow_artifact(reported):
+    root, out = reported
+    page = (root / "report.html").read_text()
+    assert "report: report.html" in out and "artifact report.html" in out
+    # best-of-k, Figures 1, 2, 3, dpo vs beta, simpo vs gamma (simpo has one beta: no figure for it)
+    assert len(re.findall(r"<img src='data:image/png;base64,", page)) == 6
+    assert "Failed runs (0)" in page
+    assert (root / "reported-report.md").read_text().startswith("# Robustness report: sweep reported")
+    tracker = SweepTracker(f"sqlite:///{root / 'mlflow.db'}", "reported")
+    [run] = tracker.client.search_runs([tracker.experiment_id], f"tags.`{TAG_KIND}` = 'sweep'")
+    assert run.info.run_name == "sweep reported" and "report.html" in run.data.tags[TAG_NOTE]
+    assert {a.path for a in tracker.client.list_artifacts(run.info.run_id)} == {"report.html", "report.md"}
+
+
+def test_report_without_a_sweep_says_so(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC.format(workdir=tmp_path / "work"))
+    proc = sweep("report", str(spec), cwd=tmp_path)
+    assert proc.returncode == 1 and "no trial of sweep 'reported'" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.skipif(CHROMIUM is None and os.environ.get("CI") != "true", reason="Debian chromium not installed")
+def test_the_report_renders_in_headless_chromium_with_every_figure_and_no_console_error(reported, tmp_path):
+    root, _ = reported
+    page = (root / "report.html").read_text()
+    # The harness (not the report) reports on load how many images decoded, through the console.
+    probe = ("<script>window.addEventListener('load', () => { const i = [...document.images]; console.log("
+             "'IMAGES ' + i.filter(x => x.complete && x.naturalWidth > 0).length + '/' + i.length); });</script>")
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("</body>", probe + "</body>"))
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report.png"
+    shot.unlink(missing_ok=True)
+    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                           "--v=0", "--virtual-time-budget=5000", "--window-size=1280,6000",
+                           f"--screenshot={shot}", probed.as_uri()], capture_output=True, text=True, timeout=120)
+    console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
+    assert any('"IMAGES 6/6"' in line for line in console), proc.stderr[-2000:]
+    assert not [line for line in console if "IMAGES" not in line], console  # no error or warning from the page
+    assert shot.stat().st_size > 100_000
