@@ -90,3 +90,53 @@ def test_the_report_renders_in_headless_chromium_with_every_figure_and_no_consol
     assert any('"IMAGES 6/6"' in line for line in console), proc.stderr[-2000:]
     assert not [line for line in console if "IMAGES" not in line], console  # no error or warning from the page
     assert shot.stat().st_size > 100_000
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dom(url: str, shot: Path) -> str:
+    common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000",
+              "--window-size=1600,1000"]
+    subprocess.run([*common, f"--screenshot={shot}", url], capture_output=True, timeout=180)
+    return subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None and os.environ.get("CI") != "true", reason="Debian chromium not installed")
+def test_sweep_ui_shows_the_experiment_and_lists_the_trial_runs_by_name(reported):
+    """The MLflow UI that `sweep ui` serves, rendered by Chromium: the sweep's experiment page shows its
+    stage runs, and the compare view of the trial runs lists every one by its method-and-hyperparameter name."""
+    import time
+    import urllib.request
+
+    root, _ = reported
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    tracker = SweepTracker(uri, "reported")
+    trials = tracker.trials()
+    port = _free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
+                          cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        base = f"http://127.0.0.1:{port}/#"
+        ARTIFACTS.mkdir(exist_ok=True)
+        experiment = _dom(f"{base}/experiments/{tracker.experiment_id}/runs", ARTIFACTS / "mlflow-experiment.png")
+        assert "reported" in experiment and "stage dpo" in experiment and "sweep reported" in experiment
+        ids = ",".join(f"%22{t.run_id}%22" for t in trials)
+        compare = _dom(f"{base}/compare-runs?runs=[{ids}]&experiments=[%22{tracker.experiment_id}%22]",
+                       ARTIFACTS / "mlflow-trials.png")
+        missing = [t.run_name for t in trials if t.run_name not in compare]
+        assert len(trials) == 6 and not missing, missing
+    finally:
+        os.killpg(ui.pid, 15)
+        ui.wait(30)

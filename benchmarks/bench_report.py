@@ -1,0 +1,112 @@
+"""Report at scale: a synthetic sweep of 300 preference runs x 500 evaluation prompts.
+
+    python benchmarks/bench_report.py [--runs 300] [--prompts 500] [--repeats 3]
+
+1. Load: the 300 runs (+ base and SFT) are logged through the real trial path (trainers.trial.run_trial with a
+   body that trains nothing and logs a 500-row samples table) into a SQLite store behind an MLflow server,
+   then `load_report_inputs` reads them back over HTTP (every run's samples table is one artifact download).
+2. Report: `render` from the loaded frames (tables, bootstrap intervals, 7+ figures, HTML), timed alone.
+Target: the report in under 30 s. Medians of --repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from analysis.report import render  # noqa: E402
+from orchestrator.grid import plan_sweep  # noqa: E402
+from orchestrator.reporting import load_report_inputs  # noqa: E402
+from orchestrator.spec import parse_spec  # noqa: E402
+from orchestrator.task import TrialRuntime, TrialTask  # noqa: E402
+from orchestrator.tracking import SweepTracker, store_for_workers  # noqa: E402
+from trainers.trial import run_trial  # noqa: E402
+
+SPEC = """\
+name: scale
+workdir: {workdir}
+stages:
+  sft: {{grid: {{learning_rate: [1.0e-3]}}}}
+  methods:
+    dpo: {{grid: {{beta: [{betas}], learning_rate: [{lrs}]}}}}
+    simpo: {{grid: {{beta: [{betas}], gamma: [0.5], learning_rate: [{lrs}]}}}}
+    ln_dpo: {{grid: {{beta: [{betas}], learning_rate: [{lrs}]}}}}
+"""
+
+
+def _fake_body(task, logger, report, accelerator, *, prompts: int):
+    """Per-sample results with a method- and beta-dependent score; no training."""
+    seed = int(task.trial.trial_key[:8], 16)
+    rng = np.random.default_rng(seed)
+    level = {"dpo": 1.0, "simpo": 1.2, "ln_dpo": 1.1}.get(task.trial.method, 0.0) - abs(
+        np.log10(float(task.trial.hparams.get("beta", 1.0)))) * 0.3
+    scores = rng.normal(level, 1.0, prompts)
+    lengths = rng.integers(3, 30, prompts)
+    samples = [{"prompt_id": f"p{i}", "prompt": "...", "generation": "...", "length": int(lengths[i]),
+                "score": float(scores[i]), "chosen_score": 0.5, "sft_score": 0.3, "kl": float(rng.gamma(2.0))}
+               for i in range(prompts)]
+    logger.log_samples(samples)
+    return {"mean_score": float(scores.mean()), "win_vs_chosen": float((scores > 0.5).mean()),
+            "win_vs_sft": float((scores > 0.3).mean()), "kl": 2.0, "length": float(lengths.mean())}
+
+
+def build(root: Path, runs: int, prompts: int):
+    per_method = runs // 3
+    n_beta = min(10, per_method)
+    betas = ", ".join(f"{0.05 * (i + 1):.2f}" for i in range(n_beta))
+    lrs = ", ".join(f"{1e-5 * (i + 1):.0e}" for i in range(per_method // n_beta))
+    spec = parse_spec(SPEC.format(workdir=root / "work", betas=betas, lrs=lrs))
+    return spec, plan_sweep(spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--prompts", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        spec, stages = build(root, args.runs, args.prompts)
+        n = sum(s.size for s in stages)
+        with store_for_workers(f"sqlite:///{root / 'mlflow.db'}", parallel=True) as uri:
+            tracker = SweepTracker(uri, spec.name)
+            t0 = time.monotonic()
+            body = functools.partial(_fake_body, prompts=args.prompts)
+            for stage in stages:
+                runtime = TrialRuntime(sweep=spec.name, tracking_uri=uri, experiment_id=tracker.experiment_id,
+                                       parent_run_id=tracker.stage_run(stage.stage), workdir=str(root / "work"),
+                                       stage_key=stage.stage_key)
+                for trial in stage.trials:
+                    run_trial(TrialTask(trial=trial, runtime=runtime), body=body)
+            print(f"logged {n} runs x {args.prompts} samples through the server in {time.monotonic() - t0:.1f} s")
+            loads, reports, size = [], [], 0
+            for _ in range(args.repeats):
+                t0 = time.monotonic()
+                inputs = load_report_inputs(spec, uri, show_progress=False)
+                loads.append(time.monotonic() - t0)
+                t0 = time.monotonic()
+                page = render(inputs, "html")
+                reports.append(time.monotonic() - t0)
+                size = len(page)
+        assert len(inputs.frame) == n - 2 and len(inputs.samples) == (n - 2) * args.prompts
+        med = statistics.median
+        print(f"{len(inputs.frame)} preference runs x {args.prompts} prompts ({len(inputs.samples):,} sample rows)")
+        print(f"  load from the MLflow server: median {med(loads):.1f} s  ({', '.join(f'{x:.1f}' for x in loads)})")
+        print(f"  report from the loaded frame: median {med(reports):.1f} s  ({', '.join(f'{x:.1f}' for x in reports)})"
+              f"  target < 30 s; {size / 1e6:.1f} MB of HTML")
+
+
+if __name__ == "__main__":
+    main()
