@@ -182,23 +182,39 @@ def cmd_ui(args) -> int:
         return EXIT_OK
 
 
+def _is_sweep_name(arg: Optional[str]) -> bool:
+    """A bare name that is neither a file nor a built-in spec: the name of a sweep in the tracking store."""
+    return bool(arg) and not Path(arg).exists() and "/" not in arg and not arg.endswith((".yaml", ".yml")) \
+        and builtin_spec_path(arg) is None
+
+
 def cmd_report(args) -> int:
     from analysis.report import render
-    from orchestrator.reporting import load_report_inputs
+    from orchestrator.reporting import load_report_inputs, load_report_inputs_by_name
     from orchestrator.tracking import SweepTracker, existing_trials, resolve_tracking_uri
 
-    spec = _load(args)
-    uri = resolve_tracking_uri(args.tracking_uri, spec.tracking.uri)
-    if not existing_trials(uri, spec.name):
-        print(f"error: no trial of sweep {spec.name!r} in {uri}; run it first (sweep run)", file=sys.stderr)
+    if _is_sweep_name(args.spec):
+        name = args.spec
+        uri = resolve_tracking_uri(args.tracking_uri, None)
+        load = lambda: load_report_inputs_by_name(name, uri, show_progress=not args.no_progress)  # noqa: E731
+    else:
+        spec = _load(args)
+        name, uri = spec.name, resolve_tracking_uri(args.tracking_uri, spec.tracking.uri)
+        load = lambda: load_report_inputs(spec, uri, smoke=args.smoke, show_progress=not args.no_progress)  # noqa: E731
+    if not existing_trials(uri, name):
+        print(f"error: no trial of sweep {name!r} in {uri}; run it first (sweep run), or give its spec or the "
+              "tracking URI that holds it", file=sys.stderr)
         return EXIT_FAILED
-    inputs = load_report_inputs(spec, uri, smoke=args.smoke, show_progress=not args.no_progress)
+    inputs = load()
+    if not inputs.methods:
+        print(f"error: sweep {name!r} has no finished preference stage yet; nothing to compare", file=sys.stderr)
+        return EXIT_FAILED
     text = render(inputs, args.format)
-    out = Path(args.out or f"{spec.name}-report.{args.format}")
+    out = Path(args.out or f"{name}-report.{args.format}")
     out.write_text(text)
-    run_id = SweepTracker(uri, spec.name).log_report(text, f"report.{args.format}")
+    run_id = SweepTracker(uri, name).log_report(text, f"report.{args.format}")
     print(f"report: {out} ({len(text) / 1e6:.1f} MB); also the artifact report.{args.format} of run {run_id} "
-          f"(\"sweep {spec.name}\") in {uri}")
+          f"(\"sweep {name}\") in {uri}")
     return EXIT_OK
 
 
@@ -207,9 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "optimization (DPO, SimPO, LN-DPO, ...), tracked in MLflow.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p, spec=True):
+    def common(p, spec=True, spec_help="sweep YAML, or a built-in name (default: quickstart)"):
         if spec:
-            p.add_argument("spec", nargs="?", help="sweep YAML, or a built-in name (default: quickstart)")
+            p.add_argument("spec", nargs="?", help=spec_help)
             p.add_argument("--smoke", action="store_true",
                            help=f"at most 2 trials per grid, few steps and prompts (CI, first tries)")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: spec, $MLFLOW_TRACKING_URI, "
@@ -231,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
     report = sub.add_parser("report", help="robustness report (tables, figures, best-of-k) as one HTML or "
                                            "Markdown file; also logged to MLflow")
-    common(report)
+    common(report, spec_help="sweep YAML, a built-in name, or the name of a sweep in the tracking store")
     report.add_argument("--out", help="output file (default: SWEEP-report.html / .md)")
     report.add_argument("--format", choices=["html", "md"], default="html")
     report.add_argument("--no-progress", action="store_true", help="no progress bar while loading runs")

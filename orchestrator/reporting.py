@@ -15,11 +15,26 @@ from trainers.methods import METHODS
 
 
 def load_report_inputs(spec: SweepSpec, uri: str, smoke: bool = False, show_progress: bool = True) -> ReportInputs:
+    """The trials the spec plans (its grids and searches), read from the sweep's experiment."""
     stages = plan_sweep(spec, smoke)
     tracker = SweepTracker(uri, spec.name, create=False)
     everything = tracker.trials()
     records = latest_per_key([r for s in stages for r in stage_records(everything, s)])
     methods = [s.stage for s in stages if s.stage not in ("base", "sft")]
+    return _inputs(spec.name, tracker, records, methods, show_progress)
+
+
+def load_report_inputs_by_name(sweep: str, uri: str, show_progress: bool = True) -> ReportInputs:
+    """Every trial of the experiment named `sweep`, without its spec (e.g. a sweep run elsewhere); methods in
+    the registry's order."""
+    tracker = SweepTracker(uri, sweep, create=False)
+    records = latest_per_key(tracker.trials())
+    present = {r.stage for r in records}
+    methods = [m for m, method in METHODS.items() if method.kind == "preference" and m in present]
+    return _inputs(sweep, tracker, records, methods, show_progress)
+
+
+def _inputs(sweep: str, tracker: SweepTracker, records, methods: list[str], show_progress: bool) -> ReportInputs:
     own = {m: [k for k in METHODS[m].params.model_fields] for m in methods}
     hyperparameters = sorted({k for m in methods for k in grid_fields(METHODS[m])})
     frame = sweep_frame([r.model_dump() for r in records], hyperparameters)
@@ -28,5 +43,5 @@ def load_report_inputs(spec: SweepSpec, uri: str, smoke: bool = False, show_prog
                for r in tqdm(wanted, desc="loading samples", unit="run", disable=None if show_progress else True)}
     sft_runs = frame[(frame["stage"] == "sft") & (frame["status"] == "FINISHED")]
     sft = sft_runs.loc[sft_runs["mean_score"].idxmax()].to_dict() if len(sft_runs) else None
-    return ReportInputs(sweep=spec.name, frame=frame[frame["stage"].isin(methods)].reset_index(drop=True),
+    return ReportInputs(sweep=sweep, frame=frame[frame["stage"].isin(methods)].reset_index(drop=True),
                         samples=samples_frame(samples), methods=methods, hyperparameters=own, sft=sft)

@@ -63,6 +63,15 @@ def test_report_files_and_the_mlflow_artifact(reported):
     assert {a.path for a in tracker.client.list_artifacts(run.info.run_id)} == {"report.html", "report.md"}
 
 
+def test_report_by_sweep_name_without_the_spec(reported, tmp_path):
+    root, _ = reported
+    proc = sweep("report", "reported", "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--out",
+                 str(tmp_path / "by-name.html"), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    page = (tmp_path / "by-name.html").read_text()
+    assert page.count("<img src='data:image/png;base64,") == 6 and "Robustness report: sweep reported" in page
+
+
 def test_report_without_a_sweep_says_so(tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(SPEC.format(workdir=tmp_path / "work"))
