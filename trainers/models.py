@@ -6,6 +6,7 @@ with `AutoModelForCausalLM.from_pretrained(folder)`, so the tiny model and a rea
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -62,26 +63,29 @@ def model_fingerprint(model_spec) -> str:
 
 
 def write_folder_atomically(target: Path, write) -> Path:
-    """Run `write(tmp_dir)` and move the result to `target` in one rename; readers never see half a folder."""
+    """Run `write(tmp_dir)` and move the result to `target` in one rename; readers never see half a folder.
+
+    Writers of one folder (trials of a sweep running at once, on one machine or a shared filesystem) take
+    turns under an exclusive lock beside it: the first writes, the others find its ready marker and return.
+    Without the lock a second writer took a finished folder for an unfinished one and deleted it under a
+    reader (seen with the base model built by two concurrent Ray trials)."""
     if (target / _READY_MARKER).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        (tmp / _READY_MARKER).write_text(json.dumps({"name": target.name}))
-        if target.exists():  # an unfinished earlier attempt (no marker): replace it
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except OSError:
-        if (target / _READY_MARKER).exists():  # another process finished the same folder first
-            shutil.rmtree(tmp, ignore_errors=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / _READY_MARKER).exists():  # written while this process waited
             return target
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            write(tmp)
+            (tmp / _READY_MARKER).write_text(json.dumps({"name": target.name}))
+            if target.exists():  # a crashed earlier writer's leftover (no marker; nobody writes it now)
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return target
 
 
