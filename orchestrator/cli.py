@@ -206,8 +206,8 @@ def cmd_report(args) -> int:
               "tracking URI that holds it", file=sys.stderr)
         return EXIT_FAILED
     inputs = load()
-    if not inputs.methods:
-        print(f"error: sweep {name!r} has no finished preference stage yet; nothing to compare", file=sys.stderr)
+    if not inputs.methods or not (inputs.frame["status"] == "FINISHED").any():
+        print(f"error: sweep {name!r} has no FINISHED preference trial yet; nothing to compare", file=sys.stderr)
         return EXIT_FAILED
     text = render(inputs, args.format)
     out = Path(args.out or f"{name}-report.{args.format}")

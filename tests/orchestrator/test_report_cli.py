@@ -149,3 +149,22 @@ def test_sweep_ui_shows_the_experiment_and_lists_the_trial_runs_by_name(reported
     finally:
         os.killpg(ui.pid, 15)
         ui.wait(30)
+
+
+def test_report_before_any_preference_trial_finished_says_so(tmp_path):
+    from orchestrator.grid import plan_sweep
+    from orchestrator.spec import parse_spec
+    from orchestrator.task import TrialRuntime, TrialTask
+    from trainers.probe import probe_trial
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(SPEC.format(workdir=tmp_path / "work"))
+    spec = parse_spec(spec_file.read_text())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = SweepTracker(uri, "reported")
+    base = plan_sweep(spec)[0]
+    runtime = TrialRuntime(sweep="reported", tracking_uri=uri, experiment_id=tracker.experiment_id,
+                           parent_run_id=tracker.stage_run("base"), workdir=str(tmp_path / "work"))
+    assert probe_trial(TrialTask(trial=base.trials[0], runtime=runtime)).status == "FINISHED"
+    proc = sweep("report", str(spec_file), cwd=tmp_path)
+    assert proc.returncode == 1 and "no FINISHED preference trial yet" in proc.stderr
