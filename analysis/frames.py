@@ -33,7 +33,7 @@ def sweep_frame(records: Iterable[dict], hyperparameters: Iterable[str]) -> pd.D
     hp = list(hyperparameters)
     rows = []
     for r in records:
-        metrics, params, tags = r["metrics"], r["params"], r.get("tags", {})
+        metrics, params, tags = r["metrics"], r.get("params", {}), r.get("tags", {})
         rows.append({"stage": r["stage"], "method": r["method"], "run_name": r["run_name"], "status": r["status"],
                      "trial_key": r["trial_key"],
                      **{k: _number(params[k]) if k in params else float("nan") for k in hp},

@@ -14,10 +14,9 @@ METRIC_COLUMNS = ["mean_score", "win_vs_chosen", "win_vs_sft", "kl", "length"]
 
 def trials_frame(records: Iterable[dict]) -> pd.DataFrame:
     """One row per trial: stage, method, run_name, status, trial_key and the metric columns (NaN if absent)."""
-    rows = [{"stage": r["stage"], "method": r["method"], "run_name": r["run_name"], "status": r["status"],
-             "trial_key": r["trial_key"], **{m: r["metrics"].get(m, float("nan")) for m in METRIC_COLUMNS}}
-            for r in records]
-    return pd.DataFrame(rows, columns=["stage", "method", "run_name", "status", "trial_key", *METRIC_COLUMNS])
+    from analysis.frames import sweep_frame
+
+    return sweep_frame(records, [])[["stage", "method", "run_name", "status", "trial_key", *METRIC_COLUMNS]]
 
 
 def best_per_stage(frame: pd.DataFrame, stage_order: list[str], by: str = "mean_score") -> pd.DataFrame:

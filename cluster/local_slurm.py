@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from orchestrator.tracking import free_port
+
 SLURM_CONF_TEMPLATE = """\
 ClusterName=posweep-local
 SlurmctldHost={host}(127.0.0.1)
@@ -63,12 +65,6 @@ def available() -> str:
     return ""
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _node_line(host: str) -> str:
     """This machine's node line from `slurmd -C` (CPUs, sockets, memory), minus its UpTime line."""
     out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
@@ -106,7 +102,7 @@ def local_slurm(root: Path, timeout: float = 60.0) -> Iterator[dict[str, str]]:
         (root / sub).mkdir(parents=True, exist_ok=True)
     host = socket.gethostname().split(".")[0]
     conf = root / "slurm.conf"
-    conf.write_text(SLURM_CONF_TEMPLATE.format(host=host, root=root, ctld_port=_free_port(), d_port=_free_port(),
+    conf.write_text(SLURM_CONF_TEMPLATE.format(host=host, root=root, ctld_port=free_port(), d_port=free_port(),
                                                node=_node_line(host)))
     previous = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(conf)

@@ -107,7 +107,7 @@ class SlurmExecutor:
                     started.add(i)
                     if progress:
                         progress.trial_started(tasks[i])
-                result = self._result(job)
+                result = self._result(job, tasks[i])
                 if result is None and state is None:
                     gone_since.setdefault(i, time.monotonic())
                     if time.monotonic() - gone_since[i] > RESULT_GRACE_SECONDS:
@@ -125,7 +125,7 @@ class SlurmExecutor:
         return [results[i] for i in range(len(jobs))]
 
     @staticmethod
-    def _result(job) -> Optional[TrialResult]:
+    def _result(job, task: TrialTask) -> Optional[TrialResult]:
         """The job's TrialResult once its result file exists (an exception in the job is a lost trial too)."""
         if not job.paths.result_pickle.exists():
             return None
@@ -135,6 +135,4 @@ class SlurmExecutor:
             from trainers.trial import record_lost_trial
 
             # job.result() re-raises the job's exception; that task is lost, not the batch
-            task_json = job.submission().args[0]
-            return record_lost_trial(TrialTask.model_validate_json(task_json),
-                                     f"slurm job {job.job_id} raised: {type(exc).__name__}: {str(exc)[:500]}")
+            return record_lost_trial(task, f"slurm job {job.job_id} raised: {type(exc).__name__}: {str(exc)[:500]}")

@@ -7,8 +7,6 @@ Exit codes: 0 success; 1 the sweep ran but could not finish (SweepError) or tria
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import subprocess
 import sys
 from importlib import resources
@@ -81,6 +79,8 @@ def _print_stage(stage) -> None:
 
 
 def _print_cost(spec, stages, records) -> None:
+    import pandas as pd
+
     from orchestrator.status import cost_estimate, format_hours
 
     table = cost_estimate(stages, records, spec.cost)
@@ -88,7 +88,7 @@ def _print_cost(spec, stages, records) -> None:
     print(f"  {'stage':<12} {'trials':>6} {'to run':>6} {'s/trial':>8}  {'source':<17} {'trial-h':>8} "
           f"{'to run':>8} {'GPU-h':>8} {'to run':>8}")
     for row in table.itertuples():
-        seconds = f"{row.seconds_per_trial:.1f}" if row.seconds_per_trial is not None and row.seconds_per_trial == row.seconds_per_trial else "?"
+        seconds = "?" if pd.isna(row.seconds_per_trial) else f"{row.seconds_per_trial:.1f}"
         print(f"  {row.stage:<12} {row.trials:>6} {row.to_run:>6} {seconds:>8}  {row.source:<17} "
               f"{format_hours(row.trial_hours):>8} {format_hours(row.trial_hours_to_run):>8} "
               f"{format_hours(row.gpu_hours):>8} {format_hours(row.gpu_hours_to_run):>8}")
@@ -165,17 +165,16 @@ def cmd_run(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from orchestrator.tracking import resolve_tracking_uri
+    from orchestrator.tracking import mlflow_command, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri, None)
     if uri.startswith(("http://", "https://")):  # a tracking server already serves its own UI
         print(f"MLflow UI: {uri}")
         return EXIT_OK
-    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    mlflow, env = mlflow_command()
     url = f"http://{args.host}:{args.port}"
     print(f"MLflow UI for {uri} at {url} (Ctrl-C stops it)", flush=True)
     command = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job runner for browsing
     try:
         return subprocess.call(command, env=env)
     except KeyboardInterrupt:

@@ -127,10 +127,10 @@ class _StageRunner:
         grid_tasks = []
         for stage in phase:
             if stage.search is None:
-                pending = [t for t in stage.trials if t.trial_key not in finished]
-                self.tracker.close_stale(t.trial_key for t in pending)
                 runtime = self._runtime(stage, parents[stage.stage], init)
-                grid_tasks += [TrialTask(trial=t, runtime=runtime) for t in pending]
+                grid_tasks += [TrialTask(trial=t, runtime=runtime) for t in stage.trials
+                               if t.trial_key not in finished]
+        self.tracker.close_stale(t.trial.trial_key for t in grid_tasks)  # one search for the whole phase
         self._run(grid_tasks)
         for stage in phase:
             if stage.search is not None:

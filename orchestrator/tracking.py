@@ -61,7 +61,14 @@ def _sqlite_path(uri: str) -> Path:
     return Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
 
 
-def _free_port(host: str) -> int:
+def mlflow_command() -> tuple[str, dict[str, str]]:
+    """The `mlflow` executable of this environment and the environment to run its servers with: MLflow's job
+    runner (GenAI evaluation jobs, 3 more processes) has nothing to do for a sweep or for browsing one."""
+    executable = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    return executable, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
@@ -93,15 +100,13 @@ def mlflow_server(sqlite_uri: str, host: str = "127.0.0.1", timeout: float = 180
     reads the same with or without the server."""
     db = _sqlite_path(sqlite_uri)
     db.parent.mkdir(parents=True, exist_ok=True)
-    port = _free_port(host)
+    port = free_port(host)
     url = f"http://{host}:{port}"
     log = db.parent / "mlflow-server.log"
-    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    mlflow, env = mlflow_command()
     command = [mlflow, "server", "--backend-store-uri", f"sqlite:///{db}", "--default-artifact-root",
                (db.parent / "mlartifacts").as_uri(), "--no-serve-artifacts", "--host", host, "--port", str(port),
                "--workers", "1"]
-    # MLflow's job runner (GenAI evaluation jobs: 3 more processes) has nothing to do for a sweep
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log, "ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                    preexec_fn=_die_with_parent, env=env)
@@ -263,10 +268,12 @@ class SweepTracker:
             query += f" and tags.`{TAG_STAGE}` = '{stage}'"
         return [_record(r) for r in self._search(query)]
 
-    def close_stale(self, keys: Iterable[str]) -> int:
-        """Mark RUNNING runs of these (unfinished) keys KILLED: their process is gone, a rerun replaces them."""
+    def close_stale(self, keys: Iterable[str], records: Optional[list[TrialRecord]] = None) -> int:
+        """Mark RUNNING runs of these (unfinished) keys KILLED: their process is gone, a rerun replaces them.
+        `records`: the sweep's trials if the caller has just read them (saves a search)."""
         wanted = set(keys)
-        stale = [r for r in self.trials() if r.status == "RUNNING" and r.trial_key in wanted]
+        stale = [r for r in (records if records is not None else self.trials())
+                 if r.status == "RUNNING" and r.trial_key in wanted]
         for r in stale:
             self.client.set_terminated(r.run_id, "KILLED")
         return len(stale)

@@ -9,6 +9,8 @@ Files are written to a temporary name and renamed, so a reader never sees half a
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -57,6 +59,19 @@ def reference_cache_key(checkpoint: Path, pairs: list[PreferencePair], max_lengt
     payload = json.dumps({"v": CACHE_VERSION, "checkpoint": folder_fingerprint(checkpoint),
                           "pairs": pairs_fingerprint(pairs), "max_length": max_length}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path):
+    """Hold an flock on `path` (created if needed) for the block; the OS drops it when its process dies,
+    so a crashed holder never leaves a stale lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_file_atomically(path: Path, write: Callable[[str], None]) -> None:

@@ -6,7 +6,6 @@ with `AutoModelForCausalLM.from_pretrained(folder)`, so the tiny model and a rea
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -21,6 +20,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
                           PreTrainedTokenizerFast)
 
 from trainers import synthetic
+from trainers.cache import exclusive_lock
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 _READY_MARKER = "posweep-ready.json"
@@ -71,9 +71,7 @@ def write_folder_atomically(target: Path, write) -> Path:
     reader (seen with the base model built by two concurrent Ray trials)."""
     if (target / _READY_MARKER).exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive_lock(target.parent / f".{target.name}.lock"):
         if (target / _READY_MARKER).exists():  # written while this process waited
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

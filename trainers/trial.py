@@ -7,7 +7,6 @@ marks that trial FAILED in MLflow with its reason and returns; it never stops th
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import shutil
 import time
@@ -21,7 +20,7 @@ from transformers.utils import logging as hf_logging
 from orchestrator import tracking
 from orchestrator.spec import TrainHParams
 from orchestrator.task import TrialResult, TrialTask
-from trainers.cache import (cached_reference_logps, reference_cache_key, shared_encoded_pairs,
+from trainers.cache import (cached_reference_logps, exclusive_lock, reference_cache_key, shared_encoded_pairs,
                             write_file_atomically)
 from trainers.data import encode_pairs
 from trainers.evaluate import EvalSettings, SftBaseline, evaluate
@@ -192,13 +191,8 @@ def trial_lock(folder: Path):
     """Hold an exclusive lock on the trial's folder for the whole attempt. Two attempts of one key (a retry
     racing an orphan of a killed driver, a requeued job) never run at once; the second one waits, then finds
     the first one's FINISHED run and returns it. The lock dies with its process (flock), so nothing goes stale."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive_lock(folder / ".lock"):
+        yield
 
 
 def _trial_tags(task: TrialTask) -> dict[str, str]:
