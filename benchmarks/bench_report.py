@@ -2,8 +2,8 @@
 
     python benchmarks/bench_report.py [--runs 300] [--prompts 500] [--repeats 3]
 
-1. Load: the 300 runs (+ base and SFT) are logged through the real trial path (trainers.trial.run_trial with a
-   body that trains nothing and logs a 500-row samples table) into a SQLite store behind an MLflow server,
+1. Load: the 300 runs (+ base and SFT) are logged through the real trial path (trainers.probe.probe_trial: run_trial
+   with a body that trains nothing and logs a 500-row samples table) into a SQLite store behind an MLflow server,
    then `load_report_inputs` reads them back over HTTP (every run's samples table is one artifact download).
 2. Report: `render` from the loaded frames (tables, bootstrap intervals, 7+ figures, HTML), timed alone.
 Target: the report in under 30 s. Medians of --repeats.
@@ -12,7 +12,6 @@ Target: the report in under 30 s. Medians of --repeats.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import sys
@@ -23,15 +22,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-
 from analysis.report import render  # noqa: E402
 from orchestrator.grid import plan_sweep  # noqa: E402
 from orchestrator.reporting import load_report_inputs  # noqa: E402
 from orchestrator.spec import parse_spec  # noqa: E402
 from orchestrator.task import TrialRuntime, TrialTask  # noqa: E402
 from orchestrator.tracking import SweepTracker, store_for_workers  # noqa: E402
-from trainers.trial import run_trial  # noqa: E402
+from trainers.probe import probe_trial  # noqa: E402
 
 SPEC = """\
 name: scale
@@ -43,22 +40,6 @@ stages:
     simpo: {{grid: {{beta: [{betas}], gamma: [0.5], learning_rate: [{lrs}]}}}}
     ln_dpo: {{grid: {{beta: [{betas}], learning_rate: [{lrs}]}}}}
 """
-
-
-def _fake_body(task, logger, report, accelerator, *, prompts: int):
-    """Per-sample results with a method- and beta-dependent score; no training."""
-    seed = int(task.trial.trial_key[:8], 16)
-    rng = np.random.default_rng(seed)
-    level = {"dpo": 1.0, "simpo": 1.2, "ln_dpo": 1.1}.get(task.trial.method, 0.0) - abs(
-        np.log10(float(task.trial.hparams.get("beta", 1.0)))) * 0.3
-    scores = rng.normal(level, 1.0, prompts)
-    lengths = rng.integers(3, 30, prompts)
-    samples = [{"prompt_id": f"p{i}", "prompt": "...", "generation": "...", "length": int(lengths[i]),
-                "score": float(scores[i]), "chosen_score": 0.5, "sft_score": 0.3, "kl": float(rng.gamma(2.0))}
-               for i in range(prompts)]
-    logger.log_samples(samples)
-    return {"mean_score": float(scores.mean()), "win_vs_chosen": float((scores > 0.5).mean()),
-            "win_vs_sft": float((scores > 0.3).mean()), "kl": 2.0, "length": float(lengths.mean())}
 
 
 def build(root: Path, runs: int, prompts: int):
@@ -83,13 +64,12 @@ def main() -> None:
         with store_for_workers(f"sqlite:///{root / 'mlflow.db'}", parallel=True) as uri:
             tracker = SweepTracker(uri, spec.name)
             t0 = time.monotonic()
-            body = functools.partial(_fake_body, prompts=args.prompts)
             for stage in stages:
                 runtime = TrialRuntime(sweep=spec.name, tracking_uri=uri, experiment_id=tracker.experiment_id,
                                        parent_run_id=tracker.stage_run(stage.stage), workdir=str(root / "work"),
                                        stage_key=stage.stage_key)
                 for trial in stage.trials:
-                    run_trial(TrialTask(trial=trial, runtime=runtime), body=body)
+                    probe_trial(TrialTask(trial=trial, runtime=runtime), prompts=args.prompts)
             print(f"logged {n} runs x {args.prompts} samples through the server in {time.monotonic() - t0:.1f} s")
             loads, reports, size = [], [], 0
             for _ in range(args.repeats):

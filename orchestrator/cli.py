@@ -147,7 +147,7 @@ def cmd_status(args) -> int:
 def cmd_run(args) -> int:
     from analysis.summary import format_summary
     from orchestrator.pipeline import SweepError, run_sweep
-    from orchestrator.tracking import resolve_tracking_uri
+    from orchestrator.tracking import first_line, is_unreachable, resolve_tracking_uri
 
     spec = _load(args)
     uri = resolve_tracking_uri(args.tracking_uri, spec.tracking.uri)
@@ -156,6 +156,12 @@ def cmd_run(args) -> int:
                             share_work=not args.no_shared_work)
     except SweepError as exc:
         print(f"sweep stopped: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - the driver's own requests to a store that went away
+        if not is_unreachable(exc):
+            raise
+        print(f"sweep stopped: the tracking store did not answer ({first_line(exc)}). Finished trials are safe in "
+              "the store; rerun the same command to resume", file=sys.stderr)
         return EXIT_FAILED
     print(f"\n{outcome.ran} trials run, {outcome.skipped} skipped (already FINISHED), "
           f"{outcome.failed} failed, in {outcome.wall_seconds:.0f} s\n")

@@ -120,6 +120,11 @@ class _StageRunner:
     def _run(self, tasks: list[TrialTask]) -> list[TrialResult]:
         results = self.executor.run(tasks, self.trial_fn, self.progress) if tasks else []
         self.results += results
+        unrecorded = [r for r in results if r.unrecorded]
+        if unrecorded:  # going on would run trials whose results cannot be kept
+            raise SweepError(f"the tracking store stopped answering: {len(unrecorded)} trial(s) could not record "
+                             f"their outcome ({unrecorded[0].error}). Finished trials are safe in the store; "
+                             "rerun the same command to run the missing ones")
         return results
 
     def run_phase(self, phase: list[StagePlan], finished: set[str], init: dict[str, str]) -> None:
@@ -145,8 +150,9 @@ class _StageRunner:
 
 def run_sweep(spec: SweepSpec, tracking_uri: str, smoke: bool = False, executor=None,
               show_progress: bool = True, echo: Callable[[str], None] = print,
-              share_work: bool = True) -> SweepOutcome:
-    """Run (or resume) a sweep: only trials without a FINISHED run (grids) or the rest of a search's budget."""
+              share_work: bool = True, trial_fn=None) -> SweepOutcome:
+    """Run (or resume) a sweep: only trials without a FINISHED run (grids) or the rest of a search's budget.
+    `trial_fn` is trainers.trial.run_trial (train and evaluate) unless a probe replaces it (load tests)."""
     from cluster import make_executor
     from trainers.trial import run_trial
 
@@ -154,7 +160,8 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, smoke: bool = False, executor=
     stages = plan_sweep(spec, smoke)
     executor = executor or make_executor(spec.executor)
     with store_for_workers(tracking_uri, executor.parallel, spec.tracking.server_host,
-                           meanwhile=getattr(executor, "start", None)) as uri:
+                           meanwhile=getattr(executor, "start", None),
+                           restarts=spec.tracking.server_restarts) as uri:
         if uri != tracking_uri:
             echo(f"trials run in parallel: serving {tracking_uri} through an MLflow server at {uri}")
         tracker = SweepTracker(uri, spec.name)
@@ -166,7 +173,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, smoke: bool = False, executor=
         if skipped:
             echo(f"resuming: skipping {skipped} trials already done")
         progress = TrialProgress(sum(s.size for s in stages), skipped, enabled=show_progress)
-        runner = _StageRunner(spec, tracker, executor, uri, share_work, progress, run_trial)
+        runner = _StageRunner(spec, tracker, executor, uri, share_work, progress, trial_fn or run_trial)
         init: dict[str, str] = {}
         try:
             for phase in phases(stages):

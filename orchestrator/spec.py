@@ -371,6 +371,8 @@ class TrackingSpec(Strict):
     uri: Optional[str] = Field(None, description="MLflow tracking URI; default sqlite:///mlflow.db")
     server_host: str = Field("127.0.0.1", description="where the MLflow server that `sweep run` starts for "
                              "parallel trials on a SQLite store listens; only widen it on a trusted network")
+    server_restarts: int = Field(3, ge=0, description="times that server is started again if it dies mid-sweep "
+                                 "(trials retry their requests with backoff meanwhile)")
 
 
 class SweepSpec(Strict):

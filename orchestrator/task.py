@@ -51,3 +51,4 @@ class TrialResult(Strict):
     error: Optional[str] = None
     wall_seconds: float = 0.0
     lost: bool = False            # no result came back (worker or job died beyond its retries)
+    unrecorded: bool = False      # the tracking store did not answer: the outcome is not in MLflow

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -57,6 +58,29 @@ class TrackingServerError(RuntimeError):
     """The MLflow server for a parallel sweep did not come up."""
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking store did not answer, even after MLflow's retries with backoff."""
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether `exc` (or what it was raised from) says the tracking server could not be reached: MLflow wraps
+    the requests error (connection refused/reset, timeout after its retries) in an MlflowException."""
+    import requests
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (TrackingUnavailable, requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An error's first line, for one-line reports (MLflow's connection errors run to several hundred chars)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
 def _sqlite_path(uri: str) -> Path:
     return Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
 
@@ -90,14 +114,62 @@ def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float
     raise TrackingServerError(f"the MLflow server at {url} was not healthy after {timeout:.0f} s; see {log}")
 
 
+class _SupervisedServer:
+    """An `mlflow server` process that is started again, on the same port, when it dies (killed, OOM) while a
+    sweep runs: trials keep their URI, and MLflow's client retries each request with exponential backoff
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES, default 7 retries over ~4 min) long enough to reach the new process.
+    After `restarts` restarts it stays down; trials then fail with TrackingUnavailable and the sweep stops."""
+
+    def __init__(self, command: list[str], env: dict[str, str], url: str, log: Path, restarts: int):
+        self.command, self.env, self.url, self.log, self.restarts_left = command, env, url, log, restarts
+        self.restarted = 0
+        self._stopping = threading.Event()
+        self.process = self._spawn()
+        self._watch = threading.Thread(target=self._supervise, name="mlflow-server-supervisor", daemon=True)
+
+    def _spawn(self) -> subprocess.Popen:
+        with open(self.log, "ab") as out:
+            return subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=_die_with_parent, env=self.env)
+
+    def start_watching(self) -> None:
+        self._watch.start()
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(0.5):
+            code = self.process.poll()
+            if code is None:
+                continue
+            if self.restarts_left <= 0:
+                print(f"tracking: the MLflow server at {self.url} stopped (exit {code}) and is not restarted "
+                      f"(tracking.server_restarts exhausted); trials that cannot log will fail", file=sys.stderr)
+                return
+            _stop(self.process)  # its uvicorn workers may outlive it and hold the port
+            self.restarts_left -= 1
+            self.restarted += 1
+            self.process = self._spawn()
+            try:
+                _wait_healthy(self.url, self.process, self.log, 180.0)
+                print(f"tracking: the MLflow server at {self.url} stopped (exit {code}); restarted it "
+                      f"({self.restarted} restart(s) so far)", file=sys.stderr)
+            except TrackingServerError as exc:
+                print(f"tracking: restarting the MLflow server failed: {exc}", file=sys.stderr)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._watch.is_alive():
+            self._watch.join(10)
+        _stop(self.process)
+
+
 @contextlib.contextmanager
 def mlflow_server(sqlite_uri: str, host: str = "127.0.0.1", timeout: float = 180.0,
-                  meanwhile: Optional[Callable[[], None]] = None) -> Iterator[str]:
+                  meanwhile: Optional[Callable[[], None]] = None, restarts: int = 3) -> Iterator[str]:
     """Serve a SQLite tracking store over HTTP for the duration of the block; yields the server's URI.
 
     One server process owns the SQLite file, so parallel trials never write it concurrently. Artifacts keep
     the store's local layout (mlartifacts/ beside the database; workers write them directly), so the store
-    reads the same with or without the server."""
+    reads the same with or without the server. A server that dies is started again (`restarts` times)."""
     db = _sqlite_path(sqlite_uri)
     db.parent.mkdir(parents=True, exist_ok=True)
     port = free_port(host)
@@ -107,16 +179,15 @@ def mlflow_server(sqlite_uri: str, host: str = "127.0.0.1", timeout: float = 180
     command = [mlflow, "server", "--backend-store-uri", f"sqlite:///{db}", "--default-artifact-root",
                (db.parent / "mlartifacts").as_uri(), "--no-serve-artifacts", "--host", host, "--port", str(port),
                "--workers", "1"]
-    with open(log, "ab") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                   preexec_fn=_die_with_parent, env=env)
+    server = _SupervisedServer(command, env, url, log, restarts)
     try:
         if meanwhile:  # e.g. start Ray: the server takes ~10 s to come up, let that overlap
             meanwhile()
-        _wait_healthy(url, process, log, timeout)
+        _wait_healthy(url, server.process, log, timeout)
+        server.start_watching()
         yield url
     finally:
-        _stop(process)
+        server.stop()
 
 
 def _die_with_parent() -> None:
@@ -145,12 +216,12 @@ def _stop(process: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def store_for_workers(uri: str, parallel: bool, host: str = "127.0.0.1",
-                      meanwhile: Optional[Callable[[], None]] = None) -> Iterator[str]:
+                      meanwhile: Optional[Callable[[], None]] = None, restarts: int = 3) -> Iterator[str]:
     """The tracking URI that the driver and every worker use: a local SQLite store is put behind an MLflow
     server when trials run in parallel; anything else (a server URI, a sequential sweep) is used as is.
     `meanwhile` runs once either way (while the server starts, if one does)."""
     if parallel and urlparse(uri).scheme == "sqlite":
-        with mlflow_server(uri, host, meanwhile=meanwhile) as url:
+        with mlflow_server(uri, host, meanwhile=meanwhile, restarts=restarts) as url:
             yield url
     else:
         if meanwhile:

@@ -74,8 +74,21 @@ def exclusive_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _os_error_in(exc: BaseException):
+    """The OSError an exception was raised from, if any (torch.save reports a failed write as a RuntimeError
+    "unexpected pos ..." raised while handling the OSError that says why: EFBIG, ENOSPC, EDQUOT)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def write_file_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """`write(tmp_path)` then rename onto `path`: a reader sees the old file or the whole new one, never half."""
+    """`write(tmp_path)` then rename onto `path`: a reader sees the old file or the whole new one, never half.
+    A failed write removes its temporary file and raises OSError naming the errno and `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -83,9 +96,18 @@ def write_file_atomically(path: Path, write: Callable[[str], None]) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        cause = _os_error_in(exc)
+        if cause is None or cause is exc:
+            raise
+        raise OSError(cause.errno, f"{cause.strerror} (writing {path})") from exc
+
+
+def save_tensors(obj, path: str) -> None:
+    """torch.save through a Python file, so a failed write surfaces its OSError (torch's own writer does not)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def cached_reference_logps(cache_dir: Path, key: str, n_pairs: int,
@@ -101,7 +123,7 @@ def cached_reference_logps(cache_dir: Path, key: str, n_pairs: int,
         except Exception:  # noqa: BLE001 - torch.load of a damaged file raises many types; recompute it
             pass
     chosen, rejected = compute()
-    write_file_atomically(path, lambda tmp: torch.save({"chosen": chosen, "rejected": rejected}, tmp))
+    write_file_atomically(path, lambda tmp: save_tensors({"chosen": chosen, "rejected": rejected}, tmp))
     return (chosen, rejected), False
 
 

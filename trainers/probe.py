@@ -1,19 +1,27 @@
 """A trial that trains nothing: it goes through the same lock, MLflow run and result path as a real trial,
 logs `steps` metric points and reports a score computed from its hyperparameters. For measuring an executor's
-dispatch overhead (benchmarks/bench_dispatch.py) and testing executors, tracking under load and search
-without paying for training."""
+dispatch overhead (benchmarks/bench_dispatch.py), testing executors, tracking under load and search, and
+(with `prompts`) whole no-op sweeps and reports at scale, without paying for training."""
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import signal
 import time
 from typing import Optional
 
+import numpy as np
+
+from orchestrator import tracking
 from orchestrator.task import TrialResult, TrialTask
+from trainers.cache import write_file_atomically
 from trainers.trial import Report, run_trial
+
+# Method levels of the fake per-sample scores: a report over probe trials has a known ordering.
+PROBE_METHOD_LEVEL = {"dpo": 1.0, "simpo": 1.2, "ln_dpo": 1.1}
 
 
 def probe_score(hparams: dict) -> float:
@@ -23,22 +31,58 @@ def probe_score(hparams: dict) -> float:
     return -((math.log10(lr) + 4) ** 2) - (beta - 1) ** 2
 
 
+def probe_samples(task: TrialTask, prompts: int) -> tuple[list[dict], dict[str, float]]:
+    """Per-sample records shaped like trainers.evaluate's (score, length, KL, SFT and chosen scores), seeded by
+    the trial key, with a method- and beta-dependent mean score; and the metrics they summarise."""
+    rng = np.random.default_rng(int(task.trial.trial_key[:8], 16))
+    level = PROBE_METHOD_LEVEL.get(task.trial.method, 0.0) - abs(
+        np.log10(float(task.trial.hparams.get("beta", 1.0)))) * 0.3
+    scores = rng.normal(level, 1.0, prompts)
+    lengths = rng.integers(3, 30, prompts)
+    kls = rng.gamma(2.0, size=prompts)
+    samples = [{"prompt_id": f"p{i}", "prompt": "...", "generation": "...", "length": int(lengths[i]),
+                "score": float(scores[i]), "chosen_score": 0.5, "sft_score": 0.3, "kl": float(kls[i])}
+               for i in range(prompts)]
+    metrics = {"mean_score": float(scores.mean()), "win_vs_chosen": float((scores > 0.5).mean()),
+               "win_vs_sft": float((scores > 0.3).mean()), "kl": float(kls.mean()), "length": float(lengths.mean())}
+    return samples, metrics
+
+
+def _log_probe_samples(task: TrialTask, logger, prompts: int) -> dict[str, float]:
+    """What a real trial leaves for later stages and the report: samples.json (file and artifact) and, for an
+    SFT trial, a checkpoint folder (empty: no later probe loads it)."""
+    samples, metrics = probe_samples(task, prompts)
+    path = task.trial_dir / "samples.json"
+    write_file_atomically(path, lambda tmp: open(tmp, "w").write(json.dumps(samples)))
+    logger.log_samples(samples)
+    tags = {tracking.TAG_SAMPLES: str(path)}
+    if task.trial.stage == "sft":
+        checkpoint = task.trial_dir / "checkpoint"
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        tags[tracking.TAG_CHECKPOINT] = str(checkpoint)
+    logger.set_tags(tags)
+    return metrics
+
+
 def _probe_body(task: TrialTask, logger, report: Optional[Report], accelerator, *, steps: int, seconds: float,
-                die_once: bool) -> dict[str, float]:
+                die_once: bool, prompts: int) -> dict[str, float]:
     marker = task.trial_dir / "probe-died"
     if die_once and not marker.exists():  # a worker lost mid-trial: the executor must retry it
         marker.write_text(str(os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)
-    for step in range(1, steps + 1):
+    for step in range(1, steps + 1):  # `seconds` is spread over the steps, like a training loop's logging
         logger.log_metrics({"probe/step_value": float(step)}, step)
         if report:
             report(step, steps)
-    if seconds:
+        time.sleep(seconds / steps)
+    if not steps:
         time.sleep(seconds)
-    return {"mean_score": probe_score(task.trial.hparams), "probe_steps": float(steps)}
+    metrics = _log_probe_samples(task, logger, prompts) if prompts else {}
+    return {**metrics, "mean_score": metrics.get("mean_score", probe_score(task.trial.hparams)),
+            "probe_steps": float(steps)}
 
 
 def probe_trial(task: TrialTask, report: Optional[Report] = None, *, steps: int = 0, seconds: float = 0.0,
-                die_once: bool = False) -> TrialResult:
-    body = functools.partial(_probe_body, steps=steps, seconds=seconds, die_once=die_once)
+                die_once: bool = False, prompts: int = 0) -> TrialResult:
+    body = functools.partial(_probe_body, steps=steps, seconds=seconds, die_once=die_once, prompts=prompts)
     return run_trial(task, report, body=body)

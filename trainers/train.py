@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
-from trainers.cache import write_file_atomically
+from trainers.cache import save_tensors, write_file_atomically
 from trainers.data import EncodedPair, collate_pairs, logps_from_logits, next_token_logits, sequence_logps
 from trainers.losses import LOSS_STATES, epsilon_steps, get_loss
 
@@ -29,6 +29,10 @@ class NonFiniteLoss(RuntimeError):
         super().__init__(f"non-finite loss {value} at step {step}; the trial diverged "
                          "(try a lower learning rate)")
         self.step = step
+
+
+class CheckpointWriteError(RuntimeError):
+    """The training state could not be written (disk full, quota); the previous save is intact (atomic writes)."""
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,12 @@ def _save_training_state(checkpointing: Checkpointing, step: int, model, optimiz
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "history": history, "rng": torch.get_rng_state(),
              "objective": objective.state_dict() if hasattr(objective, "state_dict") else None}
-    write_file_atomically(checkpointing.path, lambda tmp: torch.save(state, tmp))
-    write_file_atomically(checkpointing.folder / "step", lambda tmp: Path(tmp).write_text(str(step)))
+    try:
+        write_file_atomically(checkpointing.path, lambda tmp: save_tensors(state, tmp))
+        write_file_atomically(checkpointing.folder / "step", lambda tmp: Path(tmp).write_text(str(step)))
+    except OSError as exc:
+        raise CheckpointWriteError(f"could not save the training state at step {step} to {checkpointing.folder}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
 
 
 def _restore_training_state(state: dict, model, optimizer, scheduler, objective) -> None:
@@ -204,7 +212,8 @@ def reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: in
 def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopSettings, pad_id: int,
           accelerator: Accelerator, on_log: Optional[OnLog] = None,
           checkpointing: Optional[Checkpointing] = None) -> list[dict[str, float]]:
-    """Run the loop; returns the logged stats (one dict per logged step). Raises NonFiniteLoss.
+    """Run the loop; returns the logged stats (one dict per logged step). Raises NonFiniteLoss and
+    CheckpointWriteError, each naming the step.
 
     With `checkpointing`, the loop resumes from the last saved state (if any) and saves every N steps: the
     batches already consumed are replayed from the seeded shuffle and skipped, so the resumed run sees the

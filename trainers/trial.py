@@ -28,8 +28,8 @@ from trainers.methods import METHODS, Method
 from trainers.models import ensure_base_model, load_causal_lm, load_tokenizer, save_model
 from trainers.reward import load_reward_model
 from trainers.sources import load_split
-from trainers.train import (TOKEN_LOGIT_OBJECTIVES, Checkpointing, LoopSettings, make_accelerator,
-                            preference_objective, reference_logps, sft_objective, train)
+from trainers.train import (TOKEN_LOGIT_OBJECTIVES, CheckpointWriteError, Checkpointing, LoopSettings, NonFiniteLoss,
+                            make_accelerator, preference_objective, reference_logps, sft_objective, train)
 
 Report = Callable[[int, int], None]  # (step, total_steps)
 
@@ -141,46 +141,75 @@ def cost_metrics(device: str, count: int, wall_seconds: float) -> dict[str, floa
             "device_hours": wall_seconds * count / 3600, "gpu_hours": wall_seconds * gpus / 3600}
 
 
+class TrialPhaseError(RuntimeError):
+    """A trial's failure, saying in which phase (and after which training step) it happened."""
+
+
+@contextlib.contextmanager
+def failing_phase(name: str):
+    """Re-raise an error of the block as TrialPhaseError("NAME failed: Type: message"), so the FAILED run's
+    posweep.failure tag says where the trial broke; errors that already say it, and a lost store, pass as is."""
+    try:
+        yield
+    except (TrialPhaseError, NonFiniteLoss, CheckpointWriteError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - re-raised with its phase
+        if tracking.is_unreachable(exc):
+            raise
+        raise TrialPhaseError(f"{name} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def failure_reason(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, TrialPhaseError) else f"{type(exc).__name__}: {exc}"
+
+
 def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger, report: Optional[Report],
              accelerator) -> dict[str, float]:
     trial, workdir = task.trial, Path(task.runtime.workdir)
     torch.manual_seed(trial.training.seed)
     device = accelerator.device
-    base = ensure_base_model(trial.model, workdir / "models")
-    init = Path(task.runtime.init_checkpoint) if task.runtime.init_checkpoint else base
-    remote = _trusts_remote_code(task)
-    tokenizer = load_tokenizer(init, remote)
-    model = load_causal_lm(init, device, remote)
     shared = task.runtime.share_work
-    eval_data = load_split(trial.data, "eval", shared)
+    with failing_phase("loading the model and data"):
+        base = ensure_base_model(trial.model, workdir / "models")
+        init = Path(task.runtime.init_checkpoint) if task.runtime.init_checkpoint else base
+        remote = _trusts_remote_code(task)
+        tokenizer = load_tokenizer(init, remote)
+        model = load_causal_lm(init, device, remote)
+        eval_data = load_split(trial.data, "eval", shared)
+        train_data = load_split(trial.data, "train", shared) if method.kind != "untrained" else None
     steps, skipped, frozen_reference = 0, eval_data.skipped, None
-    if method.kind != "untrained":
-        train_data = load_split(trial.data, "train", shared)
+    if train_data is not None:
         raw_pairs, skipped = train_data.pairs, skipped + train_data.skipped
         encode = lambda: encode_pairs(tokenizer, raw_pairs, trial.training.max_length)  # noqa: E731
-        pairs = shared_encoded_pairs(init, raw_pairs, trial.training.max_length, encode) if shared else encode()
-        objective, frozen_reference = _build_objective(task, method, raw_pairs, pairs, tokenizer, init, device,
-                                                       logger)
+        with failing_phase("preparing the objective (tokenized pairs, reference log-probs and their cache)"):
+            pairs = shared_encoded_pairs(init, raw_pairs, trial.training.max_length, encode) if shared else encode()
+            objective, frozen_reference = _build_objective(task, method, raw_pairs, pairs, tokenizer, init, device,
+                                                           logger)
 
         def on_log(step: int, total: int, stats: dict[str, float]) -> None:
             logger.log_metrics({f"train/{k}": v for k, v in stats.items()}, step)
             if report:
                 report(step, total)
 
-        history = train(model, pairs, objective, _loop_settings(task), tokenizer.pad_token_id, accelerator,
-                        on_log, _checkpointing(task))
+        with failing_phase("training"):
+            history = train(model, pairs, objective, _loop_settings(task), tokenizer.pad_token_id, accelerator,
+                            on_log, _checkpointing(task))
         steps = int(history[-1]["step"]) if history else 0
         model = accelerator.unwrap_model(model)
     if method.kind in CHECKPOINTED_KINDS:
-        checkpoint = save_model(model, tokenizer, task.trial_dir / "checkpoint")
+        with failing_phase(f"saving the checkpoint (after training step {steps})"):
+            checkpoint = save_model(model, tokenizer, task.trial_dir / "checkpoint")
         logger.set_tags({tracking.TAG_CHECKPOINT: str(checkpoint)})
     e = trial.evaluation
     settings = EvalSettings(e.temperature, e.top_p, e.max_new_tokens, e.num_prompts, e.seed, e.batch_size)
-    reward = load_reward_model(trial.reward)
-    sft = _sft_baseline(task, method, init, device, tokenizer, eval_data.pairs, reward, settings, frozen_reference)
-    metrics, samples = evaluate(model, tokenizer, eval_data.pairs, reward, settings, device, sft)
+    with failing_phase(f"evaluation (after training step {steps})"):
+        reward = load_reward_model(trial.reward)
+        sft = _sft_baseline(task, method, init, device, tokenizer, eval_data.pairs, reward, settings,
+                            frozen_reference)
+        metrics, samples = evaluate(model, tokenizer, eval_data.pairs, reward, settings, device, sft)
     samples_path = task.trial_dir / "samples.json"
-    write_file_atomically(samples_path, lambda tmp: Path(tmp).write_text(json.dumps(samples)))
+    with failing_phase("writing samples.json"):
+        write_file_atomically(samples_path, lambda tmp: Path(tmp).write_text(json.dumps(samples)))
     logger.log_samples(samples)
     logger.set_tags({tracking.TAG_SAMPLES: str(samples_path)})
     return {**metrics, "train_steps": float(steps), "data_skipped_rows": float(skipped)}
@@ -250,7 +279,19 @@ def run_trial(task: TrialTask, report: Optional[Report] = None,
     returns it instead of training again. `body` is the real training and evaluation except in probes
     (trainers.probe) that measure an executor's dispatch."""
     with trial_lock(task.trial_dir):
-        return _run_locked(task, report, body)
+        try:
+            return _run_locked(task, report, body)
+        except Exception as exc:  # noqa: BLE001 - only an unreachable store is turned into a result
+            if not tracking.is_unreachable(exc):
+                raise
+            return _unrecorded_result(task, exc)
+
+
+def _unrecorded_result(task: TrialTask, exc: BaseException) -> TrialResult:
+    """The store did not answer even after MLflow's retries: the trial's run cannot be marked, so the driver
+    is told (it stops the sweep; the run left RUNNING is closed KILLED by the rerun, which runs the trial)."""
+    return TrialResult(trial_key=task.trial.trial_key, run_id=None, status="FAILED", unrecorded=True,
+                       error=f"tracking store {task.runtime.tracking_uri} unreachable: {tracking.first_line(exc)}")
 
 
 def _run_locked(task: TrialTask, report: Optional[Report], body: TrialBody) -> TrialResult:
@@ -271,11 +312,14 @@ def _run_locked(task: TrialTask, report: Optional[Report], body: TrialBody) -> T
         logger.finish("KILLED")
         raise
     except Exception as exc:  # noqa: BLE001 - a trial's failure is data, not a crash of the sweep
-        reason = f"{type(exc).__name__}: {exc}"
+        if tracking.is_unreachable(exc):
+            raise
+        reason = failure_reason(exc)
         cost = cost_metrics(device, count, time.monotonic() - started)
         logger.log_metrics(cost)
         logger.set_tags({tracking.TAG_FAILURE: reason[:5000]})
-        logger.log_text(traceback.format_exc(), "failure.txt")
+        with contextlib.suppress(OSError):  # the traceback file is extra; a full disk must not hide the FAILED
+            logger.log_text(traceback.format_exc(), "failure.txt")
         logger.finish("FAILED")
         return TrialResult(trial_key=trial.trial_key, run_id=run_id, status="FAILED", error=reason,
                            metrics=cost, wall_seconds=cost["wall_seconds"])

@@ -3,7 +3,6 @@ unfinished trials run; no key ends with two FINISHED runs; the dead attempt's RU
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.tracking import SweepTracker
+
+from reliability_support import finished_trials
 
 SPEC = """\
 name: resume-{kind}
@@ -30,16 +31,6 @@ EXECUTORS = {"local": "{kind: local}", "ray": "{kind: ray, num_cpus: 2, max_conc
 TOTAL = 7  # untrained + 1 SFT + 3 DPO + 2 SimPO
 
 
-def _finished(db: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            return con.execute("select count(*) from runs r join tags t on t.run_uuid = r.run_uuid where "
-                               "t.key = 'posweep.run_kind' and t.value = 'trial' and r.status = 'FINISHED'"
-                               ).fetchone()[0]
-    except sqlite3.Error:  # not created yet, or busy
-        return 0
-
-
 @pytest.mark.parametrize("kind", ["local", "ray"])
 def test_sigkill_the_driver_then_rerun_finishes_only_the_rest(tmp_path, kind):
     spec = tmp_path / "spec.yaml"
@@ -49,13 +40,13 @@ def test_sigkill_the_driver_then_rerun_finishes_only_the_rest(tmp_path, kind):
                f"sqlite:///{db}"]
     driver = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 400
-    while _finished(db) < 3 and driver.poll() is None and time.monotonic() < deadline:
+    while finished_trials(db) < 3 and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     assert driver.poll() is None, "the sweep ended before it could be killed:\n" + driver.stdout.read()
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     time.sleep(2)  # the dying driver's helpers (Ray, the MLflow server) go down with it
-    done_before = _finished(db)
+    done_before = finished_trials(db)
     assert 3 <= done_before < TOTAL
 
     rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
