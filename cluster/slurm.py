@@ -39,16 +39,27 @@ class SlurmTrial(submitit.helpers.Checkpointable):
         return self.trial_fn(TrialTask.model_validate_json(task_json)).model_dump_json()
 
 
-def queue_states(job_ids: list[str]) -> dict[str, str]:
-    """job id (array tasks as MASTER_INDEX) -> Slurm state, for the jobs squeue still lists."""
+# Pending reasons that no waiting fixes by itself: no node of the partition can take the job (drained, down,
+# too small) or the partition is down. Such a job is cancelled after `unschedulable_timeout_min`.
+UNSCHEDULABLE_REASONS = ("ReqNodeNotAvail", "NodeDown", "Nodes required for job are DOWN", "PartitionDown",
+                         "PartitionInactive", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints")
+
+
+def queue_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """job id (array tasks as MASTER_INDEX) -> (Slurm state, reason), for the jobs squeue still lists."""
     masters = sorted({j.split("_")[0] for j in job_ids})
     if not masters:
         return {}
-    proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(masters)], capture_output=True,
+    proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(masters)], capture_output=True,
                           text=True)
     if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
         raise RuntimeError(f"squeue failed: {proc.stderr.strip()}")
-    return dict(line.split("|", 1) for line in proc.stdout.split() if "|" in line)
+    rows = (line.split("|", 2) for line in proc.stdout.splitlines() if line.count("|") == 2)
+    return {job: (state, reason) for job, state, reason in rows}
+
+
+def unschedulable(state: str, reason: str) -> bool:
+    return state == "PENDING" and reason.startswith(UNSCHEDULABLE_REASONS)
 
 
 @register_executor("slurm")
@@ -97,12 +108,25 @@ class SlurmExecutor:
         results: dict[int, TrialResult] = {}
         started: set[int] = set()
         gone_since: dict[int, float] = {}
+        stuck_since: dict[int, float] = {}
         while len(results) < len(jobs):
             states = queue_states([j.job_id for i, j in enumerate(jobs) if i not in results])
             for i, job in enumerate(jobs):
                 if i in results:
                     continue
-                state = states.get(job.job_id)
+                state, reason = states.get(job.job_id, (None, ""))
+                if state is not None and unschedulable(state, reason):
+                    stuck_since.setdefault(i, time.monotonic())
+                    if time.monotonic() - stuck_since[i] > self.spec.unschedulable_timeout_min * 60:
+                        subprocess.run(["scancel", job.job_id], capture_output=True)
+                        results[i] = record_lost_trial(
+                            tasks[i], f"slurm job {job.job_id} could not be scheduled for "
+                                      f"{self.spec.unschedulable_timeout_min:g} min ({reason}); cancelled")
+                        if progress:
+                            progress.trial_done(results[i])
+                        continue
+                else:
+                    stuck_since.pop(i, None)
                 if state == "RUNNING" and i not in started:
                     started.add(i)
                     if progress:

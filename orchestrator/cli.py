@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.spec import SpecError, SweepSpec, load_spec
+from orchestrator.spec import SpecError, SweepSpec, field_line, load_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -33,6 +33,23 @@ def _resolve_spec_path(arg: Optional[str]) -> Path:
         if builtin:
             return builtin
     return path
+
+
+def _checked(args, echo=print) -> SweepSpec:
+    """The spec, with the inputs it points at checked (trainers.preflight) and reported with resolved paths;
+    an unusable input is a SpecError naming the spec's file, line and field."""
+    from trainers.preflight import InputError, preflight
+
+    spec = _load(args)
+    path = _resolve_spec_path(args.spec)
+    try:
+        checked = preflight(spec)
+    except InputError as exc:
+        raise SpecError(str(path), exc.field, exc.message, field_line(path, exc.field)) from None
+    echo("inputs:\n" + "\n".join(f"  {line}" for line in checked.inputs))
+    for warning in checked.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return spec
 
 
 def _load(args) -> SweepSpec:
@@ -105,7 +122,7 @@ def cmd_plan(args) -> int:
     from orchestrator.grid import plan_sweep
     from orchestrator.tracking import existing_trials, resolve_tracking_uri
 
-    spec = _load(args)
+    spec = _checked(args)
     stages = plan_sweep(spec, smoke=args.smoke)
     print(f"sweep {spec.name!r}{' (smoke)' if args.smoke else ''}: nothing is run by `plan`")
     for stage in stages:
@@ -149,7 +166,7 @@ def cmd_run(args) -> int:
     from orchestrator.pipeline import SweepError, run_sweep
     from orchestrator.tracking import first_line, is_unreachable, resolve_tracking_uri
 
-    spec = _load(args)
+    spec = _checked(args)
     uri = resolve_tracking_uri(args.tracking_uri, spec.tracking.uri)
     try:
         outcome = run_sweep(spec, uri, smoke=args.smoke, show_progress=not args.no_progress,

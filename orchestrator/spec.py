@@ -57,7 +57,9 @@ class HFModelSpec(Strict):
     hub_id: Optional[str] = None
     revision: Optional[str] = None
     gguf_file: Optional[str] = None
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="run the model repository's own code (warned about)")
+    require_chat_template: bool = Field(False, description="refuse a tokenizer without a chat template (an "
+                                        "instruct model's tokenizer files missing) instead of plain-text prompts")
 
     _path_exists = field_validator("path")(lambda cls, v: _existing_path(v, folder=True))
 
@@ -298,6 +300,9 @@ class SlurmExecutorSpec(ExecutorBase):
     mem_gb: Optional[float] = Field(None, gt=0)
     timeout_min: int = Field(60, gt=0)
     array_parallelism: int = Field(64, gt=0, description="most array tasks running at once")
+    unschedulable_timeout_min: float = Field(
+        10.0, gt=0, description="a job pending because no node can take it (drained/down nodes, partition down) "
+                                "this long is cancelled and recorded FAILED instead of waited on")
     max_requeues: int = Field(3, ge=0, description="requeues after preemption or time-out")
     poll_seconds: float = Field(2.0, gt=0)
     folder: Optional[str] = Field(None, description="submitit logs and pickles; default WORKDIR/slurm")
@@ -493,7 +498,8 @@ def _format_loc(loc: tuple) -> str:
 
 
 def _error_from_validation(file: str, exc: ValidationError, lines: dict[tuple, int]) -> SpecError:
-    errors = exc.errors()
+    # A misspelt key also makes its real name "missing": report the unknown key, which explains both.
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
     loc, _ = _resolve_loc(tuple(first["loc"]))
     more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
@@ -502,6 +508,9 @@ def _error_from_validation(file: str, exc: ValidationError, lines: dict[tuple, i
         message = f"unknown field {loc[-1]!r}; allowed: {', '.join(allowed)}"
     elif first["type"] == "missing":
         message = "required field is missing"
+    elif first["type"] == "union_tag_invalid":  # e.g. executor: {kind: rey}
+        ctx = first["ctx"]
+        message = f"unknown kind {ctx['tag']!r}; allowed: {ctx['expected_tags'].replace(chr(39), '')}"
     else:
         message = first["msg"].removeprefix("Value error, ")
         if "input" in first and not isinstance(first["input"], (dict, list)) and first["type"] != "value_error":
@@ -581,9 +590,23 @@ def _check_methods(file: str, spec: SweepSpec, lines) -> None:
 
 
 # ---- loading -------------------------------------------------------------------------------------
+class _SpecLoader(yaml.SafeLoader):
+    """YAML's safe loader (no Python tags, nothing executed), refusing a key given twice in one mapping: plain
+    YAML keeps the last one silently, so `beta: [0.1]` further down would replace an earlier grid unseen."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def parse_spec(text: str, file: str = "<spec>") -> SweepSpec:
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -597,6 +620,15 @@ def parse_spec(text: str, file: str = "<spec>") -> SweepSpec:
         raise _error_from_validation(file, exc, lines) from None
     _check_methods(file, spec, lines)
     return spec
+
+
+def field_line(path: str | Path, field: str) -> Optional[int]:
+    """The line of a dotted field (e.g. `data.eval.path`) in a spec file, or of its deepest ancestor there."""
+    try:
+        lines = _yaml_lines(Path(path).read_text())
+    except OSError:
+        return None
+    return _line_for(lines, tuple(field.split(".")))
 
 
 def load_spec(path: str | Path) -> SweepSpec:

@@ -52,7 +52,10 @@ def _file_rows(path: Path) -> Iterator[tuple[int, object]]:
                 except json.JSONDecodeError as exc:
                     yield line_no, RowError(f"invalid JSON ({exc.msg} at column {exc.colno})")
     elif name.endswith(".json"):
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(rows, list):
             raise DataError(f"{path}: a .json data file holds a list of rows; got {type(rows).__name__}")
         yield from enumerate(rows, 1)

@@ -71,8 +71,8 @@ def load_training_state(checkpointing: Optional[Checkpointing]) -> Optional[dict
     if checkpointing is None or not checkpointing.path.is_file():
         return None
     try:
-        return torch.load(checkpointing.path, map_location="cpu", weights_only=False)
-    except Exception:  # noqa: BLE001 - a damaged save (atomic writes make this rare): start over
+        return torch.load(checkpointing.path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged (or non-tensor: weights_only) save: start over
         return None
 
 

@@ -116,3 +116,27 @@ def test_a_cancelled_job_is_reported_failed_not_waited_on(tmp_path, slurm, tasks
     assert "left the queue without a result" in results[0].error
     records = {r.trial_key: r for r in SweepTracker(sqlite, "cancel").trials()}
     assert "left the queue" in records[tasks[0].trial.trial_key].tags[TAG_FAILURE]
+
+
+def test_jobs_on_a_drained_node_are_reported_failed_not_waited_on(tmp_path, slurm, tasks_for):
+    """The only node drained: the jobs would pend forever (ReqNodeNotAvail); after unschedulable_timeout_min
+    they are cancelled and recorded FAILED with Slurm's reason, and the node's running work was never touched."""
+    node = subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True, check=True).stdout.strip()
+    subprocess.run(["scontrol", "update", f"NodeName={node}", "State=DRAIN", "Reason=posweep-test"], check=True)
+    try:
+        executor = make_executor(SlurmExecutorSpec(kind="slurm", poll_seconds=0.5, unschedulable_timeout_min=0.1))
+        sqlite = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        with store_for_workers(sqlite, parallel=True) as uri:
+            tasks = tasks_for(tmp_path, uri, "drained", 2)
+            started = time.monotonic()
+            jobs = executor.submit(tasks, functools.partial(probe_trial, steps=1))
+            results = executor.wait(tasks, jobs)
+            assert time.monotonic() - started < 60
+        assert [r.status for r in results] == ["FAILED", "FAILED"]
+        assert "could not be scheduled for 0.1 min (Nodes required for job are DOWN, DRAINED" in results[0].error
+        assert all(_job_state(j.job_id) == "" for j in jobs)  # cancelled: nothing left in the queue
+        records = SweepTracker(sqlite, "drained").trials()
+        assert sorted(r.status for r in records) == ["FAILED", "FAILED"]
+        assert all("cancelled" in r.tags[TAG_FAILURE] for r in records)
+    finally:
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], check=True)
