@@ -28,26 +28,12 @@ from orchestrator.reporting import load_report_inputs  # noqa: E402
 from orchestrator.spec import parse_spec  # noqa: E402
 from orchestrator.task import TrialRuntime, TrialTask  # noqa: E402
 from orchestrator.tracking import SweepTracker, store_for_workers  # noqa: E402
-from trainers.probe import probe_trial  # noqa: E402
-
-SPEC = """\
-name: scale
-workdir: {workdir}
-stages:
-  sft: {{grid: {{learning_rate: [1.0e-3]}}}}
-  methods:
-    dpo: {{grid: {{beta: [{betas}], learning_rate: [{lrs}]}}}}
-    simpo: {{grid: {{beta: [{betas}], gamma: [0.5], learning_rate: [{lrs}]}}}}
-    ln_dpo: {{grid: {{beta: [{betas}], learning_rate: [{lrs}]}}}}
-"""
-
+from trainers.probe import noop_sweep_yaml, probe_trial  # noqa: E402
 
 def build(root: Path, runs: int, prompts: int):
     per_method = runs // 3
     n_beta = min(10, per_method)
-    betas = ", ".join(f"{0.05 * (i + 1):.2f}" for i in range(n_beta))
-    lrs = ", ".join(f"{1e-5 * (i + 1):.0e}" for i in range(per_method // n_beta))
-    spec = parse_spec(SPEC.format(workdir=root / "work", betas=betas, lrs=lrs))
+    spec = parse_spec(noop_sweep_yaml("scale", root / "work", n_beta, per_method // n_beta))
     return spec, plan_sweep(spec)
 
 

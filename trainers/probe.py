@@ -24,6 +24,30 @@ from trainers.trial import Report, run_trial
 PROBE_METHOD_LEVEL = {"dpo": 1.0, "simpo": 1.2, "ln_dpo": 1.1}
 
 
+NOOP_SWEEP = """\
+name: {name}
+workdir: {workdir}
+data: {{kind: synthetic, n_train: 64, n_eval: 16}}
+evaluation: {{num_prompts: 16}}
+stages:
+  sft: {{grid: {{learning_rate: [1.0e-3]}}}}
+  methods:
+    dpo: {{grid: {{beta: [{betas}], learning_rate: [{lrs}]}}}}
+    simpo: {{grid: {{beta: [{betas}], gamma: [0.5], learning_rate: [{lrs}]}}}}
+    ln_dpo: {{grid: {{beta: [{betas}], learning_rate: [{lrs}]}}}}
+executor: {executor}
+tracking: {{server_restarts: {restarts}}}
+"""
+
+
+def noop_sweep_yaml(name: str, workdir, n_beta: int, n_lr: int, executor: str = "{kind: local}",
+                    restarts: int = 3) -> str:
+    """A sweep spec for probe trials at scale: base + 1 SFT + 3 methods x n_beta x n_lr preference trials."""
+    betas = ", ".join(f"{0.05 * (i + 1):.2f}" for i in range(n_beta))
+    lrs = ", ".join(f"{1e-5 * (i + 1):.0e}" for i in range(n_lr))
+    return NOOP_SWEEP.format(name=name, workdir=workdir, betas=betas, lrs=lrs, executor=executor, restarts=restarts)
+
+
 def probe_score(hparams: dict) -> float:
     """A smooth score with its maximum at learning_rate 1e-4, beta 1 (for search tests)."""
     lr = float(hparams.get("learning_rate", 1e-4))

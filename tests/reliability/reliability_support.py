@@ -1,33 +1,10 @@
-"""Helpers of the reliability suite: a no-op sweep spec for the real pipeline with probe trials (trainers.probe:
-the real lock, MLflow run and result path, no training), and looks into a SQLite store and its server.
+"""Helpers of the reliability suite: looks into a SQLite store and its server while a sweep runs.
 A uniquely named module, not conftest: every tests/ folder has a conftest of its own."""
 
 import os
 import signal
 import sqlite3
 from pathlib import Path
-
-NOOP_SPEC = """\
-name: {name}
-workdir: {workdir}
-data: {{kind: synthetic, n_train: 64, n_eval: 16}}
-evaluation: {{num_prompts: 16}}
-stages:
-  sft: {{grid: {{learning_rate: [1.0e-3]}}}}
-  methods:
-    dpo: {{grid: {{beta: [{betas}], learning_rate: [{lrs}]}}}}
-    simpo: {{grid: {{beta: [{betas}], gamma: [0.5], learning_rate: [{lrs}]}}}}
-    ln_dpo: {{grid: {{beta: [{betas}], learning_rate: [{lrs}]}}}}
-executor: {executor}
-tracking: {{server_restarts: {restarts}}}
-"""
-
-
-def noop_spec_text(name: str, workdir: Path, n_beta: int, n_lr: int, executor: str, restarts: int = 3) -> str:
-    """base + 1 SFT + 3 methods x n_beta x n_lr preference trials."""
-    betas = ", ".join(f"{0.05 * (i + 1):.2f}" for i in range(n_beta))
-    lrs = ", ".join(f"{1e-5 * (i + 1):.0e}" for i in range(n_lr))
-    return NOOP_SPEC.format(name=name, workdir=workdir, betas=betas, lrs=lrs, executor=executor, restarts=restarts)
 
 
 def finished_trials(db: Path) -> int:

@@ -9,9 +9,7 @@ from orchestrator.pipeline import run_sweep
 from orchestrator.reporting import load_report_inputs
 from orchestrator.spec import parse_spec
 from orchestrator.tracking import SweepTracker
-from trainers.probe import probe_trial
-
-from reliability_support import noop_spec_text
+from trainers.probe import noop_sweep_yaml, probe_trial
 
 RAY = "{kind: ray, num_cpus: 2, max_concurrent_trials: 2, resources_per_trial: {cpu: 1}}"
 PROMPTS = 20
@@ -19,7 +17,7 @@ PROMPTS = 20
 
 def test_two_hundred_noop_trials_through_ray_and_the_server_then_a_report(tmp_path, no_ray_left):
     sqlite = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    spec = parse_spec(noop_spec_text("load", tmp_path / "work", n_beta=11, n_lr=6, executor=RAY))
+    spec = parse_spec(noop_sweep_yaml("load", tmp_path / "work", n_beta=11, n_lr=6, executor=RAY))
     started = time.monotonic()
     messages: list[str] = []
     outcome = run_sweep(spec, sqlite, show_progress=False, echo=messages.append,

@@ -12,9 +12,9 @@ import pytest
 from orchestrator.pipeline import SweepError, run_sweep
 from orchestrator.spec import parse_spec
 from orchestrator.tracking import SweepTracker, _client
-from trainers.probe import probe_trial
+from trainers.probe import noop_sweep_yaml, probe_trial
 
-from reliability_support import finished_trials, kill_server, noop_spec_text, server_pids
+from reliability_support import finished_trials, kill_server, server_pids
 
 RAY = "{kind: ray, num_cpus: 2, max_concurrent_trials: 2, resources_per_trial: {cpu: 1}}"
 TOTAL = 2 + 3 * 2  # base, SFT, 3 methods x 2 betas
@@ -46,7 +46,7 @@ def _every_key_finished_once(sqlite: str, name: str) -> list:
 def test_a_killed_server_is_restarted_and_no_trial_loses_a_step(tmp_path, no_ray_left, capfd):
     db = tmp_path / "mlflow.db"
     sqlite = f"sqlite:///{db}"
-    spec = parse_spec(noop_spec_text("server-killed", tmp_path / "work", 2, 1, RAY))
+    spec = parse_spec(noop_sweep_yaml("server-killed", tmp_path / "work", 2, 1, RAY))
     killed: list[int] = []
     watcher = _kill_after(db, 3, killed)
     trial = functools.partial(probe_trial, steps=STEPS, seconds=2.0, prompts=8)
@@ -67,7 +67,7 @@ def test_without_restarts_the_sweep_stops_clearly_and_a_rerun_completes_it(tmp_p
     # MLflow's client retries each request with backoff (7 retries, ~4 min by default); shortened here
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    spec = parse_spec(noop_spec_text("server-gone", tmp_path / "work", 2, 1, RAY, restarts=0))
+    spec = parse_spec(noop_sweep_yaml("server-gone", tmp_path / "work", 2, 1, RAY, restarts=0))
     killed: list[int] = []
     watcher = _kill_after(db, 3, killed)
     trial = functools.partial(probe_trial, steps=STEPS, seconds=2.0, prompts=8)
