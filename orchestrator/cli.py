@@ -95,12 +95,74 @@ def _print_stage(stage) -> None:
         print(f"  {trial.trial_key[:12]}  {trial.method:<10}  {hp}")
 
 
-def _print_cost(spec, stages, records) -> None:
+def _size(n_bytes: float) -> str:
+    for unit, scale in (("G", 1024 ** 3), ("M", 1024 ** 2), ("K", 1024)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.3g}{unit}"
+    return "0" if n_bytes == 0 else f"{n_bytes:.0f}B"
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def _print_plan(spec, estimates, source: str) -> None:
+    """Per stage: memory per GPU by part, whether it fits the declared GPU, GPU-hours from FLOPs."""
+    from orchestrator.planner import model_shape, parameter_count, reference_flops, train_pairs
+    from orchestrator.status import format_hours
+
+    c, t = spec.cost, spec.training
+    if estimates is None:
+        print(f"\nmemory and compute per trial: the model's shape is unknown ({source})")
+        return
+    shape, _ = model_shape(spec)
+    n = parameter_count(shape)
+    setup = (f"{int(c.gpus_per_trial)} GPU(s) per trial, {c.sharding}" if c.gpus_per_trial else "1 device per trial")
+    setup += (f", {t.precision}"
+             f"{', gradient checkpointing' if t.gradient_checkpointing else ''}"
+             f"{f', LoRA r={t.lora.r}' if t.lora else ', full fine-tuning'}")
+    pairs = train_pairs(spec)
+    gpus = c.gpus_per_trial > 0
+    print(f"\nmemory per GPU and compute per trial: {_count(n)} parameters (shape from {source}); {setup}; "
+          f"{pairs if pairs else '?'} training pairs of {c.mean_tokens or t.max_length} tokens"
+          + (f"; {c.utilization:.0%} of {c.peak_tflops:g} TFLOPS per GPU" if gpus else "")
+          + " (formulas: orchestrator/planner.py)")
+    fit_head = f"fits {c.gpu_memory_gb:g} GB" if c.gpu_memory_gb else "fits"
+    print(f"  {'stage':<12} {'weights':>8} {'grads':>8} {'optim':>8} {'ref':>8} {'activ':>8} {'total':>8} "
+          f"{fit_head:>12}" + (f" {'GPU-h/trial':>11} {'GPU-h':>9}" if gpus else ""))
+    too_big = []
+    for e in estimates:
+        p = e.plan
+        fits = p.fits(c.gpu_memory_gb)
+        verdict = "-" if fits is None else ("yes" if fits else "NO")
+        if fits is False:
+            too_big.append(e.stage)
+        print(f"  {e.stage:<12} {_size(p.weights):>8} {_size(p.gradients):>8} {_size(p.optimizer):>8} {_size(p.reference):>8} "
+              f"{_size(p.activations):>8} {_size(p.total_bytes):>8} {verdict:>12}"
+              + (f" {format_hours(e.gpu_hours / e.trials):>11} {format_hours(e.gpu_hours):>9}" if gpus else ""))
+    if gpus:
+        shared = reference_flops(shape, spec, pairs) / (c.peak_tflops * 1e12 * c.utilization) / 3600
+        total = sum(e.gpu_hours for e in estimates) + shared
+        print(f"  {'reference log-probs, once (shared by the preference trials)':<86} {format_hours(shared):>9}")
+        print(f"  {'all (GPU-hours from FLOPs)':<86} {format_hours(total):>9}")
+    else:
+        print("  (GPU-hours from FLOPs: set cost.gpus_per_trial to plan for GPUs)")
+    if too_big:
+        print(f"  will not fit {c.gpu_memory_gb:g} GB per GPU (with 10% kept free): {', '.join(too_big)}; try "
+              "cost.sharding: fsdp with more GPUs, training.gradient_checkpointing, training.lora or a smaller batch")
+    if not pairs:
+        print("  (training pairs unknown for a hub dataset: set cost.train_pairs for the training GPU-hours)")
+
+
+def _print_cost(spec, stages, records, estimates=None) -> None:
     import pandas as pd
 
     from orchestrator.status import cost_estimate, format_hours
 
-    table = cost_estimate(stages, records, spec.cost)
+    table = cost_estimate(stages, records, spec.cost, estimates)
     print("\ncost estimate (per trial: the mean of this sweep's measured trials, else the spec's `cost`)")
     print(f"  {'stage':<12} {'trials':>6} {'to run':>6} {'s/trial':>8}  {'source':<17} {'trial-h':>8} "
           f"{'to run':>8} {'GPU-h':>8} {'to run':>8}")
@@ -120,6 +182,8 @@ def _print_cost(spec, stages, records) -> None:
 
 def cmd_plan(args) -> int:
     from orchestrator.grid import plan_sweep
+    from orchestrator.planner import plan_stages
+    from orchestrator.status import TrialCost
     from orchestrator.tracking import existing_trials, resolve_tracking_uri
 
     spec = _checked(args)
@@ -130,7 +194,12 @@ def cmd_plan(args) -> int:
     n_pref = sum(s.size for s in stages if s.stage not in ("base", "sft"))
     n_sft = sum(s.size for s in stages if s.stage == "sft")
     print(f"\n{sum(s.size for s in stages)} trials: 1 untrained baseline, {n_sft} SFT, {n_pref} preference")
-    _print_cost(spec, stages, existing_trials(resolve_tracking_uri(args.tracking_uri, spec.tracking.uri), spec.name))
+    estimates, source = plan_stages(spec, stages)
+    flops = {e.stage: TrialCost(e.seconds_per_trial, e.gpu_hours / e.trials, "FLOPs estimate")
+             for e in estimates or [] if spec.cost.gpus_per_trial > 0}
+    _print_cost(spec, stages, existing_trials(resolve_tracking_uri(args.tracking_uri, spec.tracking.uri), spec.name),
+                flops)
+    _print_plan(spec, estimates, source)
     return EXIT_OK
 
 

@@ -23,6 +23,26 @@ SMOKE_MAX_STEPS = 30
 SMOKE_NUM_PROMPTS = 16
 
 
+# Settings that cannot change a trial's result: never part of its key (a rerun with them changed skips it).
+KEY_NEUTRAL = {"model": {"require_chat_template"}, "training": {"gradient_checkpointing"}}
+# Settings added after KEY_VERSION v1: at their default they are left out, so trials run before they existed
+# keep their keys; set to anything else, they make a new key.
+KEY_ADDED_DEFAULTS = {"training": {"precision": "fp32", "lora": None}}
+
+
+def key_config(config: dict) -> dict:
+    """The part of a trial's resolved config (model_dump, JSON mode) that its key hashes."""
+    config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for section, names in KEY_NEUTRAL.items():
+        for name in names:
+            config.get(section, {}).pop(name, None)
+    for section, defaults in KEY_ADDED_DEFAULTS.items():
+        for name, default in defaults.items():
+            if config.get(section, {}).get(name, default) == default:
+                config.get(section, {}).pop(name, None)
+    return config
+
+
 class InitFromStage(Strict):
     """A trial that starts from the best trial of an earlier stage (picked when that stage is done)."""
     from_stage: str
@@ -42,7 +62,7 @@ class TrialSpec(Strict):
     init: Optional[InitFromStage] = None
 
     def canonical_json(self) -> str:
-        return json.dumps({"v": KEY_VERSION, **self.model_dump(mode="json")}, sort_keys=True,
+        return json.dumps({"v": KEY_VERSION, **key_config(self.model_dump(mode="json"))}, sort_keys=True,
                           separators=(",", ":"))
 
     @property

@@ -191,6 +191,16 @@ RewardSpec = Annotated[Union[SyntheticRewardSpec, HFRewardSpec], Field(discrimin
 
 
 # ---- training and evaluation ---------------------------------------------------------------------
+class LoraSpec(Strict):
+    """Train low-rank adapters (peft LoRA) instead of every weight. Reference-based methods then use the same
+    model with its adapters disabled as the reference: no second copy in memory."""
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      min_length=1, description="module names to adapt (Llama/Phi-3 naming)")
+
+
 class TrainingSpec(Strict):
     batch_size: int = Field(32, gt=0)
     max_length: int = Field(48, gt=1)
@@ -200,6 +210,12 @@ class TrainingSpec(Strict):
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
     max_steps: Optional[int] = Field(None, gt=0, description="cap on optimizer steps per trial")
     log_every: int = Field(10, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast precision of forward/backward (weights and optimizer stay fp32); fp16 "
+                            "needs a CUDA GPU and uses loss scaling")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less "
+                                                            "memory, ~30% more compute")
+    lora: Optional[LoraSpec] = Field(None, description="train LoRA adapters only (see LoraSpec)")
 
 
 class EvaluationSpec(Strict):
@@ -366,10 +382,35 @@ class OptunaSearchSpec(Strict):
 SearchSpec = Annotated[Union[GridSearchSpec, OptunaSearchSpec], Field(discriminator="kind")]
 
 
+class ModelShape(Strict):
+    """A decoder's shape, for the planner when the model's config.json is not on this machine (a hub id not
+    in the local HF cache). Numbers as in the model's config.json."""
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: Optional[int] = Field(None, gt=0, description="default: num_heads (no grouped-query attention)")
+    vocab_size: int = Field(gt=0)
+    tie_embeddings: bool = False
+
+
 class CostSpec(Strict):
-    """What `sweep plan` assumes before any trial of the sweep has run (measured trials replace it)."""
+    """What `sweep plan` assumes before any trial of the sweep has run (measured trials replace it), and the
+    hardware it plans memory and GPU-hours for."""
     trial_seconds: Optional[float] = Field(None, gt=0, description="wall seconds of one trial")
     gpus_per_trial: float = Field(0.0, ge=0)
+    gpu_memory_gb: Optional[float] = Field(None, gt=0, description="memory of one GPU; `plan` flags trials that "
+                                                                  "will not fit")
+    sharding: Literal["ddp", "fsdp"] = Field("ddp", description="planning assumption: ddp keeps a full copy of "
+                                             "weights, gradients and optimizer state per GPU; fsdp (ZeRO-3) "
+                                             "shards them over gpus_per_trial")
+    peak_tflops: float = Field(989.0, gt=0, description="per-GPU dense bf16 peak (H100 SXM: 989)")
+    utilization: float = Field(0.35, gt=0, le=1, description="model FLOPs utilisation assumed")
+    mean_tokens: Optional[int] = Field(None, gt=0, description="mean tokens per sequence (default: "
+                                                               "training.max_length, an upper bound)")
+    train_pairs: Optional[int] = Field(None, gt=0, description="training pairs of a hub dataset (default: "
+                                                               "data.n_train)")
+    model_shape: Optional[ModelShape] = None
 
 
 class TrackingSpec(Strict):

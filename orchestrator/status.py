@@ -54,15 +54,17 @@ def elapsed_seconds(records: list[TrialRecord], now_ms: int) -> Optional[float]:
 class TrialCost:
     seconds: Optional[float]
     gpu_hours: Optional[float]
-    source: str           # "measured (stage)", "measured (sweep)", "spec", or "unknown"
+    source: str           # "measured (stage)", "measured (sweep)", "spec", "FLOPs estimate" or "unknown"
 
 
 def _measured(runs: list[TrialRecord]) -> list[TrialRecord]:
     return [r for r in runs if r.status in ("FINISHED", "FAILED") and "wall_seconds" in r.metrics]
 
 
-def trial_cost(stage: StagePlan, records: list[TrialRecord], stages: list[StagePlan], spec_cost: CostSpec) -> TrialCost:
-    """Cost of one trial of `stage`: the mean over its measured trials, else over the sweep's, else the spec."""
+def trial_cost(stage: StagePlan, records: list[TrialRecord], stages: list[StagePlan], spec_cost: CostSpec,
+               estimate: Optional[TrialCost] = None) -> TrialCost:
+    """Cost of one trial of `stage`: the mean over its measured trials, else over the sweep's, else the spec's
+    trial_seconds, else `estimate` (the planner's FLOPs estimate)."""
     for runs, source in ((_measured(_stage_runs(records, stage)), "measured (stage)"),
                          (_measured([r for s in stages for r in _stage_runs(records, s)]), "measured (sweep)")):
         if runs:
@@ -71,15 +73,16 @@ def trial_cost(stage: StagePlan, records: list[TrialRecord], stages: list[StageP
             return TrialCost(seconds, gpu, source)
     if spec_cost.trial_seconds:
         return TrialCost(spec_cost.trial_seconds, spec_cost.trial_seconds * spec_cost.gpus_per_trial / 3600, "spec")
-    return TrialCost(None, None, "unknown")
+    return estimate or TrialCost(None, None, "unknown")
 
 
-def cost_estimate(stages: list[StagePlan], records: list[TrialRecord], spec_cost: CostSpec) -> pd.DataFrame:
+def cost_estimate(stages: list[StagePlan], records: list[TrialRecord], spec_cost: CostSpec,
+                  estimates: Optional[dict[str, TrialCost]] = None) -> pd.DataFrame:
     """Per stage: trials, cost per trial and its source, estimated trial-hours and GPU-hours for the whole
-    stage and for what is still to run."""
+    stage and for what is still to run. `estimates`: the planner's per-stage FLOPs estimates, used last."""
     rows = []
     for stage in stages:
-        cost = trial_cost(stage, records, stages, spec_cost)
+        cost = trial_cost(stage, records, stages, spec_cost, (estimates or {}).get(stage.stage))
         runs = _stage_runs(records, stage)
         left = max(stage.size - sum(r.status in ("FINISHED", "FAILED") for r in runs), 0)
         hours = (lambda n: n * cost.seconds / 3600) if cost.seconds is not None else (lambda n: None)  # noqa: E731

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.cli import builtin_spec_path
 from orchestrator.grid import expand_grid, plan_sweep
 from orchestrator.spec import GridSpec, load_spec, parse_spec
 
@@ -80,3 +81,24 @@ def test_shipped_sweeps_validate(name, counts):
         assert {k: stages[k] for k in counts} == counts
     else:
         assert {"base", "sft", "dpo", "simpo", "ln_dpo"} <= set(stages)
+
+
+def test_keys_of_trials_from_before_later_settings_are_unchanged():
+    """Golden keys computed at commit 13d12e4, before precision, lora, gradient_checkpointing and
+    require_chat_template existed: a rerun of an older sweep must still find its finished trials."""
+    stages = {s.stage: s for s in plan_sweep(load_spec(builtin_spec_path("quickstart")))}
+    assert stages["dpo"].trials[0].trial_key == "8c41a1772de8de3e257d86fd2ff4a4db7f44c83fd2efd31939aa839667d53e28"
+    assert stages["sft"].trials[0].trial_key == "0e86d3a59fcb054517480dba4ec7fa2e37da6e2b6c25a3a7711584df2f770198"
+    hf = """name: t
+model: {kind: hf, hub_id: HuggingFaceTB/SmolLM2-135M-Instruct%s}
+stages:
+  sft: {grid: {learning_rate: [1.0e-3]}}
+  methods:
+    dpo: {grid: {beta: [0.1], learning_rate: [1.0e-4]}}
+%s"""
+    key = lambda model="", training="": plan_sweep(parse_spec(hf % (model, training)))[-1].trials[0].trial_key  # noqa: E731
+    assert key() == "e22a6ed2a62f0dde90b142805902a03c311743b1e085d6d51f39690b66be5b5c"
+    assert key(", require_chat_template: true") == key()           # a guard, not a result
+    assert key(training="training: {gradient_checkpointing: true}") == key()  # same numbers, less memory
+    assert key(training="training: {precision: bf16}") != key()
+    assert key(training="training: {lora: {r: 8}}") != key()

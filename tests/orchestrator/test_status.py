@@ -74,7 +74,7 @@ def test_status_and_plan_after_a_run(tmp_path):
     spec.write_text(SPEC.format(workdir=tmp_path / "work", cost="cost: {trial_seconds: 7200, gpus_per_trial: 4}"))
     before = sweep("plan", str(spec), cwd=tmp_path)
     assert before.returncode == 0 and not (tmp_path / "mlflow.db").exists()  # plan never creates a store
-    cost_rows = {l.split()[0]: l.split() for l in before.stdout.split("cost estimate")[1].splitlines()[2:] if l.strip()}
+    cost_rows = {l.split()[0]: l.split() for l in before.stdout.split("cost estimate")[1].split("\n\n")[0].splitlines()[2:] if l.strip()}
     assert cost_rows["dpo"] == ["dpo", "4", "4", "7200.0", "spec", "8", "8", "32", "32"]  # 2 h x 4 GPUs x 4 trials
     assert cost_rows["all"] == ["all", "6", "6", "12", "12", "48", "48"]
     run = sweep("run", str(spec), "--smoke", "--no-progress", cwd=tmp_path)
@@ -85,7 +85,7 @@ def test_status_and_plan_after_a_run(tmp_path):
     assert lines["dpo"][:6] == ["dpo", "2", "2", "0", "0", "0"] and lines["all"][:6] == ["all", "4", "4", "0", "0", "0"]
     assert "GPU-h" in status.stdout and "elapsed:" in status.stdout
     after = sweep("plan", str(spec), "--smoke", cwd=tmp_path)
-    cost_rows = {l.split()[0]: l.split() for l in after.stdout.split("cost estimate")[1].splitlines()[2:] if l.strip()}
+    cost_rows = {l.split()[0]: l.split() for l in after.stdout.split("cost estimate")[1].split("\n\n")[0].splitlines()[2:] if l.strip()}
     assert cost_rows["dpo"][1:3] == ["2", "0"] and cost_rows["dpo"][4:6] == ["measured", "(stage)"]
     assert cost_rows["dpo"][-2:] == ["0", "0"]  # CPU trials hold no GPU
     # the full grid's keys differ from the smoke run's (fewer steps): smoke timings are not used for it

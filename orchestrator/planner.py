@@ -1,0 +1,204 @@
+"""Memory and compute of a trial before anything runs (`sweep plan`): pure arithmetic over the spec.
+
+Model shape: the tiny model from its spec; a Hugging Face model from its config.json (a local folder, or the
+local HF cache for a hub id: never the network); else the spec's `cost.model_shape`.
+
+Memory per GPU, for the training loop as built (trainers/train.py loads weights in fp32 and autocasts the
+forward/backward to `training.precision`; AdamW keeps two fp32 moments):
+  - full fine-tuning: weights 4N + gradients 4N + optimizer 8N bytes; `cost.sharding: fsdp` (ZeRO-3) divides
+    all three by the trial's GPU count G;
+  - LoRA: weights 4N (frozen, no gradient, no optimizer state) + 16 bytes per adapter parameter;
+  - a reference model held during training (methods that need its token logits, e.g. epsilon_dpo): +4N
+    (/G with fsdp); none with LoRA (the adapters are switched off instead) and none for methods whose
+    reference log-probs are precomputed and cached;
+  - activations (Korthikanti et al. 2022, eq. 2 without the s² attention term: fused attention kernels do
+    not store the score matrix): 34·s·b·h bytes per layer in 16-bit, twice that in fp32, for b sequences of s
+    tokens per GPU; with gradient checkpointing 2·s·b·h per layer (its input) plus one layer's 34·s·b·h;
+    plus the fp32 logits and their gradient, 8·s·b·V;
+  - 10% of the GPU kept free for the CUDA context and fragmentation.
+Compute: 6N FLOPs per trained token (LoRA: 4N, no weight gradients), +2N per token for a reference forward
+each step (methods needing reference logits), the cached reference log-probs once per SFT checkpoint (2N per
+token of every pair; shared by all preference trials), and evaluation: 2N per generated token for the policy
+plus a KL forward of policy and SFT model (4N per token). GPU-seconds = FLOPs / (peak × utilisation).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from orchestrator.grid import StagePlan, TrialSpec
+from orchestrator.spec import CostSpec, ModelShape, SweepSpec, range_bounds
+from trainers.methods import METHODS
+
+GB = 1024 ** 3
+HEADROOM = 0.9
+BYTES_FP32 = 4
+ACTIVATION_BYTES_PER_LAYER = 34   # x s·b·h, 16-bit activations
+# module name -> (input size, output size) given (h, kv, intermediate); Llama / Phi-3 / Mistral naming
+LORA_SHAPES = {"q_proj": ("h", "h"), "k_proj": ("h", "kv"), "v_proj": ("h", "kv"), "o_proj": ("h", "h"),
+               "gate_proj": ("h", "i"), "up_proj": ("h", "i"), "down_proj": ("i", "h")}
+
+
+# ---- model shape ---------------------------------------------------------------------------------------
+def shape_from_config(config: dict) -> ModelShape:
+    """A ModelShape from a config.json's fields (Llama-style names)."""
+    return ModelShape(hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
+                      num_layers=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
+                      num_kv_heads=config.get("num_key_value_heads"), vocab_size=config["vocab_size"],
+                      tie_embeddings=bool(config.get("tie_word_embeddings", False)))
+
+
+def _hub_config(hub_id: str, revision: Optional[str]) -> Optional[dict]:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(hub_id, "config.json", revision=revision)
+    return json.loads(Path(found).read_text()) if isinstance(found, str) else None
+
+
+def model_shape(spec: SweepSpec) -> tuple[Optional[ModelShape], str]:
+    """(shape, where it came from); (None, why) when nothing on this machine says."""
+    model = spec.model
+    if model.kind == "tiny":
+        from trainers.synthetic import vocabulary
+
+        return ModelShape(hidden_size=model.hidden_size, intermediate_size=model.intermediate_size,
+                          num_layers=model.num_layers, num_heads=model.num_heads,
+                          vocab_size=4 + len(vocabulary()), tie_embeddings=True), "the tiny model's spec"
+    config = None
+    if model.path and not model.gguf_file:
+        file = Path(model.path).expanduser() / "config.json"
+        config = json.loads(file.read_text()) if file.is_file() else None
+    elif model.hub_id:
+        config = _hub_config(model.hub_id, model.revision)
+    if config is not None:
+        return shape_from_config(config), "config.json"
+    if spec.cost.model_shape is not None:
+        return spec.cost.model_shape, "cost.model_shape"
+    return None, "no config.json on this machine; set cost.model_shape"
+
+
+def parameter_count(shape: ModelShape) -> int:
+    h, i, layers = shape.hidden_size, shape.intermediate_size, shape.num_layers
+    kv = (shape.num_kv_heads or shape.num_heads) * (h // shape.num_heads)
+    attention = 2 * h * h + 2 * h * kv        # q, o: h x h; k, v: h x kv
+    mlp = 3 * h * i                           # gate, up, down
+    per_layer = attention + mlp + 2 * h       # + two norms
+    embeddings = shape.vocab_size * h * (1 if shape.tie_embeddings else 2)
+    return layers * per_layer + h + embeddings
+
+
+def lora_parameter_count(shape: ModelShape, r: int, target_modules: list[str]) -> int:
+    h = shape.hidden_size
+    sizes = {"h": h, "kv": (shape.num_kv_heads or shape.num_heads) * (h // shape.num_heads),
+             "i": shape.intermediate_size}
+    per_layer = sum(r * (sizes[LORA_SHAPES[m][0]] + sizes[LORA_SHAPES[m][1]]) for m in target_modules
+                    if m in LORA_SHAPES)
+    return shape.num_layers * per_layer
+
+
+# ---- one trial -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrialPlan:
+    """Bytes per GPU and FLOPs of one trial."""
+    parameters: int
+    trainable: int
+    weights: float
+    gradients: float
+    optimizer: float
+    reference: float
+    activations: float
+    gpus: int
+    train_flops: float
+    eval_flops: float
+
+    @property
+    def total_bytes(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.reference + self.activations
+
+    def fits(self, gpu_memory_gb: Optional[float]) -> Optional[bool]:
+        return None if gpu_memory_gb is None else self.total_bytes <= gpu_memory_gb * GB * HEADROOM
+
+    def gpu_hours(self, cost: CostSpec) -> float:
+        return (self.train_flops + self.eval_flops) / (cost.peak_tflops * 1e12 * cost.utilization) / 3600
+
+
+def train_pairs(spec: SweepSpec) -> Optional[int]:
+    return spec.cost.train_pairs or getattr(spec.data, "n_train", None)
+
+
+def plan_trial(trial: TrialSpec, shape: ModelShape, cost: CostSpec, pairs: Optional[int]) -> TrialPlan:
+    method = METHODS[trial.method]
+    t = trial.training
+    n = parameter_count(shape)
+    gpus = max(int(cost.gpus_per_trial), 1)
+    shard = gpus if cost.sharding == "fsdp" else 1
+    lora = t.lora if method.trains else None
+    trainable = lora_parameter_count(shape, lora.r, lora.target_modules) if lora else (n if method.trains else 0)
+    weights = BYTES_FP32 * n / shard
+    gradients = BYTES_FP32 * trainable / (1 if lora else shard)
+    optimizer = 2 * BYTES_FP32 * trainable / (1 if lora else shard)
+    keeps_reference = method.needs_reference_logits and not lora
+    reference = BYTES_FP32 * n / shard if keeps_reference else 0.0
+
+    s, h, v = cost.mean_tokens or t.max_length, shape.hidden_size, shape.vocab_size
+    sequences = 2 if method.kind == "preference" else 1            # chosen and rejected in one forward
+    b = t.batch_size * sequences / gpus if method.trains else 0    # per GPU; no gradient accumulation
+    per_layer = ACTIVATION_BYTES_PER_LAYER * s * b * h * (2 if t.precision == "fp32" else 1)
+    if t.gradient_checkpointing:
+        layers = shape.num_layers * 2 * s * b * h + per_layer
+    else:
+        layers = shape.num_layers * per_layer
+    activations = layers + 8 * s * b * v
+
+    epochs = int(trial.hparams.get("epochs", 1))
+    trained_tokens = (pairs or 0) * sequences * s * epochs if method.trains else 0
+    per_token = (4 if lora else 6) * n + (2 * n if method.needs_reference_logits else 0)
+    generated = trial.evaluation.num_prompts * trial.evaluation.max_new_tokens
+    eval_flops = generated * (2 * n + (4 * n if method.kind == "preference" else 0))
+    return TrialPlan(n, trainable, weights, gradients, optimizer, reference, activations, gpus,
+                     trained_tokens * per_token, eval_flops)
+
+
+def reference_flops(shape: ModelShape, spec: SweepSpec, pairs: Optional[int]) -> float:
+    """The shared reference log-probs: one forward over every training pair's two sequences, once per sweep."""
+    s = spec.cost.mean_tokens or spec.training.max_length
+    return 2 * parameter_count(shape) * (pairs or 0) * 2 * s
+
+
+def _representative_trials(stage: StagePlan) -> list[TrialSpec]:
+    """A grid stage's trials; for a searched stage, one trial at the top of every range (e.g. the most epochs)."""
+    if stage.search is None:
+        return stage.trials
+    def top(bounds: list) -> object:
+        numeric = all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+        return max(bounds) if numeric else bounds[0]
+
+    return [stage.search.trial({k: top(range_bounds(v)) for k, v in stage.search.space.items()})]
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    stage: str
+    trials: int
+    plan: TrialPlan        # of the stage's first trial (memory is the same for every trial of a stage)
+    seconds_per_trial: float
+    gpu_hours: float       # the whole stage
+
+
+def plan_stages(spec: SweepSpec, stages: list[StagePlan]) -> tuple[Optional[list[StageEstimate]], str]:
+    """Per-stage memory and FLOPs estimates; (None, why) when the model's shape is unknown."""
+    shape, source = model_shape(spec)
+    if shape is None:
+        return None, source
+    pairs = train_pairs(spec)
+    out = []
+    for stage in stages:
+        plans = [plan_trial(t, shape, spec.cost, pairs) for t in _representative_trials(stage)]
+        hours = [p.gpu_hours(spec.cost) for p in plans]
+        mean_hours = sum(hours) / len(hours)
+        gpus = plans[0].gpus
+        out.append(StageEstimate(stage.stage, stage.size, plans[0], mean_hours * 3600 / gpus, mean_hours * stage.size))
+    return out, source
