@@ -539,9 +539,13 @@ def _format_loc(loc: tuple) -> str:
 
 
 def _error_from_validation(file: str, exc: ValidationError, lines: dict[tuple, int]) -> SpecError:
-    # A misspelt key also makes its real name "missing": report the unknown key, which explains both.
-    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-    first = errors[0]
+    errors = exc.errors()
+    # A misspelt key also makes its real name "missing" in the same mapping: report the unknown key, which
+    # explains both. Not inside a plain union's branches (their locations name no spec model): there pydantic
+    # tries every branch, and its first error is the informative one.
+    missing_in = {tuple(e["loc"][:-1]) for e in errors if e["type"] == "missing"}
+    first = next((e for e in errors if e["type"] == "extra_forbidden" and tuple(e["loc"][:-1]) in missing_in
+                  and _resolve_loc(tuple(e["loc"][:-1]))[1]), errors[0])
     loc, _ = _resolve_loc(tuple(first["loc"]))
     more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
     if first["type"] == "extra_forbidden":

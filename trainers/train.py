@@ -6,6 +6,7 @@ objectives are built below; preference losses come from the trainers.losses regi
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,20 @@ class LoopSettings:
     max_steps: Optional[int]
     seed: int
     log_every: int
+    precision: str = "fp32"   # fp32 | bf16 | fp16: autocast of the objective's forward; fp16 adds loss scaling
+
+
+# Autocast dtypes of training.precision; weights and optimizer state stay fp32 (mixed precision).
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("training.precision fp16 needs a CUDA GPU (fp16 autocast with loss scaling); this trial "
+                         f"runs on {device.type}: use bf16 or fp32")
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 @dataclass(frozen=True)
@@ -222,8 +237,10 @@ def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopS
     loader = DataLoader(pairs, batch_size=settings.batch_size, shuffle=True, generator=generator,
                         collate_fn=lambda b: collate_pairs(b, pad_id))
     total = count_steps(len(pairs), settings)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,
-                                  weight_decay=settings.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    autocast = _autocast(accelerator.device, settings.precision)
+    scaler = torch.amp.GradScaler("cuda") if settings.precision == "fp16" else None
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total), total)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     model.train()
@@ -239,13 +256,22 @@ def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopS
             if step < done:  # consumed before the interruption
                 step += 1
                 continue
-            loss, stats = objective(model, batch)
+            with autocast:
+                loss, stats = objective(model, batch)
             if not math.isfinite(stats["loss"]):
                 raise NonFiniteLoss(step + 1, stats["loss"])
-            accelerator.backward(loss)
+            if scaler is None:
+                accelerator.backward(loss)
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)  # clip the true gradients
             if settings.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-            optimizer.step()
+                accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+                scaler.update()
             scheduler.step()
             optimizer.zero_grad()
             step += 1

@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 from orchestrator import tracking
 from orchestrator.spec import TrainHParams
 from orchestrator.task import TrialResult, TrialTask
+from trainers.adapters import AdapterDisabled, apply_lora, is_lora, merged
 from trainers.cache import (cached_reference_logps, exclusive_lock, reference_cache_key, shared_encoded_pairs,
                             write_file_atomically)
 from trainers.data import encode_pairs
@@ -68,18 +69,24 @@ def _loop_settings(task: TrialTask) -> LoopSettings:
                         epochs=int(task.trial.hparams["epochs"]), batch_size=t.batch_size,
                         warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay,
                         max_grad_norm=t.max_grad_norm, max_steps=t.max_steps, seed=t.seed,
-                        log_every=t.log_every)
+                        log_every=t.log_every, precision=t.precision)
 
 
 def _method_hparams(task: TrialTask) -> dict[str, float]:
     return {k: v for k, v in task.trial.hparams.items() if k not in TrainHParams.model_fields}
 
 
-def _reference(task: TrialTask, raw_pairs, pairs, tokenizer, init: Path, device, logger) -> tuple:
+def _reference_model(task: TrialTask, init: Path, device, policy) -> torch.nn.Module:
+    """The starting checkpoint as a frozen reference: a LoRA policy with its adapters off (no second copy in
+    memory), else the checkpoint loaded again."""
+    return AdapterDisabled(policy) if is_lora(policy) else _load_starting_checkpoint(task, init, device)
+
+
+def _reference(task: TrialTask, raw_pairs, pairs, tokenizer, init: Path, device, logger, policy) -> tuple:
     """Reference log-probs of the training pairs under the starting checkpoint: read from the sweep's cache,
     or computed (the reference model is loaded only then, and freed before training starts)."""
     def compute():
-        ref_model = _load_starting_checkpoint(task, init, device)
+        ref_model = _reference_model(task, init, device, policy)
         return reference_logps(ref_model, pairs, tokenizer.pad_token_id, task.trial.training.batch_size, device)
 
     if not task.runtime.share_work:
@@ -91,26 +98,29 @@ def _reference(task: TrialTask, raw_pairs, pairs, tokenizer, init: Path, device,
     return reference
 
 
-def _build_objective(task: TrialTask, method: Method, raw_pairs, pairs, tokenizer, init: Path, device, logger):
+def _build_objective(task: TrialTask, method: Method, raw_pairs, pairs, tokenizer, init: Path, device, logger,
+                     policy):
     """(objective, the frozen reference model if training keeps one in memory, else None)."""
     if method.kind == "sft":
         return sft_objective, None
     if method.needs_reference_logits:  # explicit: this method cannot use the reference-log-prob cache
         logger.set_tags({tracking.TAG_REF_CACHE: "not used: the method needs the reference's token logits"})
-        ref_model = _load_starting_checkpoint(task, init, device)
+        ref_model = _reference_model(task, init, device, policy)
         return TOKEN_LOGIT_OBJECTIVES[method.name](_method_hparams(task), ref_model), ref_model
-    reference = _reference(task, raw_pairs, pairs, tokenizer, init, device, logger) if method.needs_reference else None
+    reference = (_reference(task, raw_pairs, pairs, tokenizer, init, device, logger, policy)
+                 if method.needs_reference else None)
     return preference_objective(method.name, _method_hparams(task), reference), None
 
 
 def _sft_baseline(task: TrialTask, method: Method, init: Path, device, tokenizer, eval_pairs, reward,
-                  settings: EvalSettings, sft_model=None) -> Optional[SftBaseline]:
-    """The SFT model (for KL; reused when training already holds it) and its scores: read from the selected
-    SFT trial's samples, or, with shared work off, generated and scored again by this trial."""
+                  settings: EvalSettings, policy, sft_model=None) -> Optional[SftBaseline]:
+    """The SFT model (for KL; reused when training already holds it, the policy with adapters off under LoRA)
+    and its scores: read from the selected SFT trial's samples, or, with shared work off, generated and
+    scored again by this trial."""
     if method.kind != "preference":
         return None
     if sft_model is None:
-        sft_model = _load_starting_checkpoint(task, init, device)
+        sft_model = _reference_model(task, init, device, policy)
     if task.runtime.share_work:
         if not task.runtime.sft_samples:
             raise ValueError("a preference trial needs the selected SFT trial's samples (runtime.sft_samples)")
@@ -124,6 +134,15 @@ def _sft_baseline(task: TrialTask, method: Method, init: Path, device, tokenizer
 def _checkpointing(task: TrialTask) -> Optional[Checkpointing]:
     every = task.runtime.checkpoint_every
     return Checkpointing(task.trial_dir / "resume", every) if every else None
+
+
+def _trainable_model(model, training, method: Method) -> torch.nn.Module:
+    """The loaded checkpoint set up for training: activation checkpointing, LoRA adapters (spec: training)."""
+    if not method.trains:
+        return model
+    if training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return apply_lora(model, training.lora) if training.lora else model
 
 
 def device_usage(accelerator) -> tuple[str, int]:
@@ -174,7 +193,7 @@ def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger, repo
         init = Path(task.runtime.init_checkpoint) if task.runtime.init_checkpoint else base
         remote = _trusts_remote_code(task)
         tokenizer = load_tokenizer(init, remote)
-        model = load_causal_lm(init, device, remote)
+        model = _trainable_model(load_causal_lm(init, device, remote), trial.training, method)
         eval_data = load_split(trial.data, "eval", shared)
         train_data = load_split(trial.data, "train", shared) if method.kind != "untrained" else None
     steps, skipped, frozen_reference = 0, eval_data.skipped, None
@@ -184,7 +203,7 @@ def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger, repo
         with failing_phase("preparing the objective (tokenized pairs, reference log-probs and their cache)"):
             pairs = shared_encoded_pairs(init, raw_pairs, trial.training.max_length, encode) if shared else encode()
             objective, frozen_reference = _build_objective(task, method, raw_pairs, pairs, tokenizer, init, device,
-                                                           logger)
+                                                           logger, model)
 
         def on_log(step: int, total: int, stats: dict[str, float]) -> None:
             logger.log_metrics({f"train/{k}": v for k, v in stats.items()}, step)
@@ -198,13 +217,14 @@ def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger, repo
         model = accelerator.unwrap_model(model)
     if method.kind in CHECKPOINTED_KINDS:
         with failing_phase(f"saving the checkpoint (after training step {steps})"):
+            model = merged(model)  # LoRA: adapters folded in, so the next stage loads a plain model
             checkpoint = save_model(model, tokenizer, task.trial_dir / "checkpoint")
         logger.set_tags({tracking.TAG_CHECKPOINT: str(checkpoint)})
     e = trial.evaluation
     settings = EvalSettings(e.temperature, e.top_p, e.max_new_tokens, e.num_prompts, e.seed, e.batch_size)
     with failing_phase(f"evaluation (after training step {steps})"):
         reward = load_reward_model(trial.reward)
-        sft = _sft_baseline(task, method, init, device, tokenizer, eval_data.pairs, reward, settings,
+        sft = _sft_baseline(task, method, init, device, tokenizer, eval_data.pairs, reward, settings, model,
                             frozen_reference)
         metrics, samples = evaluate(model, tokenizer, eval_data.pairs, reward, settings, device, sft)
     samples_path = task.trial_dir / "samples.json"
