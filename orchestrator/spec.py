@@ -284,6 +284,9 @@ class ExecutorBase(Strict):
     checkpoint_every: Optional[int] = Field(
         None, gt=0, description="save the training state every N optimizer steps; a killed, preempted or "
                                 "requeued trial resumes from its last save")
+    processes_per_trial: int = Field(
+        1, ge=1, description="data-parallel processes of one trial on its machine (DDP under accelerate: one "
+                             "per GPU, gloo on CPU); each takes batch_size / N pairs of every batch")
 
 
 class LocalExecutorSpec(ExecutorBase):
@@ -443,6 +446,23 @@ class SweepSpec(Strict):
         if self.search.kind == "grid" and any(g.space for g in grids):
             raise ValueError("a stage declares `space` but search.kind is grid; set search: {kind: optuna, "
                              "n_trials: N} or remove the space")
+        return self
+
+    @model_validator(mode="after")
+    def _processes_fit(self):
+        n = self.executor.processes_per_trial
+        if n == 1:
+            return self
+        if self.training.batch_size % n:
+            raise ValueError(f"executor.processes_per_trial {n} must divide training.batch_size "
+                             f"{self.training.batch_size} (every process takes an equal share of each batch)")
+        if self.executor.checkpoint_every:
+            raise ValueError("executor.checkpoint_every is not supported with processes_per_trial > 1 yet (a "
+                             "multi-process trial that dies starts over)")
+        batchwise = sorted(m for m in self.stages.methods if m in METHODS and METHODS[m].batch_statistics)
+        if batchwise:
+            raise ValueError(f"{', '.join(batchwise)} use statistics of the whole batch, which a batch split "
+                             f"over {n} processes would change; run them with processes_per_trial: 1")
         return self
 
     @model_validator(mode="after")

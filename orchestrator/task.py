@@ -27,6 +27,7 @@ class TrialRuntime(Strict):
     # (executor.checkpoint_every); None: a rerun starts the trial over.
     checkpoint_every: Optional[int] = None
     stage_key: str = ""                    # identifies the stage's grid or search (tagged on every trial run)
+    processes: int = 1                     # data-parallel processes of the trial (executor.processes_per_trial)
 
 
 class TrialTask(Strict):

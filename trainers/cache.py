@@ -113,17 +113,20 @@ def save_tensors(obj, path: str) -> None:
 def cached_reference_logps(cache_dir: Path, key: str, n_pairs: int,
                            compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]
                            ) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
-    """((chosen (N,), rejected (N,)), hit). Computes and stores on a miss or an unreadable/mismatched file."""
+    """((chosen (N,), rejected (N,)), hit). Computes and stores on a miss or an unreadable/mismatched file.
+    Under a lock per key: trials (or ranks of one trial) that miss together compute it once; the others wait
+    and read it."""
     path = Path(cache_dir) / "ref_logps" / f"{key}.pt"
-    if path.exists():
-        try:
-            stored = torch.load(path, weights_only=True)
-            if stored["chosen"].shape == stored["rejected"].shape == (n_pairs,):
-                return (stored["chosen"], stored["rejected"]), True
-        except Exception:  # noqa: BLE001 - torch.load of a damaged file raises many types; recompute it
-            pass
-    chosen, rejected = compute()
-    write_file_atomically(path, lambda tmp: save_tensors({"chosen": chosen, "rejected": rejected}, tmp))
+    with exclusive_lock(path.with_name(f".{key}.lock")):
+        if path.exists():
+            try:
+                stored = torch.load(path, weights_only=True)
+                if stored["chosen"].shape == stored["rejected"].shape == (n_pairs,):
+                    return (stored["chosen"], stored["rejected"]), True
+            except Exception:  # noqa: BLE001 - torch.load of a damaged file raises many types; recompute it
+                pass
+        chosen, rejected = compute()
+        write_file_atomically(path, lambda tmp: save_tensors({"chosen": chosen, "rejected": rejected}, tmp))
     return (chosen, rejected), False
 
 

@@ -77,6 +77,9 @@ class Method:
     # Token logits of the reference at every step (not just its sequence log-probs): the reference model stays
     # in memory during training and the reference-log-prob cache cannot serve it.
     needs_reference_logits: bool = False
+    # The loss uses statistics of the whole batch (means, filters, a β updated from batch means): sharding a
+    # batch over several processes would change it, so such a method runs in one process per trial.
+    batch_statistics: bool = False
 
     @property
     def trains(self) -> bool:
@@ -110,12 +113,14 @@ register_method(Method("rdpo", RDPOParams, "preference", True,
 register_method(Method("orpo", ORPOParams, "preference", False,
                        "−log πθ(yw)/|yw|·(token mean) − β·log σ(log odds(yw) − log odds(yl)), odds on mean log-probs"))
 register_method(Method("beta_dpo", BetaDPOParams, "preference", True,
-                       "DPO with β calibrated per batch from reward gaps, after a Gaussian gap filter (Wu et al. 2024)"))
+                       "DPO with β calibrated per batch from reward gaps, after a Gaussian gap filter (Wu et al. 2024)",
+                       batch_statistics=True))
 register_method(Method("epsilon_dpo", EpsilonDPOParams, "preference", True,
                        "DPO with per-pair β/(1+ε·s), s from logit monotonicity under ε-perturbation (Lee et al. 2025)",
-                       needs_reference_logits=True))
+                       needs_reference_logits=True, batch_statistics=True))
 register_method(Method("kto", KTOParams, "preference", True,
-                       "w+·(1 − σ(β·(r(yw) − z_l))) and w−·(1 − σ(β·(z_w − r(yl)))), z = clamp(batch mean r, 0)"))
+                       "w+·(1 − σ(β·(r(yw) − z_l))) and w−·(1 − σ(β·(z_w − r(yl)))), z = clamp(batch mean r, 0)",
+                       batch_statistics=True))
 
 
 def unknown_name_message(kind: str, name: str, known: list[str]) -> str:

@@ -128,7 +128,7 @@ def sft_objective(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     logps, lengths = sequence_logps(model, batch["input_ids"][:half], batch["attention_mask"][:half],
                                     batch["response_mask"][:half])
     loss = -logps.sum() / lengths.sum()
-    return loss, {"loss": loss.item()}
+    return loss, {"loss": loss.item(), "_n": lengths.sum().item()}  # _n: a token mean, weighted by tokens
 
 
 def preference_objective(loss_name: str, hparams: dict[str, float],
@@ -224,6 +224,33 @@ def reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: in
     return chosen, rejected
 
 
+def _share(global_batch: list, world: int, rank: int) -> Optional[list]:
+    """This process's contiguous share of a global batch (sizes differ by at most one), or None when some
+    process would get no pair (every process must take part in each step)."""
+    if len(global_batch) < world:
+        return None
+    base, extra = divmod(len(global_batch), world)
+    start = rank * base + min(rank, extra)
+    return global_batch[start:start + base + (rank < extra)]
+
+
+def _global_mean(loss: torch.Tensor, stats: dict[str, float], pairs: int, accelerator
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """One process: (loss, stats) as the objective gave them. Several: the objective's means are over this
+    process's share, weighted by its count (`_n` in stats: tokens for SFT, else pairs) against the global
+    count, so the summed stats and the gradients (DDP averages them, hence x world) are those of the whole
+    batch, as one process would have computed them."""
+    count = float(stats.pop("_n", pairs))
+    world = accelerator.num_processes
+    if world == 1:
+        return loss, stats
+    device = accelerator.device
+    weight = count / accelerator.reduce(torch.tensor([count], dtype=torch.float64, device=device), "sum").item()
+    summed = accelerator.reduce(torch.tensor([v * weight for v in stats.values()], dtype=torch.float64,
+                                             device=device), "sum")
+    return loss * (weight * world), dict(zip(stats, summed.tolist()))
+
+
 def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopSettings, pad_id: int,
           accelerator: Accelerator, on_log: Optional[OnLog] = None,
           checkpointing: Optional[Checkpointing] = None) -> list[dict[str, float]]:
@@ -234,15 +261,18 @@ def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopS
     batches already consumed are replayed from the seeded shuffle and skipped, so the resumed run sees the
     same batches in the same order as an uninterrupted one."""
     generator = torch.Generator().manual_seed(settings.seed)
-    loader = DataLoader(pairs, batch_size=settings.batch_size, shuffle=True, generator=generator,
-                        collate_fn=lambda b: collate_pairs(b, pad_id))
+    # Every process draws the same seeded global batches and trains on its own contiguous share of each.
+    loader = DataLoader(pairs, batch_size=settings.batch_size, shuffle=True, generator=generator, collate_fn=list)
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     total = count_steps(len(pairs), settings)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     autocast = _autocast(accelerator.device, settings.precision)
     scaler = torch.amp.GradScaler("cuda") if settings.precision == "fp16" else None
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total), total)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    # The scheduler is not prepared: accelerate would step it once per process (for a batch it assumes grows
+    # with the process count); here the global batch is the spec's whatever the count.
+    model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     history: list[dict[str, float]] = []
     resumed = load_training_state(checkpointing)
@@ -252,12 +282,17 @@ def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopS
     done = resumed["step"] if resumed is not None else 0
     step = 0
     for _epoch in range(settings.epochs):
-        for batch in loader:
+        for global_batch in loader:
             if step < done:  # consumed before the interruption
                 step += 1
                 continue
+            share = _share(global_batch, world, rank)
+            if share is None:  # a final batch with fewer pairs than processes
+                break
+            batch = {k: v.to(device) for k, v in collate_pairs(share, pad_id).items()}
             with autocast:
                 loss, stats = objective(model, batch)
+            loss, stats = _global_mean(loss, stats, len(share), accelerator)
             if not math.isfinite(stats["loss"]):
                 raise NonFiniteLoss(step + 1, stats["loss"])
             if scaler is None:

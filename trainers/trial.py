@@ -145,12 +145,14 @@ def _trainable_model(model, training, method: Method) -> torch.nn.Module:
     return apply_lora(model, training.lora) if training.lora else model
 
 
-def device_usage(accelerator) -> tuple[str, int]:
-    """(device description, device count) of this trial, for cost accounting."""
+def device_usage(accelerator, processes: int = 1) -> tuple[str, int]:
+    """(device description, device count) of this trial, for cost accounting: its processes (one device
+    each), or what the accelerator spans."""
     device = accelerator.device
+    count = max(processes, accelerator.num_processes)
     if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}", accelerator.num_processes
-    return device.type, accelerator.num_processes
+        return f"cuda:{torch.cuda.get_device_name(device)}", count
+    return device.type, count
 
 
 def cost_metrics(device: str, count: int, wall_seconds: float) -> dict[str, float]:
@@ -182,14 +184,19 @@ def failure_reason(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, TrialPhaseError) else f"{type(exc).__name__}: {exc}"
 
 
-def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger, report: Optional[Report],
-             accelerator) -> dict[str, float]:
+def execute(task: TrialTask, method: Method, logger: tracking.TrialLogger, report: Optional[Report],
+            accelerator) -> dict[str, float]:
+    """Load, train, evaluate and log one trial in this process (one rank of it, in a multi-process trial:
+    only the main process saves the checkpoint and evaluates)."""
     trial, workdir = task.trial, Path(task.runtime.workdir)
     torch.manual_seed(trial.training.seed)
     device = accelerator.device
     shared = task.runtime.share_work
     with failing_phase("loading the model and data"):
-        base = ensure_base_model(trial.model, workdir / "models")
+        # the main process builds a missing base folder (in a multi-process trial transformers writes
+        # model files from the main process only); the others then find it ready
+        with accelerator.main_process_first():
+            base = ensure_base_model(trial.model, workdir / "models")
         init = Path(task.runtime.init_checkpoint) if task.runtime.init_checkpoint else base
         remote = _trusts_remote_code(task)
         tokenizer = load_tokenizer(init, remote)
@@ -215,6 +222,8 @@ def _execute(task: TrialTask, method: Method, logger: tracking.TrialLogger, repo
                             on_log, _checkpointing(task))
         steps = int(history[-1]["step"]) if history else 0
         model = accelerator.unwrap_model(model)
+    if not accelerator.is_main_process:
+        return {}
     if method.kind in CHECKPOINTED_KINDS:
         with failing_phase(f"saving the checkpoint (after training step {steps})"):
             model = merged(model)  # LoRA: adapters folded in, so the next stage loads a plain model
@@ -290,7 +299,11 @@ TrialBody = Callable[[TrialTask, tracking.TrialLogger, Optional[Report], object]
 
 def _train_and_evaluate(task: TrialTask, logger: tracking.TrialLogger, report: Optional[Report],
                         accelerator) -> dict[str, float]:
-    return _execute(task, METHODS[task.trial.method], logger, report, accelerator)
+    if task.runtime.processes > 1:  # spawned ranks; rank 0 logs into this run
+        from trainers.distributed import run_ranks
+
+        return run_ranks(task, logger.run_id)
+    return execute(task, METHODS[task.trial.method], logger, report, accelerator)
 
 
 def run_trial(task: TrialTask, report: Optional[Report] = None,
@@ -324,7 +337,7 @@ def _run_locked(task: TrialTask, report: Optional[Report], body: TrialBody) -> T
     run_id = _open_run(task, logger, earlier)
     started = time.monotonic()
     accelerator = make_accelerator()
-    device, count = device_usage(accelerator)
+    device, count = device_usage(accelerator, task.runtime.processes)
     logger.set_tags({tracking.TAG_DEVICE: device})
     try:
         metrics = body(task, logger, report, accelerator)

@@ -109,3 +109,13 @@ def test_trials_spread_over_a_two_node_ray_cluster(tmp_path, two_node_cluster, t
     finally:
         executor.close()
     assert [r.status for r in results] == ["FINISHED"] * 4
+
+
+def test_a_two_process_trial_runs_as_one_ray_trial(tmp_path):
+    """A trial that reserves 2 CPUs runs its 2 DDP processes inside its Tune trial (scheduled and retried as
+    one unit)."""
+    from ddp_support import two_process_sweep
+
+    two_process_sweep(tmp_path, "executor: {kind: ray, num_cpus: 2, resources_per_trial: {cpu: 2}, "
+                                "processes_per_trial: 2}")
+    ray.shutdown()

@@ -140,3 +140,11 @@ def test_jobs_on_a_drained_node_are_reported_failed_not_waited_on(tmp_path, slur
         assert all("cancelled" in r.tags[TAG_FAILURE] for r in records)
     finally:
         subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], check=True)
+
+
+def test_a_two_process_trial_runs_as_one_slurm_job(tmp_path, slurm):
+    """One job per trial with 2 CPUs; the trial's 2 DDP processes run inside it."""
+    from ddp_support import two_process_sweep
+
+    two_process_sweep(tmp_path, "executor: {kind: slurm, cpus_per_task: 2, timeout_min: 10, poll_seconds: 0.5, "
+                                "processes_per_trial: 2}")

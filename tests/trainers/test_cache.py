@@ -46,7 +46,8 @@ def test_second_call_hits_and_never_recomputes(tmp_path):
     second, hit2 = cached_reference_logps(tmp_path, "k", 3, compute)
     assert (hit1, hit2) == (False, True) and len(calls) == 1
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-    assert not [p for p in (tmp_path / "ref_logps").iterdir() if p.name.startswith(".")]  # no temp leftovers
+    leftovers = [p for p in (tmp_path / "ref_logps").iterdir() if p.name.startswith(".") and p.suffix != ".lock"]
+    assert not leftovers  # no temporary files (the lock file stays: flock needs a file)
 
 
 def test_unreadable_cache_file_is_recomputed(tmp_path):
@@ -107,3 +108,31 @@ def test_checkpoint_fingerprint_follows_content_changes(checkpoint):
     config = checkpoint / "config.json"
     config.write_text(config.read_text() + "\n")
     assert folder_fingerprint(checkpoint) != before
+
+
+def _miss_slowly(cache_dir: str, marker: str) -> None:
+    import time
+
+    def compute():
+        with open(marker, "a") as f:
+            f.write("computed\n")
+        time.sleep(1.0)
+        return torch.arange(3.0), -torch.arange(3.0)
+
+    cached_reference_logps(Path(cache_dir), "k", 3, compute)
+
+
+def test_concurrent_misses_compute_once(tmp_path):
+    """Two processes (trials of a sweep, ranks of one trial) missing the same key at once: one computes, the
+    other waits on the key's lock and reads the file."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    marker = tmp_path / "computed.txt"
+    workers = [context.Process(target=_miss_slowly, args=(str(tmp_path), str(marker))) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert marker.read_text().count("computed") == 1
