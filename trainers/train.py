@@ -114,7 +114,15 @@ def _restore_training_state(state: dict, model, optimizer, scheduler, objective)
 
 
 def make_accelerator() -> Accelerator:
-    return Accelerator(cpu=not torch.cuda.is_available())
+    """The accelerator of a trial: device placement and DDP only; precision is the loop's own autocast
+    (training.precision). accelerate's state is process-wide: a trainer of another library built earlier in
+    the same process (TRL's configs default to bf16) would make every later Accelerator autocast in bf16
+    unasked, so such a leftover state is reset first."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != "no":
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
 
 
 def count_steps(n_examples: int, settings: LoopSettings) -> int:

@@ -156,3 +156,20 @@ def test_a_sweep_with_bf16_checkpointing_and_lora_loads_one_model_per_lora_trial
     for stage in ("sft", "dpo", "epsilon_dpo"):
         assert records[stage].metrics["train_steps"] == 4
     assert len(loads) == (1 + 1 + 1 + 1 if lora else 1 + 1 + 3 + 2)
+
+
+def test_a_bf16_accelerator_left_by_another_library_does_not_leak_into_trials(setup):
+    """Bug guard: after TRL's DPOTrainer (its config defaults to bf16) had built an Accelerator in the same
+    process, our accelerators inherited bf16 autocast, and fp32 trials silently trained in bf16."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    tokenizer, pairs = setup
+    expected = _losses(train(_model(tokenizer), pairs, sft_objective, SETTINGS, tokenizer.pad_token_id,
+                             make_accelerator()))
+    AcceleratorState._reset_state(reset_partial_state=False)
+    Accelerator(cpu=True, mixed_precision="bf16")  # what another library's trainer leaves behind
+    assert make_accelerator().mixed_precision == "no"
+    again = _losses(train(_model(tokenizer), pairs, sft_objective, SETTINGS, tokenizer.pad_token_id,
+                          make_accelerator()))
+    assert again == expected
