@@ -58,10 +58,6 @@ class TrackingServerError(RuntimeError):
     """The MLflow server for a parallel sweep did not come up."""
 
 
-class TrackingUnavailable(RuntimeError):
-    """The tracking store did not answer, even after MLflow's retries with backoff."""
-
-
 def is_unreachable(exc: BaseException) -> bool:
     """Whether `exc` (or what it was raised from) says the tracking server could not be reached: MLflow wraps
     the requests error (connection refused/reset, timeout after its retries) in an MlflowException."""
@@ -69,7 +65,7 @@ def is_unreachable(exc: BaseException) -> bool:
 
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, (TrackingUnavailable, requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
             return True
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
@@ -118,7 +114,9 @@ class _SupervisedServer:
     """An `mlflow server` process that is started again, on the same port, when it dies (killed, OOM) while a
     sweep runs: trials keep their URI, and MLflow's client retries each request with exponential backoff
     (MLFLOW_HTTP_REQUEST_MAX_RETRIES, default 7 retries over ~4 min) long enough to reach the new process.
-    After `restarts` restarts it stays down; trials then fail with TrackingUnavailable and the sweep stops."""
+    After `restarts` restarts it stays down; trials that cannot log then come back `unrecorded` and the sweep
+    stops. Restarted processes are forked by the watcher thread, which lives until stop(): PR_SET_PDEATHSIG
+    fires when the forking thread ends, so they die with the sweep as the first one does."""
 
     def __init__(self, command: list[str], env: dict[str, str], url: str, log: Path, restarts: int):
         self.command, self.env, self.url, self.log, self.restarts_left = command, env, url, log, restarts

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from orchestrator.tracking import first_line
 from trainers.sources import DataError, load_split
 
 
@@ -62,7 +63,7 @@ def check_model(model_spec, report: Preflight) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=model_spec.trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a broken folder
         raise InputError("model.path", f"cannot load a tokenizer from {folder}: {type(exc).__name__}: "
-                                       f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+                                       f"{first_line(exc)}") from None
     if tokenizer.eos_token is None:
         raise InputError("model.path", f"the tokenizer in {folder} has no EOS token; every response must end with "
                                        "one (set eos_token in tokenizer_config.json)")
