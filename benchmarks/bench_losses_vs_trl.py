@@ -78,6 +78,7 @@ def trl_run(args, kind: str) -> float:
                                  for p in generate_split("train", args.pairs, seed=0)])
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=args.steps,
                   learning_rate=1e-4, lr_scheduler_type="constant", report_to=[], use_cpu=True,
+                  bf16=False,  # TRL's configs default to bf16; both sides fp32 here, like our loop's default
                   save_strategy="no", logging_steps=10, max_length=args.max_length, disable_tqdm=True,
                   dataloader_num_workers=0)
     model = build_tiny_model(tiny(args), tokenizer)
