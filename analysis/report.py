@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import pandas as pd
 
 from analysis import figures
 from analysis.robustness import (REFERENCE_METHOD, best_of_k_curve, cost_to_reach, expected_best_of_k,
                                  pareto_front, probability_beats, table1, table3)
-from analysis.summary import METRIC_COLUMNS
 
 TOP_PERCENTS = (1, 10, 25)
 BEST_OF_K_SHOWN = 5

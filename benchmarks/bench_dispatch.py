@@ -112,7 +112,6 @@ def main() -> None:
     parser.add_argument("--longer-trials", type=int, default=0, metavar="N_TRAIN",
                         help="also run the quickstart with this many training pairs (longer trials), once")
     args = parser.parse_args()
-    med = statistics.median
     if not args.skip_dispatch:
         dispatch_table(args)
     if not args.skip_quickstart:

@@ -35,7 +35,7 @@ def _resolve_spec_path(arg: Optional[str]) -> Path:
     return path
 
 
-def _checked(args, echo=print) -> SweepSpec:
+def _checked(args) -> SweepSpec:
     """The spec, with the inputs it points at checked (trainers.preflight) and reported with resolved paths;
     an unusable input is a SpecError naming the spec's file, line and field."""
     from trainers.preflight import InputError, preflight
@@ -46,7 +46,7 @@ def _checked(args, echo=print) -> SweepSpec:
         checked = preflight(spec)
     except InputError as exc:
         raise SpecError(str(path), exc.field, exc.message, field_line(path, exc.field)) from None
-    echo("inputs:\n" + "\n".join(f"  {line}" for line in checked.inputs))
+    print("inputs:\n" + "\n".join(f"  {line}" for line in checked.inputs))
     for warning in checked.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return spec
@@ -109,32 +109,29 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def _print_plan(spec, estimates, source: str) -> None:
+def _print_plan(spec, plan, source: str) -> None:
     """Per stage: memory per GPU by part, whether it fits the declared GPU, GPU-hours from FLOPs."""
-    from orchestrator.planner import model_shape, parameter_count, reference_flops, train_pairs
+    from orchestrator.planner import sequence_tokens
     from orchestrator.status import format_hours
 
     c, t = spec.cost, spec.training
-    if estimates is None:
+    if plan is None:
         print(f"\nmemory and compute per trial: the model's shape is unknown ({source})")
         return
-    shape, _ = model_shape(spec)
-    n = parameter_count(shape)
     setup = (f"{int(c.gpus_per_trial)} GPU(s) per trial, {c.sharding}" if c.gpus_per_trial else "1 device per trial")
     setup += (f", {t.precision}"
              f"{', gradient checkpointing' if t.gradient_checkpointing else ''}"
              f"{f', LoRA r={t.lora.r}' if t.lora else ', full fine-tuning'}")
-    pairs = train_pairs(spec)
     gpus = c.gpus_per_trial > 0
-    print(f"\nmemory per GPU and compute per trial: {_count(n)} parameters (shape from {source}); {setup}; "
-          f"{pairs if pairs else '?'} training pairs of {c.mean_tokens or t.max_length} tokens"
+    print(f"\nmemory per GPU and compute per trial: {_count(plan.parameters)} parameters (shape from {source}); "
+          f"{setup}; {plan.pairs or '?'} training pairs of {sequence_tokens(c, t)} tokens"
           + (f"; {c.utilization:.0%} of {c.peak_tflops:g} TFLOPS per GPU" if gpus else "")
           + " (formulas: orchestrator/planner.py)")
     fit_head = f"fits {c.gpu_memory_gb:g} GB" if c.gpu_memory_gb else "fits"
     print(f"  {'stage':<12} {'weights':>8} {'grads':>8} {'optim':>8} {'ref':>8} {'activ':>8} {'total':>8} "
           f"{fit_head:>12}" + (f" {'GPU-h/trial':>11} {'GPU-h':>9}" if gpus else ""))
     too_big = []
-    for e in estimates:
+    for e in plan.stages:
         p = e.plan
         fits = p.fits(c.gpu_memory_gb)
         verdict = "-" if fits is None else ("yes" if fits else "NO")
@@ -144,16 +141,15 @@ def _print_plan(spec, estimates, source: str) -> None:
               f"{_size(p.activations):>8} {_size(p.total_bytes):>8} {verdict:>12}"
               + (f" {format_hours(e.gpu_hours / e.trials):>11} {format_hours(e.gpu_hours):>9}" if gpus else ""))
     if gpus:
-        shared = reference_flops(shape, spec, pairs) / (c.peak_tflops * 1e12 * c.utilization) / 3600
-        total = sum(e.gpu_hours for e in estimates) + shared
-        print(f"  {'reference log-probs, once (shared by the preference trials)':<86} {format_hours(shared):>9}")
-        print(f"  {'all (GPU-hours from FLOPs)':<86} {format_hours(total):>9}")
+        print(f"  {'reference log-probs, once (shared by the preference trials)':<86} "
+              f"{format_hours(plan.reference_gpu_hours):>9}")
+        print(f"  {'all (GPU-hours from FLOPs)':<86} {format_hours(plan.gpu_hours):>9}")
     else:
         print("  (GPU-hours from FLOPs: set cost.gpus_per_trial to plan for GPUs)")
     if too_big:
         print(f"  will not fit {c.gpu_memory_gb:g} GB per GPU (with 10% kept free): {', '.join(too_big)}; try "
               "cost.sharding: fsdp with more GPUs, training.gradient_checkpointing, training.lora or a smaller batch")
-    if not pairs:
+    if not plan.pairs:
         print("  (training pairs unknown for a hub dataset: set cost.train_pairs for the training GPU-hours)")
 
 
@@ -194,12 +190,12 @@ def cmd_plan(args) -> int:
     n_pref = sum(s.size for s in stages if s.stage not in ("base", "sft"))
     n_sft = sum(s.size for s in stages if s.stage == "sft")
     print(f"\n{sum(s.size for s in stages)} trials: 1 untrained baseline, {n_sft} SFT, {n_pref} preference")
-    estimates, source = plan_stages(spec, stages)
+    plan, source = plan_stages(spec, stages)
     flops = {e.stage: TrialCost(e.seconds_per_trial, e.gpu_hours / e.trials, "FLOPs estimate")
-             for e in estimates or [] if spec.cost.gpus_per_trial > 0}
+             for e in (plan.stages if plan else []) if spec.cost.gpus_per_trial > 0}
     _print_cost(spec, stages, existing_trials(resolve_tracking_uri(args.tracking_uri, spec.tracking.uri), spec.name),
                 flops)
-    _print_plan(spec, estimates, source)
+    _print_plan(spec, plan, source)
     return EXIT_OK
 
 
@@ -233,7 +229,8 @@ def cmd_status(args) -> int:
 def cmd_run(args) -> int:
     from analysis.summary import format_summary
     from orchestrator.pipeline import SweepError, run_sweep
-    from orchestrator.tracking import first_line, is_unreachable, resolve_tracking_uri
+    from orchestrator.errors import first_line
+    from orchestrator.tracking import is_unreachable, resolve_tracking_uri
 
     spec = _checked(args)
     uri = resolve_tracking_uri(args.tracking_uri, spec.tracking.uri)
@@ -318,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         if spec:
             p.add_argument("spec", nargs="?", help=spec_help)
             p.add_argument("--smoke", action="store_true",
-                           help=f"at most 2 trials per grid, few steps and prompts (CI, first tries)")
+                           help="at most 2 trials per grid, few steps and prompts (CI, first tries)")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: spec, $MLFLOW_TRACKING_URI, "
                                               "then sqlite:///mlflow.db; `plan` reads no tracking store)")
 

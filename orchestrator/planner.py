@@ -122,11 +122,21 @@ class TrialPlan:
         return None if gpu_memory_gb is None else self.total_bytes <= gpu_memory_gb * GB * HEADROOM
 
     def gpu_hours(self, cost: CostSpec) -> float:
-        return (self.train_flops + self.eval_flops) / (cost.peak_tflops * 1e12 * cost.utilization) / 3600
+        return gpu_hours(self.train_flops + self.eval_flops, cost)
+
+
+def gpu_hours(flops: float, cost: CostSpec) -> float:
+    """GPU-hours of `flops` at the spec's per-GPU peak and utilisation."""
+    return flops / (cost.peak_tflops * 1e12 * cost.utilization) / 3600
 
 
 def train_pairs(spec: SweepSpec) -> Optional[int]:
     return spec.cost.train_pairs or getattr(spec.data, "n_train", None)
+
+
+def sequence_tokens(cost: CostSpec, training) -> int:
+    """Tokens of one sequence: cost.mean_tokens, else the training.max_length cap."""
+    return cost.mean_tokens or training.max_length
 
 
 def plan_trial(trial: TrialSpec, shape: ModelShape, cost: CostSpec, pairs: Optional[int]) -> TrialPlan:
@@ -143,7 +153,7 @@ def plan_trial(trial: TrialSpec, shape: ModelShape, cost: CostSpec, pairs: Optio
     keeps_reference = method.needs_reference_logits and not lora
     reference = BYTES_FP32 * n / shard if keeps_reference else 0.0
 
-    s, h, v = cost.mean_tokens or t.max_length, shape.hidden_size, shape.vocab_size
+    s, h, v = sequence_tokens(cost, t), shape.hidden_size, shape.vocab_size
     sequences = 2 if method.kind == "preference" else 1            # chosen and rejected in one forward
     b = t.batch_size * sequences / gpus if method.trains else 0    # per GPU; no gradient accumulation
     per_layer = ACTIVATION_BYTES_PER_LAYER * s * b * h * (2 if t.precision == "fp32" else 1)
@@ -162,16 +172,16 @@ def plan_trial(trial: TrialSpec, shape: ModelShape, cost: CostSpec, pairs: Optio
                      trained_tokens * per_token, eval_flops)
 
 
-def reference_flops(shape: ModelShape, spec: SweepSpec, pairs: Optional[int]) -> float:
+def reference_flops(parameters: int, spec: SweepSpec, pairs: Optional[int]) -> float:
     """The shared reference log-probs: one forward over every training pair's two sequences, once per sweep."""
-    s = spec.cost.mean_tokens or spec.training.max_length
-    return 2 * parameter_count(shape) * (pairs or 0) * 2 * s
+    return 2 * parameters * (pairs or 0) * 2 * sequence_tokens(spec.cost, spec.training)
 
 
 def _representative_trials(stage: StagePlan) -> list[TrialSpec]:
     """A grid stage's trials; for a searched stage, one trial at the top of every range (e.g. the most epochs)."""
     if stage.search is None:
         return stage.trials
+
     def top(bounds: list) -> object:
         numeric = all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
         return max(bounds) if numeric else bounds[0]
@@ -188,8 +198,22 @@ class StageEstimate:
     gpu_hours: float       # the whole stage
 
 
-def plan_stages(spec: SweepSpec, stages: list[StagePlan]) -> tuple[Optional[list[StageEstimate]], str]:
-    """Per-stage memory and FLOPs estimates; (None, why) when the model's shape is unknown."""
+@dataclass(frozen=True)
+class SweepPlan:
+    """Everything `sweep plan` prints about memory and compute, computed once."""
+    parameters: int
+    pairs: Optional[int]                 # training pairs the FLOPs assume (None: unknown)
+    stages: list[StageEstimate]
+    reference_gpu_hours: float           # the shared reference log-probs, once per sweep
+
+    @property
+    def gpu_hours(self) -> float:
+        return sum(e.gpu_hours for e in self.stages) + self.reference_gpu_hours
+
+
+def plan_stages(spec: SweepSpec, stages: list[StagePlan]) -> tuple[Optional[SweepPlan], str]:
+    """Per-stage memory and FLOPs estimates and where the model's shape came from; (None, why) when the
+    shape is unknown."""
     shape, source = model_shape(spec)
     if shape is None:
         return None, source
@@ -197,8 +221,8 @@ def plan_stages(spec: SweepSpec, stages: list[StagePlan]) -> tuple[Optional[list
     out = []
     for stage in stages:
         plans = [plan_trial(t, shape, spec.cost, pairs) for t in _representative_trials(stage)]
-        hours = [p.gpu_hours(spec.cost) for p in plans]
-        mean_hours = sum(hours) / len(hours)
-        gpus = plans[0].gpus
-        out.append(StageEstimate(stage.stage, stage.size, plans[0], mean_hours * 3600 / gpus, mean_hours * stage.size))
-    return out, source
+        mean_hours = sum(p.gpu_hours(spec.cost) for p in plans) / len(plans)
+        out.append(StageEstimate(stage.stage, stage.size, plans[0], mean_hours * 3600 / plans[0].gpus,
+                                 mean_hours * stage.size))
+    parameters = parameter_count(shape)
+    return SweepPlan(parameters, pairs, out, gpu_hours(reference_flops(parameters, spec, pairs), spec.cost)), source

@@ -28,6 +28,8 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel
 
+from orchestrator.errors import caused_by
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_PARAM_LENGTH = 6000
 SAMPLES_ARTIFACT = "samples.json"
@@ -63,18 +65,7 @@ def is_unreachable(exc: BaseException) -> bool:
     the requests error (connection refused/reset, timeout after its retries) in an MlflowException."""
     import requests
 
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    """An error's first line, for one-line reports (MLflow's connection errors run to several hundred chars)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+    return caused_by(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)) is not None
 
 
 def _sqlite_path(uri: str) -> Path:

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from orchestrator.errors import caused_by
 from trainers.pairs import PreferencePair
 
 CACHE_VERSION = "ref-logps-v1"
@@ -74,18 +75,6 @@ def exclusive_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _os_error_in(exc: BaseException):
-    """The OSError an exception was raised from, if any (torch.save reports a failed write as a RuntimeError
-    "unexpected pos ..." raised while handling the OSError that says why: EFBIG, ENOSPC, EDQUOT)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
 def write_file_atomically(path: Path, write: Callable[[str], None]) -> None:
     """`write(tmp_path)` then rename onto `path`: a reader sees the old file or the whole new one, never half.
     A failed write removes its temporary file and raises OSError naming the errno and `path`."""
@@ -98,7 +87,9 @@ def write_file_atomically(path: Path, write: Callable[[str], None]) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        cause = _os_error_in(exc)
+        # torch.save reports a failed write as RuntimeError "unexpected pos ..." raised while handling the
+        # OSError that says why (EFBIG, ENOSPC, EDQUOT): surface that one
+        cause = caused_by(exc, OSError)
         if cause is None or cause is exc:
             raise
         raise OSError(cause.errno, f"{cause.strerror} (writing {path})") from exc

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from orchestrator.tracking import first_line
-from trainers.sources import DataError, load_split
+from orchestrator.errors import first_line
+from trainers.sources import DataError, load_splits
 
 
 class InputError(ValueError):
@@ -88,13 +88,13 @@ def check_data(data_spec, report: Preflight) -> None:
         report.inputs.append("data: a hub dataset (read by the first trial)")
         return
     try:
-        train, evaluation = load_split(data_spec, "train"), load_split(data_spec, "eval")
+        train, evaluation = load_splits(data_spec)
     except (DataError, OSError, ValueError) as exc:  # ValueError: undecodable text
         culprit = next((name for name, source in reversed(sources.items()) if str(exc).startswith(source.path)),
                        "data")
         message = str(exc) if str(exc).startswith(sources[culprit].path) else f"{sources[culprit].path}: {exc}"
         raise InputError(f"{culprit}.path", message) from None
-    skipped = train.skipped + (evaluation.skipped if data_spec.eval is not None else 0)
+    skipped = train.skipped + evaluation.skipped
     for name, source in sources.items():
         report.inputs.append(f"{name}: {_resolved(source.path)}")
     report.inputs[-1] += (f" ({len(train.pairs)} train pairs, {len(evaluation.pairs)} eval pairs"

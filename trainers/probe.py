@@ -6,7 +6,6 @@ dispatch overhead (benchmarks/bench_dispatch.py), testing executors, tracking un
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import signal
@@ -17,8 +16,7 @@ import numpy as np
 
 from orchestrator import tracking
 from orchestrator.task import TrialResult, TrialTask
-from trainers.cache import write_file_atomically
-from trainers.trial import Report, run_trial
+from trainers.trial import Report, record_samples, run_trial
 
 # Method levels of the fake per-sample scores: a report over probe trials has a known ordering.
 PROBE_METHOD_LEVEL = {"dpo": 1.0, "simpo": 1.2, "ln_dpo": 1.1}
@@ -76,15 +74,11 @@ def _log_probe_samples(task: TrialTask, logger, prompts: int) -> dict[str, float
     """What a real trial leaves for later stages and the report: samples.json (file and artifact) and, for an
     SFT trial, a checkpoint folder (empty: no later probe loads it)."""
     samples, metrics = probe_samples(task, prompts)
-    path = task.trial_dir / "samples.json"
-    write_file_atomically(path, lambda tmp: open(tmp, "w").write(json.dumps(samples)))
-    logger.log_samples(samples)
-    tags = {tracking.TAG_SAMPLES: str(path)}
+    record_samples(task, logger, samples)
     if task.trial.stage == "sft":
         checkpoint = task.trial_dir / "checkpoint"
         checkpoint.mkdir(parents=True, exist_ok=True)
-        tags[tracking.TAG_CHECKPOINT] = str(checkpoint)
-    logger.set_tags(tags)
+        logger.set_tags({tracking.TAG_CHECKPOINT: str(checkpoint)})
     return metrics
 
 

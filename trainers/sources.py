@@ -191,21 +191,29 @@ def _read_all(spec) -> LoadedPairs:
     return LoadedPairs(pairs, skipped)
 
 
-def _file_split(spec, split: str) -> LoadedPairs:
-    if spec.eval is not None and split == "eval":  # the training source is not read at all
-        other = _read_all(spec.eval)
-        return LoadedPairs(other.pairs[:spec.n_eval], other.skipped)
+def _eval_source(spec) -> LoadedPairs:
+    other = _read_all(spec.eval)
+    return LoadedPairs(other.pairs[:spec.n_eval], other.skipped)
+
+
+def _file_splits(spec) -> tuple[LoadedPairs, LoadedPairs]:
+    """(train, eval), each source read once. Malformed rows of a source count once: on the train split, and
+    on the eval split only when it has a source of its own."""
     loaded = _read_all(spec)
     if spec.eval is not None:
-        train = loaded.pairs
+        train, evaluation = loaded.pairs, _eval_source(spec)
     else:
         if len(loaded.pairs) <= spec.n_eval:
             raise DataError(f"{spec.path or spec.hub_id}: {len(loaded.pairs)} usable pairs, not enough for "
                             f"n_eval={spec.n_eval} held-out pairs plus training pairs")
-        if split == "eval":
-            return LoadedPairs(loaded.pairs[-spec.n_eval:], loaded.skipped)
-        train = loaded.pairs[:-spec.n_eval]
-    return LoadedPairs(train[:spec.n_train] if spec.n_train else train, loaded.skipped)
+        train, evaluation = loaded.pairs[:-spec.n_eval], LoadedPairs(loaded.pairs[-spec.n_eval:], 0)
+    return LoadedPairs(train[:spec.n_train] if spec.n_train else train, loaded.skipped), evaluation
+
+
+def _file_split(spec, split: str) -> LoadedPairs:
+    if spec.eval is not None and split == "eval":  # the training source is not read at all
+        return _eval_source(spec)
+    return _file_splits(spec)[split == "eval"]
 
 
 @functools.lru_cache(maxsize=8)
@@ -233,6 +241,13 @@ def load_split(data_spec, split: str, shared: bool = False) -> LoadedPairs:
     if data_spec.kind not in DATA_SOURCES:
         raise KeyError(unknown_name_message("data kind", data_spec.kind, list(DATA_SOURCES)))
     return DATA_SOURCES[data_spec.kind](data_spec, split, shared)
+
+
+def load_splits(data_spec, shared: bool = False) -> tuple[LoadedPairs, LoadedPairs]:
+    """(train, eval) with every source read once; the two `skipped` counts add up to the malformed rows."""
+    if data_spec.kind in ROW_ADAPTERS:
+        return _file_splits(data_spec)
+    return load_split(data_spec, "train", shared), load_split(data_spec, "eval", shared)
 
 
 def load_pairs(data_spec, split: str) -> list[PreferencePair]:

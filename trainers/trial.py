@@ -18,6 +18,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from orchestrator import tracking
+from orchestrator.errors import first_line
 from orchestrator.spec import TrainHParams
 from orchestrator.task import TrialResult, TrialTask
 from trainers.adapters import AdapterDisabled, apply_lora, is_lora, merged
@@ -28,7 +29,7 @@ from trainers.evaluate import EvalSettings, SftBaseline, evaluate
 from trainers.methods import METHODS, Method
 from trainers.models import ensure_base_model, load_causal_lm, load_tokenizer, save_model
 from trainers.reward import load_reward_model
-from trainers.sources import load_split
+from trainers.sources import load_split, load_splits
 from trainers.train import (TOKEN_LOGIT_OBJECTIVES, CheckpointWriteError, Checkpointing, LoopSettings, NonFiniteLoss,
                             make_accelerator, preference_objective, reference_logps, sft_objective, train)
 
@@ -162,6 +163,16 @@ def cost_metrics(device: str, count: int, wall_seconds: float) -> dict[str, floa
             "device_hours": wall_seconds * count / 3600, "gpu_hours": wall_seconds * gpus / 3600}
 
 
+def record_samples(task: TrialTask, logger: tracking.TrialLogger, samples: list[dict]) -> Path:
+    """A trial's per-sample records where later stages and the report read them: WORKDIR/trials/<key>/
+    samples.json (atomically; the next stage's SFT baseline) and the run's samples table, tagged with the path."""
+    path = task.trial_dir / "samples.json"
+    write_file_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(samples)))
+    logger.log_samples(samples)
+    logger.set_tags({tracking.TAG_SAMPLES: str(path)})
+    return path
+
+
 class TrialPhaseError(RuntimeError):
     """A trial's failure, saying in which phase (and after which training step) it happened."""
 
@@ -201,8 +212,10 @@ def execute(task: TrialTask, method: Method, logger: tracking.TrialLogger, repor
         remote = _trusts_remote_code(task)
         tokenizer = load_tokenizer(init, remote)
         model = _trainable_model(load_causal_lm(init, device, remote), trial.training, method)
-        eval_data = load_split(trial.data, "eval", shared)
-        train_data = load_split(trial.data, "train", shared) if method.kind != "untrained" else None
+        if method.trains:
+            train_data, eval_data = load_splits(trial.data, shared)
+        else:
+            train_data, eval_data = None, load_split(trial.data, "eval", shared)
     steps, skipped, frozen_reference = 0, eval_data.skipped, None
     if train_data is not None:
         raw_pairs, skipped = train_data.pairs, skipped + train_data.skipped
@@ -236,11 +249,8 @@ def execute(task: TrialTask, method: Method, logger: tracking.TrialLogger, repor
         sft = _sft_baseline(task, method, init, device, tokenizer, eval_data.pairs, reward, settings, model,
                             frozen_reference)
         metrics, samples = evaluate(model, tokenizer, eval_data.pairs, reward, settings, device, sft)
-    samples_path = task.trial_dir / "samples.json"
     with failing_phase("writing samples.json"):
-        write_file_atomically(samples_path, lambda tmp: Path(tmp).write_text(json.dumps(samples)))
-    logger.log_samples(samples)
-    logger.set_tags({tracking.TAG_SAMPLES: str(samples_path)})
+        record_samples(task, logger, samples)
     return {**metrics, "train_steps": float(steps), "data_skipped_rows": float(skipped)}
 
 
@@ -324,7 +334,7 @@ def _unrecorded_result(task: TrialTask, exc: BaseException) -> TrialResult:
     """The store did not answer even after MLflow's retries: the trial's run cannot be marked, so the driver
     is told (it stops the sweep; the run left RUNNING is closed KILLED by the rerun, which runs the trial)."""
     return TrialResult(trial_key=task.trial.trial_key, run_id=None, status="FAILED", unrecorded=True,
-                       error=f"tracking store {task.runtime.tracking_uri} unreachable: {tracking.first_line(exc)}")
+                       error=f"tracking store {task.runtime.tracking_uri} unreachable: {first_line(exc)}")
 
 
 def _run_locked(task: TrialTask, report: Optional[Report], body: TrialBody) -> TrialResult:

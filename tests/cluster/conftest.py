@@ -6,22 +6,12 @@ from orchestrator.grid import plan_sweep
 from orchestrator.spec import parse_spec
 from orchestrator.task import TrialRuntime, TrialTask
 from orchestrator.tracking import SweepTracker
-
-SPEC = """\
-name: {name}
-workdir: {workdir}
-data: {{kind: synthetic, n_train: 64, n_eval: 16}}
-evaluation: {{num_prompts: 16}}
-stages:
-  sft: {{grid: {{learning_rate: [1.0e-3]}}}}
-  methods:
-    dpo: {{grid: {{beta: [0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 4.0], learning_rate: [1.0e-4]}}}}
-"""
+from trainers.probe import noop_sweep_yaml
 
 
 def make_tasks(tmp_path, uri: str, name: str, n: int, checkpoint_every=None) -> list[TrialTask]:
     """n DPO trial tasks of one sweep (distinct keys), wired to a stage run in `uri`."""
-    spec = parse_spec(SPEC.format(name=name, workdir=tmp_path / "work"))
+    spec = parse_spec(noop_sweep_yaml(name, tmp_path / "work", n_beta=8, n_lr=1))
     dpo = next(s for s in plan_sweep(spec) if s.stage == "dpo")
     tracker = SweepTracker(uri, name)
     runtime = TrialRuntime(sweep=name, tracking_uri=uri, experiment_id=tracker.experiment_id,

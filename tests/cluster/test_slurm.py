@@ -3,7 +3,6 @@
 import functools
 import os
 import subprocess
-import threading
 import time
 
 import pytest

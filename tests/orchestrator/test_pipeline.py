@@ -1,7 +1,6 @@
 """End to end on the built-in task (smoke-sized): spec -> trials -> train -> evaluate -> MLflow."""
 
 import math
-from pathlib import Path
 
 import mlflow
 import pytest

@@ -104,3 +104,20 @@ def test_eval_split_from_its_own_source_never_reads_the_training_file(tmp_path):
     assert len(load_pairs(spec, "eval")) == 2
     with pytest.raises(DataError, match="train.jsonl:2"):
         load_pairs(spec, "train")
+
+
+def test_both_splits_read_each_source_once_and_count_malformed_rows_once(tmp_path, monkeypatch):
+    """Bug guard: a trial read its file once per split and added both splits' skipped counts, so
+    data_skipped_rows counted every malformed row twice (4 here instead of 2)."""
+    from trainers import sources
+
+    rows = [hh_row(0), "{not json", hh_row(2, last_chosen=""), hh_row(3), hh_row(4)]
+    path = write_jsonl(tmp_path / "hh.jsonl", rows)
+    reads = []
+    real_read_all = sources._read_all
+    monkeypatch.setattr(sources, "_read_all", lambda spec: reads.append(spec.path) or real_read_all(spec))
+    train, evaluation = sources.load_splits(
+        data_spec(f"data: {{kind: hh_rlhf, path: {path}, n_eval: 1, on_malformed: skip}}"))
+    assert reads == [str(path)]
+    assert (len(train.pairs), len(evaluation.pairs)) == (2, 1)
+    assert train.skipped + evaluation.skipped == 2
