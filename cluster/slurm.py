@@ -3,7 +3,8 @@
 Every array task runs the trial function in a fresh Python on a compute node and is a submitit
 Checkpointable: when Slurm preempts it or its time runs out, submitit requeues it, and the trial resumes
 from the training state it saves every `checkpoint_every` steps (trainers.train.Checkpointing); a job
-requeued by hand (`scontrol requeue`) resumes the same way.
+requeued by hand (`scontrol requeue`) resumes the same way. A trial of processes_per_trial N > 1 is one job
+of N tasks (srun, on nodes_per_trial nodes) whose tasks are its ranks (trainers.distributed.run_launched).
 
 Job states without accounting. submitit reads job states through `sacct`, which needs slurmdbd; on a
 cluster without it, a cancelled job would never be reported done and a driver waiting on `result()` would
@@ -36,7 +37,18 @@ class SlurmTrial(submitit.helpers.Checkpointable):
         self.trial_fn = trial_fn
 
     def __call__(self, task_json: str) -> str:
-        return self.trial_fn(TrialTask.model_validate_json(task_json)).model_dump_json()
+        task = TrialTask.model_validate_json(task_json)
+        job = submitit.JobEnvironment()
+        if job.num_tasks == 1:
+            return self.trial_fn(task).model_dump_json()
+        # a multi-process trial: srun started this job's tasks; each is one rank (trainers.distributed)
+        from trainers.distributed import LaunchedRank, run_launched
+
+        env = submitit.helpers.TorchDistributedEnvironment()
+        rank = LaunchedRank(env.rank, env.world_size, env.local_rank, env.local_world_size, env.master_addr,
+                            env.master_port)
+        result = run_launched(self.trial_fn, task, rank)
+        return result.model_dump_json() if result is not None else ""  # the driver reads task 0's result
 
 
 # Pending reasons that no waiting fixes by itself: no node of the partition can take the job (drained, down,
@@ -79,6 +91,8 @@ class SlurmExecutor:
                                          slurm_max_num_timeout=s.max_requeues)
         params = dict(name=name, timeout_min=s.timeout_min, cpus_per_task=s.cpus_per_task,
                       slurm_array_parallelism=s.array_parallelism)
+        if s.processes_per_trial > 1:  # one task per rank, launched by srun; GPUs per node shared by its tasks
+            params.update(nodes=s.nodes_per_trial, tasks_per_node=s.processes_per_trial // s.nodes_per_trial)
         if s.gpus_per_node:
             params["gpus_per_node"] = s.gpus_per_node
         if s.mem_gb:
@@ -151,6 +165,8 @@ class SlurmExecutor:
     @staticmethod
     def _result(job, task: TrialTask) -> Optional[TrialResult]:
         """The job's TrialResult once its result file exists (an exception in the job is a lost trial too)."""
+        if job.num_tasks > 1:  # a multi-process trial: task 0 ran the trial and returns its result
+            job = job.task(0)
         if not job.paths.result_pickle.exists():
             return None
         try:

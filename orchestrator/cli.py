@@ -121,6 +121,7 @@ def _print_plan(spec, plan, source: str) -> None:
     setup = (f"{int(c.gpus_per_trial)} GPU(s) per trial, {c.sharding}" if c.gpus_per_trial else "1 device per trial")
     setup += (f", {t.precision}"
              f"{', gradient checkpointing' if t.gradient_checkpointing else ''}"
+             f"{f', micro-batches of {t.micro_batch_size} pairs' if t.micro_batch_size else ''}"
              f"{f', LoRA r={t.lora.r}' if t.lora else ', full fine-tuning'}")
     gpus = c.gpus_per_trial > 0
     print(f"\nmemory per GPU and compute per trial: {_count(plan.parameters)} parameters (shape from {source}); "

@@ -11,10 +11,14 @@ forward/backward to `training.precision`; AdamW keeps two fp32 moments):
   - a reference model held during training (methods that need its token logits, e.g. epsilon_dpo): +4N
     (/G with fsdp); none with LoRA (the adapters are switched off instead) and none for methods whose
     reference log-probs are precomputed and cached;
-  - activations (Korthikanti et al. 2022, eq. 2 without the s² attention term: fused attention kernels do
-    not store the score matrix): 34·s·b·h bytes per layer in 16-bit, twice that in fp32, for b sequences of s
-    tokens per GPU; with gradient checkpointing 2·s·b·h per layer (its input) plus one layer's 34·s·b·h;
-    plus the fp32 logits and their gradient, 8·s·b·V;
+  - activations, per layer and token of the sequences in one forward/backward pass on a GPU (b sequences of
+    s tokens: the GPU's share of the batch, or training.micro_batch_size pairs with gradient accumulation):
+    87·h bytes in fp32, 57·h under bf16/fp16 autocast. Measured (benchmarks/bench_gpu_step.py, H100,
+    SmolLM2-135M, s = 512, 16 and 64 sequences; the two batch sizes give one slope), not Korthikanti et al.'s
+    34·h for pure 16-bit training: with fp32 master weights, autocast keeps the residual stream, the norms and
+    their saved inputs in fp32. With gradient checkpointing: each layer's fp32 input (4·s·b·h) plus one
+    layer's activations. Plus the logits, 16·s·b·V: the fp32 logits (or the fp32 copy of bf16 ones) and, in
+    the backward pass, the log-softmax and gather gradients of the same size;
   - 10% of the GPU kept free for the CUDA context and fragmentation.
 Compute: 6N FLOPs per trained token (LoRA: 4N, no weight gradients), +2N per token for a reference forward
 each step (methods needing reference logits), the cached reference log-probs once per SFT checkpoint (2N per
@@ -36,7 +40,10 @@ from trainers.methods import METHODS
 GB = 1024 ** 3
 HEADROOM = 0.9
 BYTES_FP32 = 4
-ACTIVATION_BYTES_PER_LAYER = 34   # x s·b·h, 16-bit activations
+# x s·b·h per layer, by training.precision; measured on an H100 (see the module docstring)
+ACTIVATION_BYTES_PER_LAYER = {"fp32": 87, "bf16": 57, "fp16": 57}
+CHECKPOINTED_INPUT_BYTES = 4      # x s·b·h per layer: the fp32 residual stream a checkpointed layer keeps
+LOGIT_BYTES = 16                  # x s·b·V: fp32 logits and their gradients in the backward pass
 # module name -> (input size, output size) given (h, kv, intermediate); Llama / Phi-3 / Mistral naming
 LORA_SHAPES = {"q_proj": ("h", "h"), "k_proj": ("h", "kv"), "v_proj": ("h", "kv"), "o_proj": ("h", "h"),
                "gate_proj": ("h", "i"), "up_proj": ("h", "i"), "down_proj": ("i", "h")}
@@ -139,13 +146,24 @@ def sequence_tokens(cost: CostSpec, training) -> int:
     return cost.mean_tokens or training.max_length
 
 
-def plan_trial(trial: TrialSpec, shape: ModelShape, cost: CostSpec, pairs: Optional[int]) -> TrialPlan:
-    method = METHODS[trial.method]
-    t = trial.training
+@dataclass(frozen=True)
+class TrainingMemory:
+    """Bytes per GPU of a training (or, for a non-training trial, evaluation) process."""
+    trainable: int         # parameters that get gradients and optimizer state
+    weights: float
+    gradients: float
+    optimizer: float
+    reference: float
+    activations: float
+
+
+def training_memory(shape: ModelShape, method, training, gpus: int, sharding: str, tokens: int
+                    ) -> TrainingMemory:
+    """The memory terms of the module docstring for `method` with `training`'s precision, micro-batch,
+    checkpointing and LoRA, on `gpus` GPUs (`sharding` ddp | fsdp), for sequences of `tokens` tokens."""
     n = parameter_count(shape)
-    gpus = max(int(cost.gpus_per_trial), 1)
-    shard = gpus if cost.sharding == "fsdp" else 1
-    lora = t.lora if method.trains else None
+    shard = gpus if sharding == "fsdp" else 1
+    lora = training.lora if method.trains else None
     trainable = lora_parameter_count(shape, lora.r, lora.target_modules) if lora else (n if method.trains else 0)
     weights = BYTES_FP32 * n / shard
     gradients = BYTES_FP32 * trainable / (1 if lora else shard)
@@ -153,23 +171,36 @@ def plan_trial(trial: TrialSpec, shape: ModelShape, cost: CostSpec, pairs: Optio
     keeps_reference = method.needs_reference_logits and not lora
     reference = BYTES_FP32 * n / shard if keeps_reference else 0.0
 
-    s, h, v = sequence_tokens(cost, t), shape.hidden_size, shape.vocab_size
+    s, h, v = tokens, shape.hidden_size, shape.vocab_size
     sequences = 2 if method.kind == "preference" else 1            # chosen and rejected in one forward
-    b = t.batch_size * sequences / gpus if method.trains else 0    # per GPU; no gradient accumulation
-    per_layer = ACTIVATION_BYTES_PER_LAYER * s * b * h * (2 if t.precision == "fp32" else 1)
-    if t.gradient_checkpointing:
-        layers = shape.num_layers * 2 * s * b * h + per_layer
+    per_gpu = training.batch_size / gpus                            # pairs of each batch on one GPU
+    micro = min(per_gpu, training.micro_batch_size or per_gpu)      # ... in one forward/backward pass
+    b = micro * sequences if method.trains else 0                   # sequences in one pass on one GPU
+    per_layer = ACTIVATION_BYTES_PER_LAYER[training.precision] * s * b * h
+    if training.gradient_checkpointing:
+        layers = shape.num_layers * CHECKPOINTED_INPUT_BYTES * s * b * h + per_layer
     else:
         layers = shape.num_layers * per_layer
-    activations = layers + 8 * s * b * v
+    return TrainingMemory(trainable, weights, gradients, optimizer, reference, layers + LOGIT_BYTES * s * b * v)
+
+
+def plan_trial(trial: TrialSpec, shape: ModelShape, cost: CostSpec, pairs: Optional[int]) -> TrialPlan:
+    method = METHODS[trial.method]
+    t = trial.training
+    n = parameter_count(shape)
+    gpus = max(int(cost.gpus_per_trial), 1)
+    s = sequence_tokens(cost, t)
+    sequences = 2 if method.kind == "preference" else 1
+    memory = training_memory(shape, method, t, gpus, cost.sharding, s)
+    lora = t.lora if method.trains else None
 
     epochs = int(trial.hparams.get("epochs", 1))
     trained_tokens = (pairs or 0) * sequences * s * epochs if method.trains else 0
     per_token = (4 if lora else 6) * n + (2 * n if method.needs_reference_logits else 0)
     generated = trial.evaluation.num_prompts * trial.evaluation.max_new_tokens
     eval_flops = generated * (2 * n + (4 * n if method.kind == "preference" else 0))
-    return TrialPlan(n, trainable, weights, gradients, optimizer, reference, activations, gpus,
-                     trained_tokens * per_token, eval_flops)
+    return TrialPlan(n, memory.trainable, memory.weights, memory.gradients, memory.optimizer, memory.reference,
+                     memory.activations, gpus, trained_tokens * per_token, eval_flops)
 
 
 def reference_flops(parameters: int, spec: SweepSpec, pairs: Optional[int]) -> float:

@@ -202,7 +202,12 @@ class LoraSpec(Strict):
 
 
 class TrainingSpec(Strict):
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0, description="pairs per optimizer step (the global batch, whatever the "
+                                                   "process count and micro_batch_size)")
+    micro_batch_size: Optional[int] = Field(
+        None, gt=0, description="pairs per forward/backward pass on one process: its share of every batch runs "
+                                "in micro-batches whose gradients accumulate into one optimizer step, so memory "
+                                "follows this size while the batch stays batch_size (None: the whole share)")
     max_length: int = Field(48, gt=1)
     seed: int = 0
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
@@ -327,6 +332,15 @@ class SlurmExecutorSpec(ExecutorBase):
     folder: Optional[str] = Field(None, description="submitit logs and pickles; default WORKDIR/slurm")
     sbatch_options: dict[str, str] = Field(default_factory=dict, description="extra #SBATCH options "
                                            "(e.g. account, qos, constraint)")
+    nodes_per_trial: int = Field(1, ge=1, description="nodes of one multi-process trial: its processes_per_trial "
+                                                     "ranks run as srun tasks, processes_per_trial / nodes per node")
+
+    @model_validator(mode="after")
+    def _ranks_fill_nodes(self):
+        if self.processes_per_trial % self.nodes_per_trial:
+            raise ValueError(f"processes_per_trial {self.processes_per_trial} must be a multiple of nodes_per_trial "
+                             f"{self.nodes_per_trial} (the same number of tasks on every node)")
+        return self
 
 
 ExecutorSpec = Annotated[Union[LocalExecutorSpec, RayExecutorSpec, SlurmExecutorSpec], Field(discriminator="kind")]
@@ -456,13 +470,22 @@ class SweepSpec(Strict):
         if self.training.batch_size % n:
             raise ValueError(f"executor.processes_per_trial {n} must divide training.batch_size "
                              f"{self.training.batch_size} (every process takes an equal share of each batch)")
-        if self.executor.checkpoint_every:
-            raise ValueError("executor.checkpoint_every is not supported with processes_per_trial > 1 yet (a "
-                             "multi-process trial that dies starts over)")
+        return self
+
+    @model_validator(mode="after")
+    def _whole_batch_methods_unsplit(self):
+        """β-DPO, ε-DPO and KTO compute statistics over the batch each loss call sees: splitting a batch over
+        processes or micro-batches would change their result, not only their memory."""
+        n, micro = self.executor.processes_per_trial, self.training.micro_batch_size
+        splits = []
+        if n > 1:
+            splits.append(f"over {n} processes (executor.processes_per_trial)")
+        if micro is not None and micro < self.training.batch_size // n:
+            splits.append(f"into micro-batches of {micro} (training.micro_batch_size)")
         batchwise = sorted(m for m in self.stages.methods if m in METHODS and METHODS[m].batch_statistics)
-        if batchwise:
+        if splits and batchwise:
             raise ValueError(f"{', '.join(batchwise)} use statistics of the whole batch, which a batch split "
-                             f"over {n} processes would change; run them with processes_per_trial: 1")
+                             f"{' and '.join(splits)} would change; run them unsplit")
         return self
 
     @model_validator(mode="after")

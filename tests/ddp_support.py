@@ -36,3 +36,82 @@ def two_process_sweep(tmp_path, executor: str):
         assert r.metrics["device_count"] == 2
         if r.stage != "base":
             assert [m.step for m in _client(uri).get_metric_history(r.run_id, "train/loss")] == list(range(1, 9))
+
+
+class Interrupted(Exception):
+    pass
+
+
+def checkpointed_rank(rank: int, world: int, port: int, folder: str, kill_at: int) -> None:
+    """One rank of a 2-process DPO loop on the tiny model with saves every 3 steps, stopped (every rank, as
+    a killed job's are) after step `kill_at` (0: never); rank 0 writes its history to folder/history.json."""
+    import json
+    import os
+    from pathlib import Path
+
+    from trainers.train import make_accelerator
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    history = _checkpointed_history(make_accelerator(), Path(folder), kill_at)
+    if rank == 0:
+        Path(folder, "history.json").write_text(json.dumps(history))
+
+
+def tiny_dpo_setup():
+    """(tokenizer, 64 encoded pairs, reference log-probs, a fresh-model factory): the same in every process."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from trainers.data import encode_pairs
+    from trainers.models import build_task_tokenizer, build_tiny_model
+    from trainers.synthetic import generate_split
+    from trainers.train import reference_logps
+
+    tiny = SimpleNamespace(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, max_positions=64, seed=0)
+    tokenizer = build_task_tokenizer()
+    pairs = encode_pairs(tokenizer, generate_split("train", 64, seed=0), max_length=40)
+    reference = reference_logps(build_tiny_model(tiny, tokenizer), pairs, tokenizer.pad_token_id, 16,
+                                torch.device("cpu"))
+    return tokenizer, pairs, reference, lambda: build_tiny_model(tiny, tokenizer)
+
+
+def _checkpointed_history(accelerator, folder, kill_at: int) -> list[dict]:
+    from trainers.train import Checkpointing, LoopSettings, preference_objective, train
+
+    tokenizer, pairs, reference, fresh = tiny_dpo_setup()
+    settings = LoopSettings(learning_rate=3e-3, epochs=3, batch_size=16, warmup_ratio=0.0, weight_decay=0.0,
+                            max_grad_norm=1.0, max_steps=10, seed=0, log_every=1)
+
+    def stop(step, total, stats):
+        if step == kill_at:
+            raise Interrupted
+
+    try:
+        return train(fresh(), pairs, preference_objective("dpo", {"beta": 0.5}, reference), settings,
+                     tokenizer.pad_token_id, accelerator, stop,
+                     Checkpointing(folder / "resume", every=3) if folder else None)
+    except Interrupted:
+        return []
+
+
+def launched_rank_of_a_trial_that_does_not_train(rank: int, world: int, port: int, out: str, fail: bool) -> None:
+    """A task of a 2-task job whose trial function returns (a FINISHED run found) or raises without training:
+    task 0 gets its result or error, the other task is told to skip and returns None."""
+    import json
+    from pathlib import Path
+
+    from trainers.distributed import LaunchedRank, run_launched
+
+    def trial_fn(task):
+        if fail:
+            raise RuntimeError("the trial failed before training")
+        return "rank 0's result"
+
+    launched = LaunchedRank(rank, world, rank, world, "127.0.0.1", port)
+    try:
+        result = run_launched(trial_fn, None, launched)
+    except RuntimeError as exc:
+        result = f"raised: {exc}"
+    Path(out, f"{rank}.json").write_text(json.dumps(result))

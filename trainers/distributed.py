@@ -1,7 +1,12 @@
 """Several processes per trial (executor.processes_per_trial = N): data parallel under accelerate — DDP over
-NCCL with one GPU per process, gloo on CPU — spawned on the trial's machine by the process that holds the
-trial's lock and MLflow run. Every executor runs it the same way (local, a Ray Tune trial that reserved the
-resources, a SLURM job with the GPUs), and retries it as one unit.
+NCCL with one GPU per process, gloo on CPU. Two ways to get the N processes, one trial body:
+
+- spawned (local, Ray): the process that holds the trial's lock and MLflow run spawns N ranks on its
+  machine (run_ranks); a Ray Tune trial reserves their resources and retries them as one unit;
+- launched (SLURM): the job's N tasks, on one or several nodes, are started by srun with the distributed
+  environment submitit provides (run_launched). Task 0 runs the trial as usual and, once it holds the lock and
+  has opened the run (or found the trial already FINISHED), tells the other tasks through a TCPStore on
+  MASTER_ADDR:MASTER_PORT+1 whether to train; they then join the process group as ranks 1..N-1.
 
 Rank 0 logs to the trial's MLflow run, writes the checkpoint and the caches, and evaluates; the others train
 only. Each process trains on its share of every global batch (trainers.train._share), so the loss curve is
@@ -13,8 +18,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Callable, Optional
 
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from orchestrator import tracking
@@ -74,3 +84,93 @@ def run_ranks(task: TrialTask, run_id: str) -> dict[str, float]:
     except mp.ProcessExitedException as exc:
         raise RankFailed(f"rank {exc.error_index} of {world} died (exit code {exc.exit_code})") from None
     return json.loads((out / "metrics.json").read_text())
+
+
+# ---- ranks launched by the cluster (SLURM tasks) -----------------------------------------------------------
+DECISION_KEY, ACK_KEY = "posweep/decision", "posweep/acknowledged"
+TRAIN, SKIP = "train", "skip"
+# Task 0 may wait for the trial's lock behind another attempt, or load a big model, before it decides.
+DECISION_TIMEOUT = timedelta(hours=24)
+ACK_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class LaunchedRank:
+    """One task of a multi-task job, as the cluster's launcher describes it (submitit's TorchDistributedEnvironment)."""
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    master_addr: str
+    master_port: int
+
+    def export(self) -> None:
+        """The env:// variables accelerate and torch.distributed read."""
+        os.environ.update(MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world), LOCAL_RANK=str(self.local_rank),
+                          LOCAL_WORLD_SIZE=str(self.local_world))
+
+
+# Set in task 0's process while it runs a trial: (its rank, the decision store).
+_launched: Optional[tuple[LaunchedRank, dist.TCPStore]] = None
+
+
+def run_launched(trial_fn: Callable[[TrialTask], object], task: TrialTask, rank: LaunchedRank):
+    """Run `task` as one task of a multi-task job: task 0 runs trial_fn (whose result it returns) and tells
+    the others whether it trains; the others train as ranks 1..N-1 when it does, and return None."""
+    global _launched
+    store = dist.TCPStore(rank.master_addr, rank.master_port + 1, rank.world, is_master=rank.rank == 0,
+                          timeout=DECISION_TIMEOUT)
+    if rank.rank != 0:
+        decision = store.get(DECISION_KEY).decode()
+        store.add(ACK_KEY, 1)
+        if decision == TRAIN:
+            _train_as_launched_rank(task, rank)
+        return None
+    _launched = (rank, store)
+    try:
+        return trial_fn(task)
+    finally:
+        _launched = None
+        if not store.check([DECISION_KEY]):  # no training (a FINISHED run found, an early failure): release them
+            store.set(DECISION_KEY, SKIP)
+        # task 0 hosts the store: it stays up until every other task has read the decision (or ACK_TIMEOUT_S
+        # passed: a task that died never reads it)
+        deadline = time.monotonic() + ACK_TIMEOUT_S
+        while store.add(ACK_KEY, 0) < rank.world - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def _fresh_accelerator():
+    """An accelerator for the exported distributed environment; accelerate keeps a process-wide state, and task
+    0 built a single-process one before it knew it would train."""
+    from accelerate.state import AcceleratorState
+
+    from trainers.train import make_accelerator
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return make_accelerator()
+
+
+def _train_as_launched_rank(task: TrialTask, rank: LaunchedRank) -> None:
+    from trainers.methods import METHODS
+    from trainers.trial import execute
+
+    rank.export()
+    execute(task, METHODS[task.trial.method], NullLogger(), None, _fresh_accelerator())
+
+
+def launched() -> bool:
+    """Whether this process is task 0 of a multi-task job (its other ranks already run)."""
+    return _launched is not None
+
+
+def train_with_launched_ranks(task: TrialTask, logger, report) -> dict[str, float]:
+    """Task 0's side: tell the other tasks to train, join them as rank 0 and log into the trial's run."""
+    from trainers.methods import METHODS
+    from trainers.trial import execute
+
+    rank, store = _launched
+    store.set(DECISION_KEY, TRAIN)
+    rank.export()
+    return execute(task, METHODS[task.trial.method], logger, report, _fresh_accelerator())

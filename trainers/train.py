@@ -48,6 +48,7 @@ class LoopSettings:
     seed: int
     log_every: int
     precision: str = "fp32"   # fp32 | bf16 | fp16: autocast of the objective's forward; fp16 adds loss scaling
+    micro_batch_size: Optional[int] = None  # pairs per forward/backward pass on one process (None: its whole share)
 
 
 # Autocast dtypes of training.precision; weights and optimizer state stay fp32 (mixed precision).
@@ -122,12 +123,28 @@ def make_accelerator() -> Accelerator:
 
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != "no":
         AcceleratorState._reset_state(reset_partial_state=False)
+    if torch.cuda.is_available():
+        use_fast_attention_for_varying_lengths()
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+
+
+def use_fast_attention_for_varying_lengths() -> None:
+    """Keep scaled-dot-product attention off cuDNN's backend. torch prefers it for bf16/fp16 on Hopper, and it
+    pays a host-side plan build for each new sequence shape: batches here are padded to their longest pair, so
+    the shape changes nearly every step. Measured on an H100 (SmolLM2-135M, DPO, 8 pairs of up to 512 tokens,
+    torch 2.11): ~19 ms of CPU time per attention call, 278 ms per bf16 step against 202 ms in fp32
+    (benchmarks/RESULTS.md). Flash and memory-efficient attention have no per-shape cost."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def count_steps(n_examples: int, settings: LoopSettings) -> int:
     steps = math.ceil(n_examples / settings.batch_size) * settings.epochs
     return min(steps, settings.max_steps) if settings.max_steps else steps
+
+
+def pair_count(batch: dict) -> float:
+    """What a preference objective's loss and stats are means over: the batch's pairs."""
+    return float(batch["index"].shape[0])
 
 
 def sft_objective(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
@@ -136,7 +153,18 @@ def sft_objective(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     logps, lengths = sequence_logps(model, batch["input_ids"][:half], batch["attention_mask"][:half],
                                     batch["response_mask"][:half])
     loss = -logps.sum() / lengths.sum()
-    return loss, {"loss": loss.item(), "_n": lengths.sum().item()}  # _n: a token mean, weighted by tokens
+    return loss, {"loss": loss.item()}
+
+
+def _response_tokens(batch: dict) -> float:
+    """What sft_objective's loss is a mean over: the chosen responses' predicted tokens."""
+    half = batch["index"].shape[0]
+    return float(batch["response_mask"][:half, 1:].sum())
+
+
+# An objective's `count(batch)` says what its loss and stats average over (default: pairs), so the loop can
+# weight the means of micro-batches and processes back into the mean of the whole batch.
+sft_objective.count = _response_tokens
 
 
 def preference_objective(loss_name: str, hparams: dict[str, float],
@@ -175,8 +203,8 @@ def _pair_stats(losses: torch.Tensor, chosen_r: torch.Tensor, rejected_r: torch.
 def epsilon_dpo_objective(hparams: dict[str, float], ref_model) -> Objective:
     """ε-DPO needs the reference's token logits at every step (to perturb the policy's logits toward and
     away from it), so it keeps the reference model instead of cached log-probs. β starts at hparams["beta"]
-    and after every step becomes β / (1 + ε·mean(s)), used from the next step on (one optimizer step per
-    objective call: the loop has no gradient accumulation)."""
+    and after every step becomes β / (1 + ε·mean(s)), used from the next step on (one objective call per
+    optimizer step: the spec refuses micro-batches and several processes for it)."""
     loss_fn, epsilon = get_loss("epsilon_dpo"), float(hparams["epsilon"])
     beta = [float(hparams["beta"])]
     ref_model.eval()
@@ -242,21 +270,50 @@ def _share(global_batch: list, world: int, rank: int) -> Optional[list]:
     return global_batch[start:start + base + (rank < extra)]
 
 
-def _global_mean(loss: torch.Tensor, stats: dict[str, float], pairs: int, accelerator
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """One process: (loss, stats) as the objective gave them. Several: the objective's means are over this
-    process's share, weighted by its count (`_n` in stats: tokens for SFT, else pairs) against the global
-    count, so the summed stats and the gradients (DDP averages them, hence x world) are those of the whole
-    batch, as one process would have computed them."""
-    count = float(stats.pop("_n", pairs))
+def micro_batches(share: list, micro_batch_size: Optional[int]) -> list[list]:
+    """A process's share of a global batch in consecutive micro-batches of at most `micro_batch_size` pairs
+    (None, or a size >= the share: the share in one pass)."""
+    if not micro_batch_size or micro_batch_size >= len(share):
+        return [share]
+    return [share[i:i + micro_batch_size] for i in range(0, len(share), micro_batch_size)]
+
+
+def _sum_over_processes(values: list[float], accelerator) -> list[float]:
+    if accelerator.num_processes == 1:
+        return values
+    summed = accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=accelerator.device), "sum")
+    return summed.tolist()
+
+
+def _accumulate_step(model, objective: Objective, batches: list[dict], autocast, scaler, accelerator
+                     ) -> dict[str, float]:
+    """Forward and backward every micro-batch of this process; the gradients and the returned stats are those
+    of the whole global batch, as one process in one pass would have computed them.
+
+    Each objective's loss and stats are means over its micro-batch's count (objective.count: pairs, or tokens
+    for SFT). Micro-batch i of this process is weighted by count_i / (the global batch's count, summed over
+    micro-batches and processes); DDP averages gradients over processes, hence x world. One process with one
+    micro-batch: weight 1, the objective's own loss and stats."""
+    count = getattr(objective, "count", pair_count)
+    counts = [count(b) for b in batches]
+    total = _sum_over_processes([sum(counts)], accelerator)[0]
     world = accelerator.num_processes
-    if world == 1:
-        return loss, stats
-    device = accelerator.device
-    weight = count / accelerator.reduce(torch.tensor([count], dtype=torch.float64, device=device), "sum").item()
-    summed = accelerator.reduce(torch.tensor([v * weight for v in stats.values()], dtype=torch.float64,
-                                             device=device), "sum")
-    return loss * (weight * world), dict(zip(stats, summed.tolist()))
+    summed: dict[str, float] = {}
+    for i, (batch, n) in enumerate(zip(batches, counts)):
+        weight = n / total
+        # DDP all-reduces gradients in the last micro-batch's backward only
+        sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
+        with sync:
+            with autocast:
+                loss, stats = objective(model, {k: v.to(accelerator.device) for k, v in batch.items()})
+            loss = loss * (weight * world)
+            if scaler is None:
+                accelerator.backward(loss)
+            else:
+                scaler.scale(loss).backward()
+        for name, value in stats.items():
+            summed[name] = summed.get(name, 0.0) + value * weight
+    return dict(zip(summed, _sum_over_processes(list(summed.values()), accelerator)))
 
 
 def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopSettings, pad_id: int,
@@ -269,9 +326,10 @@ def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopS
     batches already consumed are replayed from the seeded shuffle and skipped, so the resumed run sees the
     same batches in the same order as an uninterrupted one."""
     generator = torch.Generator().manual_seed(settings.seed)
-    # Every process draws the same seeded global batches and trains on its own contiguous share of each.
+    # Every process draws the same seeded global batches and trains on its own contiguous share of each, in
+    # micro-batches whose gradients accumulate into one optimizer step per global batch.
     loader = DataLoader(pairs, batch_size=settings.batch_size, shuffle=True, generator=generator, collate_fn=list)
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    world, rank = accelerator.num_processes, accelerator.process_index
     total = count_steps(len(pairs), settings)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
@@ -297,16 +355,11 @@ def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopS
             share = _share(global_batch, world, rank)
             if share is None:  # a final batch with fewer pairs than processes
                 break
-            batch = {k: v.to(device) for k, v in collate_pairs(share, pad_id).items()}
-            with autocast:
-                loss, stats = objective(model, batch)
-            loss, stats = _global_mean(loss, stats, len(share), accelerator)
-            if not math.isfinite(stats["loss"]):
+            batches = [collate_pairs(m, pad_id) for m in micro_batches(share, settings.micro_batch_size)]
+            stats = _accumulate_step(model, objective, batches, autocast, scaler, accelerator)
+            if not math.isfinite(stats["loss"]):  # every process sees the same summed stats: all stop
                 raise NonFiniteLoss(step + 1, stats["loss"])
-            if scaler is None:
-                accelerator.backward(loss)
-            else:
-                scaler.scale(loss).backward()
+            if scaler is not None:
                 scaler.unscale_(optimizer)  # clip the true gradients
             if settings.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
@@ -324,8 +377,12 @@ def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopS
                 if on_log:
                     on_log(step, total, stats)
             if checkpointing and step % checkpointing.every == 0 and step < total:
-                _save_training_state(checkpointing, step, accelerator.unwrap_model(model), optimizer, scheduler,
-                                     objective, history)
+                # rank 0 saves for all: DDP keeps weights and optimizer states equal on every process, and every
+                # process restores from this one file
+                if accelerator.is_main_process:
+                    _save_training_state(checkpointing, step, accelerator.unwrap_model(model), optimizer,
+                                         scheduler, objective, history)
+                accelerator.wait_for_everyone()  # no process runs ahead of a save that might fail
             if step >= total:
                 return history
     return history

@@ -70,7 +70,7 @@ def _loop_settings(task: TrialTask) -> LoopSettings:
                         epochs=int(task.trial.hparams["epochs"]), batch_size=t.batch_size,
                         warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay,
                         max_grad_norm=t.max_grad_norm, max_steps=t.max_steps, seed=t.seed,
-                        log_every=t.log_every, precision=t.precision)
+                        log_every=t.log_every, precision=t.precision, micro_batch_size=t.micro_batch_size)
 
 
 def _method_hparams(task: TrialTask) -> dict[str, float]:
@@ -88,7 +88,8 @@ def _reference(task: TrialTask, raw_pairs, pairs, tokenizer, init: Path, device,
     or computed (the reference model is loaded only then, and freed before training starts)."""
     def compute():
         ref_model = _reference_model(task, init, device, policy)
-        return reference_logps(ref_model, pairs, tokenizer.pad_token_id, task.trial.training.batch_size, device)
+        t = task.trial.training  # forward passes of at most the micro-batch: training fits, so this fits
+        return reference_logps(ref_model, pairs, tokenizer.pad_token_id, t.micro_batch_size or t.batch_size, device)
 
     if not task.runtime.share_work:
         logger.set_tags({tracking.TAG_REF_CACHE: "off"})
@@ -309,9 +310,11 @@ TrialBody = Callable[[TrialTask, tracking.TrialLogger, Optional[Report], object]
 
 def _train_and_evaluate(task: TrialTask, logger: tracking.TrialLogger, report: Optional[Report],
                         accelerator) -> dict[str, float]:
-    if task.runtime.processes > 1:  # spawned ranks; rank 0 logs into this run
-        from trainers.distributed import run_ranks
+    if task.runtime.processes > 1:  # rank 0 logs into this run; the others log nothing
+        from trainers.distributed import launched, run_ranks, train_with_launched_ranks
 
+        if launched():  # the cluster started the other ranks (SLURM tasks)
+            return train_with_launched_ranks(task, logger, report)
         return run_ranks(task, logger.run_id)
     return execute(task, METHODS[task.trial.method], logger, report, accelerator)
 

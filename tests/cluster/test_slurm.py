@@ -141,9 +141,18 @@ def test_jobs_on_a_drained_node_are_reported_failed_not_waited_on(tmp_path, slur
         subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], check=True)
 
 
-def test_a_two_process_trial_runs_as_one_slurm_job(tmp_path, slurm):
-    """One job per trial with 2 CPUs; the trial's 2 DDP processes run inside it."""
+def test_a_two_process_trial_runs_as_one_slurm_job_of_two_tasks(tmp_path, slurm):
+    """One job per trial with 2 tasks (srun, submitit's distributed environment): task 0 runs the trial and
+    logs; task 1 trains as rank 1. Nothing is spawned (no ranks/ folder), and every job has a task-1 log."""
     from ddp_support import two_process_sweep
 
-    two_process_sweep(tmp_path, "executor: {kind: slurm, cpus_per_task: 2, timeout_min: 10, poll_seconds: 0.5, "
+    two_process_sweep(tmp_path, "executor: {kind: slurm, cpus_per_task: 1, timeout_min: 10, poll_seconds: 0.5, "
                                 "processes_per_trial: 2}")
+    assert not list((tmp_path / "work" / "trials").glob("*/ranks"))
+    jobs_with_task_1 = {p.parent.name for p in (tmp_path / "work" / "slurm").rglob("*_1_log.out")}
+    assert len(jobs_with_task_1) == 3  # base, sft, dpo: every trial runs on both tasks (the baseline evaluates)
+
+
+def test_nodes_per_trial_must_divide_the_processes():
+    with pytest.raises(ValueError, match="processes_per_trial 3 must be a multiple of nodes_per_trial 2"):
+        SlurmExecutorSpec(kind="slurm", processes_per_trial=3, nodes_per_trial=2)

@@ -50,19 +50,25 @@ def test_parameter_counts():
 def test_full_fine_tuning_memory_and_flops_by_hand():
     dpo = _trial("dpo")
     assert (dpo.weights, dpo.gradients, dpo.optimizer, dpo.reference) == (5600, 5600, 11200, 0)  # 4N, 4N, 8N
-    # 8 sequences (4 pairs x chosen and rejected) of 10 tokens: 2 layers x 34*10*8*8 x 2 (fp32) + 8*10*8*10
-    assert dpo.activations == 2 * 34 * 10 * 8 * 8 * 2 + 8 * 10 * 8 * 10 == 93_440
+    # 8 sequences (4 pairs x chosen and rejected) of 10 tokens: 2 layers x 87*10*8*8 (fp32) + logits 16*10*8*10
+    assert dpo.activations == 2 * 87 * 10 * 8 * 8 + 16 * 10 * 8 * 10 == 124_160
     # 100 pairs x 2 sequences x 10 tokens x 1 epoch x 6N; evaluation 16*8 tokens x (2N + 4N for KL)
     assert dpo.train_flops == 2000 * 6 * 1400 and dpo.eval_flops == 128 * 6 * 1400
     sft = _trial("sft")  # chosen only: 4 sequences, half the tokens
-    assert sft.activations == 2 * 34 * 10 * 4 * 8 * 2 + 8 * 10 * 4 * 10
+    assert sft.activations == 2 * 87 * 10 * 4 * 8 + 16 * 10 * 4 * 10 == 62_080
     assert sft.train_flops == 1000 * 6 * 1400 and sft.eval_flops == 128 * 2 * 1400
 
 
 def test_precision_checkpointing_reference_lora_and_fsdp_by_hand():
-    assert _trial("dpo", ", precision: bf16").activations == 2 * 34 * 10 * 8 * 8 + 6400 == 49_920
-    # checkpointing: each layer's input (2*s*b*h) + one layer's activations (fp32: 2 x 34*s*b*h)
-    assert _trial("dpo", ", gradient_checkpointing: true").activations == 2 * 2 * 10 * 8 * 8 + 43_520 + 6400
+    assert _trial("dpo", ", precision: bf16").activations == 2 * 57 * 10 * 8 * 8 + 12_800 == 85_760
+    # checkpointing: each layer's fp32 input (4*s*b*h) + one layer's activations (fp32: 87*s*b*h)
+    assert _trial("dpo", ", gradient_checkpointing: true").activations == 2 * 4 * 10 * 8 * 8 + 55_680 + 12_800
+    # micro-batches of 1 pair: 2 sequences per pass instead of 8, a quarter of the activations (a spec without
+    # epsilon_dpo, which refuses micro-batches)
+    text = SPEC.format(training=", micro_batch_size: 1", gpus=1, sharding="ddp")
+    spec = parse_spec("\n".join(line for line in text.splitlines() if "epsilon_dpo" not in line))
+    stage = next(s for s in plan_sweep(spec) if s.stage == "dpo")
+    assert plan_trial(stage.trials[0], SMALL, spec.cost, 100).activations == 124_160 / 4
     eps = _trial("epsilon_dpo")  # keeps the reference model for its token logits: +4N, and 2N per token
     assert eps.reference == 5600 and eps.train_flops == 2000 * 8 * 1400
     lora = _trial("epsilon_dpo", ", lora: {r: 2, target_modules: [q_proj, v_proj]}")
@@ -70,14 +76,14 @@ def test_precision_checkpointing_reference_lora_and_fsdp_by_hand():
     assert lora.train_flops == 2000 * (4 + 2) * 1400  # no weight gradients: 4N, + the reference forward 2N
     fsdp = _trial("dpo", gpus=4, sharding="fsdp")  # everything sharded over 4 GPUs, 2 sequences per GPU
     assert (fsdp.weights, fsdp.gradients, fsdp.optimizer) == (1400, 1400, 2800)
-    assert fsdp.activations == 93_440 / 4
+    assert fsdp.activations == 124_160 / 4
     ddp = _trial("dpo", gpus=4)
     assert (ddp.weights, ddp.optimizer) == (5600, 11200)
 
 
 def test_fit_and_gpu_hours():
     dpo = _trial("dpo")
-    assert dpo.fits(80) and not dpo.fits(1e-4)  # 116,040 bytes vs 0.9 * 1e-4 GiB = 96,637 bytes
+    assert dpo.fits(80) and not dpo.fits(1e-4)  # 146,560 bytes vs 0.9 * 1e-4 GiB = 96,637 bytes
     cost = CostSpec(peak_tflops=1e-6, utilization=0.5)  # 5e5 FLOP/s
     assert dpo.gpu_hours(cost) == pytest.approx((16_800_000 + 1_075_200) / 5e5 / 3600)
 
@@ -96,7 +102,7 @@ def test_plan_flags_trials_that_do_not_fit(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "will not fit 0.0001 GB per GPU (with 10% kept free): " in out
     flagged = out.split("(with 10% kept free): ")[1].split(";")[0]
-    # 0.9 * 1e-4 GiB = 96,637 bytes: sft needs 22,400 + 46,720 = 69,120 (fits), dpo 116,040, epsilon_dpo more
+    # 0.9 * 1e-4 GiB = 96,637 bytes: sft needs 22,400 + 62,080 = 84,480 (fits), dpo 146,560, epsilon_dpo more
     assert flagged == "dpo, epsilon_dpo"
     assert "FLOPs estimate" in out  # the cost table's source before any trial ran
 
@@ -104,5 +110,6 @@ def test_plan_flags_trials_that_do_not_fit(tmp_path, capsys):
 def test_the_paper_sweep_has_a_whole_study_estimate(capsys):
     assert cli.main(["plan", "sweeps/paper/phi3_saferlhf.yaml"]) == 0
     out = capsys.readouterr().out
-    assert "14B parameters (shape from cost.model_shape); 8 GPU(s) per trial, fsdp, bf16" in out
+    assert ("14B parameters (shape from cost.model_shape); 8 GPU(s) per trial, fsdp, bf16, gradient checkpointing, "
+            "micro-batches of 8 pairs, full fine-tuning") in out
     assert "all (GPU-hours from FLOPs)" in out and "NO" not in out.split("memory per GPU")[1]
