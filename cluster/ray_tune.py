@@ -17,10 +17,50 @@ from typing import Optional
 
 from cluster.base import Progress, TrialFn, register_executor
 from orchestrator.task import TrialResult, TrialTask
+from trainers.distributed import register_rank_launcher
 
 # Tune's per-trial CSV/JSON/TensorBoard loggers duplicate what MLflow holds and cost time per trial.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+# A Tune trial whose ranks run as a Ray Train run only drives them (MLflow run, lock, the Train controller).
+TRAIN_DRIVER_RESOURCES = {"cpu": 0.1}
+
+
+def _ray_train_worker(config: dict) -> None:
+    """One Ray Train worker = one rank; Ray Train formed the process group and set the env:// variables."""
+    import ray.train
+
+    from trainers.distributed import train_as_rank
+
+    train_as_rank(config["task"], config["run_id"], ray.train.get_context().get_world_rank(), config["out"])
+
+
+@register_rank_launcher("ray_train")
+def run_ray_train_ranks(task: TrialTask, run_id: str) -> dict[str, float]:
+    """A multi-process trial's ranks as a Ray Train run inside its Tune trial: task.runtime.processes workers,
+    each with task.runtime.rank_resources, placed wherever the cluster has them (several nodes for a trial
+    larger than one); gloo on CPU, NCCL on GPUs. Worker 0 logs into the trial's run `run_id` and leaves its
+    metrics in the trial folder, which every node must see (the sweep's workdir is shared)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from trainers.distributed import RankFailed, last_line, rank_metrics, ranks_folder
+
+    out = ranks_folder(task)
+    resources = dict(task.runtime.rank_resources)
+    trainer = TorchTrainer(
+        _ray_train_worker, train_loop_config={"task": task.model_dump_json(), "run_id": run_id, "out": str(out)},
+        scaling_config=ScalingConfig(num_workers=task.runtime.processes, use_gpu=resources.get("GPU", 0) > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=f"{task.trial.trial_key[:16]}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                             storage_path=str(Path(task.runtime.workdir) / "ray_results")))
+    try:
+        trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Ray Train wraps the worker's error; keep its last line
+        raise RankFailed(f"the trial's Ray Train run failed: {type(exc).__name__}: {last_line(str(exc))}") from None
+    return rank_metrics(out)
 
 
 def _tune_trial(config: dict, tasks: list[str], trial_fn: TrialFn) -> dict:
@@ -84,7 +124,15 @@ class RayExecutor:
         self._owns_ray = True
 
     @property
+    def trains_with_ray_train(self) -> bool:
+        return self.spec.ranks == "ray_train" and self.spec.processes_per_trial > 1
+
+    @property
     def resources(self) -> dict[str, float]:
+        """What each Tune trial reserves: the whole trial, or only the driver of its Ray Train run (whose
+        workers reserve the trial's resources themselves)."""
+        if self.trains_with_ray_train:
+            return TRAIN_DRIVER_RESOURCES
         r = self.spec.resources_per_trial
         return {"cpu": r.cpu, "gpu": r.gpu}
 
@@ -117,7 +165,10 @@ class RayExecutor:
         storage = Path(tasks[0].runtime.workdir) / "ray_results"
         tuner = tune.Tuner(
             trainable, param_space={"index": tune.grid_search(list(range(len(tasks))))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=self.spec.max_concurrent_trials, reuse_actors=True),
+            # Ray Train runs wait for all their workers at once: cap the drivers at what the cluster fits, so
+            # no driver holds a slot while its workers cannot be placed
+            tune_config=tune.TuneConfig(max_concurrent_trials=self.slots if self.trains_with_ray_train
+                                        else self.spec.max_concurrent_trials, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=f"{tasks[0].runtime.sweep}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                 storage_path=str(storage), verbose=0,

@@ -112,7 +112,8 @@ class _StageRunner:
         self.runtime = dict(sweep=spec.name, tracking_uri=tracking_uri, experiment_id=tracker.experiment_id,
                             workdir=str(Path(spec.workdir).resolve()), share_work=share_work,
                             checkpoint_every=spec.executor.checkpoint_every,
-                            processes=spec.executor.processes_per_trial)
+                            processes=spec.executor.processes_per_trial, sharding=spec.executor.sharding)
+        self.runtime["rank_launcher"], self.runtime["rank_resources"] = spec.executor.rank_launch()
         self.results: list[TrialResult] = []
 
     def _runtime(self, stage: StagePlan, parent: str, init: dict[str, str]) -> TrialRuntime:

@@ -290,8 +290,16 @@ class ExecutorBase(Strict):
         None, gt=0, description="save the training state every N optimizer steps; a killed, preempted or "
                                 "requeued trial resumes from its last save")
     processes_per_trial: int = Field(
-        1, ge=1, description="data-parallel processes of one trial on its machine (DDP under accelerate: one "
-                             "per GPU, gloo on CPU); each takes batch_size / N pairs of every batch")
+        1, ge=1, description="data-parallel processes of one trial (DDP under accelerate: one per GPU, gloo on "
+                             "CPU); each takes batch_size / N pairs of every batch")
+    sharding: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with processes_per_trial > 1: ddp (a full copy of the weights, gradients and AdamW "
+                           "state in every process) or fsdp (torch FSDP2: each decoder layer's parameters, "
+                           "gradients and optimizer state split over the processes)")
+
+    def rank_launch(self) -> tuple[str, dict[str, float]]:
+        """How a multi-process trial's ranks start (trainers.distributed.RANK_LAUNCHERS) and what each gets."""
+        return "spawn", {}
 
 
 class LocalExecutorSpec(ExecutorBase):
@@ -310,9 +318,20 @@ class RayExecutorSpec(ExecutorBase):
     address: Optional[str] = Field(None, description="e.g. 'auto' or 'ray://head:10001'; omitted: start a "
                                                      "local Ray for this sweep")
     num_cpus: Optional[int] = Field(None, gt=0, description="CPUs of the local Ray (default: all)")
+    ranks: Literal["spawn", "ray_train"] = Field(
+        "spawn", description="how a trial's processes_per_trial ranks start: spawn (on the Tune trial's node, "
+                             "inside its resources_per_trial) or ray_train (a Ray Train run of that many workers "
+                             "inside the Tune trial, placed anywhere in the cluster: trials larger than a node; "
+                             "each worker gets resources_per_trial / processes_per_trial)")
     resources_per_trial: RayResources = Field(default_factory=RayResources)
     max_concurrent_trials: Optional[int] = Field(None, gt=0)
     max_failures: int = Field(2, ge=0, description="retries of a trial whose worker process or node died")
+
+    def rank_launch(self) -> tuple[str, dict[str, float]]:
+        if self.ranks == "spawn":
+            return "spawn", {}
+        n, r = self.processes_per_trial, self.resources_per_trial
+        return "ray_train", {"CPU": r.cpu / n, **({"GPU": r.gpu / n} if r.gpu else {})}
 
 
 class SlurmExecutorSpec(ExecutorBase):
@@ -470,6 +489,24 @@ class SweepSpec(Strict):
         if self.training.batch_size % n:
             raise ValueError(f"executor.processes_per_trial {n} must divide training.batch_size "
                              f"{self.training.batch_size} (every process takes an equal share of each batch)")
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_supported(self):
+        """FSDP trains the model sharded; what needs the whole model during training is refused, with why."""
+        if self.executor.sharding != "fsdp":
+            return self
+        refusals = [
+            (self.executor.processes_per_trial < 2, "needs executor.processes_per_trial of 2 or more"),
+            (self.executor.checkpoint_every is not None,
+             "cannot be combined with executor.checkpoint_every yet (the saved state would be one shard)"),
+            (self.training.lora is not None, "cannot be combined with training.lora yet"),
+            (self.training.precision == "fp16", "cannot be combined with precision fp16 (its loss scaler is "
+                                                "not sharded); use bf16"),
+        ]
+        for refused, why in refusals:
+            if refused:
+                raise ValueError(f"executor.sharding fsdp {why}")
         return self
 
     @model_validator(mode="after")

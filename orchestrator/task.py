@@ -28,6 +28,9 @@ class TrialRuntime(Strict):
     checkpoint_every: Optional[int] = None
     stage_key: str = ""                    # identifies the stage's grid or search (tagged on every trial run)
     processes: int = 1                     # data-parallel processes of the trial (executor.processes_per_trial)
+    rank_launcher: str = "spawn"           # how they start (trainers.distributed.RANK_LAUNCHERS)
+    sharding: str = "ddp"                  # ddp | fsdp (executor.sharding)
+    rank_resources: dict[str, float] = {}  # per rank, for a launcher that places ranks itself (ray_train)
 
 
 class TrialTask(Strict):

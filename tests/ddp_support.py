@@ -100,14 +100,19 @@ def launched_rank_of_a_trial_that_does_not_train(rank: int, world: int, port: in
     """A task of a 2-task job whose trial function returns (a FINISHED run found) or raises without training:
     task 0 gets its result or error, the other task is told to skip and returns None."""
     import json
+    import os
     from pathlib import Path
 
     from trainers.distributed import LaunchedRank, run_launched
+    from trainers.train import make_accelerator
+
+    os.environ["PMI_SIZE"] = str(world)  # as an MPI-aware srun sets it; accelerate would read a 2-process world
 
     def trial_fn(task):
         if fail:
             raise RuntimeError("the trial failed before training")
-        return "rank 0's result"
+        # task 0 builds its single-process accelerator before it decides (trainers.trial._run_locked)
+        return f"rank 0's result ({make_accelerator().num_processes} process)"
 
     launched = LaunchedRank(rank, world, rank, world, "127.0.0.1", port)
     try:
@@ -115,3 +120,27 @@ def launched_rank_of_a_trial_that_does_not_train(rank: int, world: int, port: in
     except RuntimeError as exc:
         result = f"raised: {exc}"
     Path(out, f"{rank}.json").write_text(json.dumps(result))
+
+
+def sharded_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of a 2-process FSDP loop (DPO on the tiny model, 6 steps): writes how many parameter
+    elements it holds against the model's, its history, and (rank 0) the gathered state dict's keys."""
+    import json
+    import os
+    from pathlib import Path
+
+    from trainers.train import LoopSettings, full_state_dict, make_accelerator, preference_objective, train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    tokenizer, pairs, reference, fresh = tiny_dpo_setup()
+    model = fresh()
+    full = sum(p.numel() for p in model.parameters())
+    settings = LoopSettings(learning_rate=3e-3, epochs=3, batch_size=16, warmup_ratio=0.0, weight_decay=0.0,
+                            max_grad_norm=1.0, max_steps=6, seed=0, log_every=1, sharding="fsdp")
+    history = train(model, pairs, preference_objective("dpo", {"beta": 0.5}, reference), settings,
+                    tokenizer.pad_token_id, make_accelerator())
+    local = sum(p.to_local().numel() for p in model.parameters())
+    keys = sorted(full_state_dict(model))
+    Path(out, f"{rank}.json").write_text(json.dumps({"local": local, "full": full, "history": history,
+                                                     "keys": keys if rank == 0 else []}))

@@ -1,8 +1,10 @@
 """Several processes per trial (executor.processes_per_trial = N): data parallel under accelerate — DDP over
-NCCL with one GPU per process, gloo on CPU. Two ways to get the N processes, one trial body:
+NCCL with one GPU per process, gloo on CPU — or sharded (executor.sharding fsdp: trainers.train.shard_model).
+Ways to get the N processes, one trial body:
 
 - spawned (local, Ray): the process that holds the trial's lock and MLflow run spawns N ranks on its
   machine (run_ranks); a Ray Tune trial reserves their resources and retries them as one unit;
+- a Ray Train run (Ray, ranks: ray_train): its workers, anywhere in the cluster (cluster/ray_tune.py);
 - launched (SLURM): the job's N tasks, on one or several nodes, are started by srun with the distributed
   environment submitit provides (run_launched). Task 0 runs the trial as usual and, once it holds the lock and
   has opened the run (or found the trial already FINISHED), tells the other tasks through a TCPStore on
@@ -45,9 +47,9 @@ class NullLogger:
     def log_text(self, text, artifact_file: str) -> None: ...
 
 
-def _rank_main(rank: int, task_json: str, run_id: str, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+def train_as_rank(task_json: str, run_id: str, rank: int, out: str) -> None:
+    """One rank of a multi-process trial whose distributed environment is set (env:// variables, or a process
+    group a launcher already formed): rank 0 logs into the trial's run `run_id` and writes out/metrics.json."""
     from trainers.methods import METHODS
     from trainers.train import make_accelerator
     from trainers.trial import execute
@@ -65,25 +67,62 @@ def _rank_main(rank: int, task_json: str, run_id: str, world: int, port: int, ou
         Path(out, "metrics.json").write_text(json.dumps(metrics))
 
 
-def _last_line(text: str) -> str:
+def _spawned_rank(rank: int, task_json: str, run_id: str, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    train_as_rank(task_json, run_id, rank, out)
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of an error text (a traceback's, the error itself)."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else "no message"
 
 
-def run_ranks(task: TrialTask, run_id: str) -> dict[str, float]:
-    """Train and evaluate `task` in task.runtime.processes processes; rank 0's metrics."""
-    world = task.runtime.processes
+def ranks_folder(task: TrialTask) -> Path:
+    """An empty folder for one attempt's rank outputs (rank 0's metrics.json), on the sweep's shared workdir."""
     out = task.trial_dir / "ranks"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    return out
+
+
+def rank_metrics(out: Path) -> dict[str, float]:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def run_ranks(task: TrialTask, run_id: str) -> dict[str, float]:
+    """Train and evaluate `task` in task.runtime.processes spawned processes on this machine; rank 0's metrics."""
+    world = task.runtime.processes
+    out = ranks_folder(task)
     try:
-        mp.start_processes(_rank_main, args=(task.model_dump_json(), run_id, world, tracking.free_port(), str(out)),
+        mp.start_processes(_spawned_rank, args=(task.model_dump_json(), run_id, world, tracking.free_port(),
+                                                str(out)),
                            nprocs=world, join=True, start_method="spawn")
     except mp.ProcessRaisedException as exc:  # its message ends with the rank's traceback
-        raise RankFailed(f"rank {exc.error_index} of {world}: {_last_line(str(exc))}") from None
+        raise RankFailed(f"rank {exc.error_index} of {world}: {last_line(str(exc))}") from None
     except mp.ProcessExitedException as exc:
         raise RankFailed(f"rank {exc.error_index} of {world} died (exit code {exc.exit_code})") from None
-    return json.loads((out / "metrics.json").read_text())
+    return rank_metrics(out)
+
+
+# How a trial's ranks start (TrialRuntime.rank_launcher) -> launch(task, run_id) -> rank 0's metrics.
+# "spawn" is here; executors register their own (cluster/ray_tune.py: "ray_train").
+RANK_LAUNCHERS: dict[str, Callable[[TrialTask, str], dict[str, float]]] = {"spawn": run_ranks}
+
+
+def register_rank_launcher(name: str):
+    def register(launch):
+        RANK_LAUNCHERS[name] = launch
+        return launch
+    return register
+
+
+def launch_ranks(task: TrialTask, run_id: str) -> dict[str, float]:
+    name = task.runtime.rank_launcher
+    if name not in RANK_LAUNCHERS:
+        raise KeyError(f"no rank launcher {name!r} in this process (known: {', '.join(sorted(RANK_LAUNCHERS))})")
+    return RANK_LAUNCHERS[name](task, run_id)
 
 
 # ---- ranks launched by the cluster (SLURM tasks) -----------------------------------------------------------
@@ -119,6 +158,7 @@ def run_launched(trial_fn: Callable[[TrialTask], object], task: TrialTask, rank:
     """Run `task` as one task of a multi-task job: task 0 runs trial_fn (whose result it returns) and tells
     the others whether it trains; the others train as ranks 1..N-1 when it does, and return None."""
     global _launched
+    _forget_mpi_environment()
     store = dist.TCPStore(rank.master_addr, rank.master_port + 1, rank.world, is_master=rank.rank == 0,
                           timeout=DECISION_TIMEOUT)
     if rank.rank != 0:
@@ -139,6 +179,20 @@ def run_launched(trial_fn: Callable[[TrialTask], object], task: TrialTask, rank:
         deadline = time.monotonic() + ACK_TIMEOUT_S
         while store.add(ACK_KEY, 0) < rank.world - 1 and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+# Variables an MPI-aware srun (--mpi=pmi2/pmix) sets, which accelerate reads as a distributed world: task 0
+# would then join a process group before deciding (and wait for the others, who wait for its decision).
+MPI_WORLD_VARIABLES = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
+                       "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_SIZE",
+                       "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_SIZE",
+                       "MPI_LOCALRANKID", "MPI_LOCALNRANKS")
+
+
+def _forget_mpi_environment() -> None:
+    """Ranks here are set with env:// variables (LaunchedRank.export), never read from MPI's."""
+    for name in MPI_WORLD_VARIABLES:
+        os.environ.pop(name, None)
 
 
 def _fresh_accelerator():

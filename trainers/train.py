@@ -49,6 +49,7 @@ class LoopSettings:
     log_every: int
     precision: str = "fp32"   # fp32 | bf16 | fp16: autocast of the objective's forward; fp16 adds loss scaling
     micro_batch_size: Optional[int] = None  # pairs per forward/backward pass on one process (None: its whole share)
+    sharding: str = "ddp"     # ddp | fsdp: how several processes hold the model (executor.sharding)
 
 
 # Autocast dtypes of training.precision; weights and optimizer state stay fp32 (mixed precision).
@@ -112,6 +113,30 @@ def _restore_training_state(state: dict, model, optimizer, scheduler, objective)
     torch.set_rng_state(state["rng"])
     if state["objective"] is not None:
         objective.load_state_dict(state["objective"])
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 (torch.distributed.fsdp.fully_shard) in place: every decoder layer (the model's
+    `_no_split_modules` classes) and then the root, so each process keeps 1/N of every parameter, gradient
+    and AdamW moment and gathers one layer's weights at a time. Needs the process group (make_accelerator)."""
+    from torch.distributed.fsdp import fully_shard
+
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules) to shard")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on the CPU of the main process (an empty dict elsewhere), gathered from the
+    shards of a sharded model; every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def make_accelerator() -> Accelerator:
@@ -331,14 +356,19 @@ def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopS
     loader = DataLoader(pairs, batch_size=settings.batch_size, shuffle=True, generator=generator, collate_fn=list)
     world, rank = accelerator.num_processes, accelerator.process_index
     total = count_steps(len(pairs), settings)
+    sharded = settings.sharding == "fsdp" and world > 1
+    if sharded:  # before the optimizer exists: it must hold the sharded parameters
+        shard_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     autocast = _autocast(accelerator.device, settings.precision)
     scaler = torch.amp.GradScaler("cuda") if settings.precision == "fp16" else None
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total), total)
     # The scheduler is not prepared: accelerate would step it once per process (for a batch it assumes grows
-    # with the process count); here the global batch is the spec's whatever the count.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # with the process count); here the global batch is the spec's whatever the count. A sharded model is not
+    # prepared either: FSDP2 already reduces its gradients (averaged over processes, as DDP's are).
+    if not sharded:
+        model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     history: list[dict[str, float]] = []
     resumed = load_training_state(checkpointing)

@@ -31,7 +31,8 @@ from trainers.models import ensure_base_model, load_causal_lm, load_tokenizer, s
 from trainers.reward import load_reward_model
 from trainers.sources import load_split, load_splits
 from trainers.train import (TOKEN_LOGIT_OBJECTIVES, CheckpointWriteError, Checkpointing, LoopSettings, NonFiniteLoss,
-                            make_accelerator, preference_objective, reference_logps, sft_objective, train)
+                            full_state_dict, make_accelerator, preference_objective, reference_logps, sft_objective,
+                            train)
 
 Report = Callable[[int, int], None]  # (step, total_steps)
 
@@ -70,7 +71,8 @@ def _loop_settings(task: TrialTask) -> LoopSettings:
                         epochs=int(task.trial.hparams["epochs"]), batch_size=t.batch_size,
                         warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay,
                         max_grad_norm=t.max_grad_norm, max_steps=t.max_steps, seed=t.seed,
-                        log_every=t.log_every, precision=t.precision, micro_batch_size=t.micro_batch_size)
+                        log_every=t.log_every, precision=t.precision, micro_batch_size=t.micro_batch_size,
+                        sharding=task.runtime.sharding)
 
 
 def _method_hparams(task: TrialTask) -> dict[str, float]:
@@ -145,6 +147,19 @@ def _trainable_model(model, training, method: Method) -> torch.nn.Module:
     if training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return apply_lora(model, training.lora) if training.lora else model
+
+
+def _gathered_model(sharded, init: Path, device, remote: bool, accelerator) -> Optional[torch.nn.Module]:
+    """The trained weights as one plain model on the main process (None elsewhere), for the checkpoint and
+    evaluation, which rank 0 runs alone: the shards are gathered (every process takes part) and loaded into
+    the starting checkpoint's architecture."""
+    weights = full_state_dict(sharded)
+    del sharded
+    if not accelerator.is_main_process:
+        return None
+    model = load_causal_lm(init, device, remote)
+    model.load_state_dict(weights)
+    return model.eval()
 
 
 def device_usage(accelerator, processes: int = 1) -> tuple[str, int]:
@@ -236,6 +251,9 @@ def execute(task: TrialTask, method: Method, logger: tracking.TrialLogger, repor
                             on_log, _checkpointing(task))
         steps = int(history[-1]["step"]) if history else 0
         model = accelerator.unwrap_model(model)
+        if task.runtime.sharding == "fsdp" and accelerator.num_processes > 1:
+            with failing_phase(f"gathering the sharded model (after training step {steps})"):
+                model = _gathered_model(model, init, device, remote, accelerator)
     if not accelerator.is_main_process:
         return {}
     if method.kind in CHECKPOINTED_KINDS:
@@ -311,11 +329,11 @@ TrialBody = Callable[[TrialTask, tracking.TrialLogger, Optional[Report], object]
 def _train_and_evaluate(task: TrialTask, logger: tracking.TrialLogger, report: Optional[Report],
                         accelerator) -> dict[str, float]:
     if task.runtime.processes > 1:  # rank 0 logs into this run; the others log nothing
-        from trainers.distributed import launched, run_ranks, train_with_launched_ranks
+        from trainers.distributed import launch_ranks, launched, train_with_launched_ranks
 
         if launched():  # the cluster started the other ranks (SLURM tasks)
             return train_with_launched_ranks(task, logger, report)
-        return run_ranks(task, logger.run_id)
+        return launch_ranks(task, logger.run_id)  # spawned here, or a Ray Train run
     return execute(task, METHODS[task.trial.method], logger, report, accelerator)
 
 

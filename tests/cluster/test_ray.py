@@ -119,3 +119,15 @@ def test_a_two_process_trial_runs_as_one_ray_trial(tmp_path):
     two_process_sweep(tmp_path, "executor: {kind: ray, num_cpus: 2, resources_per_trial: {cpu: 2}, "
                                 "processes_per_trial: 2}")
     ray.shutdown()
+
+
+def test_a_two_process_trial_runs_as_a_ray_train_run_inside_its_tune_trial(tmp_path):
+    """ranks: ray_train — each trial's 2 ranks are the 2 workers of a Ray Train run that its Tune trial drives
+    (1 CPU each, placed by Ray; the driver reserves 0.1 CPU). One run per trial, each step logged once."""
+    from ddp_support import two_process_sweep
+
+    two_process_sweep(tmp_path, "executor: {kind: ray, num_cpus: 3, resources_per_trial: {cpu: 2}, "
+                                "processes_per_trial: 2, ranks: ray_train}")
+    ray.shutdown()
+    train_runs = [p for p in (tmp_path / "work" / "ray_results").iterdir() if not p.name.startswith("ddp-2")]
+    assert len(train_runs) == 3  # base, sft, dpo: one Ray Train run each, named by trial key

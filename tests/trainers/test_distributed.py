@@ -11,13 +11,14 @@ from ddp_support import SPEC
 
 
 def _curves(tmp_path, processes: int, extra: str = "") -> dict[str, list[float]]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{tmp_path / f'mlflow-{processes}.db'}"
     text = SPEC.format(processes=processes, workdir=tmp_path / f"work-{processes}")
-    if extra:  # settings that must not change the curve: micro-batches, resumable saves
+    if extra:  # settings that must not change the curve: micro-batches, resumable saves, sharding
         text = text.replace("log_every: 1}", "log_every: 1, micro_batch_size: 4}").replace(
             f"processes_per_trial: {processes}}}", f"processes_per_trial: {processes}, {extra}}}")
     spec = parse_spec(text)
-    assert not extra or (spec.training.micro_batch_size, spec.executor.checkpoint_every) == (4, 3)
+    assert not extra or spec.training.micro_batch_size == 4
     outcome = run_sweep(spec, uri, show_progress=False, echo=lambda _: None)
     assert outcome.failed == 0, [r.tags.get("posweep.failure") for r in outcome.records]
     records = SweepTracker(uri, spec.name).trials()
@@ -35,10 +36,15 @@ def _curves(tmp_path, processes: int, extra: str = "") -> dict[str, list[float]]
 
 
 def test_two_processes_give_the_one_process_loss_curves(tmp_path):
-    """The 2-process trials also accumulate 2 micro-batches of 4 per process and save every 3 steps."""
-    one, two = _curves(tmp_path, 1), _curves(tmp_path, 2, extra="checkpoint_every: 3")
+    """2 processes with DDP (also accumulating 2 micro-batches of 4 per process and saving every 3 steps), and
+    2 processes with FSDP (sharded training, the model gathered on rank 0 to save the SFT checkpoint and
+    evaluate), each against 1 process."""
+    one = _curves(tmp_path, 1)
+    ddp = _curves(tmp_path / "ddp", 2, extra="checkpoint_every: 3")
+    fsdp = _curves(tmp_path / "fsdp", 2, extra="sharding: fsdp")
     for stage in ("sft", "dpo", "simpo"):
-        assert two[stage] == pytest.approx(one[stage], abs=1e-5), stage
+        assert ddp[stage] == pytest.approx(one[stage], abs=1e-5), stage
+        assert fsdp[stage] == pytest.approx(one[stage], abs=1e-5), stage
 
 
 @pytest.mark.parametrize("processes, method, message", [
@@ -97,4 +103,44 @@ def test_launched_ranks_are_released_when_task_0_does_not_train(tmp_path, fail):
     while not context.join(timeout=1):
         assert time.monotonic() < deadline, "a launched rank is still waiting"
     results = {rank: json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)}
-    assert results == {0: "raised: the trial failed before training" if fail else "rank 0's result", 1: None}
+    assert results == {0: "raised: the trial failed before training" if fail else "rank 0's result (1 process)",
+                       1: None}
+
+
+def test_fsdp_shards_every_parameter_and_trains_like_one_process(tmp_path):
+    """executor.sharding fsdp: each of 2 processes holds half of the parameter elements (torch FSDP2, gloo),
+    the loss curve is the one-process curve, and the gathered state dict is the whole model's."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from ddp_support import sharded_rank, tiny_dpo_setup
+    from orchestrator.tracking import free_port
+    from trainers.train import LoopSettings, make_accelerator, preference_objective, train
+
+    mp.start_processes(sharded_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["local"] + ranks[1]["local"] == ranks[0]["full"]
+    assert max(r["local"] for r in ranks) <= ranks[0]["full"] // 2 + 64  # rows split evenly (+ rounding)
+    tokenizer, pairs, reference, fresh = tiny_dpo_setup()
+    model = fresh()
+    assert ranks[0]["keys"] == sorted(model.state_dict())
+    settings = LoopSettings(learning_rate=3e-3, epochs=3, batch_size=16, warmup_ratio=0.0, weight_decay=0.0,
+                            max_grad_norm=1.0, max_steps=6, seed=0, log_every=1)
+    one = train(model, pairs, preference_objective("dpo", {"beta": 0.5}, reference), settings,
+                tokenizer.pad_token_id, make_accelerator())
+    assert [h["loss"] for h in ranks[0]["history"]] == pytest.approx([h["loss"] for h in one], abs=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    ("processes_per_trial: 2, sharding: fsdp, checkpoint_every: 5", "cannot be combined with executor.checkpoint_every"),
+    ("processes_per_trial: 1, sharding: fsdp", "needs executor.processes_per_trial of 2 or more"),
+    ("processes_per_trial: 2, sharding: fsdp}\ntraining: {lora: {r: 4}", "cannot be combined with training.lora"),
+])
+def test_fsdp_refuses_what_needs_the_whole_model(tmp_path, change, message):
+    text = SPEC.format(processes=2, workdir=tmp_path).replace("processes_per_trial: 2", change)
+    if "lora" in change:  # one training section: merge the two
+        text = text.replace("training: {batch_size: 16, max_length: 40, log_every: 1}\n", "").replace(
+            "training: {lora: {r: 4}", "training: {batch_size: 16, max_length: 40, log_every: 1, lora: {r: 4}")
+    with pytest.raises(SpecError, match=f"executor.sharding fsdp {message}"):
+        parse_spec(text, "s.yaml")
