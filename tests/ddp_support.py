@@ -1,6 +1,12 @@
 """A small sweep at several processes per trial, shared by the DDP tests of every executor (tests/trainers,
 tests/cluster). A uniquely named module in tests/ (on sys.path through tests/conftest.py)."""
 
+import functools
+import tempfile
+from pathlib import Path
+
+import pytest
+
 from orchestrator.pipeline import run_sweep
 from orchestrator.spec import parse_spec
 from orchestrator.tracking import SweepTracker, _client
@@ -18,24 +24,43 @@ stages:
     simpo: {{grid: {{beta: [2.0], gamma: [0.5], learning_rate: [1.0e-3], epochs: [2]}}}}
 executor: {{kind: local, processes_per_trial: {processes}}}
 """
+SIMPO_LINE = "    simpo: {grid: {beta: [2.0], gamma: [0.5], learning_rate: [1.0e-3], epochs: [2]}}\n"
+
+
+def _base_sft_dpo_curves(text: str, folder: Path, processes: int) -> dict[str, list[float]]:
+    """Run SPEC's base, SFT and DPO stages (`text`); check every trial FINISHED in one run with each training
+    step logged once and `processes` devices counted; the logged loss curve of each trained stage."""
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    outcome = run_sweep(parse_spec(text.replace(SIMPO_LINE, "")), uri, show_progress=False, echo=lambda _: None)
+    assert outcome.failed == 0, [r.tags.get("posweep.failure") for r in outcome.records]
+    records = SweepTracker(uri, f"ddp-{processes}").trials()
+    assert sorted(r.stage for r in records) == ["base", "dpo", "sft"] and all(r.status == "FINISHED" for r in records)
+    curves = {}
+    for r in records:
+        assert r.metrics["device_count"] == processes
+        if r.stage != "base":
+            history = _client(uri).get_metric_history(r.run_id, "train/loss")
+            assert [m.step for m in history] == list(range(1, 9))
+            curves[r.stage] = [m.value for m in history]
+    return curves
+
+
+@functools.lru_cache(maxsize=1)
+def one_process_curves() -> dict[str, list[float]]:
+    """The 1-process curves every executor's 2-process run is held to (computed once per test session)."""
+    folder = Path(tempfile.mkdtemp(prefix="ddp-one-"))
+    return _base_sft_dpo_curves(SPEC.format(processes=1, workdir=folder / "work"), folder, 1)
 
 
 def two_process_sweep(tmp_path, executor: str):
     """The base, SFT and DPO stages of SPEC at 2 processes per trial on `executor`: every trial FINISHED in
-    one run, each training step logged once (rank 0), 2 devices counted. (That 2 processes train like one is
-    tests/trainers/test_distributed.py's test; here: that the executor runs such a trial as one unit.)"""
+    one run, each training step logged once (rank 0), 2 devices counted, and the loss curves of 1 process."""
     text = SPEC.format(processes=2, workdir=tmp_path / "work").replace(
-        "executor: {kind: local, processes_per_trial: 2}", executor).replace(
-        "    simpo: {grid: {beta: [2.0], gamma: [0.5], learning_rate: [1.0e-3], epochs: [2]}}\n", "")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    outcome = run_sweep(parse_spec(text), uri, show_progress=False, echo=lambda _: None)
-    assert outcome.failed == 0, [r.tags.get("posweep.failure") for r in outcome.records]
-    records = SweepTracker(uri, "ddp-2").trials()
-    assert sorted(r.stage for r in records) == ["base", "dpo", "sft"] and all(r.status == "FINISHED" for r in records)
-    for r in records:
-        assert r.metrics["device_count"] == 2
-        if r.stage != "base":
-            assert [m.step for m in _client(uri).get_metric_history(r.run_id, "train/loss")] == list(range(1, 9))
+        "executor: {kind: local, processes_per_trial: 2}", executor)
+    two = _base_sft_dpo_curves(text, tmp_path, 2)
+    one = one_process_curves()
+    for stage in ("sft", "dpo"):
+        assert two[stage] == pytest.approx(one[stage], abs=1e-5), stage
 
 
 class Interrupted(Exception):
