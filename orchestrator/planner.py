@@ -146,6 +146,12 @@ def sequence_tokens(cost: CostSpec, training) -> int:
     return cost.mean_tokens or training.max_length
 
 
+def sequences_per_pair(method) -> int:
+    """Sequences a trial's forward pass holds per pair: chosen and rejected for a preference method, the
+    chosen response alone for SFT."""
+    return 2 if method.kind == "preference" else 1
+
+
 @dataclass(frozen=True)
 class TrainingMemory:
     """Bytes per GPU of a training (or, for a non-training trial, evaluation) process."""
@@ -172,7 +178,7 @@ def training_memory(shape: ModelShape, method, training, gpus: int, sharding: st
     reference = BYTES_FP32 * n / shard if keeps_reference else 0.0
 
     s, h, v = tokens, shape.hidden_size, shape.vocab_size
-    sequences = 2 if method.kind == "preference" else 1            # chosen and rejected in one forward
+    sequences = sequences_per_pair(method)
     per_gpu = training.batch_size / gpus                            # pairs of each batch on one GPU
     micro = min(per_gpu, training.micro_batch_size or per_gpu)      # ... in one forward/backward pass
     b = micro * sequences if method.trains else 0                   # sequences in one pass on one GPU
@@ -190,7 +196,7 @@ def plan_trial(trial: TrialSpec, shape: ModelShape, cost: CostSpec, pairs: Optio
     n = parameter_count(shape)
     gpus = max(int(cost.gpus_per_trial), 1)
     s = sequence_tokens(cost, t)
-    sequences = 2 if method.kind == "preference" else 1
+    sequences = sequences_per_pair(method)
     memory = training_memory(shape, method, t, gpus, cost.sharding, s)
     lora = t.lora if method.trains else None
 
