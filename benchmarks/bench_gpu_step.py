@@ -38,7 +38,8 @@ from trainers.methods import METHODS  # noqa: E402
 from trainers.data import encode_pairs  # noqa: E402
 from trainers.models import dequantize_gguf, load_causal_lm, load_tokenizer  # noqa: E402
 from trainers.sources import load_split  # noqa: E402
-from trainers.train import LoopSettings, make_accelerator, preference_objective, reference_logps, train  # noqa: E402
+from trainers.train import (LoopSettings, make_accelerator, pair_count, preference_objective,  # noqa: E402
+                            reference_logps, train)
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,7 +75,7 @@ def run(folder: Path, pairs_raw, args, precision: str) -> dict:
         widths.append(batch["input_ids"].shape[1])
         return objective(model_, batch)
 
-    counting.count = lambda batch: float(batch["index"].shape[0])
+    counting.count = pair_count  # what DPO's loss averages over, as on the unwrapped objective
 
     ends: list[float] = []
 
@@ -109,8 +110,6 @@ def run(folder: Path, pairs_raw, args, precision: str) -> dict:
                             micro_batch_size=args.micro_batch_size)
     config = json.loads((folder / "config.json").read_text())
     planned = training_memory(shape_from_config(config), METHODS["dpo"], training, 1, "ddp", max(widths))
-    planned_bytes = (planned.weights + planned.gradients + planned.optimizer + planned.reference
-                     + planned.activations)
     return {"precision": precision, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "steps": len(history), "pairs_per_step": args.batch_size, "micro_batch_size": args.micro_batch_size,
             "tokens_per_step": sum(tokens) / len(history), "max_width": max(widths),
@@ -118,7 +117,7 @@ def run(folder: Path, pairs_raw, args, precision: str) -> dict:
             "pairs_per_s": args.batch_size * (len(ends) - 1) / seconds,
             "step_ms": 1000 * seconds / (len(ends) - 1),
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
-            "planned_gib": planned_bytes * 1.0 / GB, "reference_s": reference_seconds,
+            "planned_gib": planned.total_bytes / GB, "reference_s": reference_seconds,
             "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"]}
 
 

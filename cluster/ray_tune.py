@@ -125,7 +125,7 @@ class RayExecutor:
 
     @property
     def trains_with_ray_train(self) -> bool:
-        return self.spec.ranks == "ray_train" and self.spec.processes_per_trial > 1
+        return self.spec.rank_launch()[0] == "ray_train"
 
     @property
     def resources(self) -> dict[str, float]:

@@ -42,10 +42,10 @@ class SlurmTrial(submitit.helpers.Checkpointable):
         if job.num_tasks == 1:
             return self.trial_fn(task).model_dump_json()
         # a multi-process trial: srun started this job's tasks; each is one rank (trainers.distributed)
-        from trainers.distributed import LaunchedRank, run_launched
+        from trainers.distributed import RankEnvironment, run_launched
 
         env = submitit.helpers.TorchDistributedEnvironment()
-        rank = LaunchedRank(env.rank, env.world_size, env.local_rank, env.local_world_size, env.master_addr,
+        rank = RankEnvironment(env.rank, env.world_size, env.local_rank, env.local_world_size, env.master_addr,
                             env.master_port)
         result = run_launched(self.trial_fn, task, rank)
         return result.model_dump_json() if result is not None else ""  # the driver reads task 0's result

@@ -28,6 +28,7 @@ plus a KL forward of policy and SFT model (4N per token). GPU-seconds = FLOPs / 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,22 +109,27 @@ def lora_parameter_count(shape: ModelShape, r: int, target_modules: list[str]) -
 
 # ---- one trial -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class TrialPlan:
-    """Bytes per GPU and FLOPs of one trial."""
-    parameters: int
-    trainable: int
+class TrainingMemory:
+    """Bytes per GPU of a training (or, for a non-training trial, evaluation) process."""
+    trainable: int         # parameters that get gradients and optimizer state
     weights: float
     gradients: float
     optimizer: float
     reference: float
     activations: float
-    gpus: int
-    train_flops: float
-    eval_flops: float
 
     @property
     def total_bytes(self) -> float:
         return self.weights + self.gradients + self.optimizer + self.reference + self.activations
+
+
+@dataclass(frozen=True)
+class TrialPlan(TrainingMemory):
+    """Bytes per GPU (TrainingMemory's terms) and FLOPs of one trial."""
+    parameters: int
+    gpus: int
+    train_flops: float
+    eval_flops: float
 
     def fits(self, gpu_memory_gb: Optional[float]) -> Optional[bool]:
         return None if gpu_memory_gb is None else self.total_bytes <= gpu_memory_gb * GB * HEADROOM
@@ -150,17 +156,6 @@ def sequences_per_pair(method) -> int:
     """Sequences a trial's forward pass holds per pair: chosen and rejected for a preference method, the
     chosen response alone for SFT."""
     return 2 if method.kind == "preference" else 1
-
-
-@dataclass(frozen=True)
-class TrainingMemory:
-    """Bytes per GPU of a training (or, for a non-training trial, evaluation) process."""
-    trainable: int         # parameters that get gradients and optimizer state
-    weights: float
-    gradients: float
-    optimizer: float
-    reference: float
-    activations: float
 
 
 def training_memory(shape: ModelShape, method, training, gpus: int, sharding: str, tokens: int
@@ -205,8 +200,8 @@ def plan_trial(trial: TrialSpec, shape: ModelShape, cost: CostSpec, pairs: Optio
     per_token = (4 if lora else 6) * n + (2 * n if method.needs_reference_logits else 0)
     generated = trial.evaluation.num_prompts * trial.evaluation.max_new_tokens
     eval_flops = generated * (2 * n + (4 * n if method.kind == "preference" else 0))
-    return TrialPlan(n, memory.trainable, memory.weights, memory.gradients, memory.optimizer, memory.reference,
-                     memory.activations, gpus, trained_tokens * per_token, eval_flops)
+    return TrialPlan(**dataclasses.asdict(memory), parameters=n, gpus=gpus, train_flops=trained_tokens * per_token,
+                     eval_flops=eval_flops)
 
 
 def reference_flops(parameters: int, spec: SweepSpec, pairs: Optional[int]) -> float:

@@ -328,7 +328,7 @@ class RayExecutorSpec(ExecutorBase):
     max_failures: int = Field(2, ge=0, description="retries of a trial whose worker process or node died")
 
     def rank_launch(self) -> tuple[str, dict[str, float]]:
-        if self.ranks == "spawn":
+        if self.ranks == "spawn" or self.processes_per_trial == 1:
             return "spawn", {}
         n, r = self.processes_per_trial, self.resources_per_trial
         return "ray_train", {"CPU": r.cpu / n, **({"GPU": r.gpu / n} if r.gpu else {})}

@@ -71,13 +71,12 @@ def checkpointed_rank(rank: int, world: int, port: int, folder: str, kill_at: in
     """One rank of a 2-process DPO loop on the tiny model with saves every 3 steps, stopped (every rank, as
     a killed job's are) after step `kill_at` (0: never); rank 0 writes its history to folder/history.json."""
     import json
-    import os
     from pathlib import Path
 
+    from trainers.distributed import RankEnvironment
     from trainers.train import make_accelerator
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    RankEnvironment(rank, world, rank, world, "127.0.0.1", port).export()
     history = _checkpointed_history(make_accelerator(), Path(folder), kill_at)
     if rank == 0:
         Path(folder, "history.json").write_text(json.dumps(history))
@@ -102,12 +101,19 @@ def tiny_dpo_setup():
     return tokenizer, pairs, reference, lambda: build_tiny_model(tiny, tokenizer)
 
 
+def tiny_dpo_settings(**overrides):
+    """The loop settings of the tiny DPO runs above (batch 16, lr 3e-3, clipping at 1, every step logged)."""
+    from trainers.train import LoopSettings
+
+    return LoopSettings(**{**dict(learning_rate=3e-3, epochs=3, batch_size=16, warmup_ratio=0.0, weight_decay=0.0,
+                                  max_grad_norm=1.0, max_steps=None, seed=0, log_every=1), **overrides})
+
+
 def _checkpointed_history(accelerator, folder, kill_at: int) -> list[dict]:
-    from trainers.train import Checkpointing, LoopSettings, preference_objective, train
+    from trainers.train import Checkpointing, preference_objective, train
 
     tokenizer, pairs, reference, fresh = tiny_dpo_setup()
-    settings = LoopSettings(learning_rate=3e-3, epochs=3, batch_size=16, warmup_ratio=0.0, weight_decay=0.0,
-                            max_grad_norm=1.0, max_steps=10, seed=0, log_every=1)
+    settings = tiny_dpo_settings(max_steps=10)
 
     def stop(step, total, stats):
         if step == kill_at:
@@ -128,7 +134,7 @@ def launched_rank_of_a_trial_that_does_not_train(rank: int, world: int, port: in
     import os
     from pathlib import Path
 
-    from trainers.distributed import LaunchedRank, run_launched
+    from trainers.distributed import RankEnvironment, run_launched
     from trainers.train import make_accelerator
 
     os.environ["PMI_SIZE"] = str(world)  # as an MPI-aware srun sets it; accelerate would read a 2-process world
@@ -139,7 +145,7 @@ def launched_rank_of_a_trial_that_does_not_train(rank: int, world: int, port: in
         # task 0 builds its single-process accelerator before it decides (trainers.trial._run_locked)
         return f"rank 0's result ({make_accelerator().num_processes} process)"
 
-    launched = LaunchedRank(rank, world, rank, world, "127.0.0.1", port)
+    launched = RankEnvironment(rank, world, rank, world, "127.0.0.1", port)
     try:
         result = run_launched(trial_fn, None, launched)
     except RuntimeError as exc:
@@ -151,18 +157,16 @@ def sharded_rank(rank: int, world: int, port: int, out: str) -> None:
     """One rank of a 2-process FSDP loop (DPO on the tiny model, 6 steps): writes how many parameter
     elements it holds against the model's, its history, and (rank 0) the gathered state dict's keys."""
     import json
-    import os
     from pathlib import Path
 
-    from trainers.train import LoopSettings, full_state_dict, make_accelerator, preference_objective, train
+    from trainers.distributed import RankEnvironment
+    from trainers.train import full_state_dict, make_accelerator, preference_objective, train
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    RankEnvironment(rank, world, rank, world, "127.0.0.1", port).export()
     tokenizer, pairs, reference, fresh = tiny_dpo_setup()
     model = fresh()
     full = sum(p.numel() for p in model.parameters())
-    settings = LoopSettings(learning_rate=3e-3, epochs=3, batch_size=16, warmup_ratio=0.0, weight_decay=0.0,
-                            max_grad_norm=1.0, max_steps=6, seed=0, log_every=1, sharding="fsdp")
+    settings = tiny_dpo_settings(max_steps=6, sharding="fsdp")
     history = train(model, pairs, preference_objective("dpo", {"beta": 0.5}, reference), settings,
                     tokenizer.pad_token_id, make_accelerator())
     local = sum(p.to_local().numel() for p in model.parameters())

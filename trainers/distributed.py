@@ -47,29 +47,48 @@ class NullLogger:
     def log_text(self, text, artifact_file: str) -> None: ...
 
 
-def train_as_rank(task_json: str, run_id: str, rank: int, out: str) -> None:
-    """One rank of a multi-process trial whose distributed environment is set (env:// variables, or a process
-    group a launcher already formed): rank 0 logs into the trial's run `run_id` and writes out/metrics.json."""
+@dataclass(frozen=True)
+class RankEnvironment:
+    """Where one rank of a multi-process trial sits: a spawned process, or a task of a multi-task job as the
+    cluster's launcher describes it (submitit's TorchDistributedEnvironment)."""
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    master_addr: str
+    master_port: int
+
+    def export(self) -> None:
+        """The env:// variables accelerate and torch.distributed read."""
+        os.environ.update(MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world), LOCAL_RANK=str(self.local_rank),
+                          LOCAL_WORLD_SIZE=str(self.local_world))
+
+
+def _execute(task: TrialTask, logger, report=None) -> dict[str, float]:
+    """The trial body in this process, as one rank of the distributed environment it is set up for."""
     from trainers.methods import METHODS
     from trainers.train import make_accelerator
     from trainers.trial import execute
 
+    return execute(task, METHODS[task.trial.method], logger, report, make_accelerator())
+
+
+def train_as_rank(task_json: str, run_id: str, rank: int, out: str) -> None:
+    """One rank of a multi-process trial whose distributed environment is set (env:// variables, or a process
+    group a launcher already formed): rank 0 logs into the trial's run `run_id` and writes out/metrics.json."""
     task = TrialTask.model_validate_json(task_json)
-    accelerator = make_accelerator()
     if rank == 0:
         runtime = task.runtime
         logger = tracking.TrialLogger(runtime.tracking_uri, runtime.experiment_id, runtime.parent_run_id)
         logger.run_id = run_id  # the run the parent opened and will close
+        Path(out, "metrics.json").write_text(json.dumps(_execute(task, logger)))
     else:
-        logger = NullLogger()
-    metrics = execute(task, METHODS[task.trial.method], logger, None, accelerator)
-    if accelerator.is_main_process:
-        Path(out, "metrics.json").write_text(json.dumps(metrics))
+        _execute(task, NullLogger())
 
 
 def _spawned_rank(rank: int, task_json: str, run_id: str, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    RankEnvironment(rank, world, rank, world, "127.0.0.1", port).export()
     train_as_rank(task_json, run_id, rank, out)
 
 
@@ -133,28 +152,11 @@ DECISION_TIMEOUT = timedelta(hours=24)
 ACK_TIMEOUT_S = 600.0
 
 
-@dataclass(frozen=True)
-class LaunchedRank:
-    """One task of a multi-task job, as the cluster's launcher describes it (submitit's TorchDistributedEnvironment)."""
-    rank: int
-    world: int
-    local_rank: int
-    local_world: int
-    master_addr: str
-    master_port: int
-
-    def export(self) -> None:
-        """The env:// variables accelerate and torch.distributed read."""
-        os.environ.update(MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world), LOCAL_RANK=str(self.local_rank),
-                          LOCAL_WORLD_SIZE=str(self.local_world))
-
-
 # Set in task 0's process while it runs a trial: (its rank, the decision store).
-_launched: Optional[tuple[LaunchedRank, dist.TCPStore]] = None
+_launched: Optional[tuple[RankEnvironment, dist.TCPStore]] = None
 
 
-def run_launched(trial_fn: Callable[[TrialTask], object], task: TrialTask, rank: LaunchedRank):
+def run_launched(trial_fn: Callable[[TrialTask], object], task: TrialTask, rank: RankEnvironment):
     """Run `task` as one task of a multi-task job: task 0 runs trial_fn (whose result it returns) and tells
     the others whether it trains; the others train as ranks 1..N-1 when it does, and return None."""
     global _launched
@@ -165,7 +167,8 @@ def run_launched(trial_fn: Callable[[TrialTask], object], task: TrialTask, rank:
         decision = store.get(DECISION_KEY).decode()
         store.add(ACK_KEY, 1)
         if decision == TRAIN:
-            _train_as_launched_rank(task, rank)
+            rank.export()
+            _execute(task, NullLogger())
         return None
     _launched = (rank, store)
     try:
@@ -190,28 +193,9 @@ MPI_WORLD_VARIABLES = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COM
 
 
 def _forget_mpi_environment() -> None:
-    """Ranks here are set with env:// variables (LaunchedRank.export), never read from MPI's."""
+    """Ranks here are set with env:// variables (RankEnvironment.export), never read from MPI's."""
     for name in MPI_WORLD_VARIABLES:
         os.environ.pop(name, None)
-
-
-def _fresh_accelerator():
-    """An accelerator for the exported distributed environment; accelerate keeps a process-wide state, and task
-    0 built a single-process one before it knew it would train."""
-    from accelerate.state import AcceleratorState
-
-    from trainers.train import make_accelerator
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    return make_accelerator()
-
-
-def _train_as_launched_rank(task: TrialTask, rank: LaunchedRank) -> None:
-    from trainers.methods import METHODS
-    from trainers.trial import execute
-
-    rank.export()
-    execute(task, METHODS[task.trial.method], NullLogger(), None, _fresh_accelerator())
 
 
 def launched() -> bool:
@@ -221,10 +205,7 @@ def launched() -> bool:
 
 def train_with_launched_ranks(task: TrialTask, logger, report) -> dict[str, float]:
     """Task 0's side: tell the other tasks to train, join them as rank 0 and log into the trial's run."""
-    from trainers.methods import METHODS
-    from trainers.trial import execute
-
     rank, store = _launched
     store.set(DECISION_KEY, TRAIN)
     rank.export()
-    return execute(task, METHODS[task.trial.method], logger, report, _fresh_accelerator())
+    return _execute(task, logger, report)

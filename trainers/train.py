@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -131,6 +132,12 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's weights on the CPU of the main process (an empty dict elsewhere), gathered from the
     shards of a sharded model; every process must call it."""
@@ -141,12 +148,15 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def make_accelerator() -> Accelerator:
     """The accelerator of a trial: device placement and DDP only; precision is the loop's own autocast
-    (training.precision). accelerate's state is process-wide: a trainer of another library built earlier in
-    the same process (TRL's configs default to bf16) would make every later Accelerator autocast in bf16
-    unasked, so such a leftover state is reset first."""
-    from accelerate.state import AcceleratorState
+    (training.precision). accelerate's state is process-wide, so a leftover state that disagrees with this
+    process is reset first: one left in bf16 by another library's trainer built earlier in the same process
+    (TRL's configs default to bf16: every later Accelerator would autocast unasked), or one built for another
+    world size (a SLURM task 0 builds a single-process accelerator, then joins its job's other tasks)."""
+    from accelerate.state import AcceleratorState, PartialState
 
-    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != "no":
+    if PartialState._shared_state and PartialState().num_processes != int(os.environ.get("WORLD_SIZE", "1")):
+        AcceleratorState._reset_state(reset_partial_state=True)
+    elif AcceleratorState._shared_state and AcceleratorState().mixed_precision != "no":
         AcceleratorState._reset_state(reset_partial_state=False)
     if torch.cuda.is_available():
         use_fast_attention_for_varying_lengths()

@@ -31,8 +31,8 @@ from trainers.models import ensure_base_model, load_causal_lm, load_tokenizer, s
 from trainers.reward import load_reward_model
 from trainers.sources import load_split, load_splits
 from trainers.train import (TOKEN_LOGIT_OBJECTIVES, CheckpointWriteError, Checkpointing, LoopSettings, NonFiniteLoss,
-                            full_state_dict, make_accelerator, preference_objective, reference_logps, sft_objective,
-                            train)
+                            full_state_dict, is_sharded, make_accelerator, preference_objective, reference_logps,
+                            sft_objective, train)
 
 Report = Callable[[int, int], None]  # (step, total_steps)
 
@@ -154,7 +154,6 @@ def _gathered_model(sharded, init: Path, device, remote: bool, accelerator) -> O
     evaluation, which rank 0 runs alone: the shards are gathered (every process takes part) and loaded into
     the starting checkpoint's architecture."""
     weights = full_state_dict(sharded)
-    del sharded
     if not accelerator.is_main_process:
         return None
     model = load_causal_lm(init, device, remote)
@@ -251,7 +250,7 @@ def execute(task: TrialTask, method: Method, logger: tracking.TrialLogger, repor
                             on_log, _checkpointing(task))
         steps = int(history[-1]["step"]) if history else 0
         model = accelerator.unwrap_model(model)
-        if task.runtime.sharding == "fsdp" and accelerator.num_processes > 1:
+        if is_sharded(model):
             with failing_phase(f"gathering the sharded model (after training step {steps})"):
                 model = _gathered_model(model, init, device, remote, accelerator)
     if not accelerator.is_main_process:

@@ -114,9 +114,9 @@ def test_fsdp_shards_every_parameter_and_trains_like_one_process(tmp_path):
 
     import torch.multiprocessing as mp
 
-    from ddp_support import sharded_rank, tiny_dpo_setup
+    from ddp_support import sharded_rank, tiny_dpo_settings, tiny_dpo_setup
     from orchestrator.tracking import free_port
-    from trainers.train import LoopSettings, make_accelerator, preference_objective, train
+    from trainers.train import make_accelerator, preference_objective, train
 
     mp.start_processes(sharded_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
@@ -125,9 +125,7 @@ def test_fsdp_shards_every_parameter_and_trains_like_one_process(tmp_path):
     tokenizer, pairs, reference, fresh = tiny_dpo_setup()
     model = fresh()
     assert ranks[0]["keys"] == sorted(model.state_dict())
-    settings = LoopSettings(learning_rate=3e-3, epochs=3, batch_size=16, warmup_ratio=0.0, weight_decay=0.0,
-                            max_grad_norm=1.0, max_steps=6, seed=0, log_every=1)
-    one = train(model, pairs, preference_objective("dpo", {"beta": 0.5}, reference), settings,
+    one = train(model, pairs, preference_objective("dpo", {"beta": 0.5}, reference), tiny_dpo_settings(max_steps=6),
                 tokenizer.pad_token_id, make_accelerator())
     assert [h["loss"] for h in ranks[0]["history"]] == pytest.approx([h["loss"] for h in one], abs=1e-5)
 
