@@ -37,8 +37,9 @@ from orchestrator.spec import HHRLHFDataSpec, TrainingSpec  # noqa: E402
 from trainers.methods import METHODS  # noqa: E402
 from trainers.data import encode_pairs  # noqa: E402
 from trainers.models import dequantize_gguf, load_causal_lm, load_tokenizer  # noqa: E402
+from trainers.packing import real_tokens  # noqa: E402
 from trainers.sources import load_split  # noqa: E402
-from trainers.train import (LoopSettings, make_accelerator, pair_count, preference_objective,  # noqa: E402
+from trainers.train import (LoopSettings, ObservedObjective, make_accelerator, preference_objective,  # noqa: E402
                             reference_logps, train)
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
@@ -66,16 +67,14 @@ def run(folder: Path, pairs_raw, args, precision: str) -> dict:
     reference = reference_logps(model, pairs, tokenizer.pad_token_id, args.micro_batch_size or args.batch_size, device)
     synchronize(device)
     reference_seconds = time.perf_counter() - started
-    objective = preference_objective("dpo", {"beta": 0.1}, reference)
     tokens: list[int] = []   # non-padding tokens of every objective call (micro-batch)
-    widths: list[int] = []   # padded width of every call
+    widths: list[int] = []   # row width of every call
 
-    def counting(model_, batch):  # the loop's own objective; records what each call consumed
-        tokens.append(int(batch["attention_mask"].sum()))
+    def record(batch):  # what each call of the loop's own objective consumed
+        tokens.append(real_tokens(batch))
         widths.append(batch["input_ids"].shape[1])
-        return objective(model_, batch)
 
-    counting.count = pair_count  # what DPO's loss averages over, as on the unwrapped objective
+    counting = ObservedObjective(preference_objective("dpo", {"beta": 0.1}, reference), record)
 
     ends: list[float] = []
 

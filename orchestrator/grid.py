@@ -25,7 +25,8 @@ SMOKE_NUM_PROMPTS = 16
 
 # Settings that cannot change a trial's result beyond float summation order (memory only): never part of its
 # key, so a rerun that changes them to fit memory skips the trials already done.
-KEY_NEUTRAL = {"model": {"require_chat_template"}, "training": {"gradient_checkpointing", "micro_batch_size"}}
+KEY_NEUTRAL = {"model": {"require_chat_template"},
+               "training": {"gradient_checkpointing", "micro_batch_size", "padding_free"}}
 # Settings added after KEY_VERSION v1: at their default they are left out, so trials run before they existed
 # keep their keys; set to anything else, they make a new key.
 KEY_ADDED_DEFAULTS = {"training": {"precision": "fp32", "lora": None}}

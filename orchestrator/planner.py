@@ -17,8 +17,10 @@ forward/backward to `training.precision`; AdamW keeps two fp32 moments):
     SmolLM2-135M, s = 512, 16 and 64 sequences; the two batch sizes give one slope), not Korthikanti et al.'s
     34·h for pure 16-bit training: with fp32 master weights, autocast keeps the residual stream, the norms and
     their saved inputs in fp32. With gradient checkpointing: each layer's fp32 input (4·s·b·h) plus one
-    layer's activations. Plus the logits, 16·s·b·V: the fp32 logits (or the fp32 copy of bf16 ones) and, in
-    the backward pass, the log-softmax and gather gradients of the same size;
+    layer's activations. s·b is the padded batch: packed rows (training.padding_free) hold fewer positions, so
+    this is an upper bound there. Plus the logits: the chunked output layer (trainers/logprobs.py) holds one
+    chunk of CHUNK_BYTES fp32 logits at a time, with its exponent, the subtraction before it and its gradient
+    (4 chunks), or less for a small batch: 16·s·b·V, the fp32 logits and their log-softmax and gather gradients;
   - 10% of the GPU kept free for the CUDA context and fragmentation.
 Compute: 6N FLOPs per trained token (LoRA: 4N, no weight gradients), +2N per token for a reference forward
 each step (methods needing reference logits), the cached reference log-probs once per SFT checkpoint (2N per
@@ -45,6 +47,8 @@ BYTES_FP32 = 4
 ACTIVATION_BYTES_PER_LAYER = {"fp32": 87, "bf16": 57, "fp16": 57}
 CHECKPOINTED_INPUT_BYTES = 4      # x s·b·h per layer: the fp32 residual stream a checkpointed layer keeps
 LOGIT_BYTES = 16                  # x s·b·V: fp32 logits and their gradients in the backward pass
+CHUNK_BYTES = 64 * 2 ** 20        # trainers.logprobs.CHUNK_BYTES (a test keeps the two equal; this module is torch-free)
+CHUNKED_LOGIT_BYTES = 4 * CHUNK_BYTES  # the most logits the chunked output layer holds at once
 # module name -> (input size, output size) given (h, kv, intermediate); Llama / Phi-3 / Mistral naming
 LORA_SHAPES = {"q_proj": ("h", "h"), "k_proj": ("h", "kv"), "v_proj": ("h", "kv"), "o_proj": ("h", "h"),
                "gate_proj": ("h", "i"), "up_proj": ("h", "i"), "down_proj": ("i", "h")}
@@ -182,7 +186,8 @@ def training_memory(shape: ModelShape, method, training, gpus: int, sharding: st
         layers = shape.num_layers * CHECKPOINTED_INPUT_BYTES * s * b * h + per_layer
     else:
         layers = shape.num_layers * per_layer
-    return TrainingMemory(trainable, weights, gradients, optimizer, reference, layers + LOGIT_BYTES * s * b * v)
+    logits = min(LOGIT_BYTES * s * b * v, CHUNKED_LOGIT_BYTES)
+    return TrainingMemory(trainable, weights, gradients, optimizer, reference, layers + logits)
 
 
 def plan_trial(trial: TrialSpec, shape: ModelShape, cost: CostSpec, pairs: Optional[int]) -> TrialPlan:

@@ -220,6 +220,10 @@ class TrainingSpec(Strict):
                             "needs a CUDA GPU and uses loss scaling")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less "
                                                             "memory, ~30% more compute")
+    padding_free: bool = Field(True, description="pack each micro-batch's sequences into rows without padding, a "
+                                                 "pair's prompt computed once for both responses, where the model's "
+                                                 "attention can (sdpa, eager); false: one padded row per sequence. "
+                                                 "Same numbers either way, to float rounding")
     lora: Optional[LoraSpec] = Field(None, description="train LoRA adapters only (see LoraSpec)")
 
 

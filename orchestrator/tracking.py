@@ -47,6 +47,7 @@ TAG_REF_CACHE = "posweep.ref_cache"  # hit | miss: whether the trial computed it
 TAG_STAGE_KEY = "posweep.stage_key"
 TAG_RESUMED = "posweep.resumed_from_step"
 TAG_DEVICE = "posweep.device"        # e.g. "cpu" or "cuda:NVIDIA H100 80GB HBM3"
+TAG_LAYOUT = "posweep.layout"        # how training rows were laid out and log-probs computed (trainers.logprobs)
 TAG_PARENT = "mlflow.parentRunId"
 TAG_NOTE = "mlflow.note.content"
 

@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from trainers.data import EncodedSequence, collate_sequences, encode_prompt, sequence_logps
+from trainers.data import EncodedSequence, encode_prompt
+from trainers.logprobs import choose_layout, sequence_logps
 from trainers.reward import RewardModel
 from trainers.pairs import PreferencePair
 
@@ -30,6 +31,7 @@ class EvalSettings:
     num_prompts: int
     seed: int
     batch_size: int
+    padding_free: bool = True  # the KL pass in packed rows where the model can (training.padding_free)
 
 
 @dataclass(frozen=True)
@@ -62,17 +64,19 @@ def generate(model, tokenizer, pairs: Sequence[PreferencePair], settings: EvalSe
 
 @torch.no_grad()
 def generation_logps(model, tokenizer, pairs: Sequence[PreferencePair], generations: Sequence[Generation],
-                     device: torch.device, batch_size: int) -> list[float]:
-    """Summed log-prob (temperature 1) of each generation given its prompt."""
+                     device: torch.device, batch_size: int, padding_free: bool = True) -> list[float]:
+    """Summed log-prob (temperature 1) of each generation given its prompt, in packed rows where the model can
+    (no left or right padding) and through the chunked output layer (trainers.logprobs)."""
     model.eval()
+    seqs = []
+    for pair, gen in zip(pairs, generations):
+        prompt_ids = encode_prompt(tokenizer, pair.prompt, pair.messages)
+        seqs.append(EncodedSequence(prompt_ids + gen.ids, len(prompt_ids)))
+    layout = choose_layout(model, padding_free, max(len(s.ids) for s in seqs))
     logps: list[float] = []
-    for start in range(0, len(pairs), batch_size):
-        seqs = []
-        for pair, gen in zip(pairs[start:start + batch_size], generations[start:start + batch_size]):
-            prompt_ids = encode_prompt(tokenizer, pair.prompt, pair.messages)
-            seqs.append(EncodedSequence(prompt_ids + gen.ids, len(prompt_ids)))
-        batch = {k: v.to(device) for k, v in collate_sequences(seqs, tokenizer.pad_token_id).items()}
-        values, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    for start in range(0, len(seqs), batch_size):
+        batch = layout.sequences(seqs[start:start + batch_size], tokenizer.pad_token_id)
+        values, _ = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
         logps += values.cpu().tolist()
     return logps
 
@@ -124,8 +128,10 @@ def evaluate(model, tokenizer, pairs: list[PreferencePair], reward: RewardModel,
         for sample in samples:
             sample["sft_score"] = sft.scores[sample["prompt_id"]]
         if sft.model is not None:
-            own = generation_logps(model, tokenizer, pairs, generations, device, settings.batch_size)
-            ref = generation_logps(sft.model, tokenizer, pairs, generations, device, settings.batch_size)
+            own = generation_logps(model, tokenizer, pairs, generations, device, settings.batch_size,
+                                   settings.padding_free)
+            ref = generation_logps(sft.model, tokenizer, pairs, generations, device, settings.batch_size,
+                                   settings.padding_free)
             for sample, lp, lq in zip(samples, own, ref):
                 sample["kl"] = lp - lq
     metrics = summarize_samples(samples)

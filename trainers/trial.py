@@ -26,6 +26,7 @@ from trainers.cache import (cached_reference_logps, exclusive_lock, reference_ca
                             write_file_atomically)
 from trainers.data import encode_pairs
 from trainers.evaluate import EvalSettings, SftBaseline, evaluate
+from trainers.logprobs import choose_layout, describe_head
 from trainers.methods import METHODS, Method
 from trainers.models import ensure_base_model, load_causal_lm, load_tokenizer, save_model
 from trainers.reward import load_reward_model
@@ -72,7 +73,7 @@ def _loop_settings(task: TrialTask) -> LoopSettings:
                         warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay,
                         max_grad_norm=t.max_grad_norm, max_steps=t.max_steps, seed=t.seed,
                         log_every=t.log_every, precision=t.precision, micro_batch_size=t.micro_batch_size,
-                        sharding=task.runtime.sharding)
+                        sharding=task.runtime.sharding, padding_free=t.padding_free)
 
 
 def _method_hparams(task: TrialTask) -> dict[str, float]:
@@ -91,7 +92,8 @@ def _reference(task: TrialTask, raw_pairs, pairs, tokenizer, init: Path, device,
     def compute():
         ref_model = _reference_model(task, init, device, policy)
         t = task.trial.training  # forward passes of at most the micro-batch: training fits, so this fits
-        return reference_logps(ref_model, pairs, tokenizer.pad_token_id, t.micro_batch_size or t.batch_size, device)
+        return reference_logps(ref_model, pairs, tokenizer.pad_token_id, t.micro_batch_size or t.batch_size, device,
+                               t.padding_free)
 
     if not task.runtime.share_work:
         logger.set_tags({tracking.TAG_REF_CACHE: "off"})
@@ -210,6 +212,23 @@ def failure_reason(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, TrialPhaseError) else f"{type(exc).__name__}: {exc}"
 
 
+@contextlib.contextmanager
+def timed(timings: dict[str, float], name: str):
+    """Add the block's wall time to timings[f"time_{name}_s"]: where a trial's hours go (its metrics)."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        key = f"time_{name}_s"
+        timings[key] = timings.get(key, 0.0) + time.monotonic() - started
+
+
+def layout_tag(model, training) -> str:
+    """How this trial lays out its rows and computes log-probs (tag posweep.layout), e.g. 'packed rows, prompt
+    shared by a pair's responses; chunked log-probs at the scored positions'."""
+    return f"{choose_layout(model, training.padding_free, training.max_length).describe()}; {describe_head(model)}"
+
+
 def execute(task: TrialTask, method: Method, logger: tracking.TrialLogger, report: Optional[Report],
             accelerator) -> dict[str, float]:
     """Load, train, evaluate and log one trial in this process (one rank of it, in a multi-process trial:
@@ -218,7 +237,8 @@ def execute(task: TrialTask, method: Method, logger: tracking.TrialLogger, repor
     torch.manual_seed(trial.training.seed)
     device = accelerator.device
     shared = task.runtime.share_work
-    with failing_phase("loading the model and data"):
+    timings: dict[str, float] = {}
+    with failing_phase("loading the model and data"), timed(timings, "load"):
         # the main process builds a missing base folder (in a multi-process trial transformers writes
         # model files from the main process only); the others then find it ready
         with accelerator.main_process_first():
@@ -235,7 +255,9 @@ def execute(task: TrialTask, method: Method, logger: tracking.TrialLogger, repor
     if train_data is not None:
         raw_pairs, skipped = train_data.pairs, skipped + train_data.skipped
         encode = lambda: encode_pairs(tokenizer, raw_pairs, trial.training.max_length)  # noqa: E731
-        with failing_phase("preparing the objective (tokenized pairs, reference log-probs and their cache)"):
+        with failing_phase("preparing the objective (tokenized pairs, reference log-probs and their cache)"), \
+                timed(timings, "reference"):
+            logger.set_tags({tracking.TAG_LAYOUT: layout_tag(model, trial.training)})
             pairs = shared_encoded_pairs(init, raw_pairs, trial.training.max_length, encode) if shared else encode()
             objective, frozen_reference = _build_objective(task, method, raw_pairs, pairs, tokenizer, init, device,
                                                            logger, model)
@@ -245,31 +267,32 @@ def execute(task: TrialTask, method: Method, logger: tracking.TrialLogger, repor
             if report:
                 report(step, total)
 
-        with failing_phase("training"):
+        with failing_phase("training"), timed(timings, "train"):
             history = train(model, pairs, objective, _loop_settings(task), tokenizer.pad_token_id, accelerator,
                             on_log, _checkpointing(task))
         steps = int(history[-1]["step"]) if history else 0
         model = accelerator.unwrap_model(model)
         if is_sharded(model):
-            with failing_phase(f"gathering the sharded model (after training step {steps})"):
+            with failing_phase(f"gathering the sharded model (after training step {steps})"), timed(timings, "train"):
                 model = _gathered_model(model, init, device, remote, accelerator)
     if not accelerator.is_main_process:
         return {}
     if method.kind in CHECKPOINTED_KINDS:
-        with failing_phase(f"saving the checkpoint (after training step {steps})"):
+        with failing_phase(f"saving the checkpoint (after training step {steps})"), timed(timings, "checkpoint"):
             model = merged(model)  # LoRA: adapters folded in, so the next stage loads a plain model
             checkpoint = save_model(model, tokenizer, task.trial_dir / "checkpoint")
         logger.set_tags({tracking.TAG_CHECKPOINT: str(checkpoint)})
     e = trial.evaluation
-    settings = EvalSettings(e.temperature, e.top_p, e.max_new_tokens, e.num_prompts, e.seed, e.batch_size)
-    with failing_phase(f"evaluation (after training step {steps})"):
+    settings = EvalSettings(e.temperature, e.top_p, e.max_new_tokens, e.num_prompts, e.seed, e.batch_size,
+                            trial.training.padding_free)
+    with failing_phase(f"evaluation (after training step {steps})"), timed(timings, "eval"):
         reward = load_reward_model(trial.reward)
         sft = _sft_baseline(task, method, init, device, tokenizer, eval_data.pairs, reward, settings, model,
                             frozen_reference)
         metrics, samples = evaluate(model, tokenizer, eval_data.pairs, reward, settings, device, sft)
     with failing_phase("writing samples.json"):
         record_samples(task, logger, samples)
-    return {**metrics, "train_steps": float(steps), "data_skipped_rows": float(skipped)}
+    return {**metrics, "train_steps": float(steps), "data_skipped_rows": float(skipped), **timings}
 
 
 @contextlib.contextmanager

@@ -100,5 +100,6 @@ stages:
     assert key() == "e22a6ed2a62f0dde90b142805902a03c311743b1e085d6d51f39690b66be5b5c"
     assert key(", require_chat_template: true") == key()           # a guard, not a result
     assert key(training="training: {gradient_checkpointing: true}") == key()  # same numbers, less memory
+    assert key(training="training: {padding_free: false}") == key()  # same numbers, padded rows
     assert key(training="training: {precision: bf16}") != key()
     assert key(training="training: {lora: {r: 8}}") != key()

@@ -9,7 +9,7 @@ import torch
 from orchestrator.grid import plan_sweep
 from orchestrator.pipeline import run_sweep
 from orchestrator.spec import parse_spec
-from orchestrator.tracking import TAG_FAILURE, TAG_PARENT, TAG_REF_CACHE, SweepTracker, TrialLogger
+from orchestrator.tracking import TAG_FAILURE, TAG_LAYOUT, TAG_PARENT, TAG_REF_CACHE, SweepTracker, TrialLogger
 from trainers import losses
 
 SPEC = """\
@@ -59,6 +59,22 @@ def test_every_trial_finished_with_metrics_in_range(sweep):
             assert 0 <= m["win_vs_sft"] <= 1 and math.isfinite(m["kl"])
             assert r.params["beta"] in ("0.1", "0.5", "1.0", "2.0", "0.1") and r.tags["posweep.init_trial_key"]
             assert r.tags[TAG_PARENT]  # a child of its stage run
+
+
+def test_trials_say_how_their_rows_were_laid_out_and_where_their_time_went(sweep):
+    spec, uri, _ = sweep
+    for r in SweepTracker(uri, spec.name).trials():
+        m = r.metrics
+        phases = ["load", "eval"] + (["reference", "train"] if r.stage != "base" else [])
+        assert all(m[f"time_{p}_s"] > 0 for p in phases), r.stage
+        assert sum(v for k, v in m.items() if k.startswith("time_")) <= m["wall_seconds"]
+        if r.stage == "sft":
+            assert m["time_checkpoint_s"] > 0
+        if r.stage == "base":
+            assert TAG_LAYOUT not in r.tags  # nothing trained
+        else:
+            assert r.tags[TAG_LAYOUT] == ("packed rows, prompt shared by a pair's responses; chunked log-probs at "
+                                          "the scored positions")
 
 
 def test_reference_log_probs_are_computed_once_per_sweep(sweep):

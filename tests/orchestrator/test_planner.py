@@ -40,6 +40,19 @@ def _trial(method: str, training: str = "", gpus: int = 1, sharding: str = "ddp"
     return plan_trial(stage.trials[0], SMALL, spec.cost, 100)
 
 
+def test_logits_are_capped_at_what_the_chunked_output_layer_holds():
+    from orchestrator.planner import CHUNK_BYTES, CHUNKED_LOGIT_BYTES, training_memory
+    from orchestrator.spec import TrainingSpec
+    from trainers.logprobs import CHUNK_BYTES as TRAINERS_CHUNK_BYTES
+    from trainers.methods import METHODS
+
+    assert CHUNK_BYTES == TRAINERS_CHUNK_BYTES
+    memory = training_memory(PHI3_MEDIUM, METHODS["dpo"], TrainingSpec(batch_size=8, max_length=512), 1, "ddp", 512)
+    # 16 sequences x 512 tokens: 40 layers x 87*512*16*5120, and 4 chunks of 64 MiB instead of 16*512*16*32064
+    assert memory.activations == 40 * 87 * 512 * 16 * 5120 + CHUNKED_LOGIT_BYTES
+    assert CHUNKED_LOGIT_BYTES == 268_435_456 < 16 * 512 * 16 * 32064
+
+
 def test_parameter_counts():
     assert parameter_count(SMALL) == 1400
     assert parameter_count(PHI3_MEDIUM) == 13_631_897_600 + 5_120 + 328_335_360 == 13_960_238_080

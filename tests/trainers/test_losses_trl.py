@@ -18,12 +18,23 @@ import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from trainers.data import sequence_logps  # noqa: E402
+from trainers.data import EncodedSequence  # noqa: E402
+from trainers.logprobs import sequence_logps  # noqa: E402
 from trainers.losses import get_loss  # noqa: E402
 from trainers.models import build_task_tokenizer, build_tiny_model  # noqa: E402
+from trainers.packing import PADDED  # noqa: E402
 from trainers.synthetic import generate_split  # noqa: E402
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, max_positions=64)
+
+
+def padded_batch(trl_batch: dict, pad_id: int) -> dict:
+    """TRL's right-padded [chosen; rejected] rows as our padded layout: each row's tokens up to its attention
+    mask's end, the prompt being what precedes its completion mask."""
+    seqs = [EncodedSequence(ids[:int(mask.sum())].tolist(), int(completion.argmax()))
+            for ids, mask, completion in zip(trl_batch["input_ids"], trl_batch["attention_mask"],
+                                             trl_batch["completion_mask"])]
+    return PADDED.sequences(seqs, pad_id)
 
 
 def trl_dpo_loss_and_inputs(tmp_path, loss_type: str, beta: float):
@@ -50,7 +61,7 @@ def trl_dpo_loss_and_inputs(tmp_path, loss_type: str, beta: float):
         logps, ref_logps = (m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
                               fused_lm_head=True, use_cache=False).log_probs.double().sum(1)
                             for m in (trainer.model, trainer.ref_model))                       # (2B,)
-        ours, _ = sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"].bool())
+        ours, _ = sequence_logps(policy, padded_batch(batch, tokenizer.pad_token_id))
     # our own float64 log-probs agree with TRL's float32 per-token path to float32 precision
     torch.testing.assert_close(ours, logps, rtol=0, atol=1e-4)
     return trl_loss.detach(), logps, ref_logps, batch["completion_mask"].sum(1).double()

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from trainers.adapters import AdapterDisabled, apply_lora, merged
-from trainers.data import encode_pairs, sequence_logps
+from trainers.data import EncodedSequence, encode_pairs
+from trainers.logprobs import sequence_logps
+from trainers.packing import Layout
 from trainers.models import build_task_tokenizer, build_tiny_model
 from trainers.synthetic import generate_split
 from trainers.train import (LoopSettings, epsilon_dpo_objective, make_accelerator, preference_objective,
@@ -91,13 +93,12 @@ def test_lora_trains_only_adapters_and_its_disabled_view_is_the_starting_model(s
     after = reference_logps(view, pairs, tokenizer.pad_token_id, 16, device)
     assert all(torch.equal(a, b) for a, b in zip(after, expected))
     assert policy.training  # the view ran the policy in eval mode and left it as it found it
-    batch = {"input_ids": torch.tensor([[1, 5, 6, 7, 2]]), "attention_mask": torch.ones(1, 5, dtype=torch.long),
-             "response_mask": torch.tensor([[0, 0, 1, 1, 1]])}
-    adapted = sequence_logps(policy, **batch)[0]
-    assert not torch.equal(adapted, sequence_logps(view, **batch)[0])  # the adapters did learn something
+    batch = Layout(True).sequences([EncodedSequence([1, 5, 6, 7, 2], prompt_len=2)], tokenizer.pad_token_id)
+    adapted = sequence_logps(policy, batch)[0]
+    assert not torch.equal(adapted, sequence_logps(view, batch)[0])  # the adapters did learn something
     plain = merged(policy)  # what an SFT trial saves: adapters folded into plain weights
     assert not any("lora_" in k for k in plain.state_dict())
-    assert torch.allclose(sequence_logps(plain, **batch)[0], adapted, atol=1e-5)
+    assert torch.allclose(sequence_logps(plain, batch)[0], adapted, atol=1e-5)
 
 
 def test_lora_epsilon_dpo_uses_the_adapter_disabled_view_as_its_reference(setup):
