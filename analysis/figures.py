@@ -20,7 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.summary import METRIC_COLUMNS  # noqa: E402
+from analysis.frames import METRIC_COLUMNS  # noqa: E402
+from orchestrator.contract.runs import RunStatus
 
 METRIC_LABELS = {"mean_score": "gold score", "win_vs_chosen": "win rate vs chosen", "win_vs_sft": "win rate vs SFT",
                  "kl": "KL to SFT", "length": "length (tokens)"}
@@ -28,7 +29,7 @@ METRIC_LABELS = {"mean_score": "gold score", "win_vs_chosen": "win rate vs chose
 
 def _label(frame: pd.DataFrame, method: str) -> str:
     runs = frame[frame["method"] == method]
-    failed = int((runs["status"] == "FAILED").sum())
+    failed = int((runs["status"] == RunStatus.FAILED).sum())
     return f"{method}\n(n={len(runs)}{f', {failed} failed' if failed else ''})"
 
 
@@ -37,7 +38,7 @@ def top_runs(frame: pd.DataFrame, method: str, percent: float, by: str = "mean_s
     are in the count (they are part of what was paid for) but can never be among the top."""
     runs = frame[frame["method"] == method]
     n = max(math.ceil(percent / 100 * len(runs)), 1)
-    return runs[runs["status"] == "FINISHED"].nlargest(n, by)
+    return runs[runs["status"] == RunStatus.FINISHED].nlargest(n, by)
 
 
 def metric_distributions(frame: pd.DataFrame, methods: Sequence[str],
@@ -45,7 +46,7 @@ def metric_distributions(frame: pd.DataFrame, methods: Sequence[str],
     """Figure 1: one panel per metric, a box plus the individual runs per method."""
     fig, axes = plt.subplots(1, len(METRIC_COLUMNS), figsize=(4 * len(METRIC_COLUMNS), 4), squeeze=False)
     for ax, metric in zip(axes[0], METRIC_COLUMNS):
-        values = [frame[(frame["method"] == m) & (frame["status"] == "FINISHED")][metric].dropna() for m in methods]
+        values = [frame[(frame["method"] == m) & (frame["status"] == RunStatus.FINISHED)][metric].dropna() for m in methods]
         ax.boxplot([v.to_numpy() for v in values], showfliers=False)
         for i, v in enumerate(values, start=1):
             ax.scatter([i] * len(v), v, s=10, alpha=0.6)
@@ -79,7 +80,7 @@ def metric_vs_hyperparameter(frame: pd.DataFrame, method: str, hyperparameter: s
     """Figures 4-7: a point per finished run; failed runs as crosses on the x axis at their setting."""
     runs = frame[frame["method"] == method]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
-    done, failed = runs[runs["status"] == "FINISHED"], runs[runs["status"] == "FAILED"]
+    done, failed = runs[runs["status"] == RunStatus.FINISHED], runs[runs["status"] == RunStatus.FAILED]
     for ax, metric in zip(axes[0], metrics):
         ax.scatter(done[hyperparameter], done[metric], s=14)
         if len(failed):

@@ -1,6 +1,6 @@
 """Typed frames of a sweep for analysis: one row per trial, and one row per (trial, evaluation prompt).
 
-Pure pandas over the plain records tracking returns (orchestrator.tracking.TrialRecord dumps and the per-sample
+Pure pandas over the plain records tracking returns (orchestrator.contract.tracking.TrialRecord dumps and the per-sample
 dicts of each run's samples.json); nothing here talks to MLflow.
 """
 
@@ -10,8 +10,9 @@ from typing import Iterable
 
 import pandas as pd
 
-from analysis.summary import METRIC_COLUMNS
+from orchestrator.contract.runs import TRIAL_METRICS
 
+METRIC_COLUMNS = list(TRIAL_METRICS)
 COST_COLUMNS = ["wall_seconds", "gpu_hours", "device_hours"]
 SAMPLE_COLUMNS = ["prompt_id", "score", "length", "kl", "sft_score", "chosen_score"]
 

@@ -17,6 +17,7 @@ import pandas as pd
 from analysis import figures
 from analysis.robustness import (REFERENCE_METHOD, best_of_k_curve, cost_to_reach, expected_best_of_k,
                                  pareto_front, probability_beats, table1, table3)
+from orchestrator.contract.runs import RunStatus
 
 TOP_PERCENTS = (1, 10, 25)
 BEST_OF_K_SHOWN = 5
@@ -44,7 +45,7 @@ class ReportInputs:
 
 def _scores(frame: pd.DataFrame, method: str) -> tuple[list[float], int]:
     runs = frame[frame["method"] == method]
-    done = runs[runs["status"] == "FINISHED"]["mean_score"].dropna()
+    done = runs[runs["status"] == RunStatus.FINISHED]["mean_score"].dropna()
     return list(done), len(runs) - len(done)
 
 
@@ -75,17 +76,14 @@ def verdicts(inputs: ReportInputs) -> list[str]:
     return lines
 
 
-def build_blocks(inputs: ReportInputs, n_boot: int = 1000) -> list[Block]:
-    frame, samples, methods = inputs.frame, inputs.samples, inputs.methods
-    scores_by_key = {k: g.set_index("prompt_id")["score"] for k, g in samples.groupby("trial_key")}
-    blocks = [Block("h2", "Verdict"), Block("list", items=verdicts(inputs))]
-
-    t1 = table1(frame, methods)
-    blocks += [Block("h2", "Table 1: the best run of each method"),
-               Block("table", table=t1.round(3)),
-               Block("p", f"The best FINISHED run per method by mean gold score, every metric, and each metric's "
-                          f"relative change against {REFERENCE_METHOD}'s best run ((m − m_dpo)/|m_dpo|). Read "
-                          "it for the ceiling a method reaches when its grid is searched fully.")]
+def _tables_1_and_3(inputs: ReportInputs, n_boot: int) -> list[Block]:
+    frame, methods = inputs.frame, inputs.methods
+    scores_by_key = {k: g.set_index("prompt_id")["score"] for k, g in inputs.samples.groupby("trial_key")}
+    blocks = [Block("h2", "Table 1: the best run of each method"),
+              Block("table", table=table1(frame, methods).round(3)),
+              Block("p", f"The best FINISHED run per method by mean gold score, every metric, and each metric's "
+                         f"relative change against {REFERENCE_METHOD}'s best run ((m − m_dpo)/|m_dpo|). Read "
+                         "it for the ceiling a method reaches when its grid is searched fully.")]
     for q, name in ((1.0, "best"), (0.75, "75th-percentile")):
         t3 = table3(frame, scores_by_key, methods, q, n_boot=n_boot)
         blocks += [Block("h2", f"Table 3: head-to-head win rates at the {name} run"),
@@ -95,34 +93,46 @@ def build_blocks(inputs: ReportInputs, n_boot: int = 1000) -> list[Block]:
                               f"over prompts. At the {name} run a method is judged "
                               + ("by its ceiling." if q == 1.0 else "by what a typical good config gives: "
                                                                     "the run a quarter of the way down its grid."))]
+    return blocks
 
+
+def _best_of_k(inputs: ReportInputs, n_boot: int) -> list[Block]:
     curves = {}
-    for method in methods:
-        scores, failed = _scores(frame, method)
+    for method in inputs.methods:
+        scores, failed = _scores(inputs.frame, method)
         if scores:
             curves[method] = best_of_k_curve(scores, failed, n_boot=n_boot)
-    if curves:
-        blocks += [Block("h2", "Expected best-of-k"),
-                   Block("figure", image=figures.png_data_uri(figures.best_of_k_figure(curves)),
-                         text="The expected best gold score from k configs drawn at random from each method's grid "
-                              "(exact, without replacement; failed configs count as draws that give nothing), "
-                              "with a 95% bootstrap band over configs. It answers: with a budget of k runs, which "
-                              "method? A curve that is high at small k is robust to its hyperparameters.")]
-    blocks += [Block("h2", "Figure 1: every run's metrics"),
-               Block("figure", image=figures.png_data_uri(figures.metric_distributions(frame, methods, inputs.sft)),
-                     text="Per method, the distribution over all finished runs of each metric (box: quartiles; "
-                          "dots: runs); dashed: the selected SFT model. Tick labels count runs and failures. "
-                          "A tall box means the method is sensitive to its hyperparameters.")]
+    if not curves:
+        return []
+    return [Block("h2", "Expected best-of-k"),
+            Block("figure", image=figures.png_data_uri(figures.best_of_k_figure(curves)),
+                  text="The expected best gold score from k configs drawn at random from each method's grid "
+                       "(exact, without replacement; failed configs count as draws that give nothing), "
+                       "with a 95% bootstrap band over configs. It answers: with a budget of k runs, which "
+                       "method? A curve that is high at small k is robust to its hyperparameters.")]
+
+
+def _distribution_figures(inputs: ReportInputs, n_boot: int) -> list[Block]:
+    frame, methods = inputs.frame, inputs.methods
+    blocks = [Block("h2", "Figure 1: every run's metrics"),
+              Block("figure", image=figures.png_data_uri(figures.metric_distributions(frame, methods, inputs.sft)),
+                    text="Per method, the distribution over all finished runs of each metric (box: quartiles; "
+                         "dots: runs); dashed: the selected SFT model. Tick labels count runs and failures. "
+                         "A tall box means the method is sensitive to its hyperparameters.")]
     for column, number in (("length", 2), ("kl", 3)):
         blocks += [Block("h2", f"Figure {number}: per-sample {column} of the top runs"),
                    Block("figure", image=figures.png_data_uri(figures.topk_distributions(
-                       frame, samples, methods, column, TOP_PERCENTS)),
+                       frame, inputs.samples, methods, column, TOP_PERCENTS)),
                        text=f"Pooled per-prompt {column} of each method's top 1%, 10% and 25% runs by score "
                             "(at least one run each). "
                             + ("Longer answers at the top point to length exploitation." if column == "length"
                                else "High KL at the top means the best runs moved far from SFT."))]
-    number = 4
-    for method in methods:
+    return blocks
+
+
+def _hyperparameter_figures(inputs: ReportInputs, n_boot: int) -> list[Block]:
+    frame, blocks, number = inputs.frame, [], 4
+    for method in inputs.methods:
         for hp in inputs.hyperparameters.get(method, []):
             if frame[frame["method"] == method][hp].nunique() > 1:
                 blocks += [Block("h2", f"Figure {number}: {method} against {hp}"),
@@ -130,35 +140,59 @@ def build_blocks(inputs: ReportInputs, n_boot: int = 1000) -> list[Block]:
                                figures.metric_vs_hyperparameter(frame, method, hp)),
                                text=f"A point per {method} run; crosses: failed runs at their setting.")]
                 number += 1
-    fronts = [pareto_front(frame[(frame["method"] == m) & (frame["status"] == "FINISHED")]).assign(method=m)
-              for m in methods]
+    return blocks
+
+
+def _pareto(inputs: ReportInputs, n_boot: int) -> list[Block]:
+    frame = inputs.frame
+    fronts = [pareto_front(frame[(frame["method"] == m) & (frame["status"] == RunStatus.FINISHED)]).assign(method=m)
+              for m in inputs.methods]
     front = pd.concat(fronts)[["method", "run_name", "mean_score", "kl"]] if fronts else pd.DataFrame()
-    blocks += [Block("h2", "Score against KL: the Pareto front"),
-               Block("table", table=front.round(3)),
-               Block("p", "Runs no other run of the same method beats on both higher score and lower KL.")]
+    return [Block("h2", "Score against KL: the Pareto front"),
+            Block("table", table=front.round(3)),
+            Block("p", "Runs no other run of the same method beats on both higher score and lower KL.")]
+
+
+def _cost_and_failures(inputs: ReportInputs, n_boot: int) -> list[Block]:
+    frame, blocks = inputs.frame, []
     cost = _cost_column(frame)
-    finished = frame[frame["status"] == "FINISHED"]["mean_score"].dropna()
+    finished = frame[frame["status"] == RunStatus.FINISHED]["mean_score"].dropna()
     if len(finished):
         threshold = finished.quantile(0.9)
         rows = [{"method": m, f"expected {cost} to reach top 10%": cost_to_reach(frame, m, threshold, cost),
-                 f"{cost} spent": frame[frame["method"] == m][cost].fillna(0).sum()} for m in methods]
+                 f"{cost} spent": frame[frame["method"] == m][cost].fillna(0).sum()} for m in inputs.methods]
         blocks += [Block("h2", "Cost of reaching the top 10%"),
                    Block("table", table=pd.DataFrame(rows).round(4)),
                    Block("p", f"Top 10% = a score of at least {threshold:.3f} (the 90th percentile of all finished "
                               f"runs). Expected {cost} spent trying the method's configs in random order until one "
                               "gets there (failed configs cost too); empty: no config of the method reaches it.")]
-    failed = frame[frame["status"] == "FAILED"][["method", "run_name", "failure"]]
+    failed = frame[frame["status"] == RunStatus.FAILED][["method", "run_name", "failure"]]
     blocks += [Block("h2", f"Failed runs ({len(failed)})"),
                Block("table", table=failed) if len(failed) else Block("p", "None.")]
     return blocks
+
+
+# The report's sections in order: (inputs, n_boot) -> blocks.
+SECTIONS = [lambda inputs, n_boot: [Block("h2", "Verdict"), Block("list", items=verdicts(inputs))],
+            _tables_1_and_3, _best_of_k, _distribution_figures, _hyperparameter_figures, _pareto, _cost_and_failures]
+
+
+def build_blocks(inputs: ReportInputs, n_boot: int = 1000) -> list[Block]:
+    return [block for section in SECTIONS for block in section(inputs, n_boot)]
 
 
 def _html_table(table: pd.DataFrame) -> str:
     return table.to_html(index=False, na_rep="–", border=0, classes="t", escape=True)
 
 
+def _md(text: str) -> str:
+    """Text (prompts and generations are data, not markup) safe in Markdown: what HTML would read as tags is
+    escaped, as the HTML report escapes it."""
+    return html.escape(str(text), quote=False)
+
+
 def _md_table(table: pd.DataFrame) -> str:
-    cells = lambda row: "| " + " | ".join("–" if pd.isna(v) else str(v).replace("|", "\\|") for v in row) + " |"  # noqa: E731
+    cells = lambda row: "| " + " | ".join("–" if pd.isna(v) else _md(v).replace("|", "\\|") for v in row) + " |"  # noqa: E731
     return "\n".join([cells(table.columns), "| " + " | ".join("---" for _ in table.columns) + " |",
                       *[cells(row) for row in table.itertuples(index=False)]])
 
@@ -173,12 +207,12 @@ def render(inputs: ReportInputs, fmt: str = "html", n_boot: int = 1000) -> str:
     blocks = build_blocks(inputs, n_boot)
     title = f"Robustness report: sweep {inputs.sweep}"
     if fmt == "md":
-        out = [f"# {title}"]
+        out = [f"# {_md(title)}"]
         for b in blocks:
-            out.append({"h2": lambda: f"## {b.text}", "p": lambda: b.text,
-                        "list": lambda: "\n".join(f"- {i}" for i in b.items),
+            out.append({"h2": lambda: f"## {_md(b.text)}", "p": lambda: _md(b.text),
+                        "list": lambda: "\n".join(f"- {_md(i)}" for i in b.items),
                         "table": lambda: _md_table(b.table),
-                        "figure": lambda: f"![{b.text[:60]}]({b.image})\n\n*{b.text}*"}[b.kind]())
+                        "figure": lambda: f"![{_md(b.text[:60])}]({b.image})\n\n*{_md(b.text)}*"}[b.kind]())
         return "\n\n".join(out) + "\n"
     out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]

@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.summary import METRIC_COLUMNS
+from analysis.frames import METRIC_COLUMNS
+from orchestrator.contract.runs import RunStatus
 
 REFERENCE_METHOD = "dpo"  # the paper normalizes by DPO's best run
 
@@ -81,8 +82,8 @@ def table1(frame: pd.DataFrame, methods: Sequence[str], reference: str = REFEREN
     against the reference method's best run: (m - m_ref) / |m_ref|."""
     rows = []
     for method in methods:
-        runs = frame[(frame["method"] == method) & (frame["status"] == "FINISHED")]
-        failed = int(((frame["method"] == method) & (frame["status"] == "FAILED")).sum())
+        runs = frame[(frame["method"] == method) & (frame["status"] == RunStatus.FINISHED)]
+        failed = int(((frame["method"] == method) & (frame["status"] == RunStatus.FAILED)).sum())
         if runs.empty:
             rows.append({"method": method, "run_name": None, "finished": 0, "failed": failed})
             continue
@@ -100,7 +101,7 @@ def table1(frame: pd.DataFrame, methods: Sequence[str], reference: str = REFEREN
 def run_at_quantile(frame: pd.DataFrame, method: str, q: float, by: str = "mean_score") -> Optional[pd.Series]:
     """The method's FINISHED run at quantile `q` of `by` (nearest rank: q=1 the best run, q=0.75 the run a
     quarter of the way down from the top), or None when none finished."""
-    runs = frame[(frame["method"] == method) & (frame["status"] == "FINISHED")].sort_values(by, kind="stable")
+    runs = frame[(frame["method"] == method) & (frame["status"] == RunStatus.FINISHED)].sort_values(by, kind="stable")
     if runs.empty:
         return None
     rank = max(int(np.ceil(q * len(runs))), 1)

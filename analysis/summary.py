@@ -1,6 +1,6 @@
 """End-of-sweep summary: the untrained model, the best SFT trial and the best trial of each method.
 
-Pure pandas over plain records (what orchestrator.tracking reads back); no MLflow here.
+Pure pandas over plain records (what orchestrator.contract.tracking reads back); no MLflow here.
 """
 
 from __future__ import annotations
@@ -9,13 +9,11 @@ from typing import Iterable
 
 import pandas as pd
 
-METRIC_COLUMNS = ["mean_score", "win_vs_chosen", "win_vs_sft", "kl", "length"]
-
+from analysis.frames import METRIC_COLUMNS, sweep_frame
+from orchestrator.contract.runs import RunStatus
 
 def trials_frame(records: Iterable[dict]) -> pd.DataFrame:
     """One row per trial: stage, method, run_name, status, trial_key and the metric columns (NaN if absent)."""
-    from analysis.frames import sweep_frame
-
     return sweep_frame(records, [])[["stage", "method", "run_name", "status", "trial_key", *METRIC_COLUMNS]]
 
 
@@ -25,8 +23,8 @@ def best_per_stage(frame: pd.DataFrame, stage_order: list[str], by: str = "mean_
     rows = []
     for stage in stage_order:
         trials = frame[frame["stage"] == stage]
-        done = trials[trials["status"] == "FINISHED"]
-        counts = {"finished": len(done), "failed": int((trials["status"] == "FAILED").sum())}
+        done = trials[trials["status"] == RunStatus.FINISHED]
+        counts = {"finished": len(done), "failed": int((trials["status"] == RunStatus.FAILED).sum())}
         if done.empty:
             rows.append({"stage": stage, "best run": "(none finished)", **counts})
             continue

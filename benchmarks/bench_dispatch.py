@@ -29,13 +29,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster import local_slurm, make_executor  # noqa: E402
-from orchestrator.cli import builtin_spec_path  # noqa: E402
+from orchestrator.api import builtin_spec_path  # noqa: E402
 from orchestrator.grid import plan_sweep  # noqa: E402
 from orchestrator.pipeline import run_sweep  # noqa: E402
-from orchestrator.spec import (LocalExecutorSpec, RayExecutorSpec, SlurmExecutorSpec, load_spec,  # noqa: E402
-                               parse_spec)
-from orchestrator.task import TrialRuntime, TrialTask  # noqa: E402
-from orchestrator.tracking import SweepTracker, store_for_workers  # noqa: E402
+from orchestrator.progress import QUIET
+from orchestrator.contract.spec import LocalExecutorSpec, RayExecutorSpec, SlurmExecutorSpec  # noqa: E402
+from orchestrator.contract.spec_file import load_spec, parse_spec  # noqa: E402
+from orchestrator.contract.task import TrialRuntime, TrialTask  # noqa: E402
+from orchestrator.contract.tracking import SweepTracker  # noqa: E402
+from orchestrator.tracking_server import store_for_workers  # noqa: E402
 from trainers.probe import probe_trial  # noqa: E402
 
 GRID_SPEC = """\
@@ -94,8 +96,7 @@ def quickstart_share(concurrency: int, repeats: int, n_train: int = 2000) -> lis
         with tempfile.TemporaryDirectory() as tmp:
             executor_spec = RayExecutorSpec(kind="ray", num_cpus=2, max_concurrent_trials=concurrency)
             run_spec = spec.model_copy(update={"workdir": str(Path(tmp) / "work"), "executor": executor_spec})
-            outcome = run_sweep(run_spec, f"sqlite:///{Path(tmp) / 'mlflow.db'}", show_progress=False,
-                                echo=lambda _: None)
+            outcome = run_sweep(run_spec, f"sqlite:///{Path(tmp) / 'mlflow.db'}", output=QUIET)
             assert outcome.failed == 0 and outcome.ran == 21
             inside = sum(r.metrics["wall_seconds"] for r in outcome.records)
             out.append((outcome.wall_seconds, inside, inside / (outcome.wall_seconds * concurrency)))

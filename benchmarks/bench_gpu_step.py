@@ -33,14 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from orchestrator.planner import GB, shape_from_config, training_memory  # noqa: E402
-from orchestrator.spec import HHRLHFDataSpec, TrainingSpec  # noqa: E402
-from trainers.methods import METHODS  # noqa: E402
+from orchestrator.contract.spec import HHRLHFDataSpec, TrainingSpec  # noqa: E402
+from orchestrator.contract.methods import METHODS  # noqa: E402
 from trainers.data import encode_pairs  # noqa: E402
 from trainers.models import dequantize_gguf, load_causal_lm, load_tokenizer  # noqa: E402
 from trainers.packing import real_tokens  # noqa: E402
 from trainers.sources import load_split  # noqa: E402
-from trainers.train import (LoopSettings, ObservedObjective, make_accelerator, preference_objective,  # noqa: E402
-                            reference_logps, train)
+from trainers.objectives import ObservedObjective, preference_objective  # noqa: E402
+from trainers.train import LoopSettings, make_accelerator, reference_logps, train  # noqa: E402
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,7 +84,8 @@ def run(folder: Path, pairs_raw, args, precision: str) -> dict:
 
     settings = LoopSettings(learning_rate=1e-6, epochs=1000, batch_size=args.batch_size, warmup_ratio=0.0,
                             weight_decay=0.0, max_grad_norm=1.0, max_steps=args.steps, seed=0, log_every=1,
-                            precision=precision, micro_batch_size=args.micro_batch_size)
+                            precision=precision, micro_batch_size=args.micro_batch_size,
+                            pad_id=tokenizer.pad_token_id)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     profiler = contextlib.nullcontext()
@@ -94,7 +95,7 @@ def run(folder: Path, pairs_raw, args, precision: str) -> dict:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         profiler = torch.profiler.profile(activities=activities)
     with profiler:
-        history = train(model, pairs, counting, settings, tokenizer.pad_token_id, accelerator, on_log)
+        history = train(model, pairs, counting, settings, accelerator, on_log)
     if args.profile:
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(f"--- {precision}: top operators by {sort}")

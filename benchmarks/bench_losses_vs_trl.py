@@ -36,7 +36,8 @@ import torch  # noqa: E402
 from trainers.data import encode_pairs  # noqa: E402
 from trainers.models import build_task_tokenizer, build_tiny_model  # noqa: E402
 from trainers.synthetic import generate_split  # noqa: E402
-from trainers.train import LoopSettings, make_accelerator, preference_objective, reference_logps, train  # noqa: E402
+from trainers.train import LoopSettings, make_accelerator, reference_logps, train  # noqa: E402
+from trainers.objectives import preference_objective  # noqa: E402
 
 
 def tiny(args, seed=0):
@@ -56,8 +57,7 @@ def ours(args, method: str, hparams: dict) -> float:
     settings = LoopSettings(learning_rate=1e-4, epochs=100, batch_size=args.batch, warmup_ratio=0.0,
                             weight_decay=0.0, max_grad_norm=1.0, max_steps=args.steps, seed=0, log_every=10)
     started = time.perf_counter()
-    train(model, pairs, preference_objective(method, hparams, reference), settings, tokenizer.pad_token_id,
-          make_accelerator())
+    train(model, pairs, preference_objective(method, hparams, reference), settings, make_accelerator())
     return time.perf_counter() - started
 
 
@@ -116,12 +116,13 @@ stages:
 
 def sweep_seconds(share_work: bool) -> float:
     from orchestrator.pipeline import run_sweep
-    from orchestrator.spec import parse_spec
+    from orchestrator.progress import QUIET
+    from orchestrator.contract.spec_file import parse_spec
 
     root = Path(tempfile.mkdtemp())
     spec = parse_spec(SWEEP.format(workdir=root / "work"))
     started = time.perf_counter()
-    outcome = run_sweep(spec, f"sqlite:///{root / 'mlflow.db'}", show_progress=False, echo=lambda _: None,
+    outcome = run_sweep(spec, f"sqlite:///{root / 'mlflow.db'}", output=QUIET,
                         share_work=share_work)
     assert outcome.failed == 0 and outcome.ran == 14
     return time.perf_counter() - started

@@ -76,7 +76,7 @@ def peak_rss_gib() -> float:
 def setup(args, workdir: Path) -> None:
     import torch
 
-    from orchestrator.spec import HHRLHFDataSpec
+    from orchestrator.contract.spec import HHRLHFDataSpec
     from trainers.data import encode_pairs
     from trainers.models import dequantize_gguf, load_causal_lm, load_tokenizer
     from trainers.sources import load_split
@@ -110,8 +110,8 @@ def run_ours(args, workdir: Path, method: str, padding_free: bool = True, gradie
     from trainers.logprobs import choose_layout, describe_head
     from trainers.models import load_causal_lm, load_tokenizer
     from trainers.packing import real_tokens
-    from trainers.train import (LoopSettings, ObservedObjective, longest_sequence, make_accelerator,
-                                preference_objective, train)
+    from trainers.train import LoopSettings, longest_sequence, make_accelerator, train
+    from trainers.objectives import ObservedObjective, preference_objective
 
     folder = workdir / "smollm2-135m"
     tokenizer, pairs = load_tokenizer(folder), load_pairs(workdir)
@@ -129,9 +129,9 @@ def run_ours(args, workdir: Path, method: str, padding_free: bool = True, gradie
     ends: list[float] = []
     settings = LoopSettings(learning_rate=args.lr, epochs=1000, batch_size=args.batch_size, warmup_ratio=0.0,
                             weight_decay=0.0, max_grad_norm=1.0, max_steps=args.steps, seed=0, log_every=1,
-                            padding_free=padding_free)
+                            padding_free=padding_free, pad_id=tokenizer.pad_token_id)
     layout = choose_layout(model, padding_free, longest_sequence(pairs)).describe() + "; " + describe_head(model)
-    history = train(model, pairs, objective, settings, tokenizer.pad_token_id, make_accelerator(),
+    history = train(model, pairs, objective, settings, make_accelerator(),
                     on_log=lambda step, total, stats: ends.append(time.perf_counter()))
     return timing(args, ends, fed, history[0]["loss"], layout)
 

@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.report import render  # noqa: E402
 from orchestrator.grid import plan_sweep  # noqa: E402
 from orchestrator.reporting import load_report_inputs  # noqa: E402
-from orchestrator.spec import parse_spec  # noqa: E402
-from orchestrator.task import TrialRuntime, TrialTask  # noqa: E402
-from orchestrator.tracking import SweepTracker, store_for_workers  # noqa: E402
+from orchestrator.contract.spec_file import parse_spec  # noqa: E402
+from orchestrator.contract.task import TrialRuntime, TrialTask  # noqa: E402
+from orchestrator.contract.tracking import SweepTracker  # noqa: E402
+from orchestrator.tracking_server import store_for_workers  # noqa: E402
 from trainers.probe import noop_sweep_yaml, probe_trial  # noqa: E402
 
 def build(root: Path, runs: int, prompts: int):

@@ -1,4 +1,4 @@
-"""Executors behind one protocol (cluster.base). Importing this package registers the built-in ones."""
+"""Executors behind one protocol (cluster.base): local, ray (Ray Tune), slurm (submitit). Importing this package
+imports no backend: cluster.base.EXECUTORS loads one when a sweep asks for it."""
 
-from cluster import local, ray_tune, slurm  # noqa: F401  (registers "local", "ray", "slurm")
 from cluster.base import EXECUTORS, Executor, make_executor  # noqa: F401

@@ -1,16 +1,17 @@
-"""The executor protocol shared by every backend (local now; Ray and SLURM behind the same interface).
+"""The executor protocol shared by every backend, and the table of executors.
 
 An executor takes a batch of pending TrialTasks and the trial function, runs each task once, and returns one
 TrialResult per task, in order. A task whose worker died beyond the executor's retries comes back FAILED
-(trainers.trial.record_lost_trial), never missing. It reports progress through the driver's Progress object.
+(orchestrator.contract.lifecycle.record_lost_trial), never missing. It reports progress through the driver's
+Progress object.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Optional, Protocol
 
-from orchestrator.task import TrialResult, TrialTask
-from trainers.methods import unknown_name_message
+from orchestrator.contract.registry import Registry
+from orchestrator.contract.task import TrialResult, TrialTask
 
 TrialFn = Callable[..., TrialResult]  # trial_fn(task, report=None) -> TrialResult
 
@@ -31,17 +32,14 @@ class Executor(Protocol):
     # Optional: start(), called once before the first batch (e.g. connect to Ray), and close() at the end.
 
 
-EXECUTORS: dict[str, Callable[..., Executor]] = {}
-
-
-def register_executor(kind: str):
-    def decorator(factory):
-        EXECUTORS[kind] = factory
-        return factory
-    return decorator
+# kind (executor.kind in the spec) -> the executor class, built from the spec's executor section. Lazy entries:
+# choosing one imports its backend (Ray, submitit) and nothing else does.
+EXECUTORS: Registry[Callable[..., Executor]] = Registry("executor", {
+    "local": "cluster.local:LocalExecutor",
+    "ray": "cluster.ray_tune:RayExecutor",
+    "slurm": "cluster.slurm:SlurmExecutor",
+})
 
 
 def make_executor(executor_spec) -> Executor:
-    if executor_spec.kind not in EXECUTORS:
-        raise KeyError(unknown_name_message("executor", executor_spec.kind, list(EXECUTORS)))
     return EXECUTORS[executor_spec.kind](executor_spec)

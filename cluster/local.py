@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from cluster.base import Progress, TrialFn, register_executor
-from orchestrator.task import TrialResult, TrialTask
+from cluster.base import Progress, TrialFn
+from orchestrator.contract.task import TrialResult, TrialTask
 
 
-@register_executor("local")
 class LocalExecutor:
     parallel = False  # trials run in the driver: one process writes the tracking store
     slots = 1

@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from cluster.base import Progress, TrialFn, register_executor
-from orchestrator.task import TrialResult, TrialTask
-from trainers.distributed import register_rank_launcher
+from cluster.base import Progress, TrialFn
+from orchestrator.contract.lifecycle import record_lost_trial
+from orchestrator.contract.runs import RunStatus
+from orchestrator.contract.task import TrialResult, TrialTask
 
 # Tune's per-trial CSV/JSON/TensorBoard loggers duplicate what MLflow holds and cost time per trial.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -37,7 +38,6 @@ def _ray_train_worker(config: dict) -> None:
     train_as_rank(config["task"], config["run_id"], ray.train.get_context().get_world_rank(), config["out"])
 
 
-@register_rank_launcher("ray_train")
 def run_ray_train_ranks(task: TrialTask, run_id: str) -> dict[str, float]:
     """A multi-process trial's ranks as a Ray Train run inside its Tune trial: task.runtime.processes workers,
     each with task.runtime.rank_resources, placed wherever the cluster has them (several nodes for a trial
@@ -93,13 +93,13 @@ class _ProgressCallback:
             def on_trial_error(self, iteration, trials, trial, **info):
                 if progress:
                     task = tasks[trial.config["index"]]
-                    progress.trial_done(TrialResult(trial_key=task.trial.trial_key, run_id=None, status="FAILED",
-                                                    error="worker died (retries exhausted)", lost=True))
+                    progress.trial_done(TrialResult(trial_key=task.trial.trial_key, run_id=None,
+                                                    status=RunStatus.FAILED, error="worker died (retries exhausted)",
+                                                    lost=True))
 
         return ProgressCallback()
 
 
-@register_executor("ray")
 class RayExecutor:
     parallel = True
 
@@ -153,8 +153,6 @@ class RayExecutor:
     def run(self, tasks: list[TrialTask], trial_fn: TrialFn, progress: Optional[Progress] = None
             ) -> list[TrialResult]:
         from ray import tune
-
-        from trainers.trial import record_lost_trial
 
         if not tasks:
             return []

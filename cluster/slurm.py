@@ -22,8 +22,9 @@ from typing import Optional
 
 import submitit
 
-from cluster.base import Progress, TrialFn, register_executor
-from orchestrator.task import TrialResult, TrialTask
+from cluster.base import Progress, TrialFn
+from orchestrator.contract.lifecycle import record_lost_trial
+from orchestrator.contract.task import TrialResult, TrialTask
 
 # A job that left squeue gets this long for its result file to appear (it is written just before the exit).
 RESULT_GRACE_SECONDS = 10.0
@@ -74,7 +75,6 @@ def unschedulable(state: str, reason: str) -> bool:
     return state == "PENDING" and reason.startswith(UNSCHEDULABLE_REASONS)
 
 
-@register_executor("slurm")
 class SlurmExecutor:
     parallel = True
 
@@ -117,8 +117,6 @@ class SlurmExecutor:
 
     def wait(self, tasks: list[TrialTask], jobs: list, progress: Optional[Progress] = None) -> list[TrialResult]:
         """Poll until every job has a result or has left the queue without one."""
-        from trainers.trial import record_lost_trial
-
         results: dict[int, TrialResult] = {}
         started: set[int] = set()
         gone_since: dict[int, float] = {}
@@ -172,7 +170,5 @@ class SlurmExecutor:
         try:
             return TrialResult.model_validate_json(job.result())
         except Exception as exc:  # noqa: BLE001 - the job raised outside the trial's own error handling
-            from trainers.trial import record_lost_trial
-
             # job.result() re-raises the job's exception; that task is lost, not the batch
             return record_lost_trial(task, f"slurm job {job.job_id} raised: {type(exc).__name__}: {str(exc)[:500]}")

@@ -7,44 +7,44 @@ Exit codes: 0 success; 1 the sweep ran but could not finish (SweepError) or tria
 from __future__ import annotations
 
 import argparse
+import signal
+import socket
 import subprocess
 import sys
-from importlib import resources
+import time
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.spec import SpecError, SweepSpec, field_line, load_spec
+import pandas as pd
+
+from analysis.summary import format_summary
+from orchestrator import api
+from orchestrator.contract.errors import first_line
+from orchestrator.contract.spec import Choice, IntRange, SweepSpec
+from orchestrator.contract.spec_file import SpecError, field_line
+from orchestrator.contract.tracking import (CorruptArtifact, StoreUnavailable, check_reachable, existing_trials,
+                                           is_unreachable, resolve_tracking_uri, runs_view_url, store_exists,
+                                           sweep_experiments)
+from orchestrator.grid import PlanError, tracked_name
+from orchestrator.pipeline import SweepError
+from orchestrator.planner import plan_stages, sequence_tokens
+from orchestrator.progress import Output
+from orchestrator.status import TrialCost, cost_estimate, elapsed_seconds, format_hours, status_table
+from orchestrator.tracking_server import TrackingServerError, mlflow_command, stop_server, wait_healthy
+from trainers.preflight import InputError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def builtin_spec_path(name: str) -> Optional[Path]:
-    """Specs shipped in sweeps/ (e.g. `quickstart`), so `sweep run` works from any directory."""
-    candidate = resources.files("sweeps") / f"{name}.yaml"
-    return Path(str(candidate)) if candidate.is_file() else None
-
-
-def _resolve_spec_path(arg: Optional[str]) -> Path:
-    if arg is None:
-        return builtin_spec_path("quickstart")
-    path = Path(arg)
-    if not path.exists() and "/" not in arg and not arg.endswith((".yaml", ".yml")):
-        builtin = builtin_spec_path(arg)
-        if builtin:
-            return builtin
-    return path
+UI_LISTED_SWEEPS = 20  # `sweep ui` links the runs view of the most recent sweeps
 
 
 def _checked(args) -> SweepSpec:
-    """The spec, with the inputs it points at checked (trainers.preflight) and reported with resolved paths;
-    an unusable input is a SpecError naming the spec's file, line and field."""
-    from trainers.preflight import InputError, preflight
-
+    """The spec, with the inputs it points at checked (api.check: trainers.preflight) and reported with resolved
+    paths; an unusable input is a SpecError naming the spec's file, line and field."""
     spec = _load(args)
-    path = _resolve_spec_path(args.spec)
     try:
-        checked = preflight(spec)
+        checked = api.check(spec)
     except InputError as exc:
+        path = api.spec_path(args.spec)
         raise SpecError(str(path), exc.field, exc.message, field_line(path, exc.field)) from None
     print("inputs:\n" + "\n".join(f"  {line}" for line in checked.inputs))
     for warning in checked.warnings:
@@ -53,22 +53,15 @@ def _checked(args) -> SweepSpec:
 
 
 def _load(args) -> SweepSpec:
-    spec = load_spec(_resolve_spec_path(args.spec))
-    if getattr(args, "executor", None):
-        from cluster import EXECUTORS
-        if args.executor not in EXECUTORS:
-            from trainers.methods import unknown_name_message
-            raise SpecError("--executor", "", unknown_name_message("executor", args.executor, list(EXECUTORS)))
-        if args.executor != spec.executor.kind:  # the other kind's defaults; the spec's section is for its kind
-            from pydantic import TypeAdapter
-            from orchestrator.spec import ExecutorSpec
-            executor = TypeAdapter(ExecutorSpec).validate_python({"kind": args.executor})
-            spec = spec.model_copy(update={"executor": executor})
-    return spec
+    try:
+        return api.load(args.spec, max_trials=getattr(args, "max_trials", None),
+                        executor=getattr(args, "executor", None), smoke=getattr(args, "smoke", False))
+    except PlanError as exc:
+        path = api.spec_path(args.spec)
+        raise SpecError(str(path), "stages", str(exc), field_line(path, "stages")) from None
 
 
 def _describe_range(search_range) -> str:
-    from orchestrator.spec import Choice, IntRange
 
     if isinstance(search_range, Choice):
         return f"one of {search_range.choices}"
@@ -111,8 +104,6 @@ def _count(n: int) -> str:
 
 def _print_plan(spec, plan, source: str) -> None:
     """Per stage: memory per GPU by part, whether it fits the declared GPU, GPU-hours from FLOPs."""
-    from orchestrator.planner import sequence_tokens
-    from orchestrator.status import format_hours
 
     c, t = spec.cost, spec.training
     if plan is None:
@@ -155,9 +146,7 @@ def _print_plan(spec, plan, source: str) -> None:
 
 
 def _print_cost(spec, stages, records, estimates=None) -> None:
-    import pandas as pd
 
-    from orchestrator.status import cost_estimate, format_hours
 
     table = cost_estimate(stages, records, spec.cost, estimates)
     print("\ncost estimate (per trial: the mean of this sweep's measured trials, else the spec's `cost`)")
@@ -178,13 +167,8 @@ def _print_cost(spec, stages, records, estimates=None) -> None:
 
 
 def cmd_plan(args) -> int:
-    from orchestrator.grid import plan_sweep
-    from orchestrator.planner import plan_stages
-    from orchestrator.status import TrialCost
-    from orchestrator.tracking import existing_trials, resolve_tracking_uri
-
     spec = _checked(args)
-    stages = plan_sweep(spec, smoke=args.smoke)
+    stages = api.plan(spec, smoke=args.smoke)
     print(f"sweep {spec.name!r}{' (smoke)' if args.smoke else ''}: nothing is run by `plan`")
     for stage in stages:
         _print_stage(stage)
@@ -194,25 +178,34 @@ def cmd_plan(args) -> int:
     plan, source = plan_stages(spec, stages)
     flops = {e.stage: TrialCost(e.seconds_per_trial, e.gpu_hours / e.trials, "FLOPs estimate")
              for e in (plan.stages if plan else []) if spec.cost.gpus_per_trial > 0}
-    _print_cost(spec, stages, existing_trials(resolve_tracking_uri(args.tracking_uri, spec.tracking.uri), spec.name),
-                flops)
+    _print_cost(spec, stages, _measured_trials(resolve_tracking_uri(args.tracking_uri, spec.tracking.uri),
+                                               tracked_name(spec, args.smoke)), flops)
     _print_plan(spec, plan, source)
     return EXIT_OK
 
 
+def _measured_trials(uri: str, sweep: str) -> list:
+    """The sweep's trials for `plan`'s cost figures, or none (with a note) when the store is not at hand."""
+    try:
+        check_reachable(uri)
+    except StoreUnavailable as exc:
+        print(f"note: {exc}; costs come from the spec alone", file=sys.stderr)
+        return []
+    return existing_trials(uri, sweep)
+
+
 def cmd_status(args) -> int:
-    import time
-
-    from orchestrator.grid import plan_sweep
-    from orchestrator.status import elapsed_seconds, format_hours, status_table
-    from orchestrator.tracking import existing_trials, resolve_tracking_uri
-
     spec = _load(args)
     uri = resolve_tracking_uri(args.tracking_uri, spec.tracking.uri)
-    stages = plan_sweep(spec, smoke=args.smoke)
-    records = existing_trials(uri, spec.name)
+    check_reachable(uri)
+    if not store_exists(uri):
+        raise StoreUnavailable(f"no tracking store at {uri}: nothing of sweep {spec.name!r} has run there; run it "
+                               "first (sweep run), or pass the --tracking-uri that holds it")
+    stages = api.plan(spec, smoke=args.smoke)
+    name = tracked_name(spec, args.smoke)
+    records = existing_trials(uri, name)
     table = status_table(stages, records)
-    print(f"sweep {spec.name!r}{' (smoke)' if args.smoke else ''} in {uri}")
+    print(f"sweep {name!r} in {uri}")
     print(f"  {'stage':<12} {'planned':>7} {'done':>5} {'running':>7} {'failed':>6} {'pending':>7} "
           f"{'trial-h':>8} {'GPU-h':>8}")
     for row in table.itertuples():
@@ -228,16 +221,11 @@ def cmd_status(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from analysis.summary import format_summary
-    from orchestrator.pipeline import SweepError, run_sweep
-    from orchestrator.errors import first_line
-    from orchestrator.tracking import is_unreachable, resolve_tracking_uri
-
     spec = _checked(args)
-    uri = resolve_tracking_uri(args.tracking_uri, spec.tracking.uri)
+    uri = api.tracking_uri(spec, args.tracking_uri)
     try:
-        outcome = run_sweep(spec, uri, smoke=args.smoke, show_progress=not args.no_progress,
-                            share_work=not args.no_shared_work)
+        outcome = api.run(spec, tracking_uri=uri, smoke=args.smoke, output=Output(bar=not args.no_progress),
+                          share_work=not args.no_shared_work)
     except SweepError as exc:
         print(f"sweep stopped: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -250,60 +238,75 @@ def cmd_run(args) -> int:
     print(f"\n{outcome.ran} trials run, {outcome.skipped} skipped (already FINISHED), "
           f"{outcome.failed} failed, in {outcome.wall_seconds:.0f} s\n")
     print(format_summary(outcome.summary))
+    if outcome.models:
+        print("\nbest models (MLflow Model Registry, alias best): "
+              + ", ".join(f"{name} v{version}" for name, version in outcome.models.items()))
     print(f"\nbrowse: sweep ui --tracking-uri {uri}")
     return EXIT_FAILED if outcome.failed else EXIT_OK
 
 
-def cmd_ui(args) -> int:
-    from orchestrator.tracking import mlflow_command, resolve_tracking_uri
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
+
+def _port_taken(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def cmd_ui(args) -> int:
     uri = resolve_tracking_uri(args.tracking_uri, None)
     if uri.startswith(("http://", "https://")):  # a tracking server already serves its own UI
         print(f"MLflow UI: {uri}")
         return EXIT_OK
+    if not store_exists(uri):
+        print(f"error: no tracking store at {uri}: run a sweep here first, or pass --tracking-uri", file=sys.stderr)
+        return EXIT_FAILED
+    if not _loopback(args.host):
+        print(f"warning: --host {args.host} serves the whole tracking store (every run, parameter, metric and "
+              "artifact) to anyone who can reach this machine; MLflow's UI asks for no login", file=sys.stderr)
+    if _port_taken(args.host, args.port):
+        print(f"error: port {args.port} on {args.host} is in use (another sweep ui or MLflow server?); choose one "
+              "with --port", file=sys.stderr)
+        return EXIT_FAILED
     mlflow, env = mlflow_command()
     url = f"http://{args.host}:{args.port}"
-    print(f"MLflow UI for {uri} at {url} (Ctrl-C stops it)", flush=True)
-    command = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    command = [mlflow, "ui", "--backend-store-uri", uri, "--registry-store-uri", uri, "--host", args.host, "--port",
+               str(args.port)]
+    # the server's own log goes to stderr: stdout carries only the URLs, once they answer
+    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=sys.stderr)
     try:
-        return subprocess.call(command, env=env)
-    except KeyboardInterrupt:
+        wait_healthy(url, process, timeout=180)
+        print(f"MLflow UI for {uri} at {url} (Ctrl-C stops it)", flush=True)
+        for name, experiment_id in sweep_experiments(uri)[:UI_LISTED_SWEEPS]:
+            print(f"  sweep {name}: {runs_view_url(url, experiment_id)}", flush=True)
+        return process.wait()
+    except TrackingServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main): the server goes with us
         return EXIT_OK
+    finally:
+        stop_server(process)
 
 
 def _is_sweep_name(arg: Optional[str]) -> bool:
     """A bare name that is neither a file nor a built-in spec: the name of a sweep in the tracking store."""
     return bool(arg) and not Path(arg).exists() and "/" not in arg and not arg.endswith((".yaml", ".yml")) \
-        and builtin_spec_path(arg) is None
+        and api.builtin_spec_path(arg) is None
 
 
 def cmd_report(args) -> int:
-    from analysis.report import render
-    from orchestrator.reporting import load_report_inputs, load_report_inputs_by_name
-    from orchestrator.tracking import SweepTracker, existing_trials, resolve_tracking_uri
-
-    if _is_sweep_name(args.spec):
-        name = args.spec
-        uri = resolve_tracking_uri(args.tracking_uri, None)
-        load = lambda: load_report_inputs_by_name(name, uri, show_progress=not args.no_progress)  # noqa: E731
-    else:
-        spec = _load(args)
-        name, uri = spec.name, resolve_tracking_uri(args.tracking_uri, spec.tracking.uri)
-        load = lambda: load_report_inputs(spec, uri, smoke=args.smoke, show_progress=not args.no_progress)  # noqa: E731
-    if not existing_trials(uri, name):
-        print(f"error: no trial of sweep {name!r} in {uri}; run it first (sweep run), or give its spec or the "
-              "tracking URI that holds it", file=sys.stderr)
-        return EXIT_FAILED
-    inputs = load()
-    if not inputs.methods or not (inputs.frame["status"] == "FINISHED").any():
-        print(f"error: sweep {name!r} has no FINISHED preference trial yet; nothing to compare", file=sys.stderr)
-        return EXIT_FAILED
-    text = render(inputs, args.format)
-    out = Path(args.out or f"{name}-report.{args.format}")
-    out.write_text(text)
-    run_id = SweepTracker(uri, name).log_report(text, f"report.{args.format}")
-    print(f"report: {out} ({len(text) / 1e6:.1f} MB); also the artifact report.{args.format} of run {run_id} "
-          f"(\"sweep {name}\") in {uri}")
+    source = args.spec if _is_sweep_name(args.spec) else _load(args)
+    out, run_id = api.report(source, tracking_uri=args.tracking_uri, out=args.out, fmt=args.format,
+                             smoke=args.smoke, progress=not args.no_progress)
+    name = source if isinstance(source, str) else source.name
+    print(f"report: {out} ({out.stat().st_size / 1e6:.1f} MB); also the artifact report.{args.format} of run "
+          f"{run_id} (\"sweep {name}\")")
     return EXIT_OK
 
 
@@ -316,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
         if spec:
             p.add_argument("spec", nargs="?", help=spec_help)
             p.add_argument("--smoke", action="store_true",
-                           help="at most 2 trials per grid, few steps and prompts (CI, first tries)")
+                           help="at most 2 trials per grid, few steps, prompts and pairs (CI, first tries)")
+            p.add_argument("--max-trials", type=int, metavar="N",
+                           help="plan up to N trials (default: the spec's max_trials, 10,000)")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: spec, $MLFLOW_TRACKING_URI, "
                                               "then sqlite:///mlflow.db; `plan` reads no tracking store)")
 
@@ -349,16 +354,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (timeout, systemd, Slurm ending a job) is handled as Ctrl-C: running trials are closed KILLED and
+    # the servers this command started are stopped, instead of leaving runs RUNNING until a rerun
+    previous = signal.signal(signal.SIGTERM, _interrupted)
     try:
         return args.func(args)
-    except SpecError as exc:
+    except (SpecError, PlanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (StoreUnavailable, CorruptArtifact, api.NothingToReport) as exc:  # not the input: one line, exit 1
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("\ninterrupted; rerun the same command to resume (finished trials are skipped)", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

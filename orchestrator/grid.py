@@ -1,84 +1,24 @@
-"""Grid expansion and trial identity: SweepSpec -> stages of TrialSpecs, each with a trial_key.
-
-trial_key = sha256 of the trial's canonical resolved config (JSON, sorted keys). It leaves out what
-does not change the result (sweep name, executor, tracking), so rerunning a spec finds its finished
-trials and any change to a trial's config makes a new key.
-"""
+"""Grid expansion: SweepSpec -> stages of TrialSpecs (each with its key: orchestrator.contract.trials), the
+stages a search proposes while it runs, and the --smoke shrinking."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from typing import Optional
 
-from orchestrator.spec import (DataSpec, EvaluationSpec, GridSpec, ModelSpec, OptunaSearchSpec, RewardSpec, Scalar,
-                               SearchRange, Strict, SweepSpec, TrainHParams, TrainingSpec, coerce_hparam)
-from trainers.methods import METHODS
+from orchestrator.contract.methods import METHODS
+from orchestrator.contract.runs import SELECTION_METRIC
+from orchestrator.contract.spec import (GridSpec, OptunaSearchSpec, Scalar, SearchRange, SweepSpec, TrainHParams,
+                                        coerce_hparam)
+from orchestrator.contract.trials import InitFromStage, TrialSpec
 
-KEY_VERSION = "posweep-trial-v1"  # bump when the meaning of a config field changes
-SELECT_SFT_BY = "mean_score"
 SMOKE_MAX_STEPS = 30
 SMOKE_NUM_PROMPTS = 16
-
-
-# Settings that cannot change a trial's result beyond float summation order (memory only): never part of its
-# key, so a rerun that changes them to fit memory skips the trials already done.
-KEY_NEUTRAL = {"model": {"require_chat_template"},
-               "training": {"gradient_checkpointing", "micro_batch_size", "padding_free"}}
-# Settings added after KEY_VERSION v1: at their default they are left out, so trials run before they existed
-# keep their keys; set to anything else, they make a new key.
-KEY_ADDED_DEFAULTS = {"training": {"precision": "fp32", "lora": None}}
-
-
-def key_config(config: dict) -> dict:
-    """The part of a trial's resolved config (model_dump, JSON mode) that its key hashes."""
-    config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
-    for section, names in KEY_NEUTRAL.items():
-        for name in names:
-            config.get(section, {}).pop(name, None)
-    for section, defaults in KEY_ADDED_DEFAULTS.items():
-        for name, default in defaults.items():
-            if config.get(section, {}).get(name, default) == default:
-                config.get(section, {}).pop(name, None)
-    return config
-
-
-class InitFromStage(Strict):
-    """A trial that starts from the best trial of an earlier stage (picked when that stage is done)."""
-    from_stage: str
-    stage_key: str      # sha256 over the stage's trial keys: a different SFT grid is a different start
-    select_by: str
-
-
-class TrialSpec(Strict):
-    stage: str                       # "base", "sft", or a preference method's name
-    method: str                      # a trainers.methods name
-    hparams: dict[str, Scalar]
-    model: ModelSpec
-    data: DataSpec
-    reward: RewardSpec
-    training: TrainingSpec
-    evaluation: EvaluationSpec
-    init: Optional[InitFromStage] = None
-
-    def canonical_json(self) -> str:
-        return json.dumps({"v": KEY_VERSION, **key_config(self.model_dump(mode="json"))}, sort_keys=True,
-                          separators=(",", ":"))
-
-    @property
-    def trial_key(self) -> str:
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
-
-    @property
-    def run_name(self) -> str:
-        """'simpo b=2 g=1.2 lr=0.0003 e=1': method and hyperparameters, readable in the MLflow UI."""
-        short = {"learning_rate": "lr", "epochs": "e", "beta": "b", "gamma": "g"}
-        method_keys = [k for k in self.hparams if k not in TrainHParams.model_fields]
-        ordered = method_keys + [k for k in ("learning_rate", "epochs") if k in self.hparams]
-        return " ".join([self.method] + [f"{short.get(k, k)}={self.hparams[k]:g}" if isinstance(
-            self.hparams[k], float) else f"{short.get(k, k)}={self.hparams[k]}" for k in ordered])
+SMOKE_SUFFIX = "-smoke"  # a --smoke run is tracked apart: experiment SWEEP-smoke
 
 
 @dataclass(frozen=True)
@@ -138,11 +78,22 @@ def resolve_hparams(method_name: str, point: dict[str, Scalar]) -> dict[str, Sca
     return {**method.params(**method_keys).model_dump(), **train}
 
 
+def tracked_name(spec: SweepSpec, smoke: bool = False) -> str:
+    """The experiment (and sweep name in every tag, study and registered model) a run of `spec` is tracked under:
+    a --smoke run's numbers never mix with the full sweep's (status, report, resume)."""
+    return f"{spec.name}{SMOKE_SUFFIX}" if smoke else spec.name
+
+
 def smoke_spec(spec: SweepSpec) -> SweepSpec:
-    """Few steps and few prompts, for CI and first tries (grids are thinned in plan_sweep)."""
+    """Few steps, few prompts and no more data than those steps read, for CI and first tries (grids are thinned
+    in plan_sweep): a smoke run of a spec with millions of training pairs neither reads nor builds them."""
     steps = min(spec.training.max_steps or SMOKE_MAX_STEPS, SMOKE_MAX_STEPS)
     prompts = min(spec.evaluation.num_prompts, SMOKE_NUM_PROMPTS)
+    pairs = steps * spec.training.batch_size
+    data = spec.data.model_copy(update={"n_train": min(spec.data.n_train or pairs, pairs),
+                                        "n_eval": min(spec.data.n_eval, max(prompts, SMOKE_NUM_PROMPTS))})
     return spec.model_copy(update={
+        "data": data,
         "training": spec.training.model_copy(update={"max_steps": steps}),
         "evaluation": spec.evaluation.model_copy(update={"num_prompts": prompts}),
     })
@@ -159,9 +110,23 @@ def _trial(spec: SweepSpec, stage: str, method: str, point: dict, init=None) -> 
                      evaluation=spec.evaluation, init=init)
 
 
+def _distinct(stage: str, trials: list[TrialSpec]) -> list[TrialSpec]:
+    """A trial key appears once in a plan: two grid points that resolve to one config would be one trial run
+    twice, counted twice and reported pending forever (the spec refuses such values; this is the last guard)."""
+    seen: dict[str, TrialSpec] = {}
+    for trial in trials:
+        key = trial.trial_key
+        if key in seen:
+            raise PlanError(f"stage {stage}: {seen[key].run_name!r} and {trial.run_name!r} are one trial "
+                            "(their hyperparameters resolve to the same values)")
+        seen[key] = trial
+    return trials
+
+
 def _stage(spec: SweepSpec, stage: str, method: str, grid: GridSpec, smoke: bool, init=None) -> StagePlan:
     if not grid.space:
-        return StagePlan(stage, [_trial(spec, stage, method, p, init) for p in _thin(expand_grid(grid), smoke)])
+        trials = [_trial(spec, stage, method, p, init) for p in _thin(expand_grid(grid), smoke)]
+        return StagePlan(stage, _distinct(stage, trials))
     assert isinstance(spec.search, OptunaSearchSpec)  # the spec validator guarantees it
     template = TrialSpec(stage=stage, method=method, hparams={}, model=spec.model, data=spec.data,
                          reward=spec.reward, training=spec.training, evaluation=spec.evaluation, init=init)
@@ -170,12 +135,38 @@ def _stage(spec: SweepSpec, stage: str, method: str, grid: GridSpec, smoke: bool
     return StagePlan(stage, [], StageSearch(template, fixed, dict(grid.space), spec.search, n_trials))
 
 
+class PlanError(ValueError):
+    """A spec whose grids cannot be planned as they are; the message is the one line a command prints."""
+
+
+class PlanTooLarge(PlanError):
+    """A spec that would plan more trials than its max_trials (a grid of a million points by mistake)."""
+
+
+def grid_size(grid: GridSpec, spec: SweepSpec, smoke: bool) -> int:
+    """Trials a stage plans, counted without expanding it."""
+    if grid.space:
+        return min(spec.search.n_trials, 2) if smoke else spec.search.n_trials
+    size = math.prod(len(v) for v in grid.grid.values()) * max(1, len(next(iter(grid.zip.values()), [])))
+    return min(size, 2) if smoke else size
+
+
+def check_plan_size(spec: SweepSpec, smoke: bool = False) -> int:
+    """The sweep's trial count; PlanTooLarge above spec.max_trials, before anything is expanded."""
+    total = 1 + sum(grid_size(g, spec, smoke) for g in (spec.stages.sft, *spec.stages.methods.values()))
+    if total > spec.max_trials:
+        raise PlanTooLarge(f"the grids plan {total:,} trials, more than max_trials ({spec.max_trials:,}); "
+                           "raise max_trials in the spec (or --max-trials) if that many is meant")
+    return total
+
+
 def plan_sweep(spec: SweepSpec, smoke: bool = False) -> list[StagePlan]:
     """Stages in run order: base (the untrained model), sft, then one stage per preference method."""
+    check_plan_size(spec, smoke)
     if smoke:
         spec = smoke_spec(spec)
     base = StagePlan("base", [_trial(spec, "base", "untrained", {})])
     sft = _stage(spec, "sft", "sft", spec.stages.sft, smoke)
-    init = InitFromStage(from_stage="sft", stage_key=sft.stage_key, select_by=SELECT_SFT_BY)
+    init = InitFromStage(from_stage="sft", stage_key=sft.stage_key, select_by=SELECTION_METRIC)
     methods = [_stage(spec, name, name, grid, smoke, init) for name, grid in spec.stages.methods.items()]
     return [base, sft, *methods]

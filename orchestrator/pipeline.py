@@ -7,20 +7,25 @@ skipped; RUNNING leftovers of a dead driver are closed as KILLED and their trial
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
 from analysis.summary import best_per_stage, trials_frame
-from orchestrator.grid import SELECT_SFT_BY, StagePlan, plan_sweep
-from orchestrator.progress import TrialProgress
-from orchestrator.search import run_search
-from orchestrator.spec import SweepSpec
-from orchestrator.task import TrialResult, TrialTask, TrialRuntime
-from orchestrator.tracking import (TAG_CHECKPOINT, TAG_SAMPLES, TAG_STAGE_KEY, SweepTracker, TrialRecord,
-                                   store_for_workers)
+from cluster import make_executor
+from orchestrator.contract.files import folder_problem, verified_mismatch
+from orchestrator.contract.kept_models import keep_models, registered_model_name
+from orchestrator.contract.lifecycle import run_trial
+from orchestrator.grid import StagePlan, plan_sweep, tracked_name
+from orchestrator.progress import Output, TrialProgress
+from orchestrator.search import run_search, study_name, study_storage
+from orchestrator.contract.spec import SweepSpec
+from orchestrator.contract.task import TrialResult, TrialTask, TrialRuntime
+from orchestrator.contract.tracking import (TAG_CHECKPOINT, TAG_SAMPLES, TAG_STAGE_KEY, SweepTracker, TrialRecord,
+                                           prepare_store)
+from orchestrator.tracking_server import store_for_workers
+from orchestrator.contract.runs import OUTCOMES, SELECTION_METRIC, RunStatus
 
 
 class SweepError(RuntimeError):
@@ -35,11 +40,12 @@ class SweepOutcome:
     ran: int
     failed: int
     wall_seconds: float
+    models: dict[str, str] = field(default_factory=dict)  # registered model -> version of its alias `best`
 
     @property
     def summary(self) -> pd.DataFrame:
         frame = trials_frame(r.model_dump() for r in self.records)
-        return best_per_stage(frame, [s.stage for s in self.stages], SELECT_SFT_BY)
+        return best_per_stage(frame, [s.stage for s in self.stages], SELECTION_METRIC)
 
 
 def _stage_description(stage: StagePlan, sweep: str) -> str:
@@ -62,35 +68,39 @@ def latest_per_key(records: list[TrialRecord]) -> list[TrialRecord]:
     by_key: dict[str, TrialRecord] = {}
     for record in records:
         kept = by_key.get(record.trial_key)
-        if kept is None or (kept.status != "FINISHED" and record.status == "FINISHED"):
+        if kept is None or (kept.status != RunStatus.FINISHED and record.status == RunStatus.FINISHED):
             by_key[record.trial_key] = record
     return list(by_key.values())
 
 
 def completed(records: list[TrialRecord]) -> list[TrialRecord]:
     """Trials that ran to an outcome (FINISHED or FAILED); KILLED and RUNNING ones will run again."""
-    return [r for r in latest_per_key(records) if r.status in ("FINISHED", "FAILED")]
+    return [r for r in latest_per_key(records) if r.status in OUTCOMES]
 
 
 def done_count(records: list[TrialRecord], stage: StagePlan) -> int:
     """Trials a rerun skips: a grid stage's FINISHED keys; a search's completed runs (its budget counts
     FAILED ones too, as Optuna was told of them)."""
     done = completed(stage_records(records, stage))
-    return len(done) if stage.search else sum(r.status == "FINISHED" for r in done)
+    return len(done) if stage.search else sum(r.status == RunStatus.FINISHED for r in done)
 
 
 def select_init(records: list[TrialRecord], stage: StagePlan) -> dict[str, str]:
     """Runtime fields that point preference trials at the best finished trial of `stage`."""
-    finished = [r for r in latest_per_key(stage_records(records, stage)) if r.status == "FINISHED"]
+    finished = [r for r in latest_per_key(stage_records(records, stage)) if r.status == RunStatus.FINISHED]
     if not finished:
         raise SweepError(f"no trial of stage {stage.stage!r} finished, so there is no checkpoint to start the "
                          "preference stages from; see the FAILED runs' posweep.failure tag")
-    best = max(finished, key=lambda r: r.metrics.get(SELECT_SFT_BY, float("-inf")))
+    best = max(finished, key=lambda r: r.metrics.get(SELECTION_METRIC, float("-inf")))
     checkpoint, samples = best.tags.get(TAG_CHECKPOINT), best.tags.get(TAG_SAMPLES)
     if not checkpoint or not Path(checkpoint).is_dir() or not samples or not Path(samples).is_file():
         raise SweepError(f"the selected {stage.stage} trial {best.run_name!r} (run {best.run_id}) has no "
                          f"checkpoint/samples on disk ({checkpoint}); the workdir was removed or moved. "
                          "Delete that run in MLflow (or use a fresh tracking store) and rerun")
+    problem = folder_problem(Path(checkpoint)) or verified_mismatch(Path(samples), unrecorded_ok=True)
+    if problem:  # preference trials would start from, or compare against, what that trial did not write
+        raise SweepError(f"the selected {stage.stage} trial {best.run_name!r} (run {best.run_id}) left files that "
+                         f"cannot be trusted: {problem}. Delete that run in MLflow and rerun: it runs again")
     return {"init_checkpoint": checkpoint, "init_trial_key": best.trial_key, "sft_samples": samples}
 
 
@@ -109,10 +119,14 @@ class _StageRunner:
                  progress: TrialProgress, trial_fn):
         self.spec, self.tracker, self.executor, self.trial_fn = spec, tracker, executor, trial_fn
         self.progress = progress
-        self.runtime = dict(sweep=spec.name, tracking_uri=tracking_uri, experiment_id=tracker.experiment_id,
+        keep = spec.checkpoints.keep
+        self.runtime = dict(sweep=tracker.sweep, tracking_uri=tracking_uri, experiment_id=tracker.experiment_id,
                             workdir=str(Path(spec.workdir).resolve()), share_work=share_work,
                             checkpoint_every=spec.executor.checkpoint_every,
-                            processes=spec.executor.processes_per_trial, sharding=spec.executor.sharding)
+                            processes=spec.executor.processes_per_trial, sharding=spec.executor.sharding,
+                            keep_models=None if keep == "none" else keep, register_models=spec.checkpoints.registry,
+                            system_metrics_interval=(spec.tracking.system_metrics_interval
+                                                     if spec.tracking.system_metrics else None))
         self.runtime["rank_launcher"], self.runtime["rank_resources"] = spec.executor.rank_launch()
         self.results: list[TrialResult] = []
 
@@ -120,6 +134,7 @@ class _StageRunner:
         return TrialRuntime(**self.runtime, parent_run_id=parent, stage_key=stage.stage_key, **init)
 
     def _run(self, tasks: list[TrialTask]) -> list[TrialResult]:
+        self.progress.expect(tasks)
         results = self.executor.run(tasks, self.trial_fn, self.progress) if tasks else []
         self.results += results
         unrecorded = [r for r in results if r.unrecorded]
@@ -130,7 +145,23 @@ class _StageRunner:
         return results
 
     def run_phase(self, phase: list[StagePlan], finished: set[str], init: dict[str, str]) -> None:
-        parents = {s.stage: self.tracker.stage_run(s.stage, _stage_description(s, self.spec.name)) for s in phase}
+        parents = {s.stage: self.tracker.stage_run(s.stage, _stage_description(s, self.tracker.sweep)) for s in phase}
+        try:
+            self._run_stages(phase, parents, finished, init)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the stage runs end KILLED, as their trials do
+            for parent in parents.values():
+                self.tracker.finish_stage(parent, RunStatus.KILLED)
+            raise
+        for parent in parents.values():
+            self.tracker.finish_stage(parent)
+        records = self.tracker.trials()
+        for stage in phase:
+            runs = latest_per_key(stage_records(records, stage))
+            self.progress.stage_done(stage.stage, stage.size, sum(r.status == RunStatus.FINISHED for r in runs),
+                                     sum(r.status == RunStatus.FAILED for r in runs))
+
+    def _run_stages(self, phase: list[StagePlan], parents: dict[str, str], finished: set[str],
+                    init: dict[str, str]) -> None:
         grid_tasks = []
         for stage in phase:
             if stage.search is None:
@@ -145,36 +176,36 @@ class _StageRunner:
                 previous = completed(stage_records(self.tracker.trials(stage.stage), stage))
                 run_search(stage.search, previous,
                            lambda trials: self._run([TrialTask(trial=t, runtime=runtime) for t in trials]),
-                           self.executor.slots)
-        for parent in parents.values():
-            self.tracker.finish_stage(parent)
+                           self.executor.slots, study_storage(Path(self.spec.workdir)),
+                           study_name(self.tracker.sweep, stage.stage, stage.stage_key))
 
 
-def run_sweep(spec: SweepSpec, tracking_uri: str, smoke: bool = False, executor=None,
-              show_progress: bool = True, echo: Callable[[str], None] = print,
+def run_sweep(spec: SweepSpec, tracking_uri: str, *, smoke: bool = False, executor=None, output: Output = Output(),
               share_work: bool = True, trial_fn=None) -> SweepOutcome:
     """Run (or resume) a sweep: only trials without a FINISHED run (grids) or the rest of a search's budget.
-    `trial_fn` is trainers.trial.run_trial (train and evaluate) unless a probe replaces it (load tests)."""
-    from cluster import make_executor
-    from trainers.trial import run_trial
-
+    `output` takes its messages (a progress bar on a terminal, a line per trial otherwise; QUIET: none);
+    `trial_fn` is the lifecycle's run_trial (train and evaluate) unless a probe replaces it (load tests)."""
+    echo = output.echo
     started = time.monotonic()
     stages = plan_sweep(spec, smoke)
+    name = tracked_name(spec, smoke)
     executor = executor or make_executor(spec.executor)
+    prepare_store(tracking_uri)  # once, under its lock: another driver or the server may open it at once
     with store_for_workers(tracking_uri, executor.parallel, spec.tracking.server_host,
                            meanwhile=getattr(executor, "start", None),
-                           restarts=spec.tracking.server_restarts) as uri:
+                           restarts=spec.tracking.server_restarts, log_dir=Path(spec.workdir)) as uri:
         if uri != tracking_uri:
             echo(f"trials run in parallel: serving {tracking_uri} through an MLflow server at {uri}")
-        tracker = SweepTracker(uri, spec.name)
+        tracker = SweepTracker(uri, name)
+        tracker.show_trials(sorted({k for s in stages for t in s.trials for k in t.hparams}))
         before = tracker.trials()
-        finished = {r.trial_key for r in before if r.status == "FINISHED"}
+        finished = {r.trial_key for r in before if r.status == RunStatus.FINISHED}
         skipped = sum(done_count(before, s) for s in stages)
-        echo(f"sweep {spec.name!r}: {sum(s.size for s in stages)} trials in {len(stages)} stages; tracking "
+        echo(f"sweep {name!r}: {sum(s.size for s in stages)} trials in {len(stages)} stages; tracking "
              f"{tracking_uri} (experiment {tracker.experiment_id}); executor {spec.executor.kind}")
         if skipped:
             echo(f"resuming: skipping {skipped} trials already done")
-        progress = TrialProgress(sum(s.size for s in stages), skipped, enabled=show_progress)
+        progress = TrialProgress(sum(s.size for s in stages), skipped, output)
         runner = _StageRunner(spec, tracker, executor, uri, share_work, progress, trial_fn or run_trial)
         init: dict[str, str] = {}
         try:
@@ -189,6 +220,24 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, smoke: bool = False, executor=
             if close:
                 close()
         records = tracker.trials()
+        models = keep_best_models(spec, uri, name, stages)
     ran = runner.results
     return SweepOutcome(stages, latest_per_key([r for s in stages for r in stage_records(records, s)]), skipped,
-                        len(ran), sum(r.status != "FINISHED" for r in ran), time.monotonic() - started)
+                        len(ran), sum(r.status != RunStatus.FINISHED for r in ran), time.monotonic() - started,
+                        models)
+
+
+def keep_best_models(spec: SweepSpec, uri: str, name: str, stages: list[StagePlan]) -> dict[str, str]:
+    """checkpoints.keep applied to every preference method once more, now that no trial of this run is writing
+    (trials apply it as they finish; this completes what a killed process left half done); registered model
+    name -> the version its alias `best` points at."""
+    keep = spec.checkpoints.keep
+    if keep == "none":
+        return {}
+    methods = [s.stage for s in stages if s.stage not in ("base", "sft")]  # a preference stage is its method
+    registered = {}
+    for method in methods:
+        version = keep_models(uri, name, method, keep, spec.checkpoints.registry, Path(spec.workdir).resolve())
+        if version is not None:
+            registered[registered_model_name(name, method)] = version
+    return registered

@@ -36,9 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.grid import StagePlan, TrialSpec
-from orchestrator.spec import CostSpec, ModelShape, SweepSpec, range_bounds
-from trainers.methods import METHODS
+from orchestrator.grid import StagePlan
+from orchestrator.contract.trials import TrialSpec
+from orchestrator.contract.spec import CostSpec, ModelShape, SweepSpec, range_bounds
+from orchestrator.contract.methods import METHODS
+from trainers.synthetic import vocabulary
 
 GB = 1024 ** 3
 HEADROOM = 0.9
@@ -74,8 +76,6 @@ def model_shape(spec: SweepSpec) -> tuple[Optional[ModelShape], str]:
     """(shape, where it came from); (None, why) when nothing on this machine says."""
     model = spec.model
     if model.kind == "tiny":
-        from trainers.synthetic import vocabulary
-
         return ModelShape(hidden_size=model.hidden_size, intermediate_size=model.intermediate_size,
                           num_layers=model.num_layers, num_heads=model.num_heads,
                           vocab_size=4 + len(vocabulary()), tie_embeddings=True), "the tiny model's spec"

@@ -7,21 +7,22 @@ from tqdm import tqdm
 
 from analysis.frames import samples_frame, sweep_frame
 from analysis.report import ReportInputs
-from orchestrator.grid import plan_sweep
+from orchestrator.grid import plan_sweep, tracked_name
 from orchestrator.pipeline import latest_per_key, stage_records
-from orchestrator.spec import SweepSpec, grid_fields
-from orchestrator.tracking import SweepTracker
-from trainers.methods import METHODS
+from orchestrator.contract.spec import SweepSpec, grid_fields
+from orchestrator.contract.tracking import SweepTracker
+from orchestrator.contract.methods import METHODS
+from orchestrator.contract.runs import RunStatus
 
 
 def load_report_inputs(spec: SweepSpec, uri: str, smoke: bool = False, show_progress: bool = True) -> ReportInputs:
     """The trials the spec plans (its grids and searches), read from the sweep's experiment."""
     stages = plan_sweep(spec, smoke)
-    tracker = SweepTracker(uri, spec.name, create=False)
+    tracker = SweepTracker(uri, tracked_name(spec, smoke), create=False)
     everything = tracker.trials()
     records = latest_per_key([r for s in stages for r in stage_records(everything, s)])
     methods = [s.stage for s in stages if s.stage not in ("base", "sft")]
-    return _inputs(spec.name, tracker, records, methods, show_progress)
+    return _inputs(tracker.sweep, tracker, records, methods, show_progress)
 
 
 def load_report_inputs_by_name(sweep: str, uri: str, show_progress: bool = True) -> ReportInputs:
@@ -38,10 +39,10 @@ def _inputs(sweep: str, tracker: SweepTracker, records, methods: list[str], show
     own = {m: [k for k in METHODS[m].params.model_fields] for m in methods}
     hyperparameters = sorted({k for m in methods for k in grid_fields(METHODS[m])})
     frame = sweep_frame([r.model_dump() for r in records], hyperparameters)
-    wanted = [r for r in records if r.status == "FINISHED" and r.stage in methods]
+    wanted = [r for r in records if r.status == RunStatus.FINISHED and r.stage in methods]
     samples = {r.trial_key: tracker.load_samples(r.run_id)
                for r in tqdm(wanted, desc="loading samples", unit="run", disable=None if show_progress else True)}
-    sft_runs = frame[(frame["stage"] == "sft") & (frame["status"] == "FINISHED")]
+    sft_runs = frame[(frame["stage"] == "sft") & (frame["status"] == RunStatus.FINISHED)]
     sft = sft_runs.loc[sft_runs["mean_score"].idxmax()].to_dict() if len(sft_runs) else None
     return ReportInputs(sweep=sweep, frame=frame[frame["stage"].isin(methods)].reset_index(drop=True),
                         samples=samples_frame(samples), methods=methods, hyperparameters=own, sft=sft)

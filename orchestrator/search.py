@@ -2,21 +2,29 @@
 
 The stage asks Optuna for a batch of points as wide as the executor runs at once, runs the batch as ordinary
 trials (each keyed by its resolved config, like a grid trial), and tells Optuna their scores. Resume is ours
-as for grids: the stage's earlier FINISHED/FAILED runs are replayed into a fresh study, and only the rest of
-the budget runs. Optuna keeps no state of its own.
+as for grids: MLflow is the source of truth. Each run of the sweep rebuilds the stage's study from the stage's
+FINISHED/FAILED runs (replayed), then asks and tells the rest of the budget.
+
+The study is kept in an Optuna journal file in the sweep's workdir (WORKDIR/optuna/studies.log, one study per
+searched stage, named SWEEP/STAGE/STAGE_KEY), so `optuna-dashboard WORKDIR/optuna/studies.log` and
+`optuna.load_study` show the search while it runs and after. The two stay consistent because the journal is
+never read back to decide anything: a rerun deletes the stage's study and replays it from MLflow, so trials a
+killed driver left RUNNING in the journal, or runs deleted from MLflow, disappear from it too.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Optional
 
 import optuna
 
 from orchestrator.grid import StageSearch
-from orchestrator.spec import Choice, FloatRange, IntRange, SearchRange, coerce_hparam
-from orchestrator.task import TrialResult
-from orchestrator.tracking import TrialRecord
-from trainers.methods import METHODS
+from orchestrator.contract.spec import Choice, FloatRange, IntRange, SearchRange, coerce_hparam
+from orchestrator.contract.task import TrialResult
+from orchestrator.contract.tracking import TrialRecord
+from orchestrator.contract.methods import METHODS
+from orchestrator.contract.runs import RunStatus
 
 SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
     # constant_liar: points asked in one batch, before any is told, are kept apart instead of piling up
@@ -51,15 +59,30 @@ def _logged_value(search: StageSearch, key: str, logged: str):
 
 
 def _told_value(result_metrics: dict[str, float], status: str, metric: str) -> Optional[float]:
-    return result_metrics.get(metric) if status == "FINISHED" else None
+    return result_metrics.get(metric) if status == RunStatus.FINISHED else None
 
 
-def new_study(search: StageSearch, n_replayed: int = 0) -> optuna.Study:
-    """A study whose sampler seed moves on with the number of replayed trials: a resumed search with the
-    spec's own seed would draw its random (startup) points again, and propose trials it has already run."""
+def study_storage(workdir: Path) -> optuna.storages.JournalStorage:
+    """The sweep's Optuna journal (WORKDIR/optuna/studies.log): what optuna-dashboard and load_study open."""
+    path = Path(workdir) / "optuna" / "studies.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def study_name(sweep: str, stage: str, stage_key: str) -> str:
+    return f"{sweep}/{stage}/{stage_key[:12]}"
+
+
+def new_study(search: StageSearch, n_replayed: int = 0, storage=None, name: Optional[str] = None) -> optuna.Study:
+    """A study (in `storage` under `name`, replacing one of that name: MLflow's runs are replayed into it) whose
+    sampler seed moves on with the number of replayed trials: a resumed search with the spec's own seed would
+    draw its random (startup) points again, and propose trials it has already run."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if storage is not None and name in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+        optuna.delete_study(study_name=name, storage=storage)
     seed = search.settings.seed + n_replayed
-    return optuna.create_study(direction="maximize", sampler=SAMPLERS[search.settings.sampler](seed))
+    return optuna.create_study(direction="maximize", sampler=SAMPLERS[search.settings.sampler](seed),
+                               storage=storage, study_name=name)
 
 
 def replay(study: optuna.Study, search: StageSearch, records: list[TrialRecord]) -> None:
@@ -69,13 +92,20 @@ def replay(study: optuna.Study, search: StageSearch, records: list[TrialRecord])
         params = {k: _logged_value(search, k, record.params[k]) for k in dists}
         value = _told_value(record.metrics, record.status, search.settings.metric)
         state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value, state=state))
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value, state=state,
+                                                  user_attrs=_links(record.trial_key, record.run_id)))
 
 
-def run_search(search: StageSearch, previous: list[TrialRecord], run_batch: RunBatch,
-               batch_size: int) -> list[TrialResult]:
-    """Run the rest of the stage's budget (n_trials minus its completed runs) in batches of `batch_size`."""
-    study = new_study(search, len(previous))
+def _links(trial_key: str, run_id: Optional[str]) -> dict[str, str]:
+    """What an Optuna trial records of its posweep trial: the key, and the MLflow run that holds its results."""
+    return {"posweep_trial_key": trial_key, "mlflow_run_id": run_id or ""}
+
+
+def run_search(search: StageSearch, previous: list[TrialRecord], run_batch: RunBatch, batch_size: int,
+               storage=None, name: Optional[str] = None) -> list[TrialResult]:
+    """Run the rest of the stage's budget (n_trials minus its completed runs) in batches of `batch_size`; the
+    study lives in `storage` under `name` when given (study_storage, study_name), else in memory."""
+    study = new_study(search, len(previous), storage, name)
     replay(study, search, previous)
     dists = {k: distribution(v) for k, v in search.space.items()}
     results: list[TrialResult] = []
@@ -84,6 +114,8 @@ def run_search(search: StageSearch, previous: list[TrialRecord], run_batch: RunB
         asked = [study.ask(dists) for _ in range(min(batch_size, remaining))]
         batch = run_batch([search.trial(t.params) for t in asked])
         for trial, result in zip(asked, batch):
+            for attr, value in _links(result.trial_key, result.run_id).items():
+                trial.set_user_attr(attr, value)
             value = _told_value(result.metrics, result.status, search.settings.metric)
             if value is None:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)

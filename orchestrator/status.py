@@ -14,10 +14,11 @@ import pandas as pd
 
 from orchestrator.grid import StagePlan
 from orchestrator.pipeline import latest_per_key, stage_records
-from orchestrator.spec import CostSpec
-from orchestrator.tracking import TrialRecord
+from orchestrator.contract.spec import CostSpec
+from orchestrator.contract.tracking import TrialRecord
+from orchestrator.contract.runs import OUTCOMES, RunStatus
 
-STATUSES = ("FINISHED", "RUNNING", "FAILED", "KILLED")
+STATUSES = (RunStatus.FINISHED, RunStatus.RUNNING, RunStatus.FAILED, RunStatus.KILLED)
 
 
 def _stage_runs(records: list[TrialRecord], stage: StagePlan) -> list[TrialRecord]:
@@ -30,7 +31,7 @@ def status_table(stages: list[StagePlan], records: list[TrialRecord]) -> pd.Data
     rows = []
     for stage in stages:
         runs = _stage_runs(records, stage)
-        counts = {s: sum(r.status == s for r in runs) for s in STATUSES}
+        counts = {s.value: sum(r.status == s for r in runs) for s in STATUSES}
         spent = stage_records(records, stage)  # every attempt costs, retried or not
         rows.append({
             "stage": stage.stage, "planned": stage.size, "done": counts["FINISHED"], "running": counts["RUNNING"],
@@ -58,7 +59,7 @@ class TrialCost:
 
 
 def _measured(runs: list[TrialRecord]) -> list[TrialRecord]:
-    return [r for r in runs if r.status in ("FINISHED", "FAILED") and "wall_seconds" in r.metrics]
+    return [r for r in runs if r.status in OUTCOMES and "wall_seconds" in r.metrics]
 
 
 def trial_cost(stage: StagePlan, records: list[TrialRecord], stages: list[StagePlan], spec_cost: CostSpec,
@@ -84,7 +85,7 @@ def cost_estimate(stages: list[StagePlan], records: list[TrialRecord], spec_cost
     for stage in stages:
         cost = trial_cost(stage, records, stages, spec_cost, (estimates or {}).get(stage.stage))
         runs = _stage_runs(records, stage)
-        left = max(stage.size - sum(r.status in ("FINISHED", "FAILED") for r in runs), 0)
+        left = max(stage.size - sum(r.status in OUTCOMES for r in runs), 0)
         hours = (lambda n: n * cost.seconds / 3600) if cost.seconds is not None else (lambda n: None)  # noqa: E731
         gpu = (lambda n: n * cost.gpu_hours) if cost.gpu_hours is not None else (lambda n: None)  # noqa: E731
         rows.append({"stage": stage.stage, "trials": stage.size, "to_run": left, "seconds_per_trial": cost.seconds,

@@ -4,3 +4,14 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_leaks_between_tests():
+    """mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI, which every later `sweep` subprocess would then
+    use as its default store: a test that sets it must not move the next test's sweep."""
+    yield
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(name, None)

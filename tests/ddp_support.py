@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from orchestrator.pipeline import run_sweep
-from orchestrator.spec import parse_spec
-from orchestrator.tracking import SweepTracker, _client
+
+from orchestrator.progress import QUIET
+from orchestrator.contract.spec_file import parse_spec
+from orchestrator.contract.tracking import SweepTracker, _client
 
 SPEC = """\
 name: ddp-{processes}
@@ -31,7 +33,7 @@ def _base_sft_dpo_curves(text: str, folder: Path, processes: int) -> dict[str, l
     """Run SPEC's base, SFT and DPO stages (`text`); check every trial FINISHED in one run with each training
     step logged once and `processes` devices counted; the logged loss curve of each trained stage."""
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    outcome = run_sweep(parse_spec(text.replace(SIMPO_LINE, "")), uri, show_progress=False, echo=lambda _: None)
+    outcome = run_sweep(parse_spec(text.replace(SIMPO_LINE, "")), uri, output=QUIET)
     assert outcome.failed == 0, [r.tags.get("posweep.failure") for r in outcome.records]
     records = SweepTracker(uri, f"ddp-{processes}").trials()
     assert sorted(r.stage for r in records) == ["base", "dpo", "sft"] and all(r.status == "FINISHED" for r in records)
@@ -110,7 +112,9 @@ def tiny_dpo_settings(**overrides):
 
 
 def _checkpointed_history(accelerator, folder, kill_at: int) -> list[dict]:
-    from trainers.train import Checkpointing, preference_objective, train
+    from trainers.train import train
+    from trainers.objectives import preference_objective
+    from orchestrator.contract.lifecycle import Checkpointing
 
     tokenizer, pairs, reference, fresh = tiny_dpo_setup()
     settings = tiny_dpo_settings(max_steps=10)
@@ -121,7 +125,7 @@ def _checkpointed_history(accelerator, folder, kill_at: int) -> list[dict]:
 
     try:
         return train(fresh(), pairs, preference_objective("dpo", {"beta": 0.5}, reference), settings,
-                     tokenizer.pad_token_id, accelerator, stop,
+                     accelerator, stop,
                      Checkpointing(folder / "resume", every=3) if folder else None)
     except Interrupted:
         return []
@@ -160,7 +164,8 @@ def sharded_rank(rank: int, world: int, port: int, out: str) -> None:
     from pathlib import Path
 
     from trainers.distributed import RankEnvironment
-    from trainers.train import full_state_dict, make_accelerator, preference_objective, train
+    from trainers.train import full_state_dict, make_accelerator, train
+    from trainers.objectives import preference_objective
 
     RankEnvironment(rank, world, rank, world, "127.0.0.1", port).export()
     tokenizer, pairs, reference, fresh = tiny_dpo_setup()
@@ -168,7 +173,7 @@ def sharded_rank(rank: int, world: int, port: int, out: str) -> None:
     full = sum(p.numel() for p in model.parameters())
     settings = tiny_dpo_settings(max_steps=6, sharding="fsdp")
     history = train(model, pairs, preference_objective("dpo", {"beta": 0.5}, reference), settings,
-                    tokenizer.pad_token_id, make_accelerator())
+                    make_accelerator())
     local = sum(p.to_local().numel() for p in model.parameters())
     keys = sorted(full_state_dict(model))
     Path(out, f"{rank}.json").write_text(json.dumps({"local": local, "full": full, "history": history,

@@ -1,9 +1,13 @@
-"""The README states the same commands CI runs and the same methods the code registers."""
+"""The README states the same commands CI runs and the same methods the code registers; the YAML and the
+commands that README and docs/ show are valid."""
 
 import re
+import shlex
 from pathlib import Path
 
-from trainers.methods import METHODS
+import pytest
+
+from orchestrator.contract.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +29,7 @@ def test_readme_method_table_matches_the_registry():
 
 
 def test_readme_method_rows_name_every_hyperparameter():
-    """Hyperparameters are declared once (trainers/methods.py); the README's table must list each of them."""
+    """Hyperparameters are declared once (orchestrator/contract/methods.py); the README's table lists each of them."""
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Methods", 1)[1].split("\n## ", 1)[0]
     rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(\w+)` \|.*$", section, re.M)}
@@ -35,25 +39,85 @@ def test_readme_method_rows_name_every_hyperparameter():
             assert not missing, f"README row of {name} does not name {missing}"
 
 
-def _section(readme: str, title: str) -> str:
-    return readme.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+def _section(text: str, title: str) -> str:
+    return text.split(f"## {title}", 1)[1].split("\n## ", 1)[0] if f"## {title}" in text else text
 
 
-def test_readme_executor_and_search_examples_are_valid_specs():
-    """The YAML a user copies from the README loads: every executor example, and the search example."""
+def _doc(name: str) -> str:
+    return (ROOT / "docs" / name).read_text()
+
+
+def test_readme_stays_the_front_door():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 150
+    for page in re.findall(r"\]\((docs/[\w.-]+\.md)", readme):
+        assert (ROOT / page).is_file(), page
+
+
+def test_documented_executor_search_and_cost_examples_are_valid_specs():
+    """The YAML a user copies from docs/ loads: every executor example, the search example, the cost example."""
     import yaml
     from pydantic import TypeAdapter
 
-    from orchestrator.spec import CostSpec, ExecutorSpec, parse_spec
+    from orchestrator.contract.spec import CostSpec, ExecutorSpec
+    from orchestrator.contract.spec_file import parse_spec
 
-    readme = (ROOT / "README.md").read_text()
-    executors = re.findall(r"```yaml\n(.*?)\n```", _section(readme, "Running on Ray and SLURM"), re.S)[0]
+    executors = re.findall(r"```yaml\n(.*?)\n```", _doc("executors.md"), re.S)[0]
     chunks = re.split(r"\n(?=executor:)", executors)
     kinds = [TypeAdapter(ExecutorSpec).validate_python(yaml.safe_load(c)["executor"]).kind for c in chunks]
     assert kinds == ["local", "ray", "slurm"]
-    search = re.findall(r"```yaml\n(.*?)\n```", _section(readme, "Search beyond grids"), re.S)[0]
+    search = re.findall(r"```yaml\n(.*?)\n```", _section(_doc("spec.md"), "Search beyond grids"), re.S)[0]
     spec = parse_spec("name: s\n" + search.replace("  methods:\n", "  sft: {grid: {learning_rate: [0.001]}}\n"
                                                    "  methods:\n", 1))
     assert spec.search.kind == "optuna" and set(spec.stages.methods["simpo"].space) == {"learning_rate", "beta", "gamma"}
-    cost = re.findall(r"```yaml\n(.*?)\n```", _section(readme, "Cost accounting"), re.S)[0]
+    cost = re.findall(r"```yaml\n(.*?)\n```", _doc("cost.md"), re.S)[0]
     assert CostSpec(**yaml.safe_load(cost)["cost"]).gpus_per_trial == 8
+
+
+def _shown_commands() -> list[tuple[str, str]]:
+    """(file, command) for every `sweep ...` command that README.md and docs/ show in backticks or bash blocks."""
+    out = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text()
+        for command in re.findall(r"`(sweep (?:run|plan|status|report|ui)\b[^`]*)`", text):
+            if "[" not in command and "|" not in command:  # usage lines with [options] are tested below
+                out.append((path.name, command))
+    return out
+
+
+@pytest.mark.parametrize("where,command", _shown_commands())
+def test_every_sweep_command_shown_parses(where, command):
+    """Each command a page shows is one the CLI takes (its subcommand and flags exist)."""
+    from orchestrator.cli import build_parser
+
+    args = shlex.split(command)[1:]
+    build_parser().parse_args([a for a in args if a not in ("…", "...")])
+
+
+def test_the_readme_command_table_lists_every_subcommand_and_flag():
+    from orchestrator.cli import build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    table = _section(readme, "Commands")
+    intro = table.split("| command |", 1)[0]  # flags every command takes are named once, above the table
+    parser = build_parser()
+    subcommands = parser._subparsers._group_actions[0].choices
+    for name, sub in subcommands.items():
+        row = next(line for line in table.splitlines() if line.startswith(f"| `sweep {name}"))
+        flags = {o for action in sub._actions for o in action.option_strings if o.startswith("--")} - {"--help"}
+        missing = sorted(f for f in flags if f not in row and f not in intro)
+        assert not missing, f"sweep {name}: {missing} not in the README's command table"
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's Python example, as written, in an empty folder: a sweep, its frames and its report."""
+    readme = (ROOT / "README.md").read_text()
+    (example,) = re.findall(r"```python\n(.*?)\n```", readme, re.S)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    scope: dict = {}
+    exec(compile(example, "README.md", "exec"), scope)  # noqa: S102 - the project's own README
+    assert scope["outcome"].failed == 0 and scope["outcome"].ran == 4
+    assert len(scope["trials"]) == 2 and set(scope["trials"]["method"]) == {"dpo"}
+    assert len(scope["samples"]) == 2 * 64
+    assert scope["path"].is_file() and scope["run_id"]

@@ -29,8 +29,13 @@ from typing import Callable, Optional
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from orchestrator import tracking
-from orchestrator.task import TrialTask
+from orchestrator.contract import tracking
+from orchestrator.contract.methods import METHODS
+from orchestrator.contract.net import free_port
+from orchestrator.contract.registry import Registry
+from orchestrator.contract.task import TrialTask
+from trainers.train import make_accelerator
+from trainers.trial import execute
 
 
 class RankFailed(RuntimeError):
@@ -67,10 +72,6 @@ class RankEnvironment:
 
 def _execute(task: TrialTask, logger, report=None) -> dict[str, float]:
     """The trial body in this process, as one rank of the distributed environment it is set up for."""
-    from trainers.methods import METHODS
-    from trainers.train import make_accelerator
-    from trainers.trial import execute
-
     return execute(task, METHODS[task.trial.method], logger, report, make_accelerator())
 
 
@@ -115,7 +116,7 @@ def run_ranks(task: TrialTask, run_id: str) -> dict[str, float]:
     world = task.runtime.processes
     out = ranks_folder(task)
     try:
-        mp.start_processes(_spawned_rank, args=(task.model_dump_json(), run_id, world, tracking.free_port(),
+        mp.start_processes(_spawned_rank, args=(task.model_dump_json(), run_id, world, free_port(),
                                                 str(out)),
                            nprocs=world, join=True, start_method="spawn")
     except mp.ProcessRaisedException as exc:  # its message ends with the rank's traceback
@@ -125,23 +126,16 @@ def run_ranks(task: TrialTask, run_id: str) -> dict[str, float]:
     return rank_metrics(out)
 
 
-# How a trial's ranks start (TrialRuntime.rank_launcher) -> launch(task, run_id) -> rank 0's metrics.
-# "spawn" is here; executors register their own (cluster/ray_tune.py: "ray_train").
-RANK_LAUNCHERS: dict[str, Callable[[TrialTask, str], dict[str, float]]] = {"spawn": run_ranks}
-
-
-def register_rank_launcher(name: str):
-    def register(launch):
-        RANK_LAUNCHERS[name] = launch
-        return launch
-    return register
+# How a trial's ranks start (TrialRuntime.rank_launcher) -> launch(task, run_id) -> rank 0's metrics. "spawn"
+# is here; "ray_train" lives with the Ray executor, named lazily (loaded only in a Tune trial that uses it).
+RANK_LAUNCHERS: Registry[Callable[[TrialTask, str], dict[str, float]]] = Registry("rank launcher", {
+    "spawn": run_ranks,
+    "ray_train": "cluster.ray_tune:run_ray_train_ranks",
+})
 
 
 def launch_ranks(task: TrialTask, run_id: str) -> dict[str, float]:
-    name = task.runtime.rank_launcher
-    if name not in RANK_LAUNCHERS:
-        raise KeyError(f"no rank launcher {name!r} in this process (known: {', '.join(sorted(RANK_LAUNCHERS))})")
-    return RANK_LAUNCHERS[name](task, run_id)
+    return RANK_LAUNCHERS[task.runtime.rank_launcher](task, run_id)
 
 
 # ---- ranks launched by the cluster (SLURM tasks) -----------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The shared loss module: one registry, name -> pure function over per-sequence tensors.
+"""The shared loss module: pure functions over per-sequence tensors, one per preference method (the method
+catalogue, orchestrator.contract.methods, names each as its `loss`).
 
 Every loss has the signature
 
@@ -18,30 +19,16 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from trainers.methods import METHODS, unknown_name_message
+from orchestrator.contract.methods import METHODS
 
 Tensor = torch.Tensor
 LossOutput = tuple[Tensor, Tensor, Tensor]
 LossFn = Callable[..., LossOutput]
 
-LOSSES: dict[str, LossFn] = {}
-
-
-def register_loss(name: str) -> Callable[[LossFn], LossFn]:
-    def decorator(fn: LossFn) -> LossFn:
-        if name in LOSSES:
-            raise ValueError(f"loss {name!r} registered twice")
-        if name not in METHODS:
-            raise ValueError(f"loss {name!r} has no entry in trainers.methods.METHODS")
-        LOSSES[name] = fn
-        return fn
-    return decorator
-
 
 def get_loss(name: str) -> LossFn:
-    if name not in LOSSES:
-        raise KeyError(unknown_name_message("loss", name, list(LOSSES)))
-    return LOSSES[name]
+    """The loss function of a method of the catalogue (orchestrator.contract.methods: `loss`)."""
+    return METHODS[name].loss_function()
 
 
 def _require_reference(name: str, *refs: Optional[Tensor]) -> None:
@@ -49,7 +36,6 @@ def _require_reference(name: str, *refs: Optional[Tensor]) -> None:
         raise ValueError(f"{name} needs reference log-probs; got None")
 
 
-@register_loss("dpo")
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
              chosen_lengths, rejected_lengths, *, beta: float) -> LossOutput:
     """-log σ(β·[(log πθ(yw) − log πref(yw)) − (log πθ(yl) − log πref(yl))])."""
@@ -59,7 +45,6 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
 
 
-@register_loss("ln_dpo")
 def ln_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                 chosen_lengths, rejected_lengths, *, beta: float) -> LossOutput:
     """-log σ(β/|yw|·(log πθ(yw) − log πref(yw)) − β/|yl|·(log πθ(yl) − log πref(yl)))."""
@@ -69,7 +54,6 @@ def ln_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
     return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
 
 
-@register_loss("simpo")
 def simpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                chosen_lengths, rejected_lengths, *, beta: float, gamma: float) -> LossOutput:
     """-log σ(β/|yw|·log πθ(yw) − β/|yl|·log πθ(yl) − γ); the reference is not used."""
@@ -78,7 +62,6 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
     return -F.logsigmoid(chosen - rejected - gamma), chosen.detach(), rejected.detach()
 
 
-@register_loss("ipo")
 def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
              chosen_lengths, rejected_lengths, *, beta: float) -> LossOutput:
     """(Δ − 1/(2β))² with Δ the difference of length-averaged log-ratios (Azar et al. 2023, Eq. 17), as
@@ -89,7 +72,6 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return (chosen - rejected - 1 / (2 * beta)) ** 2, chosen.detach(), rejected.detach()
 
 
-@register_loss("rdpo")
 def rdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
               chosen_lengths, rejected_lengths, *, beta: float, alpha: float) -> LossOutput:
     """R-DPO (Park et al. 2024, length-regularized DPO): -log σ(β·[Δlog-ratio] − α·(|yw| − |yl|))."""
@@ -100,7 +82,6 @@ def rdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
     return -F.logsigmoid(margin), chosen.detach(), rejected.detach()
 
 
-@register_loss("orpo")
 def orpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
               chosen_lengths, rejected_lengths, *, beta: float) -> LossOutput:
     """ORPO (Hong et al. 2024): NLL of the chosen response − β·log σ(log odds ratio), as TRL's ORPOTrainer.
@@ -116,7 +97,6 @@ def orpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
     return nll - beta * F.logsigmoid(log_odds), beta * chosen_avg.detach(), beta * rejected_avg.detach()
 
 
-@register_loss("kto")
 def kto_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
              chosen_lengths, rejected_lengths, *, beta: float, desirable_weight: float = 1.0,
              undesirable_weight: float = 1.0) -> LossOutput:
@@ -152,11 +132,6 @@ class BetaDPOState:
         self.gap_std = momentum * self.gap_std + (1 - momentum) * gaps.std().item()
 
 
-# Losses whose function takes a `state` that lives across the steps of one trial: name -> state factory.
-LOSS_STATES: dict[str, Callable[[], object]] = {"beta_dpo": BetaDPOState}
-
-
-@register_loss("beta_dpo")
 def beta_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                   chosen_lengths, rejected_lengths, *, beta: float, alpha: float, rho: float = 0.2,
                   momentum: float = 0.9, state: BetaDPOState) -> LossOutput:
@@ -195,7 +170,6 @@ def epsilon_steps(logratios: Tensor, plus_logratios: Tensor, minus_logratios: Te
     return plus.long() - minus.long()
 
 
-@register_loss("epsilon_dpo")
 def epsilon_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                      chosen_lengths, rejected_lengths, *, beta: float, epsilon: float, steps: Tensor) -> LossOutput:
     """ε-DPO (Lee et al. 2025), following oddqueue/e-dpo: per pair β_i = β / (1 + ε·s_i) with s_i from

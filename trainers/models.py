@@ -9,9 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -20,10 +17,9 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
                           PreTrainedTokenizerFast)
 
 from trainers import synthetic
-from trainers.cache import exclusive_lock
+from orchestrator.contract.files import write_folder_atomically
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
-_READY_MARKER = "posweep-ready.json"
 
 
 def build_task_tokenizer() -> PreTrainedTokenizerFast:
@@ -60,31 +56,6 @@ def model_fingerprint(model_spec) -> str:
     """Hash of everything the built model depends on: its spec and the task vocabulary."""
     payload = json.dumps({"spec": model_spec.model_dump(), "vocab": synthetic.vocabulary()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def write_folder_atomically(target: Path, write) -> Path:
-    """Run `write(tmp_dir)` and move the result to `target` in one rename; readers never see half a folder.
-
-    Writers of one folder (trials of a sweep running at once, on one machine or a shared filesystem) take
-    turns under an exclusive lock beside it: the first writes, the others find its ready marker and return.
-    Without the lock a second writer took a finished folder for an unfinished one and deleted it under a
-    reader (seen with the base model built by two concurrent Ray trials)."""
-    if (target / _READY_MARKER).exists():
-        return target
-    with exclusive_lock(target.parent / f".{target.name}.lock"):
-        if (target / _READY_MARKER).exists():  # written while this process waited
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            write(tmp)
-            (tmp / _READY_MARKER).write_text(json.dumps({"name": target.name}))
-            if target.exists():  # a crashed earlier writer's leftover (no marker; nobody writes it now)
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
 
 
 def _tiny_base(model_spec, cache_dir: Path) -> Path:
@@ -162,7 +133,8 @@ def load_causal_lm(folder: Path, device: torch.device, trust_remote_code: bool =
 
 
 def save_model(model, tokenizer, target: Path) -> Path:
+    """A trial's checkpoint: always written (its own weights, even where an earlier attempt left a folder)."""
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-    return write_folder_atomically(target, write)
+    return write_folder_atomically(target, write, reuse=False)

@@ -1,5 +1,6 @@
-"""Inputs checked before a sweep starts anything (`sweep run` and `sweep plan`): what the spec's schema cannot
-see — the rows of a local dataset, the tokenizer and config of a local model folder, a local reward model.
+"""Inputs checked before a sweep starts anything (`sweep run` and `sweep plan`): every check of the machine's
+files, which the spec's schema never reads — that the paths exist, the rows of a local dataset, the tokenizer
+and config of a local model folder, a local reward model.
 A problem raises InputError naming the spec field; the CLI prints it as one line and exits 2, before any
 MLflow run, server, Ray or Slurm job exists. Hub ids are not fetched here (that needs the network); their
 problems surface in the first trial.
@@ -8,13 +9,16 @@ Returns what was checked, with every path resolved, for the driver to report."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
-from orchestrator.errors import first_line
+from orchestrator.contract.errors import first_line
 from trainers.sources import DataError, load_splits
+from trainers.synthetic import generate_split
 
 
 class InputError(ValueError):
@@ -29,10 +33,21 @@ class InputError(ValueError):
 class Preflight:
     inputs: list[str] = field(default_factory=list)    # "model: /abs/folder (tokenizer with chat template)"
     warnings: list[str] = field(default_factory=list)  # accepted, but the user should know
+    tokenizer: object = None                           # the local model's tokenizer, when one was read
+    train_pairs: Optional[list] = None                 # the local training pairs, when they were read
+    eval_pairs: Optional[list] = None
 
 
 def _resolved(path: str) -> Path:
     return Path(path).expanduser().resolve()
+
+
+def _existing(where: str, value: str, folder: bool) -> Path:
+    """A path the spec names, resolved; it must exist (the schema itself reads no file)."""
+    path = Path(value).expanduser()
+    if not (path.is_dir() if folder else path.is_file()):
+        raise InputError(where, f"no such {'folder' if folder else 'file'}: {value} (resolved to {path.resolve()})")
+    return path.resolve()
 
 
 def _check_hf_folder(where: str, folder: Path) -> None:
@@ -52,7 +67,9 @@ def check_model(model_spec, report: Preflight) -> None:
         report.inputs.append(f"model: hub {model_spec.hub_id} (revision {model_spec.revision or 'default'}; "
                              "fetched by the first trial)")
         return
-    folder = _resolved(model_spec.path)
+    folder = _existing("model.path", model_spec.path, folder=True)
+    if model_spec.gguf_file and not (folder / model_spec.gguf_file).is_file():
+        raise InputError("model.gguf_file", f"no GGUF file {model_spec.gguf_file!r} in {model_spec.path}")
     if model_spec.gguf_file:  # the tokenizer lives inside the GGUF file; reading it means reading the weights
         report.inputs.append(f"model: {folder / model_spec.gguf_file} (GGUF, dequantized once into workdir)")
         return
@@ -70,6 +87,7 @@ def check_model(model_spec, report: Preflight) -> None:
     if tokenizer.pad_token is None:
         report.warnings.append(f"the tokenizer in {folder} has no pad token; its EOS token "
                                f"{tokenizer.eos_token!r} pads batches (masked out of every loss)")
+    report.tokenizer = tokenizer
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if model_spec.require_chat_template and not has_template:
         raise InputError("model.require_chat_template", f"the tokenizer in {folder} has no chat template; add one "
@@ -87,6 +105,9 @@ def check_data(data_spec, report: Preflight) -> None:
     if any(source.path is None for source in sources.values()):
         report.inputs.append("data: a hub dataset (read by the first trial)")
         return
+    for name, source in sources.items():
+        _existing(f"{name}.path", source.path, folder=False)
+        _check_columns(name, source)
     try:
         train, evaluation = load_splits(data_spec)
     except (DataError, OSError, ValueError) as exc:  # ValueError: undecodable text
@@ -95,10 +116,37 @@ def check_data(data_spec, report: Preflight) -> None:
         message = str(exc) if str(exc).startswith(sources[culprit].path) else f"{sources[culprit].path}: {exc}"
         raise InputError(f"{culprit}.path", message) from None
     skipped = train.skipped + evaluation.skipped
+    report.train_pairs, report.eval_pairs = train.pairs, evaluation.pairs
     for name, source in sources.items():
         report.inputs.append(f"{name}: {_resolved(source.path)}")
     report.inputs[-1] += (f" ({len(train.pairs)} train pairs, {len(evaluation.pairs)} eval pairs"
                           f"{f'; {skipped} malformed rows skipped' if skipped else ''})")
+
+
+def _check_columns(where: str, source) -> None:
+    """A generic source's mapped columns are in its first row (a .jsonl file; other formats fail on reading)."""
+    first = _first_jsonl_row(Path(source.path).expanduser()) if source.kind == "generic" else None
+    if not isinstance(first, dict):
+        return
+    c = source.columns
+    missing = [name for name in (c.prompt, c.chosen, c.rejected) if name not in first]
+    if missing:
+        raise InputError(where, f"columns {', '.join(map(repr, missing))} not in {source.path} (its columns: "
+                                f"{', '.join(map(str, first))}); map them with {where}.columns")
+
+
+def _first_jsonl_row(path: Path):
+    """The first row of a local .jsonl(.gz) file, or None (another format, an empty or undecodable file)."""
+    if not path.name.endswith((".jsonl", ".jsonl.gz")):
+        return None
+    with (gzip.open if path.name.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    return json.loads(line)
+                except json.JSONDecodeError:
+                    return None
+    return None
 
 
 def check_reward(reward_spec, report: Preflight) -> None:
@@ -111,12 +159,72 @@ def check_reward(reward_spec, report: Preflight) -> None:
     if reward_spec.path is None:
         report.inputs.append(f"reward: hub {reward_spec.hub_id} (fetched by the first trial)")
         return
-    folder = _resolved(reward_spec.path)
+    folder = _existing("reward.path", reward_spec.path, folder=True)
     _check_hf_folder("reward.path", folder)
     report.inputs.append(f"reward: {folder}")
 
 
+def check_workdir(spec, report: Preflight) -> None:
+    workdir = Path(spec.workdir).expanduser()
+    if workdir.exists() and not workdir.is_dir():
+        raise InputError("workdir", f"{spec.workdir} is a file; workdir is the folder that holds checkpoints, "
+                                    "samples and caches")
+    report.inputs.append(f"workdir: {_resolved(spec.workdir)}")
+
+
+def check_model_reads_the_data(spec, report: Preflight) -> None:
+    """The built-in tiny model's tokenizer knows only the synthetic task's words: real text would be all <unk>
+    (every reward margin 0, trials that finish and learn nothing)."""
+    if spec.model.kind == "tiny" and spec.data.kind != "synthetic":
+        raise InputError("model", f"the built-in tiny model reads only the synthetic task's vocabulary; {spec.data.kind} "
+                                  "text would be unknown tokens. Give a real model (model: {kind: hf, path: ...})")
+
+
+def check_eval_size(spec, report: Preflight) -> None:
+    if report.eval_pairs is not None and len(report.eval_pairs) < spec.evaluation.num_prompts:
+        where = "data.eval.path" if spec.data.eval is not None else "data.n_eval"
+        raise InputError(where, f"{len(report.eval_pairs)} usable evaluation pairs, fewer than "
+                                f"evaluation.num_prompts ({spec.evaluation.num_prompts}); every trial would "
+                                "evaluate fewer prompts than the spec says")
+
+
+TRUNCATION_SAMPLE = 2000    # pairs tokenized to see what max_length leaves of their responses
+TRUNCATION_REFUSED = 0.5    # share of pairs with a response cut to a single token that is refused
+
+
+def check_truncation(spec, report: Preflight) -> None:
+    """Pairs whose prompt fills max_length keep one token of each response (the EOS at best): they carry no
+    preference. A share of them is warned about with the count; most of them is refused."""
+    pairs = report.train_pairs
+    if pairs is None and spec.data.kind == "synthetic":  # its first pairs, generated as a trial generates them
+        data = spec.data
+        pairs = generate_split("train", min(data.n_train, TRUNCATION_SAMPLE), data.seed, data.label_noise)
+    if pairs is None:
+        return
+    tokenizer = report.tokenizer
+    if tokenizer is None and spec.model.kind == "tiny":
+        from trainers.models import build_task_tokenizer  # torch is imported only once a check needs it
+
+        tokenizer = build_task_tokenizer()
+    if tokenizer is None:  # a hub or GGUF model: its tokenizer is read by the first trial
+        return
+    from trainers.data import encode_pairs
+
+    encoded = encode_pairs(tokenizer, pairs[:TRUNCATION_SAMPLE], spec.training.max_length)
+    cut = sum(min(len(p.chosen.ids) - p.chosen.prompt_len, len(p.rejected.ids) - p.rejected.prompt_len) <= 1
+              for p in encoded)
+    if not cut:
+        return
+    message = (f"{cut} of {len(encoded)} training pairs keep at most one token of a response at max_length "
+               f"{spec.training.max_length} (their prompts fill it): those pairs carry no preference")
+    if cut > TRUNCATION_REFUSED * len(encoded):
+        raise InputError("training.max_length", message + "; raise max_length")
+    report.warnings.append(message)
+
+
+# Each section's own check (what it points at), then the checks across sections.
 CHECKS: dict[str, Callable] = {"model": check_model, "data": check_data, "reward": check_reward}
+SPEC_CHECKS: list[Callable] = [check_workdir, check_model_reads_the_data, check_eval_size, check_truncation]
 
 
 def preflight(spec) -> Preflight:
@@ -125,5 +233,6 @@ def preflight(spec) -> Preflight:
     report = Preflight()
     for section, check in CHECKS.items():
         check(getattr(spec, section), report)
-    report.inputs.append(f"workdir: {_resolved(spec.workdir)}")
+    for check in SPEC_CHECKS:
+        check(spec, report)
     return report

@@ -5,7 +5,6 @@ dispatch overhead (benchmarks/bench_dispatch.py), testing executors, tracking un
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import signal
@@ -14,9 +13,12 @@ from typing import Optional
 
 import numpy as np
 
-from orchestrator import tracking
-from orchestrator.task import TrialResult, TrialTask
-from trainers.trial import Report, record_samples, run_trial
+from dataclasses import dataclass
+
+from orchestrator.contract import tracking
+from orchestrator.contract.files import write_folder_atomically
+from orchestrator.contract.lifecycle import DeviceUsage, Report, record_samples, run_trial
+from orchestrator.contract.task import TrialResult, TrialTask
 
 # Method levels of the fake per-sample scores: a report over probe trials has a known ordering.
 PROBE_METHOD_LEVEL = {"dpo": 1.0, "simpo": 1.2, "ln_dpo": 1.1}
@@ -72,35 +74,43 @@ def probe_samples(task: TrialTask, prompts: int) -> tuple[list[dict], dict[str, 
 
 def _log_probe_samples(task: TrialTask, logger, prompts: int) -> dict[str, float]:
     """What a real trial leaves for later stages and the report: samples.json (file and artifact) and, for an
-    SFT trial, a checkpoint folder (empty: no later probe loads it)."""
+    SFT trial, a finished checkpoint folder (no weights: no later probe loads it, but the driver checks it)."""
     samples, metrics = probe_samples(task, prompts)
     record_samples(task, logger, samples)
     if task.trial.stage == "sft":
-        checkpoint = task.trial_dir / "checkpoint"
-        checkpoint.mkdir(parents=True, exist_ok=True)
+        checkpoint = write_folder_atomically(task.trial_dir / "checkpoint",
+                                             lambda folder: (folder / "probe.txt").write_text(task.trial.trial_key),
+                                             reuse=False)
         logger.set_tags({tracking.TAG_CHECKPOINT: str(checkpoint)})
     return metrics
 
 
-def _probe_body(task: TrialTask, logger, report: Optional[Report], accelerator, *, steps: int, seconds: float,
-                die_once: bool, prompts: int) -> dict[str, float]:
-    marker = task.trial_dir / "probe-died"
-    if die_once and not marker.exists():  # a worker lost mid-trial: the executor must retry it
-        marker.write_text(str(os.getpid()))
-        os.kill(os.getpid(), signal.SIGKILL)
-    for step in range(1, steps + 1):  # `seconds` is spread over the steps, like a training loop's logging
-        logger.log_metrics({"probe/step_value": float(step)}, step)
-        if report:
-            report(step, steps)
-        time.sleep(seconds / steps)
-    if not steps:
-        time.sleep(seconds)
-    metrics = _log_probe_samples(task, logger, prompts) if prompts else {}
-    return {**metrics, "mean_score": metrics.get("mean_score", probe_score(task.trial.hparams)),
-            "probe_steps": float(steps)}
+@dataclass(frozen=True)
+class ProbeBody:
+    """A lifecycle TrialBody that trains nothing: `steps` metric points spread over `seconds`, optionally dying
+    once (SIGKILL) to test an executor's retries, and `prompts` fake samples for whole no-op sweeps."""
+    steps: int = 0
+    seconds: float = 0.0
+    die_once: bool = False
+    prompts: int = 0
+
+    def __call__(self, task: TrialTask, logger, report: Optional[Report], usage: DeviceUsage) -> dict[str, float]:
+        marker = task.trial_dir / "probe-died"
+        if self.die_once and not marker.exists():  # a worker lost mid-trial: the executor must retry it
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        for step in range(1, self.steps + 1):  # `seconds` is spread over the steps, like a training loop's logging
+            logger.log_metrics({"probe/step_value": float(step)}, step)
+            if report:
+                report(step, self.steps)
+            time.sleep(self.seconds / self.steps)
+        if not self.steps:
+            time.sleep(self.seconds)
+        metrics = _log_probe_samples(task, logger, self.prompts) if self.prompts else {}
+        return {**metrics, "mean_score": metrics.get("mean_score", probe_score(task.trial.hparams)),
+                "probe_steps": float(self.steps)}
 
 
 def probe_trial(task: TrialTask, report: Optional[Report] = None, *, steps: int = 0, seconds: float = 0.0,
                 die_once: bool = False, prompts: int = 0) -> TrialResult:
-    body = functools.partial(_probe_body, steps=steps, seconds=seconds, die_once=die_once, prompts=prompts)
-    return run_trial(task, report, body=body)
+    return run_trial(task, report, body=ProbeBody(steps, seconds, die_once, prompts))

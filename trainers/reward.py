@@ -11,7 +11,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from trainers import synthetic
-from trainers.methods import unknown_name_message
+from orchestrator.contract.registry import unknown_name_message
 
 
 class RewardModel(Protocol):

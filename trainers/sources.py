@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from trainers import synthetic
-from trainers.methods import unknown_name_message
+from orchestrator.contract.registry import unknown_name_message
 from trainers.pairs import PreferencePair
 
 
@@ -170,6 +170,17 @@ ROW_ADAPTERS: dict[str, Callable[..., PreferencePair]] = {
 }
 
 
+def checked_pair(spec, pair: PreferencePair) -> PreferencePair:
+    """A pair refused for what it holds: responses that are the same (no preference to learn), or a text over
+    data.max_row_chars (tokenizing a 50 MB row takes minutes and gigabytes before max_length cuts it)."""
+    if pair.chosen.strip() == pair.rejected.strip():
+        raise RowError("'chosen' and 'rejected' are the same response: the pair carries no preference")
+    longest = max(len(pair.prompt), len(pair.chosen), len(pair.rejected))
+    if longest > spec.max_row_chars:
+        raise RowError(f"a text of {longest:,} characters, over data.max_row_chars ({spec.max_row_chars:,})")
+    return pair
+
+
 def _read_all(spec) -> LoadedPairs:
     where, rows = _rows(spec)
     adapter = ROW_ADAPTERS[spec.kind]
@@ -178,7 +189,7 @@ def _read_all(spec) -> LoadedPairs:
         try:
             if isinstance(row, RowError):
                 raise row
-            pairs.append(adapter(spec, row, f"{spec.kind}-{line}"))
+            pairs.append(checked_pair(spec, adapter(spec, row, f"{spec.kind}-{line}")))
         except _Dropped:
             continue
         except RowError as exc:

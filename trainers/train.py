@@ -1,7 +1,7 @@
 """One training loop for SFT and every preference loss (accelerate, so the same code runs on a GPU).
 
-The loop knows nothing about methods: an objective turns a batch into (loss, stats). SFT and preference
-objectives are built below; preference losses come from the trainers.losses registry.
+The loop knows nothing about methods: an objective (trainers.objectives) turns a batch into (loss, stats).
+Also here: the reference pass (reference log-probs of the training pairs) and the optimizer.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
-from trainers.cache import save_tensors, write_file_atomically
+from orchestrator.contract.files import write_file_atomically
+from orchestrator.contract.lifecycle import Checkpointing
+from trainers.cache import save_tensors
 from trainers.data import EncodedPair
-from trainers.logprobs import choose_layout, per_sequence, sequence_logps, target_logits, token_logps_from_logits
-from trainers.losses import LOSS_STATES, epsilon_steps, get_loss
-from trainers.packing import Layout, unit_length
+from trainers.logprobs import choose_layout, sequence_logps
+from trainers.objectives import Objective
+from trainers.packing import unit_length
 
 OnLog = Callable[[int, int, dict[str, float]], None]  # (step, total_steps, stats)
 
@@ -53,6 +55,9 @@ class LoopSettings:
     micro_batch_size: Optional[int] = None  # pairs per forward/backward pass on one process (None: its whole share)
     sharding: str = "ddp"     # ddp | fsdp: how several processes hold the model (executor.sharding)
     padding_free: bool = True  # packed rows, a pair's prompt once, where the model can (trainers.packing)
+    # The id padding positions hold: any id of the vocabulary gives the same numbers (padding is never attended
+    # to or scored); trials use their tokenizer's pad id.
+    pad_id: int = 0
 
 
 # Autocast dtypes of training.precision; weights and optimizer state stay fp32 (mixed precision).
@@ -66,24 +71,6 @@ def _autocast(device: torch.device, precision: str):
         raise ValueError("training.precision fp16 needs a CUDA GPU (fp16 autocast with loss scaling); this trial "
                          f"runs on {device.type}: use bf16 or fp32")
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
-
-
-@dataclass(frozen=True)
-class Checkpointing:
-    """Save the loop's whole state to `folder`/state.pt every `every` optimizer steps, so a killed, preempted or
-    requeued trial continues from its last save with the same result as an uninterrupted run."""
-    folder: Path
-    every: int
-
-    @property
-    def path(self) -> Path:
-        return self.folder / "state.pt"
-
-    @property
-    def saved_step(self) -> int:
-        """The step of the last save (0: none), read without loading the state itself."""
-        meta = self.folder / "step"
-        return int(meta.read_text()) if meta.is_file() and self.path.is_file() else 0
 
 
 def load_training_state(checkpointing: Optional[Checkpointing]) -> Optional[dict]:
@@ -177,161 +164,6 @@ def use_fast_attention_for_varying_lengths() -> None:
 def count_steps(n_examples: int, settings: LoopSettings) -> int:
     steps = math.ceil(n_examples / settings.batch_size) * settings.epochs
     return min(steps, settings.max_steps) if settings.max_steps else steps
-
-
-def pair_count(batch: dict) -> float:
-    """What a preference objective's loss and stats are means over: the batch's pairs."""
-    return float(batch["index"].shape[0])
-
-
-class Objective:
-    """What the loop minimises: (model, batch) -> (loss, stats), loss and stats being means over `count(batch)`
-    (pairs by default), so the loop can weight micro-batches and processes back into the whole batch's mean.
-    `reads` says which sequences the loop lays out for it: "pairs" (chosen i, then rejected i) or "chosen"."""
-    reads = "pairs"
-
-    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
-
-    def count(self, batch: dict) -> float:
-        return pair_count(batch)
-
-    def state_dict(self) -> Optional[dict]:
-        """What the objective carries from step to step (None: nothing); saved with the loop's state."""
-        return None
-
-    def load_state_dict(self, state: dict) -> None:
-        raise ValueError(f"{type(self).__name__} carries no state across steps")
-
-
-class SFTObjective(Objective):
-    """Mean next-token NLL over the chosen responses' tokens."""
-    reads = "chosen"
-
-    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        logps, lengths = sequence_logps(model, batch)                                   # (B,)
-        loss = -logps.sum() / lengths.sum()
-        return loss, {"loss": loss.item()}
-
-    def count(self, batch: dict) -> float:
-        """The chosen responses' scored tokens."""
-        return float(batch["lengths"].sum())
-
-
-sft_objective = SFTObjective()
-
-
-class ObservedObjective(Objective):
-    """`objective` unchanged, with `observe(batch)` called before each of its calls (benchmarks count the tokens
-    a step consumed, tests the pairs an objective saw)."""
-
-    def __init__(self, objective: Objective, observe: Callable[[dict], None]):
-        self.objective, self.observe, self.reads = objective, observe, objective.reads
-
-    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        self.observe(batch)
-        return self.objective(model, batch)
-
-    def count(self, batch: dict) -> float:
-        return self.objective.count(batch)
-
-    def state_dict(self) -> Optional[dict]:
-        return self.objective.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.objective.load_state_dict(state)
-
-
-class PreferenceObjective(Objective):
-    """A registered preference loss. `reference` holds precomputed (N,) chosen and rejected reference
-    log-probs indexed by pair index, or None for reference-free methods."""
-
-    def __init__(self, loss_name: str, hparams: dict[str, float],
-                 reference: Optional[tuple[torch.Tensor, torch.Tensor]]):
-        self.loss_fn, self.hparams, self.reference = get_loss(loss_name), hparams, reference
-        # a loss with state across steps (beta_dpo) gets it as `state`; it is part of a resume
-        self.state = LOSS_STATES[loss_name]() if loss_name in LOSS_STATES else None
-
-    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        half = batch["index"].shape[0]
-        logps, lengths = sequence_logps(model, batch)                                   # (2B,)
-        ref_c = ref_r = None
-        if self.reference is not None:
-            idx = batch["index"].cpu()
-            ref_c, ref_r = (r[idx].to(logps.device) for r in self.reference)
-        extra = {} if self.state is None else {"state": self.state}
-        losses, chosen_r, rejected_r = self.loss_fn(logps[:half], logps[half:], ref_c, ref_r, lengths[:half],
-                                                    lengths[half:], **self.hparams, **extra)
-        return losses.mean(), _pair_stats(losses, chosen_r, rejected_r)
-
-    def state_dict(self) -> Optional[dict]:
-        return None if self.state is None else self.state.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state.load_state_dict(state)
-
-
-def preference_objective(loss_name: str, hparams: dict[str, float],
-                         reference: Optional[tuple[torch.Tensor, torch.Tensor]]) -> PreferenceObjective:
-    return PreferenceObjective(loss_name, hparams, reference)
-
-
-def _pair_stats(losses: torch.Tensor, chosen_r: torch.Tensor, rejected_r: torch.Tensor) -> dict[str, float]:
-    margin = chosen_r - rejected_r
-    return {"loss": losses.mean().item(), "reward_margin": margin.mean().item(),
-            "reward_accuracy": (margin > 0).float().mean().item(),
-            "chosen_reward": chosen_r.mean().item(), "rejected_reward": rejected_r.mean().item()}
-
-
-class EpsilonDPOObjective(Objective):
-    """ε-DPO needs the reference's token logits at every step (to perturb the policy's logits toward and away
-    from it), so it keeps the reference model instead of cached log-probs. β starts at hparams["beta"] and
-    after every step becomes β / (1 + ε·mean(s)), used from the next step on (one objective call per
-    optimizer step: the spec refuses micro-batches and several processes for it)."""
-
-    def __init__(self, hparams: dict[str, float], ref_model):
-        self.loss_fn, self.epsilon = get_loss("epsilon_dpo"), float(hparams["epsilon"])
-        self.beta = float(hparams["beta"])
-        self.ref_model = ref_model.eval()
-
-    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        half, epsilon, target = batch["index"].shape[0], self.epsilon, batch["target"]
-        logits = target_logits(model, batch)                                            # (M, V) scored tokens
-        logps, lengths = per_sequence(token_logps_from_logits(logits, target), batch)   # (2B,)
-        with torch.no_grad():
-            ref_logits = target_logits(self.ref_model, batch)
-            ref_logps, _ = per_sequence(token_logps_from_logits(ref_logits, target), batch)
-            plus, _ = per_sequence(token_logps_from_logits((1 + epsilon) * logits - epsilon * ref_logits, target),
-                                   batch)
-            minus, _ = per_sequence(token_logps_from_logits((1 - epsilon) * logits + epsilon * ref_logits, target),
-                                    batch)
-            ratio = lambda x: x[:half] - x[half:]  # noqa: E731 - chosen minus rejected, (B,)
-            steps = epsilon_steps(ratio(logps.detach()), ratio(plus), ratio(minus))
-        losses, chosen_r, rejected_r = self.loss_fn(logps[:half], logps[half:], ref_logps[:half], ref_logps[half:],
-                                                    lengths[:half], lengths[half:], beta=self.beta,
-                                                    epsilon=epsilon, steps=steps)
-        stats = {**_pair_stats(losses, chosen_r, rejected_r), "beta": self.beta,
-                 "epsilon_steps_plus": (steps == 1).float().mean().item(),
-                 "epsilon_steps_minus": (steps == -1).float().mean().item()}
-        self.beta = self.beta / (1 + epsilon * steps.float().mean().item())
-        return losses.mean(), stats
-
-    def state_dict(self) -> Optional[dict]:
-        return {"beta": self.beta}                                  # β adapts across steps: part of a resume
-
-    def load_state_dict(self, state: dict) -> None:
-        self.beta = state["beta"]
-
-
-def epsilon_dpo_objective(hparams: dict[str, float], ref_model) -> EpsilonDPOObjective:
-    return EpsilonDPOObjective(hparams, ref_model)
-
-
-# Methods that need the reference model's token logits at every step (Method.needs_reference_logits):
-# name -> builder(hparams, ref_model) -> Objective.
-TOKEN_LOGIT_OBJECTIVES: dict[str, Callable[[dict[str, float], torch.nn.Module], Objective]] = {
-    "epsilon_dpo": epsilon_dpo_objective,
-}
 
 
 def longest_sequence(pairs: list[EncodedPair]) -> int:
@@ -429,30 +261,67 @@ def _accumulate_step(model, objective: Objective, batches: list[dict], autocast,
     return dict(zip(summed, _sum_over_processes(list(summed.values()), accelerator)))
 
 
-def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopSettings, pad_id: int,
-          accelerator: Accelerator, on_log: Optional[OnLog] = None,
-          checkpointing: Optional[Checkpointing] = None) -> list[dict[str, float]]:
-    """Run the loop; returns the logged stats (one dict per logged step). Raises NonFiniteLoss and
-    CheckpointWriteError, each naming the step.
+@dataclass
+class _Loop:
+    """What one run of the loop holds: the (prepared) model, its optimizer, schedule and precision."""
+    model: torch.nn.Module
+    objective: Objective
+    settings: LoopSettings
+    accelerator: Accelerator
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    trainable: list
+    collate: Callable
+    autocast: object
+    scaler: Optional[torch.amp.GradScaler]
 
-    With `checkpointing`, the loop resumes from the last saved state (if any) and saves every N steps: the
-    batches already consumed are replayed from the seeded shuffle and skipped, so the resumed run sees the
-    same batches in the same order as an uninterrupted one."""
-    generator = torch.Generator().manual_seed(settings.seed)
-    # Every process draws the same seeded global batches and trains on its own contiguous share of each, in
-    # micro-batches whose gradients accumulate into one optimizer step per global batch.
-    loader = DataLoader(pairs, batch_size=settings.batch_size, shuffle=True, generator=generator, collate_fn=list)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    def step(self, share: list[EncodedPair], step: int) -> dict[str, float]:
+        """One optimizer step over this process's share of a global batch; the batch's stats."""
+        s = self.settings
+        batches = [self.collate(m, s.pad_id) for m in micro_batches(share, s.micro_batch_size)]
+        stats = _accumulate_step(self.model, self.objective, batches, self.autocast, self.scaler, self.accelerator)
+        if not math.isfinite(stats["loss"]):  # every process sees the same summed stats: all stop
+            raise NonFiniteLoss(step, stats["loss"])
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
+        if s.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.trainable, s.max_grad_norm)
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
+            self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        return {**stats, "learning_rate": self.scheduler.get_last_lr()[0]}
+
+    def save(self, checkpointing: Checkpointing, step: int, history: list[dict[str, float]]) -> None:
+        """Rank 0 saves for all: DDP keeps weights and optimizer states equal on every process, and every process
+        restores from this one file; no process runs ahead of a save that might fail."""
+        if self.accelerator.is_main_process:
+            _save_training_state(checkpointing, step, self.accelerator.unwrap_model(self.model), self.optimizer,
+                                 self.scheduler, self.objective, history)
+        self.accelerator.wait_for_everyone()
+
+    def resume(self, checkpointing: Optional[Checkpointing]) -> tuple[int, list[dict[str, float]]]:
+        """(steps already done, their logged stats) from the last save, or (0, [])."""
+        state = load_training_state(checkpointing)
+        if state is None:
+            return 0, []
+        _restore_training_state(state, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler,
+                                self.objective)
+        return state["step"], list(state["history"])
+
+
+def _build_loop(model, pairs: list[EncodedPair], objective: Objective, settings: LoopSettings,
+                accelerator: Accelerator) -> _Loop:
     total = count_steps(len(pairs), settings)
-    sharded = settings.sharding == "fsdp" and world > 1
+    sharded = settings.sharding == "fsdp" and accelerator.num_processes > 1
     if sharded:  # before the optimizer exists: it must hold the sharded parameters
         shard_model(model)
     layout = choose_layout(model, settings.padding_free, longest_sequence(pairs))
-    collate = layout.pairs if objective.reads == "pairs" else layout.chosen
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = make_optimizer(trainable, settings)
-    autocast = _autocast(accelerator.device, settings.precision)
-    scaler = torch.amp.GradScaler("cuda") if settings.precision == "fp16" else None
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total), total)
     # The scheduler is not prepared: accelerate would step it once per process (for a batch it assumes grows
     # with the process count); here the global batch is the spec's whatever the count. A sharded model is not
@@ -460,49 +329,44 @@ def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopS
     if not sharded:
         model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    history: list[dict[str, float]] = []
-    resumed = load_training_state(checkpointing)
-    if resumed is not None:
-        _restore_training_state(resumed, accelerator.unwrap_model(model), optimizer, scheduler, objective)
-        history = list(resumed["history"])
-    done = resumed["step"] if resumed is not None else 0
+    return _Loop(model, objective, settings, accelerator, optimizer, scheduler, trainable,
+                 layout.pairs if objective.reads == "pairs" else layout.chosen,
+                 _autocast(accelerator.device, settings.precision),
+                 torch.amp.GradScaler("cuda") if settings.precision == "fp16" else None)
+
+
+def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopSettings, accelerator: Accelerator,
+          on_log: Optional[OnLog] = None, checkpointing: Optional[Checkpointing] = None) -> list[dict[str, float]]:
+    """Run the loop; returns the logged stats (one dict per logged step). Raises NonFiniteLoss and
+    CheckpointWriteError, each naming the step.
+
+    Every process draws the same seeded global batches and trains on its own contiguous share of each, in
+    micro-batches whose gradients accumulate into one optimizer step per global batch. With `checkpointing`,
+    the loop resumes from the last saved state (if any) and saves every N steps: the batches already consumed
+    are replayed from the seeded shuffle and skipped, so the resumed run sees the same batches in the same
+    order as an uninterrupted one."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    loader = DataLoader(pairs, batch_size=settings.batch_size, shuffle=True, generator=generator, collate_fn=list)
+    total = count_steps(len(pairs), settings)
+    loop = _build_loop(model, pairs, objective, settings, accelerator)
+    done, history = loop.resume(checkpointing)
     step = 0
     for _epoch in range(settings.epochs):
         for global_batch in loader:
             if step < done:  # consumed before the interruption
                 step += 1
                 continue
-            share = _share(global_batch, world, rank)
+            share = _share(global_batch, accelerator.num_processes, accelerator.process_index)
             if share is None:  # a final batch with fewer pairs than processes
                 break
-            batches = [collate(m, pad_id) for m in micro_batches(share, settings.micro_batch_size)]
-            stats = _accumulate_step(model, objective, batches, autocast, scaler, accelerator)
-            if not math.isfinite(stats["loss"]):  # every process sees the same summed stats: all stop
-                raise NonFiniteLoss(step + 1, stats["loss"])
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # clip the true gradients
-            if settings.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
-            if scaler is None:
-                optimizer.step()
-            else:
-                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
-                scaler.update()
-            scheduler.step()
-            optimizer.zero_grad()
             step += 1
+            stats = loop.step(share, step)
             if step % settings.log_every == 0 or step == total:
-                stats = {**stats, "learning_rate": scheduler.get_last_lr()[0]}
                 history.append({"step": step, **stats})
                 if on_log:
                     on_log(step, total, stats)
             if checkpointing and step % checkpointing.every == 0 and step < total:
-                # rank 0 saves for all: DDP keeps weights and optimizer states equal on every process, and every
-                # process restores from this one file
-                if accelerator.is_main_process:
-                    _save_training_state(checkpointing, step, accelerator.unwrap_model(model), optimizer,
-                                         scheduler, objective, history)
-                accelerator.wait_for_everyone()  # no process runs ahead of a save that might fail
+                loop.save(checkpointing, step, history)
             if step >= total:
                 return history
     return history

@@ -3,9 +3,9 @@
 import pytest
 
 from orchestrator.grid import plan_sweep
-from orchestrator.spec import parse_spec
-from orchestrator.task import TrialRuntime, TrialTask
-from orchestrator.tracking import SweepTracker
+from orchestrator.contract.spec_file import parse_spec
+from orchestrator.contract.task import TrialRuntime, TrialTask
+from orchestrator.contract.tracking import SweepTracker
 from trainers.probe import noop_sweep_yaml
 
 

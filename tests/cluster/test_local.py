@@ -1,6 +1,6 @@
 from cluster import EXECUTORS, make_executor
-from orchestrator.spec import LocalExecutorSpec
-from orchestrator.task import TrialResult
+from orchestrator.contract.spec import LocalExecutorSpec
+from orchestrator.contract.task import TrialResult
 
 
 class Recorder:

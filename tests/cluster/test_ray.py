@@ -11,8 +11,9 @@ import pytest
 import ray
 
 from cluster import make_executor
-from orchestrator.spec import RayExecutorSpec, RayResources
-from orchestrator.tracking import SweepTracker, TAG_FAILURE, store_for_workers, _client
+from orchestrator.contract.spec import RayExecutorSpec, RayResources
+from orchestrator.contract.tracking import SweepTracker, TAG_FAILURE, _client
+from orchestrator.tracking_server import store_for_workers
 from trainers.probe import probe_trial
 
 

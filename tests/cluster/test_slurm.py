@@ -9,10 +9,13 @@ import pytest
 
 from cluster import local_slurm, make_executor
 from orchestrator.pipeline import run_sweep
-from orchestrator.spec import SlurmExecutorSpec, parse_spec
-from orchestrator.tracking import TAG_FAILURE, TAG_RESUMED, SweepTracker, _client, store_for_workers
+from orchestrator.progress import Output
+from orchestrator.contract.spec import SlurmExecutorSpec
+from orchestrator.contract.spec_file import parse_spec
+from orchestrator.contract.tracking import TAG_FAILURE, TAG_RESUMED, SweepTracker, _client
+from orchestrator.tracking_server import store_for_workers
 from trainers.probe import probe_trial
-from trainers.trial import run_trial
+from orchestrator.contract.lifecycle import run_trial
 
 # CI installs Slurm (README's test command): there a missing Slurm fails these tests instead of skipping them
 pytestmark = pytest.mark.skipif(bool(local_slurm.available()) and os.environ.get("CI") != "true",
@@ -56,7 +59,7 @@ executor: {{kind: slurm, cpus_per_task: 1, timeout_min: 10, poll_seconds: 0.5}}
 def test_a_small_sweep_completes_on_slurm(tmp_path, slurm):
     spec = parse_spec(SWEEP.format(workdir=tmp_path / "work"))
     messages = []
-    outcome = run_sweep(spec, f"sqlite:///{tmp_path / 'mlflow.db'}", show_progress=False, echo=messages.append)
+    outcome = run_sweep(spec, f"sqlite:///{tmp_path / 'mlflow.db'}", output=Output(messages.append, bar=False))
     assert outcome.ran == 4 and outcome.failed == 0
     assert any("through an MLflow server" in m for m in messages)
     records = SweepTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "on-slurm").trials()

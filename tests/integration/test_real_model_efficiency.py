@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.spec import HHRLHFDataSpec
+from orchestrator.contract.spec import HHRLHFDataSpec
 from trainers.data import encode_pairs
 from trainers.logprobs import choose_layout, head_support
 from trainers.models import dequantize_gguf, load_causal_lm, load_tokenizer
 from trainers.sources import load_split
-from trainers.train import LoopSettings, longest_sequence, make_accelerator, preference_objective, reference_logps, train
+from trainers.train import LoopSettings, longest_sequence, make_accelerator, reference_logps, train
+from trainers.objectives import preference_objective
 
 from test_real_model_sweep import GGUF, HH, package_dir
 
@@ -48,8 +49,7 @@ def test_smollm2_packed_rows_give_the_padded_loss_curve(smollm2, method, hparams
     for padding_free in (False, True):
         model = load_causal_lm(folder, torch.device("cpu"))
         history = train(model, pairs, preference_objective(method, hparams, reference),
-                        dataclasses.replace(settings, padding_free=padding_free), tokenizer.pad_token_id,
-                        make_accelerator())
+                        dataclasses.replace(settings, padding_free=padding_free), make_accelerator())
         curves.append(history)
     padded, packed = curves
     if method == "dpo":

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from orchestrator.pipeline import run_sweep
-from orchestrator.spec import parse_spec
-from orchestrator.tracking import TAG_CHECKPOINT, SweepTracker
+
+from orchestrator.progress import QUIET
+from orchestrator.contract.spec_file import parse_spec
+from orchestrator.contract.tracking import TAG_CHECKPOINT, SweepTracker
 
 HH = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,7 +49,7 @@ stages:
     simpo: {{grid: {{beta: [2.0], gamma: [0.5], learning_rate: [1.0e-6]}}}}
 """)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    outcome = run_sweep(spec, uri, show_progress=False, echo=lambda _: None)
+    outcome = run_sweep(spec, uri, output=QUIET)
     assert outcome.failed == 0, [r.tags.get("posweep.failure") for r in outcome.records]
     records = {r.stage: r for r in SweepTracker(uri, "real").trials()}
     assert set(records) == {"base", "sft", "dpo", "simpo"}
@@ -85,7 +87,7 @@ stages:
     epsilon_dpo: {{grid: {{beta: [0.1], epsilon: [0.01], learning_rate: [1.0e-4]}}}}
 """)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    outcome = run_sweep(spec, uri, show_progress=False, echo=lambda _: None)
+    outcome = run_sweep(spec, uri, output=QUIET)
     assert outcome.failed == 0, [r.tags.get("posweep.failure") for r in outcome.records]
     tracker = SweepTracker(uri, "real-lora")
     records = {r.stage: r for r in tracker.trials()}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.tracking import SweepTracker
+from orchestrator.contract.tracking import SweepTracker
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,8 +45,8 @@ def test_ui_serves_the_sweep_on_localhost(tmp_path):
     SweepTracker(uri, "browse-me")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--tracking-uri", uri, "--port",
-                             str(port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                             str(port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)  # stdout: our lines only (the server logs to stderr)
     try:
         assert f"at http://127.0.0.1:{port}" in proc.stdout.readline()
         body = None
@@ -85,7 +85,8 @@ def test_executor_flag_overrides_the_spec_with_that_kinds_defaults(tmp_path):
     from types import SimpleNamespace
 
     from orchestrator.cli import _load
-    from orchestrator.spec import RayExecutorSpec, SlurmExecutorSpec, SpecError
+    from orchestrator.contract.spec import RayExecutorSpec, SlurmExecutorSpec
+    from orchestrator.contract.spec_file import SpecError
 
     spec_file = tmp_path / "s.yaml"
     spec_file.write_text("name: s\nstages: {sft: {grid: {learning_rate: [0.001]}}, methods: {dpo: {grid: "

@@ -2,9 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import builtin_spec_path
+from orchestrator.api import builtin_spec_path
 from orchestrator.grid import expand_grid, plan_sweep
-from orchestrator.spec import GridSpec, load_spec, parse_spec
+from orchestrator.contract.spec import GridSpec
+from orchestrator.contract.spec_file import load_spec, parse_spec
 
 SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
 
@@ -103,3 +104,18 @@ stages:
     assert key(training="training: {padding_free: false}") == key()  # same numbers, padded rows
     assert key(training="training: {precision: bf16}") != key()
     assert key(training="training: {lora: {r: 8}}") != key()
+
+
+@pytest.mark.parametrize("name", ["quickstart", "dpo", "simpo", "ln_dpo", "paper/phi3_saferlhf"])
+def test_the_per_section_canonical_json_is_the_whole_config_dumped_at_once(name):
+    """canonical_json serialises each shared section once per plan (planning speed); it must be byte for byte
+    the one-shot definition the keys were defined by, or every finished trial would run again."""
+    import json
+
+    from orchestrator.contract.trials import KEY_VERSION, key_config
+
+    for stage in plan_sweep(load_spec(SWEEPS / f"{name}.yaml")):
+        for trial in stage.trials:
+            whole = json.dumps({"v": KEY_VERSION, **key_config(trial.model_dump(mode="json"))}, sort_keys=True,
+                               separators=(",", ":"))
+            assert trial.canonical_json() == whole

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.tracking import TAG_KIND, TAG_NOTE, SweepTracker
+from orchestrator.contract.tracking import TAG_KIND, TAG_NOTE, SweepTracker
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / ".test-artifacts"  # kept after the run (gitignored): screenshots
@@ -40,13 +40,26 @@ def reported(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     spec = root / "spec.yaml"
     spec.write_text(SPEC.format(workdir=root / "work"))
-    run = sweep("run", str(spec), "--no-progress", cwd=root)
+    run = sweep("run", str(spec), cwd=root)  # progress asked for, but stdout and stderr are pipes
     assert run.returncode == 0, run.stderr
+    (root / "run.log").write_text(run.stdout + run.stderr)
     html = sweep("report", str(spec), "--out", "report.html", "--no-progress", cwd=root)
     assert html.returncode == 0, html.stderr
     md = sweep("report", str(spec), "--format", "md", "--no-progress", cwd=root)
     assert md.returncode == 0, md.stderr
     return root, html.stdout
+
+
+def test_a_piped_run_prints_one_line_per_trial_and_stage_and_no_carriage_return(reported):
+    root, _ = reported
+    log = (root / "run.log").read_text()
+    assert "\r" not in log
+    trial_lines = [line for line in log.splitlines() if re.match(r"\[\d+/6\] ", line)]
+    assert [line.split("]")[0] for line in trial_lines] == [f"[{i}/6" for i in range(1, 7)]
+    assert all(re.search(r": FINISHED in \d+\.\d s, mean_score -?\d+\.\d{3}$", line) for line in trial_lines)
+    stage_lines = [line for line in log.splitlines() if re.match(r"stage \w+: ", line)]
+    assert sorted(stage_lines) == ["stage base: 1 of 1 finished, 0 failed", "stage dpo: 2 of 2 finished, 0 failed",
+                                   "stage sft: 1 of 1 finished, 0 failed", "stage simpo: 2 of 2 finished, 0 failed"]
 
 
 def test_report_files_and_the_mlflow_artifact(reported):
@@ -116,10 +129,10 @@ def _dom(url: str, shot: Path) -> str:
 
 
 @pytest.mark.skipif(CHROMIUM is None and os.environ.get("CI") != "true", reason="Debian chromium not installed")
-def test_sweep_ui_shows_the_experiment_and_lists_the_trial_runs_by_name(reported):
-    """The MLflow UI that `sweep ui` serves, rendered by Chromium: the sweep's experiment page shows its
-    stage runs, and the compare view of the trial runs lists every one by its method-and-hyperparameter name."""
-    import time
+def test_sweep_ui_lands_on_the_trial_runs_with_their_metrics(reported):
+    """`sweep ui` prints its URLs only once the server answers; the sweep's link, rendered by Chromium, is the
+    runs table (not MLflow 3's GenAI overview) with every trial and its metrics as columns (screenshot kept);
+    the compare view of the trial runs lists every one by its method-and-hyperparameter name."""
     import urllib.request
 
     root, _ = reported
@@ -128,19 +141,23 @@ def test_sweep_ui_shows_the_experiment_and_lists_the_trial_runs_by_name(reported
     trials = tracker.trials()
     port = _free_port()
     ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
-                          cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                          cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                          start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        base = f"http://127.0.0.1:{port}/#"
+        assert f"at http://127.0.0.1:{port}" in ui.stdout.readline()
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)  # answers at once
+        link = ui.stdout.readline().strip()
+        assert link == (f"sweep reported: http://127.0.0.1:{port}/#/experiments/{tracker.experiment_id}/runs"
+                        "?workflowType=machine_learning&viewStateShareKey=posweep"), link
         ARTIFACTS.mkdir(exist_ok=True)
-        experiment = _dom(f"{base}/experiments/{tracker.experiment_id}/runs", ARTIFACTS / "mlflow-experiment.png")
-        assert "reported" in experiment and "stage dpo" in experiment and "sweep reported" in experiment
+        runs = _dom(link.split(": ", 1)[1], ARTIFACTS / "mlflow-runs.png")
+        missing = [t.run_name for t in trials if t.run_name not in runs]
+        assert not missing, missing
+        assert "mean_score" in runs and "win_vs_sft" in runs
+        assert "No data available" not in runs
+        base = f"http://127.0.0.1:{port}/#"
+        models = _dom(f"{base}/models", ARTIFACTS / "mlflow-models.png")  # the Model Registry's page
+        assert "reported-dpo" in models and "reported-simpo" in models
         ids = ",".join(f"%22{t.run_id}%22" for t in trials)
         compare = _dom(f"{base}/compare-runs?runs=[{ids}]&experiments=[%22{tracker.experiment_id}%22]",
                        ARTIFACTS / "mlflow-trials.png")
@@ -153,8 +170,8 @@ def test_sweep_ui_shows_the_experiment_and_lists_the_trial_runs_by_name(reported
 
 def test_report_before_any_preference_trial_finished_says_so(tmp_path):
     from orchestrator.grid import plan_sweep
-    from orchestrator.spec import parse_spec
-    from orchestrator.task import TrialRuntime, TrialTask
+    from orchestrator.contract.spec_file import parse_spec
+    from orchestrator.contract.task import TrialRuntime, TrialTask
     from trainers.probe import probe_trial
 
     spec_file = tmp_path / "spec.yaml"

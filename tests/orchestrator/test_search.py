@@ -6,10 +6,11 @@ import pytest
 
 from orchestrator.grid import plan_sweep
 from orchestrator.pipeline import run_sweep
+from orchestrator.progress import QUIET
 from orchestrator.search import run_search
-from orchestrator.spec import SpecError, parse_spec
-from orchestrator.task import TrialResult
-from orchestrator.tracking import SweepTracker, TrialRecord
+from orchestrator.contract.spec_file import SpecError, parse_spec
+from orchestrator.contract.task import TrialResult
+from orchestrator.contract.tracking import SweepTracker, TrialRecord
 from trainers.probe import probe_score
 
 SPEC = """\
@@ -102,11 +103,37 @@ def test_space_errors_are_one_line_with_the_field(tmp_path):
 
 def test_a_real_sweep_searches_a_stage_and_a_rerun_with_a_bigger_budget_continues_it(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    first = run_sweep(spec_for(tmp_path, n=2), uri, show_progress=False, echo=lambda _: None)
+    first = run_sweep(spec_for(tmp_path, n=2), uri, output=QUIET)
     assert first.ran == 4 and first.failed == 0  # base, sft, 2 searched dpo trials
-    more = run_sweep(spec_for(tmp_path, n=3), uri, show_progress=False, echo=lambda _: None)
+    more = run_sweep(spec_for(tmp_path, n=3), uri, output=QUIET)
     assert more.skipped == 4 and more.ran == 1
     dpo = [r for r in SweepTracker(uri, "searched").trials("dpo") if r.status == "FINISHED"]
     assert len(dpo) == 3 and len({r.trial_key for r in dpo}) == 3
     for r in dpo:
         assert 1e-5 <= float(r.params["learning_rate"]) <= 1e-3 and math.isfinite(r.metrics["mean_score"])
+
+
+def test_the_study_persists_in_the_workdir_and_a_rerun_rebuilds_it_from_mlflow(tmp_path):
+    """optuna.load_study opens what optuna-dashboard shows: one trial per MLflow run of the stage, each linked
+    to its run; a rerun with a bigger budget replays MLflow into the study instead of trusting the journal."""
+    import optuna
+
+    from orchestrator.search import study_name, study_storage
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = spec_for(tmp_path, n=2)
+    run_sweep(spec, uri, output=QUIET)
+    stage = plan_sweep(spec)[-1]
+    journal = tmp_path / "work" / "optuna" / "studies.log"
+    assert journal.is_file()
+    name = study_name("searched", "dpo", stage.stage_key)
+    study = optuna.load_study(study_name=name, storage=study_storage(tmp_path / "work"))
+    runs = {r.run_id: r for r in SweepTracker(uri, "searched").trials("dpo")}
+    assert len(study.trials) == 2 and {t.user_attrs["mlflow_run_id"] for t in study.trials} == set(runs)
+    for trial in study.trials:
+        run = runs[trial.user_attrs["mlflow_run_id"]]
+        assert trial.value == pytest.approx(run.metrics["mean_score"])
+        assert trial.params["learning_rate"] == pytest.approx(float(run.params["learning_rate"]))
+    run_sweep(spec_for(tmp_path, n=3), uri, output=QUIET)
+    study = optuna.load_study(study_name=name, storage=study_storage(tmp_path / "work"))
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3  # two replayed, one new; none twice

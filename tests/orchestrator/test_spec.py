@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.spec import SpecError, load_spec, parse_spec
+from orchestrator.contract.spec_file import SpecError, load_spec, parse_spec
+from trainers.preflight import InputError, preflight
 
 GOOD = """\
 name: t
@@ -24,6 +25,13 @@ stages:
 def error_of(text: str) -> SpecError:
     with pytest.raises(SpecError) as info:
         parse_spec(text, "s.yaml")
+    return info.value
+
+
+def input_error_of(text: str) -> InputError:
+    """A spec that loads (the schema reads no file) but whose inputs preflight refuses (`sweep run`/`plan`)."""
+    with pytest.raises(InputError) as info:
+        preflight(parse_spec(text, "s.yaml"))
     return info.value
 
 
@@ -76,15 +84,24 @@ def test_missing_required_hyperparameter():
 
 
 def test_missing_reward_folder():
-    err = error_of(GOOD + "reward: {kind: hf, path: /no/such/reward}\n")
-    assert err.path == "reward.path" and "no such folder" in err.message
+    err = input_error_of(GOOD + "reward: {kind: hf, path: /no/such/reward}\n")
+    assert err.field == "reward.path" and "no such folder" in err.message
 
 
 def test_missing_model_and_data_paths_name_their_field():
-    err = error_of(GOOD + "model: {kind: hf, path: /no/such/model}\n")
-    assert err.path == "model.path" and "no such folder" in err.message
-    err = error_of(GOOD + "data: {kind: hh_rlhf, path: /no/such.jsonl}\n")
-    assert err.path == "data.path" and "no such file" in err.message
+    err = input_error_of(GOOD + "model: {kind: hf, path: /no/such/model}\n")
+    assert err.field == "model.path" and "no such folder" in err.message
+    err = input_error_of(GOOD + "data: {kind: hh_rlhf, path: /no/such.jsonl}\n")
+    assert err.field == "data.path" and "no such file" in err.message
+
+
+def test_a_spec_loads_on_a_machine_without_its_files():
+    """Loading is pure: `sweep report` and `sweep status` read a spec whose model, data and reward live on the
+    cluster; only `run` and `plan` check the files (preflight)."""
+    spec = parse_spec(GOOD + "model: {kind: hf, path: /elsewhere/model, gguf_file: m.gguf}\n"
+                             "data: {kind: generic, path: /elsewhere/pairs.jsonl, columns: {prompt: q}}\n"
+                             "reward: {kind: hf, path: /elsewhere/reward}\n", "s.yaml")
+    assert spec.model.path == "/elsewhere/model" and spec.data.columns.prompt == "q"
 
 
 def test_wrong_executor_kind():

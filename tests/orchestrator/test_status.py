@@ -6,9 +6,10 @@ import sys
 import pytest
 
 from orchestrator.grid import plan_sweep
-from orchestrator.spec import CostSpec, parse_spec
+from orchestrator.contract.spec import CostSpec
+from orchestrator.contract.spec_file import parse_spec
 from orchestrator.status import cost_estimate, elapsed_seconds, status_table
-from orchestrator.tracking import TrialRecord
+from orchestrator.contract.tracking import TrialRecord
 
 SPEC = """\
 name: costed

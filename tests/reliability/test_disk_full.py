@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.tracking import TAG_FAILURE, SweepTracker, mlflow_server
+from orchestrator.contract.tracking import TAG_FAILURE, SweepTracker
+from orchestrator.tracking_server import mlflow_server
 from trainers.cache import cached_reference_logps
-from trainers.models import write_folder_atomically
+from orchestrator.contract.files import write_folder_atomically
 
 LIMIT = 1 << 20  # 1 MiB: the tiny base model (0.56 MB) and SFT checkpoint fit, the training state (~1.7 MB) not
 

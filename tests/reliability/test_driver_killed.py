@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from orchestrator.tracking import SweepTracker
+from orchestrator.contract.kept_models import registered_model_name
+from orchestrator.contract.tracking import SweepTracker
 
 from reliability_support import finished_trials
 
@@ -58,3 +59,22 @@ def test_sigkill_the_driver_then_rerun_finishes_only_the_rest(tmp_path, kind):
     assert len(finished) == len(set(finished)) == TOTAL  # every key once, none twice
     assert not [r for r in records if r.status == "RUNNING"]
     assert {r.status for r in records} <= {"FINISHED", "KILLED"}
+    assert_only_the_best_models_kept(f"sqlite:///{db}", f"resume-{kind}", records, tmp_path / "work")
+
+
+def assert_only_the_best_models_kept(uri, sweep, records, workdir):
+    """After a kill anywhere (mid-upload, mid-registration) and a rerun: each method's best FINISHED run holds
+    the only kept weights and the registry's `best` alias; no other run holds any, nor does the workdir."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(uri)
+    for method in ("dpo", "simpo"):
+        runs = [r for r in records if r.stage == method]
+        best = max((r for r in runs if r.status == "FINISHED"), key=lambda r: (r.metrics["mean_score"], r.trial_key))
+        version = client.get_model_version_by_alias(registered_model_name(sweep, method), "best")
+        assert version.run_id == best.run_id
+        assert [str(v.version) for v in client.search_model_versions(f"name = '{registered_model_name(sweep, method)}'")] \
+            == [str(version.version)]
+        holding = [r.run_id for r in runs if any(a.path == "model" for a in client.list_artifacts(r.run_id))]
+        assert holding == [best.run_id], method
+    assert not list(workdir.glob("trials/*/weights"))

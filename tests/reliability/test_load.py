@@ -6,9 +6,10 @@ import time
 
 from analysis.report import render
 from orchestrator.pipeline import run_sweep
+from orchestrator.progress import Output
 from orchestrator.reporting import load_report_inputs
-from orchestrator.spec import parse_spec
-from orchestrator.tracking import SweepTracker
+from orchestrator.contract.spec_file import parse_spec
+from orchestrator.contract.tracking import SweepTracker
 from trainers.probe import noop_sweep_yaml, probe_trial
 
 RAY = "{kind: ray, num_cpus: 2, max_concurrent_trials: 2, resources_per_trial: {cpu: 1}}"
@@ -20,7 +21,7 @@ def test_two_hundred_noop_trials_through_ray_and_the_server_then_a_report(tmp_pa
     spec = parse_spec(noop_sweep_yaml("load", tmp_path / "work", n_beta=11, n_lr=6, executor=RAY))
     started = time.monotonic()
     messages: list[str] = []
-    outcome = run_sweep(spec, sqlite, show_progress=False, echo=messages.append,
+    outcome = run_sweep(spec, sqlite, output=Output(messages.append, bar=False),
                         trial_fn=functools.partial(probe_trial, steps=2, prompts=PROMPTS))
     sweep_seconds = time.monotonic() - started
     assert any("through an MLflow server at http://127.0.0.1:" in m for m in messages)

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from orchestrator import cli
-from orchestrator.tracking import SweepTracker, mlflow_server
+from orchestrator.contract.tracking import SweepTracker
+from orchestrator.tracking_server import mlflow_server
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("orchestrator", "trainers", "cluster", "analysis")

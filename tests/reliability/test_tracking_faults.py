@@ -10,8 +10,10 @@ import time
 import pytest
 
 from orchestrator.pipeline import SweepError, run_sweep
-from orchestrator.spec import parse_spec
-from orchestrator.tracking import SweepTracker, _client
+
+from orchestrator.progress import Output, QUIET
+from orchestrator.contract.spec_file import parse_spec
+from orchestrator.contract.tracking import SweepTracker, _client
 from trainers.probe import noop_sweep_yaml, probe_trial
 
 from reliability_support import finished_trials, kill_server, server_pids
@@ -50,7 +52,7 @@ def test_a_killed_server_is_restarted_and_no_trial_loses_a_step(tmp_path, no_ray
     killed: list[int] = []
     watcher = _kill_after(db, 3, killed)
     trial = functools.partial(probe_trial, steps=STEPS, seconds=2.0, prompts=8)
-    outcome = run_sweep(spec, sqlite, show_progress=False, echo=lambda _: None, trial_fn=trial)
+    outcome = run_sweep(spec, sqlite, output=QUIET, trial_fn=trial)
     watcher.join(1)
     assert killed, "the server was not killed mid-sweep"
     assert outcome.failed == 0 and len(outcome.records) == TOTAL
@@ -72,7 +74,7 @@ def test_without_restarts_the_sweep_stops_clearly_and_a_rerun_completes_it(tmp_p
     watcher = _kill_after(db, 3, killed)
     trial = functools.partial(probe_trial, steps=STEPS, seconds=2.0, prompts=8)
     with pytest.raises(SweepError, match="tracking store stopped answering") as info:
-        run_sweep(spec, sqlite, show_progress=False, echo=lambda _: None, trial_fn=trial)
+        run_sweep(spec, sqlite, output=QUIET, trial_fn=trial)
     watcher.join(1)
     assert killed
     assert "unreachable" in str(info.value) and "rerun the same command" in str(info.value)
@@ -83,7 +85,7 @@ def test_without_restarts_the_sweep_stops_clearly_and_a_rerun_completes_it(tmp_p
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
     messages: list[str] = []
-    outcome = run_sweep(spec, sqlite, show_progress=False, echo=messages.append, trial_fn=trial)
+    outcome = run_sweep(spec, sqlite, output=Output(messages.append, bar=False), trial_fn=trial)
     assert f"resuming: skipping {done_before} trials already done" in messages
     assert outcome.ran == TOTAL - done_before and outcome.failed == 0
     _every_key_finished_once(sqlite, "server-gone")

@@ -5,9 +5,10 @@ import torch
 
 from analysis.report import render
 from orchestrator.pipeline import run_sweep
+from orchestrator.progress import QUIET
 from orchestrator.reporting import load_report_inputs
-from orchestrator.spec import parse_spec
-from orchestrator.tracking import TAG_FAILURE, SweepTracker
+from orchestrator.contract.spec_file import parse_spec
+from orchestrator.contract.tracking import TAG_FAILURE, SweepTracker
 from trainers import losses
 from trainers import trial as trial_module
 
@@ -27,8 +28,10 @@ EVALUATE_RAISES_ON_CALL = 4  # local order: base, SFT, dpo b=0.1, (b=0.2 never e
 
 
 def test_diverging_and_evaluation_failures_are_failed_runs_with_reason_and_step(tmp_path, monkeypatch):
+    real_dpo = losses.dpo_loss
+
     def diverging_dpo(*args, beta, **kwargs):
-        out = losses.dpo_loss(*args, beta=beta, **kwargs)
+        out = real_dpo(*args, beta=beta, **kwargs)
         return (out[0] * torch.tensor(float("nan")), *out[1:]) if beta == DIVERGING_BETA else out
 
     calls = []
@@ -40,11 +43,11 @@ def test_diverging_and_evaluation_failures_are_failed_runs_with_reason_and_step(
             raise ValueError("reward model returned no score for prompt 3")
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setitem(losses.LOSSES, "dpo", diverging_dpo)
+    monkeypatch.setattr(losses, "dpo_loss", diverging_dpo)  # the method catalogue's loss for dpo
     monkeypatch.setattr(trial_module, "evaluate", evaluate_that_raises_once)
     spec = parse_spec(SPEC.format(workdir=tmp_path / "work"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    outcome = run_sweep(spec, uri, show_progress=False, echo=lambda _: None)
+    outcome = run_sweep(spec, uri, output=QUIET)
     assert outcome.ran == 6 and outcome.failed == 2  # the sweep went on past both
 
     dpo = {r.run_name: r for r in SweepTracker(uri, "faults").trials("dpo")}

@@ -11,7 +11,8 @@ from trainers.cache import cached_reference_logps, reference_cache_key
 from trainers.data import encode_pairs
 from trainers.models import build_task_tokenizer, build_tiny_model, save_model
 from trainers.synthetic import generate_split
-from trainers.train import LoopSettings, make_accelerator, preference_objective, reference_logps, train
+from trainers.train import LoopSettings, make_accelerator, reference_logps, train
+from trainers.objectives import preference_objective
 
 TINY = SimpleNamespace(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, max_positions=64, seed=0)
 
@@ -66,7 +67,7 @@ def test_training_from_cache_follows_the_same_loss_curve(tmp_path, checkpoint):
     def curve(reference):
         model = build_tiny_model(SimpleNamespace(**{**vars(TINY), "seed": 2}), tokenizer)
         history = train(model, pairs, preference_objective("dpo", {"beta": 0.5}, reference), settings,
-                        tokenizer.pad_token_id, make_accelerator())
+                        make_accelerator())
         return torch.tensor([h["loss"] for h in history])
 
     def compute():

@@ -4,8 +4,10 @@ loss curves, one MLflow run per trial with each step logged once (rank 0's), eva
 import pytest
 
 from orchestrator.pipeline import run_sweep
-from orchestrator.spec import SpecError, parse_spec
-from orchestrator.tracking import SweepTracker, _client
+
+from orchestrator.progress import QUIET
+from orchestrator.contract.spec_file import SpecError, parse_spec
+from orchestrator.contract.tracking import SweepTracker, _client
 
 from ddp_support import SPEC
 
@@ -19,7 +21,7 @@ def _curves(tmp_path, processes: int, extra: str = "") -> dict[str, list[float]]
             f"processes_per_trial: {processes}}}", f"processes_per_trial: {processes}, {extra}}}")
     spec = parse_spec(text)
     assert not extra or spec.training.micro_batch_size == 4
-    outcome = run_sweep(spec, uri, show_progress=False, echo=lambda _: None)
+    outcome = run_sweep(spec, uri, output=QUIET)
     assert outcome.failed == 0, [r.tags.get("posweep.failure") for r in outcome.records]
     records = SweepTracker(uri, spec.name).trials()
     assert len(records) == 4 and all(r.status == "FINISHED" for r in records)  # one run per trial
@@ -70,8 +72,9 @@ def test_a_two_process_loop_resumes_from_rank_0s_checkpoint_with_the_uninterrupt
     import torch.multiprocessing as mp
 
     from ddp_support import _checkpointed_history, checkpointed_rank
-    from orchestrator.tracking import free_port
-    from trainers.train import Checkpointing, load_training_state, make_accelerator
+    from orchestrator.contract.net import free_port
+    from trainers.train import load_training_state, make_accelerator
+    from orchestrator.contract.lifecycle import Checkpointing
 
     expected = _checkpointed_history(make_accelerator(), None, kill_at=0)
     for kill_at in (7, 0):
@@ -94,7 +97,7 @@ def test_launched_ranks_are_released_when_task_0_does_not_train(tmp_path, fail):
     import torch.multiprocessing as mp
 
     from ddp_support import launched_rank_of_a_trial_that_does_not_train
-    from orchestrator.tracking import free_port
+    from orchestrator.contract.net import free_port
 
     context = mp.start_processes(launched_rank_of_a_trial_that_does_not_train,
                                  args=(2, free_port(), str(tmp_path), fail), nprocs=2, join=False,
@@ -115,8 +118,9 @@ def test_fsdp_shards_every_parameter_and_trains_like_one_process(tmp_path):
     import torch.multiprocessing as mp
 
     from ddp_support import sharded_rank, tiny_dpo_settings, tiny_dpo_setup
-    from orchestrator.tracking import free_port
-    from trainers.train import make_accelerator, preference_objective, train
+    from orchestrator.contract.net import free_port
+    from trainers.train import make_accelerator, train
+    from trainers.objectives import preference_objective
 
     mp.start_processes(sharded_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
@@ -126,7 +130,7 @@ def test_fsdp_shards_every_parameter_and_trains_like_one_process(tmp_path):
     model = fresh()
     assert ranks[0]["keys"] == sorted(model.state_dict())
     one = train(model, pairs, preference_objective("dpo", {"beta": 0.5}, reference), tiny_dpo_settings(max_steps=6),
-                tokenizer.pad_token_id, make_accelerator())
+                make_accelerator())
     assert [h["loss"] for h in ranks[0]["history"]] == pytest.approx([h["loss"] for h in one], abs=1e-5)
 
 

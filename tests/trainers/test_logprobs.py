@@ -13,8 +13,8 @@ from trainers.logprobs import (HeadSupport, TargetLogProbs, choose_layout, descr
 from trainers.models import build_task_tokenizer, build_tiny_model
 from trainers.packing import PADDED, Layout
 from trainers.synthetic import generate_split
-from trainers.train import (LoopSettings, make_accelerator, make_optimizer, preference_objective, reference_logps,
-                            sft_objective, train)
+from trainers.train import LoopSettings, make_accelerator, make_optimizer, reference_logps, train
+from trainers.objectives import preference_objective, sft_objective
 
 TINY = SimpleNamespace(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, max_positions=64, seed=0)
 PACKED = Layout(True)
@@ -168,8 +168,7 @@ def test_packed_rows_give_the_padded_loss_curves_and_weights(setup, method, hpar
         model = build_tiny_model(TINY, tokenizer)
         model.config._attn_implementation = attention
         objective = sft_objective if method == "sft" else preference_objective(method, hparams, reference)
-        history = train(model, pairs, objective, loop_settings(padding_free=padding_free), tokenizer.pad_token_id,
-                        make_accelerator())
+        history = train(model, pairs, objective, loop_settings(padding_free=padding_free), make_accelerator())
         runs.append((history, model))
     (padded, padded_model), (packed, packed_model) = runs
     assert [h["step"] for h in packed] == [1, 2, 3, 4]

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from trainers.losses import LOSSES, get_loss
-from trainers.methods import METHODS
+from trainers.losses import get_loss
+from orchestrator.contract.methods import METHODS
 
 # Two pairs: summed log-probs and lengths.
 POLICY_CHOSEN = torch.tensor([-10.0, -5.0], dtype=torch.float64)
@@ -61,8 +61,20 @@ def test_unknown_loss_lists_known_and_suggests():
 
 
 def test_every_preference_method_has_a_loss_and_back():
+    """Each catalogue entry names its torch code lazily; every reference must load: the loss of each preference
+    method (and of nothing else), its state factory where it has one, and the objective of every trained method."""
+    from trainers.objectives import Objective
+
     preference = {name for name, m in METHODS.items() if m.kind == "preference"}
-    assert set(LOSSES) == preference
+    assert {name for name, m in METHODS.items() if m.loss} == preference
+    for name, method in METHODS.items():
+        if method.loss:
+            assert callable(method.loss_function()) and method.loss_function() is get_loss(name)
+        if method.state:
+            assert hasattr(method.new_state(), "state_dict")
+        assert (method.objective is not None) == method.trains
+        if method.trains:
+            assert issubclass(method.objective_class(), Objective)
 
 
 def test_losses_backpropagate_to_policy_only():

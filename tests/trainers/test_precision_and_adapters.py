@@ -12,8 +12,8 @@ from trainers.logprobs import sequence_logps
 from trainers.packing import Layout
 from trainers.models import build_task_tokenizer, build_tiny_model
 from trainers.synthetic import generate_split
-from trainers.train import (LoopSettings, epsilon_dpo_objective, make_accelerator, preference_objective,
-                            reference_logps, sft_objective, train)
+from trainers.train import LoopSettings, make_accelerator, reference_logps, train
+from trainers.objectives import epsilon_dpo_objective, preference_objective, sft_objective
 
 TINY = SimpleNamespace(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, max_positions=64, seed=0)
 LORA = SimpleNamespace(r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
@@ -37,12 +37,11 @@ def _losses(history):
 
 def test_bf16_trains_on_cpu_with_finite_losses_close_to_fp32(setup):
     tokenizer, pairs = setup
-    fp32 = _losses(train(_model(tokenizer), pairs, sft_objective, SETTINGS, tokenizer.pad_token_id,
-                         make_accelerator()))
+    fp32 = _losses(train(_model(tokenizer), pairs, sft_objective, SETTINGS, make_accelerator()))
     model = _model(tokenizer)
     before = model.model.embed_tokens.weight.detach().clone()
     bf16 = _losses(train(model, pairs, sft_objective, dataclasses.replace(SETTINGS, precision="bf16"),
-                         tokenizer.pad_token_id, make_accelerator()))
+                         make_accelerator()))
     assert all(torch.isfinite(torch.tensor(bf16))) and bf16[-1] < bf16[0]
     assert bf16 != fp32 and max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.1  # rounded, not another run
     assert model.model.embed_tokens.weight.dtype == torch.float32  # weights stay fp32 (mixed precision)
@@ -53,7 +52,7 @@ def test_fp16_on_cpu_is_refused_with_the_reason(setup):
     tokenizer, pairs = setup
     with pytest.raises(ValueError, match="fp16 needs a CUDA GPU .* runs on cpu: use bf16 or fp32"):
         train(_model(tokenizer), pairs, sft_objective, dataclasses.replace(SETTINGS, precision="fp16"),
-              tokenizer.pad_token_id, make_accelerator())
+              make_accelerator())
 
 
 def test_gradient_checkpointing_changes_memory_not_numbers(setup):
@@ -65,7 +64,7 @@ def test_gradient_checkpointing_changes_memory_not_numbers(setup):
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         curves.append(_losses(train(model, pairs, preference_objective("dpo", {"beta": 0.5}, reference), SETTINGS,
-                                    tokenizer.pad_token_id, make_accelerator())))
+                                    make_accelerator())))
     assert curves[0] == pytest.approx(curves[1], abs=1e-6)
 
 
@@ -84,7 +83,7 @@ def test_lora_trains_only_adapters_and_its_disabled_view_is_the_starting_model(s
     assert all(torch.equal(a, b) for a, b in zip(reference_logps(view, pairs, tokenizer.pad_token_id, 16, device),
                                                   expected))
     history = train(policy, pairs, preference_objective("dpo", {"beta": 0.5}, expected), SETTINGS,
-                    tokenizer.pad_token_id, make_accelerator())
+                    make_accelerator())
     assert history[-1]["loss"] < history[0]["loss"]
     base_now = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
                 for k, v in policy.state_dict().items() if "lora_" not in k}
@@ -108,7 +107,7 @@ def test_lora_epsilon_dpo_uses_the_adapter_disabled_view_as_its_reference(setup)
     view = AdapterDisabled(policy)
     objective = epsilon_dpo_objective({"beta": 0.1, "epsilon": 0.01}, view)
     assert policy.training  # building the objective put only the view in eval mode, not the policy
-    history = train(policy, pairs, objective, SETTINGS, tokenizer.pad_token_id, make_accelerator())
+    history = train(policy, pairs, objective, SETTINGS, make_accelerator())
     assert all(torch.isfinite(torch.tensor(_losses(history))))
     # at step 1 the adapters are zero-initialised (B = 0): policy = reference, so the DPO part starts at log 2
     assert history[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
@@ -141,8 +140,9 @@ def test_a_sweep_with_bf16_checkpointing_and_lora_loads_one_model_per_lora_trial
     reference for the cache, freed before training; the SFT model for KL) and epsilon_dpo two (policy;
     the reference it keeps, reused for KL)."""
     from orchestrator.pipeline import run_sweep
-    from orchestrator.spec import parse_spec
-    from orchestrator.tracking import SweepTracker
+    from orchestrator.progress import QUIET
+    from orchestrator.contract.spec_file import parse_spec
+    from orchestrator.contract.tracking import SweepTracker
     from trainers import trial as trial_module
 
     loads = []
@@ -150,7 +150,7 @@ def test_a_sweep_with_bf16_checkpointing_and_lora_loads_one_model_per_lora_trial
     monkeypatch.setattr(trial_module, "load_causal_lm", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
     text = SWEEP.format(workdir=tmp_path / "work", lora=", lora: {r: 4}" if lora else "")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    outcome = run_sweep(parse_spec(text), uri, show_progress=False, echo=lambda _: None)
+    outcome = run_sweep(parse_spec(text), uri, output=QUIET)
     assert outcome.failed == 0, [r.tags.get("posweep.failure") for r in outcome.records]
     records = {r.stage: r for r in SweepTracker(uri, "options").trials()}
     assert records["sft"].params["training.precision"] == "bf16"
@@ -166,11 +166,9 @@ def test_a_bf16_accelerator_left_by_another_library_does_not_leak_into_trials(se
     from accelerate.state import AcceleratorState
 
     tokenizer, pairs = setup
-    expected = _losses(train(_model(tokenizer), pairs, sft_objective, SETTINGS, tokenizer.pad_token_id,
-                             make_accelerator()))
+    expected = _losses(train(_model(tokenizer), pairs, sft_objective, SETTINGS, make_accelerator()))
     AcceleratorState._reset_state(reset_partial_state=False)
     Accelerator(cpu=True, mixed_precision="bf16")  # what another library's trainer leaves behind
     assert make_accelerator().mixed_precision == "no"
-    again = _losses(train(_model(tokenizer), pairs, sft_objective, SETTINGS, tokenizer.pad_token_id,
-                          make_accelerator()))
+    again = _losses(train(_model(tokenizer), pairs, sft_objective, SETTINGS, make_accelerator()))
     assert again == expected

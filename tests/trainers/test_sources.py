@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from orchestrator.spec import SpecError, parse_spec
+from orchestrator.contract.spec_file import SpecError, parse_spec
 from trainers.sources import DataError, hh_rlhf_turns, load_pairs, load_split
 
 STAGES = "stages: {sft: {grid: {learning_rate: [1.0e-3]}}, methods: {dpo: {grid: {beta: [0.1], learning_rate: [1.0e-4]}}}}\n"
@@ -78,12 +78,15 @@ def test_generic_columns_and_separate_eval_source(tmp_path):
 
 
 def test_spec_rejects_unknown_columns_and_missing_files(tmp_path):
+    """The schema reads no file; preflight (sweep run/plan) refuses unknown columns and missing files."""
+    from trainers.preflight import InputError, Preflight, check_data
+
     train = write_jsonl(tmp_path / "train.jsonl", [{"q": "x", "good": "g", "bad": "b"}])
-    with pytest.raises(SpecError) as info:
-        data_spec(f"data: {{kind: generic, path: {train}}}")
+    with pytest.raises(InputError) as info:
+        check_data(data_spec(f"data: {{kind: generic, path: {train}}}"), Preflight())
     assert "columns 'prompt', 'chosen', 'rejected' not in" in str(info.value) and "its columns: q, good, bad" in str(info.value)
-    with pytest.raises(SpecError, match="no such file"):
-        data_spec("data: {kind: hh_rlhf, path: /no/such.jsonl}")
+    with pytest.raises(InputError, match="no such file"):
+        check_data(data_spec("data: {kind: hh_rlhf, path: /no/such.jsonl}"), Preflight())
     with pytest.raises(SpecError, match="exactly one of path"):
         data_spec("data: {kind: hh_rlhf}")
     with pytest.raises(SpecError, match="exactly one of path"):

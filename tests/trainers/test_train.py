@@ -6,14 +6,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trainers.methods import METHODS
+from orchestrator.contract.methods import METHODS
 from trainers.data import EncodedPair, EncodedSequence, encode_pairs, encode_sequence
 from trainers.logprobs import sequence_logps
 from trainers.models import build_task_tokenizer, build_tiny_model
 from trainers.synthetic import generate_split
 from trainers.packing import PADDED, Layout
-from trainers.train import (LoopSettings, NonFiniteLoss, ObservedObjective, SFTObjective, make_accelerator,
-                            preference_objective, reference_logps, sft_objective, train)
+from trainers.train import LoopSettings, NonFiniteLoss, make_accelerator, reference_logps, train
+from trainers.objectives import ObservedObjective, SFTObjective, preference_objective, sft_objective
 
 TINY = SimpleNamespace(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, max_positions=64, seed=0)
 
@@ -57,8 +57,7 @@ def test_sequence_logps_match_a_manual_sum(layout):
 def test_sft_loss_goes_down(setup):
     tokenizer, pairs = setup
     model = build_tiny_model(TINY, tokenizer)
-    history = train(model, pairs, sft_objective, settings(1e-2, epochs=4), tokenizer.pad_token_id,
-                    make_accelerator())
+    history = train(model, pairs, sft_objective, settings(1e-2, epochs=4), make_accelerator())
     assert history[-1]["loss"] < history[0]["loss"] - 0.5
 
 
@@ -76,8 +75,7 @@ def test_preference_losses_go_down_and_parameters_move(setup, method, hparams):
         reference = reference_logps(build_tiny_model(TINY, tokenizer), pairs, tokenizer.pad_token_id, 32,
                                     torch.device("cpu"))
     objective = preference_objective(method, hparams, reference)
-    history = train(model, pairs, objective, settings(3e-3, epochs=4), tokenizer.pad_token_id,
-                    make_accelerator())
+    history = train(model, pairs, objective, settings(3e-3, epochs=4), make_accelerator())
     first, last = history[0], history[-1]
     assert last["loss"] < first["loss"]
     assert last["reward_accuracy"] >= first["reward_accuracy"]
@@ -89,7 +87,7 @@ def test_dpo_at_the_reference_starts_at_log2(setup):
     model = build_tiny_model(TINY, tokenizer)
     reference = reference_logps(model, pairs, tokenizer.pad_token_id, 32, torch.device("cpu"))
     history = train(model, pairs, preference_objective("dpo", {"beta": 0.1}, reference),
-                    settings(1e-9, steps=1), tokenizer.pad_token_id, make_accelerator())
+                    settings(1e-9, steps=1), make_accelerator())
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert history[0]["reward_margin"] == pytest.approx(0.0, abs=1e-4)
 
@@ -106,7 +104,7 @@ def test_non_finite_loss_raises_with_step(setup):
     exploding = Exploding()
 
     with pytest.raises(NonFiniteLoss, match="at step 1"):
-        train(model, pairs, exploding, settings(1e-3), tokenizer.pad_token_id, make_accelerator())
+        train(model, pairs, exploding, settings(1e-3), make_accelerator())
 
 
 def test_sequence_logps_keep_float64():
@@ -120,14 +118,14 @@ def test_sequence_logps_keep_float64():
 
 
 def test_epsilon_dpo_trains_and_updates_beta_by_the_mean_step(setup):
-    from trainers.train import epsilon_dpo_objective
+    from trainers.objectives import epsilon_dpo_objective
 
     tokenizer, pairs = setup
     model = build_tiny_model(TINY, tokenizer)
     reference = build_tiny_model(SimpleNamespace(**{**vars(TINY), "seed": 1}), tokenizer)
     before = [p.detach().clone() for p in model.parameters()]
     history = train(model, pairs, epsilon_dpo_objective({"beta": 0.5, "epsilon": 0.2}, reference),
-                    settings(3e-3, epochs=4), tokenizer.pad_token_id, make_accelerator())
+                    settings(3e-3, epochs=4), make_accelerator())
     assert history[-1]["loss"] < history[0]["loss"]
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert history[0]["beta"] == 0.5
@@ -153,7 +151,9 @@ class Interrupted(Exception):
 def test_a_killed_loop_resumes_from_its_checkpoint_with_the_uninterrupted_result(setup, tmp_path, method):
     """Killed at step 7 with saves every 3 steps: the rerun restarts from step 6 and ends where an uninterrupted
     run ends (same batches, optimizer, schedule and loss state: beta_dpo's EMA/RNG, epsilon_dpo's beta)."""
-    from trainers.train import Checkpointing, TOKEN_LOGIT_OBJECTIVES, load_training_state
+    from trainers.objectives import build_objective
+    from trainers.train import load_training_state
+    from orchestrator.contract.lifecycle import Checkpointing
 
     tokenizer, pairs = setup
     ref = build_tiny_model(TINY, tokenizer).eval()
@@ -164,11 +164,10 @@ def test_a_killed_loop_resumes_from_its_checkpoint_with_the_uninterrupted_result
             return sft_objective
         hp = METHODS[method].params(beta=0.1, **({"epsilon": 0.1} if method == "epsilon_dpo" else {"alpha": 0.5}))
         if method == "epsilon_dpo":
-            return TOKEN_LOGIT_OBJECTIVES[method](hp.model_dump(), ref)
+            return build_objective(METHODS[method], hp.model_dump(), ref_model=ref)
         return preference_objective(method, hp.model_dump(), reference)
 
-    run = lambda model, **kw: train(model, pairs, objective(), settings(3e-3, steps=10), tokenizer.pad_token_id,  # noqa: E731
-                                    make_accelerator(), **kw)
+    run = lambda model, **kw: train(model, pairs, objective(), settings(3e-3, steps=10), make_accelerator(), **kw)
     whole = build_tiny_model(TINY, tokenizer)
     expected = run(whole)
 
@@ -193,7 +192,8 @@ def test_a_killed_loop_resumes_from_its_checkpoint_with_the_uninterrupted_result
 
 
 def test_a_damaged_checkpoint_is_ignored(tmp_path):
-    from trainers.train import Checkpointing, load_training_state
+    from trainers.train import load_training_state
+    from orchestrator.contract.lifecycle import Checkpointing
 
     checkpointing = Checkpointing(tmp_path, every=1)
     checkpointing.path.write_bytes(b"not a torch file")
@@ -229,9 +229,9 @@ def test_micro_batches_give_the_one_pass_loss_curve_and_weights(setup, method, m
     seen: list[int] = []
     objective = ObservedObjective(base, lambda batch: seen.append(batch["index"].shape[0]))
     whole, split = build_tiny_model(TINY, tokenizer), build_tiny_model(TINY, tokenizer)
-    one = train(whole, pairs, base, settings(3e-3, steps=6), tokenizer.pad_token_id, make_accelerator())
+    one = train(whole, pairs, base, settings(3e-3, steps=6), make_accelerator())
     accumulated = train(split, pairs, objective, replace(settings(3e-3, steps=6), micro_batch_size=micro),
-                        tokenizer.pad_token_id, make_accelerator())
+                        make_accelerator())
     assert max(seen) == micro and len(seen) == 6 * math.ceil(16 / micro)
     for got, want in zip(accumulated, one):
         for name in want:

@@ -6,8 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.grid import TrialSpec
-from orchestrator.spec import Strict
+from pydantic import ConfigDict
+
+from orchestrator.contract.runs import RunStatus
+from orchestrator.contract.spec import Strict
+from orchestrator.contract.trials import TrialSpec
 
 
 class TrialRuntime(Strict):
@@ -31,6 +34,11 @@ class TrialRuntime(Strict):
     rank_launcher: str = "spawn"           # how they start (trainers.distributed.RANK_LAUNCHERS)
     sharding: str = "ddp"                  # ddp | fsdp (executor.sharding)
     rank_resources: dict[str, float] = {}  # per rank, for a launcher that places ranks itself (ray_train)
+    # checkpoints.keep: a preference trial logs its trained weights as run artifacts (model/) and the method's
+    # best is kept (best_per_method) or all are (all); None: no preference weights are saved
+    keep_models: Optional[str] = None
+    register_models: bool = False          # checkpoints.registry: the kept best in the Model Registry
+    system_metrics_interval: Optional[float] = None  # seconds between system-metric samples; None: off
 
 
 class TrialTask(Strict):
@@ -48,9 +56,10 @@ def trial_dir(workdir: str | Path, trial_key: str) -> Path:
 
 
 class TrialResult(Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=True)
     trial_key: str
     run_id: Optional[str]
-    status: str                   # FINISHED | FAILED
+    status: RunStatus             # FINISHED | FAILED
     metrics: dict[str, float] = {}
     error: Optional[str] = None
     wall_seconds: float = 0.0

@@ -1,24 +1,37 @@
-"""Sweep specs: YAML -> validated pydantic models. Every config model forbids unknown keys.
+"""The sweep spec's schema: pydantic models, every one forbidding unknown keys.
 
-A bad spec raises SpecError, whose one-line message names the file, the line (where known), the field
-path and what is allowed. Nothing is imported from torch here, so validation is quick.
+Pure: validating a spec reads no file and imports no torch, so `sweep report` and `sweep status` load a spec
+whose data is on another machine. Whether the paths it names exist and hold what they should is preflight's
+job (trainers/preflight.py, run by `sweep run` and `sweep plan`). YAML text becomes a SweepSpec, or a
+SpecError naming the file, line and field, in orchestrator.contract.spec_file.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+import functools
+import math
+from typing import Annotated, Any, Literal, Optional, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-from trainers.methods import METHODS, Method, unknown_name_message
+from orchestrator.contract.methods import METHODS, Method
 
 Scalar = Union[int, float, str, bool]
 
 
+def _finite(value):
+    # checked before the union: else each of its branches reports .inf/.nan its own way (four errors, one cause)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value} is not a finite number")
+    return value
+
+
+GridValue = Annotated[Scalar, BeforeValidator(_finite)]
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no unknown key, and no .inf/.nan where a number belongs (YAML reads them as floats that pass gt=0)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ---- model ---------------------------------------------------------------------------------------
@@ -39,37 +52,27 @@ class TinyModelSpec(Strict):
         return self
 
 
-def _existing_path(value: Optional[str], folder: bool) -> Optional[str]:
-    """A spec path must exist when the spec loads (field-level, so the error names e.g. `reward.path`)."""
-    if value is None:
-        return value
-    path = Path(value).expanduser()
-    if not (path.is_dir() if folder else path.is_file()):
-        raise ValueError(f"no such {'folder' if folder else 'file'}: {value} (resolved to {path.resolve()})")
-    return value
-
-
-class HFModelSpec(Strict):
-    """Any Hugging Face causal LM: a local folder (`path`), a hub id (`hub_id`, needs the network or a filled
-    HF cache), either optionally with a GGUF file inside (`gguf_file`; rebuilt once into a trainable folder)."""
-    kind: Literal["hf"]
+class LocalOrHub(Strict):
+    """A model read from a local folder (`path`) or a hub id (`hub_id`, needs the network or a filled HF cache)."""
     path: Optional[str] = None
     hub_id: Optional[str] = None
-    revision: Optional[str] = None
-    gguf_file: Optional[str] = None
-    trust_remote_code: bool = Field(False, description="run the model repository's own code (warned about)")
-    require_chat_template: bool = Field(False, description="refuse a tokenizer without a chat template (an "
-                                        "instruct model's tokenizer files missing) instead of plain-text prompts")
-
-    _path_exists = field_validator("path")(lambda cls, v: _existing_path(v, folder=True))
 
     @model_validator(mode="after")
     def _one_source(self):
         if (self.path is None) == (self.hub_id is None):
             raise ValueError("give exactly one of path (a local folder) or hub_id")
-        if self.path and self.gguf_file and not (Path(self.path).expanduser() / self.gguf_file).is_file():
-            raise ValueError(f"no GGUF file {self.gguf_file!r} in {self.path}")
         return self
+
+
+class HFModelSpec(LocalOrHub):
+    """Any Hugging Face causal LM: a local folder (`path`), a hub id (`hub_id`, needs the network or a filled
+    HF cache), either optionally with a GGUF file inside (`gguf_file`; rebuilt once into a trainable folder)."""
+    kind: Literal["hf"]
+    revision: Optional[str] = None
+    gguf_file: Optional[str] = None
+    trust_remote_code: bool = Field(False, description="run the model repository's own code (warned about)")
+    require_chat_template: bool = Field(False, description="refuse a tokenizer without a chat template (an "
+                                        "instruct model's tokenizer files missing) instead of plain-text prompts")
 
 
 ModelSpec = Annotated[Union[TinyModelSpec, HFModelSpec], Field(discriminator="kind")]
@@ -93,9 +96,10 @@ class FileDataSpec(Strict):
     n_train: Optional[int] = Field(None, ge=1, description="use at most this many training pairs")
     n_eval: int = Field(64, ge=1, description="held-out evaluation pairs")
     on_malformed: Literal["error", "skip"] = "error"
+    max_row_chars: int = Field(200_000, gt=0, description="a row with a longer prompt or response is malformed "
+                                                          "(tokenizing it would cost minutes before max_length "
+                                                          "cuts it)")
     eval: Optional["EvalDataSpec"] = Field(None, description="a separate source for the evaluation pairs")
-
-    _path_exists = field_validator("path")(lambda cls, v: _existing_path(v, folder=False))
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -128,34 +132,6 @@ class GenericDataSpec(FileDataSpec):
     kind: Literal["generic"]
     columns: ColumnMap = Field(default_factory=ColumnMap)
 
-    @model_validator(mode="after")
-    def _columns_exist(self):
-        first = _first_jsonl_row(self.path) if self.path else None
-        if isinstance(first, dict):
-            missing = [c for c in (self.columns.prompt, self.columns.chosen, self.columns.rejected) if c not in first]
-            if missing:
-                raise ValueError(f"columns {', '.join(map(repr, missing))} not in {self.path} "
-                                 f"(its columns: {', '.join(map(str, first))}); map them with data.columns")
-        return self
-
-
-def _first_jsonl_row(path: str):
-    """The first row of a local .jsonl(.gz) file, to check column names before anything runs."""
-    import gzip
-    import json
-
-    p = Path(path).expanduser()
-    if not p.name.endswith((".jsonl", ".jsonl.gz")):
-        return None
-    with (gzip.open if p.name.endswith(".gz") else open)(p, "rt", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    return json.loads(line)
-                except json.JSONDecodeError:
-                    return None
-    return None
-
 
 EvalDataSpec = Annotated[Union[HHRLHFDataSpec, SafeRLHFDataSpec, GenericDataSpec], Field(discriminator="kind")]
 for _model in (FileDataSpec, HHRLHFDataSpec, SafeRLHFDataSpec, GenericDataSpec):
@@ -169,22 +145,12 @@ class SyntheticRewardSpec(Strict):
     kind: Literal["synthetic"] = "synthetic"
 
 
-class HFRewardSpec(Strict):
+class HFRewardSpec(LocalOrHub):
     """A Hugging Face sequence-classification reward model with one output: a local folder (`path`) or a
     hub id (`hub_id`, needs the network or a filled HF cache)."""
     kind: Literal["hf"]
-    path: Optional[str] = None
-    hub_id: Optional[str] = None
     trust_remote_code: bool = False
     batch_size: int = Field(16, gt=0)
-
-    _path_exists = field_validator("path")(lambda cls, v: _existing_path(v, folder=True))
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if (self.path is None) == (self.hub_id is None):
-            raise ValueError("give exactly one of path (a local folder) or hub_id")
-        return self
 
 
 RewardSpec = Annotated[Union[SyntheticRewardSpec, HFRewardSpec], Field(discriminator="kind")]
@@ -237,7 +203,7 @@ class EvaluationSpec(Strict):
 
 
 class TrainHParams(Strict):
-    """Grid keys every method accepts, besides its own (trainers/methods.py)."""
+    """Grid keys every method accepts, besides its own (orchestrator/contract/methods.py)."""
     learning_rate: float = Field(gt=0)
     epochs: int = Field(1, ge=1)
 
@@ -246,8 +212,8 @@ class TrainHParams(Strict):
 class GridSpec(Strict):
     """`grid`: the product of the listed values. `zip`: equal-length lists taken together (coupled
     parameters, e.g. SimPO's beta and gamma), crossed with the grid."""
-    grid: dict[str, list[Scalar]] = Field(default_factory=dict)
-    zip: dict[str, list[Scalar]] = Field(default_factory=dict)
+    grid: dict[str, list[GridValue]] = Field(default_factory=dict)
+    zip: dict[str, list[GridValue]] = Field(default_factory=dict)
     space: dict[str, SearchRange] = Field(default_factory=dict, description="ranges for search.kind optuna")
 
     @field_validator("grid", "zip")
@@ -455,10 +421,24 @@ class CostSpec(Strict):
 
 class TrackingSpec(Strict):
     uri: Optional[str] = Field(None, description="MLflow tracking URI; default sqlite:///mlflow.db")
+    system_metrics: bool = Field(True, description="log CPU, memory, disk, network (and GPU, where pynvml is "
+                                 "installed) utilisation into every trial run, as MLflow's system metrics")
+    system_metrics_interval: float = Field(10.0, ge=0.5, description="seconds between system-metric samples; "
+                                           "every trial logs at least one, when it ends")
     server_host: str = Field("127.0.0.1", description="where the MLflow server that `sweep run` starts for "
                              "parallel trials on a SQLite store listens; only widen it on a trusted network")
     server_restarts: int = Field(3, ge=0, description="times that server is started again if it dies mid-sweep "
                                  "(trials retry their requests with backoff meanwhile)")
+
+
+class CheckpointsSpec(Strict):
+    """Which trained preference models outlive their trial (SFT checkpoints that preference stages start from
+    are always kept). Kept weights are run artifacts (`model/`, a Hugging Face folder); the best trial of each
+    method is registered in the MLflow Model Registry as SWEEP-METHOD, alias `best`."""
+    keep: Literal["best_per_method", "all", "none"] = Field(
+        "best_per_method", description="best_per_method: each method's best trial by mean_score (a superseded "
+        "best is deleted as the sweep goes); all: every finished trial's; none: no preference weights")
+    registry: bool = Field(True, description="register each method's best kept model (needs keep other than none)")
 
 
 class SweepSpec(Strict):
@@ -474,6 +454,9 @@ class SweepSpec(Strict):
     search: SearchSpec = Field(default_factory=GridSearchSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     cost: CostSpec = Field(default_factory=CostSpec)
+    checkpoints: CheckpointsSpec = Field(default_factory=CheckpointsSpec)
+    max_trials: int = Field(10_000, gt=0, description="the most trials the grids may plan: a guard against a grid "
+                                                      "of a million points by mistake; raise it for a bigger sweep")
 
     @model_validator(mode="after")
     def _search_has_a_space(self):
@@ -537,131 +520,29 @@ class SweepSpec(Strict):
         return self
 
 
-# ---- errors --------------------------------------------------------------------------------------
-class SpecError(ValueError):
-    """A spec problem, printed as one line: `FILE:LINE: FIELD.PATH: what is wrong and what is allowed`."""
-
-    def __init__(self, file: str, path: str, message: str, line: Optional[int] = None):
-        self.file, self.path, self.message, self.line = file, path, message, line
-        where = f"{file}:{line}" if line else file
-        super().__init__(f"{where}: {path}: {message}" if path else f"{where}: {message}")
-
-
-def _yaml_lines(text: str) -> dict[tuple, int]:
-    """Map each field path (tuple of keys/indices) to its 1-based line in the YAML text."""
-    lines: dict[tuple, int] = {}
-
-    def walk(node, path: tuple) -> None:
-        lines[path] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                lines[path + (key.value,)] = key.start_mark.line + 1
-                walk(value, path + (key.value,))
-                lines[path + (key.value,)] = key.start_mark.line + 1
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                walk(item, path + (i,))
-
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
-def _line_for(lines: dict[tuple, int], loc: tuple) -> Optional[int]:
-    for end in range(len(loc), -1, -1):  # the deepest known ancestor
-        if loc[:end] in lines:
-            return lines[loc[:end]]
-    return None
-
-
-def _unwrap(annotation):
-    """Strip Optional/Annotated to the model classes an annotation may hold."""
-    origin = get_origin(annotation)
-    if origin is Annotated:
-        return _unwrap(get_args(annotation)[0])
-    if origin is Union:
-        return [m for a in get_args(annotation) for m in _unwrap(a)]
-    return [annotation]
-
-
-def _resolve_loc(loc: tuple) -> tuple[tuple, list]:
-    """Walk pydantic's error location through the spec's models. Returns the location without
-    discriminator tags (pydantic inserts the `kind` value, e.g. model.tiny.hidden_size) and the types
-    that may sit at the end of it."""
-    candidates: list = [SweepSpec]
-    clean: list = []
-    for part in loc:
-        nxt, is_tag = [], False
-        for c in candidates:
-            if isinstance(c, type) and issubclass(c, BaseModel):
-                if part in c.model_fields:
-                    nxt += _unwrap(c.model_fields[part].annotation)
-                elif "kind" in c.model_fields and part in get_args(c.model_fields["kind"].annotation):
-                    nxt.append(c)
-                    is_tag = True
-            elif get_origin(c) in (dict, list):
-                nxt += _unwrap(get_args(c)[-1])
-        if not is_tag:
-            clean.append(part)
-        candidates = nxt
-    return tuple(clean), candidates
-
-
-def _allowed_fields(candidates: list) -> list[str]:
-    return sorted({f for c in candidates if isinstance(c, type) and issubclass(c, BaseModel) for f in c.model_fields})
-
-
-def _format_loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _error_from_validation(file: str, exc: ValidationError, lines: dict[tuple, int]) -> SpecError:
-    errors = exc.errors()
-    # A misspelt key also makes its real name "missing" in the same mapping: report the unknown key, which
-    # explains both. Not inside a plain union's branches (their locations name no spec model): there pydantic
-    # tries every branch, and its first error is the informative one.
-    missing_in = {tuple(e["loc"][:-1]) for e in errors if e["type"] == "missing"}
-    first = next((e for e in errors if e["type"] == "extra_forbidden" and tuple(e["loc"][:-1]) in missing_in
-                  and _resolve_loc(tuple(e["loc"][:-1]))[1]), errors[0])
-    loc, _ = _resolve_loc(tuple(first["loc"]))
-    more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
-    if first["type"] == "extra_forbidden":
-        allowed = _allowed_fields(_resolve_loc(tuple(first["loc"])[:-1])[1])
-        message = f"unknown field {loc[-1]!r}; allowed: {', '.join(allowed)}"
-    elif first["type"] == "missing":
-        message = "required field is missing"
-    elif first["type"] == "union_tag_invalid":  # e.g. executor: {kind: rey}
-        ctx = first["ctx"]
-        message = f"unknown kind {ctx['tag']!r}; allowed: {ctx['expected_tags'].replace(chr(39), '')}"
-    else:
-        message = first["msg"].removeprefix("Value error, ")
-        if "input" in first and not isinstance(first["input"], (dict, list)) and first["type"] != "value_error":
-            message += f" (got {first['input']!r})"
-    return SpecError(file, _format_loc(loc), message + more, _line_for(lines, loc))
-
-
 # ---- method grids --------------------------------------------------------------------------------
 def grid_fields(method: Method) -> dict[str, Any]:
     """Allowed grid keys of a method -> pydantic FieldInfo (training keys, then method keys)."""
     return {**(TrainHParams.model_fields if method.trains else {}), **method.params.model_fields}
 
 
+@functools.lru_cache(maxsize=None)
 def hparam_adapter(method: Method, key: str) -> TypeAdapter:
-    """Validator and coercer of one grid key of `method` (YAML reads `1e-3` as a string: this makes it
-    the float the field declares)."""
+    """Validator and coercer of one grid key of `method` (YAML reads `1e-3` as a string: this makes it the
+    float the field declares; .inf and .nan are refused). Built once per key: a plan of 100,000 trials coerces
+    every value of every trial."""
     field = grid_fields(method)[key]
-    return TypeAdapter(Annotated[(field.annotation, *field.metadata)])
+    return TypeAdapter(Annotated[(field.annotation, *field.metadata)], config=ConfigDict(allow_inf_nan=False))
 
 
 def coerce_hparam(method: Method, key: str, value: Scalar) -> Scalar:
-    return hparam_adapter(method, key).validate_python(value, strict=isinstance(value, bool))
+    # a grid's values repeat across its points; the type is part of the cache key (1 == 1.0 == True)
+    return _coerced(method, key, value, type(value))
+
+
+@functools.lru_cache(maxsize=65536)
+def _coerced(method: Method, key: str, value: Scalar, kind: type) -> Scalar:
+    return hparam_adapter(method, key).validate_python(value, strict=kind is bool)
 
 
 def range_bounds(search_range: SearchRange) -> list[Scalar]:
@@ -673,97 +554,3 @@ def range_bounds(search_range: SearchRange) -> list[Scalar]:
     return [search_range.low, search_range.high]
 
 
-def _check_grid(file: str, where: tuple, method: Method, grid: GridSpec, lines) -> None:
-    fields = grid_fields(method)
-    for section in ("grid", "zip"):
-        for key, values in getattr(grid, section).items():
-            loc = where + (section, key)
-            if key not in fields:
-                raise SpecError(file, _format_loc(loc), unknown_name_message(
-                    f"hyperparameter for {method.name}", key, list(fields)), _line_for(lines, loc))
-            for i, value in enumerate(values):
-                try:
-                    coerce_hparam(method, key, value)
-                except ValidationError as exc:
-                    msg = exc.errors()[0]["msg"]
-                    raise SpecError(file, _format_loc(loc + (i,)), f"{msg} (got {value!r})",
-                                    _line_for(lines, loc + (i,))) from None
-    for key, search_range in grid.space.items():
-        loc = where + ("space", key)
-        if key not in fields:
-            raise SpecError(file, _format_loc(loc), unknown_name_message(
-                f"hyperparameter for {method.name}", key, list(fields)), _line_for(lines, loc))
-        for value in range_bounds(search_range):
-            try:
-                coerce_hparam(method, key, value)
-            except ValidationError as exc:
-                raise SpecError(file, _format_loc(loc), f"{exc.errors()[0]['msg']} (got {value!r})",
-                                _line_for(lines, loc)) from None
-    given = set(grid.grid) | set(grid.zip) | set(grid.space)
-    for key, field in fields.items():
-        if field.is_required() and key not in given:
-            loc = where + ("grid",)
-            raise SpecError(file, _format_loc(loc), f"{method.name} needs {key!r} in grid or zip",
-                            _line_for(lines, where))
-
-
-def _check_methods(file: str, spec: SweepSpec, lines) -> None:
-    _check_grid(file, ("stages", "sft"), METHODS["sft"], spec.stages.sft, lines)
-    preference = [name for name, m in METHODS.items() if m.kind == "preference"]
-    for name, grid in spec.stages.methods.items():
-        loc = ("stages", "methods", name)
-        if name not in preference:
-            raise SpecError(file, _format_loc(loc), unknown_name_message("method", name, preference),
-                            _line_for(lines, loc))
-        _check_grid(file, loc, METHODS[name], grid, lines)
-
-
-# ---- loading -------------------------------------------------------------------------------------
-class _SpecLoader(yaml.SafeLoader):
-    """YAML's safe loader (no Python tags, nothing executed), refusing a key given twice in one mapping: plain
-    YAML keeps the last one silently, so `beta: [0.1]` further down would replace an earlier grid unseen."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def parse_spec(text: str, file: str = "<spec>") -> SweepSpec:
-    try:
-        raw = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(file, "", f"invalid YAML: {problem}", mark.line + 1 if mark else None) from None
-    if not isinstance(raw, dict):
-        raise SpecError(file, "", f"a sweep spec is a YAML mapping; got {type(raw).__name__}")
-    lines = _yaml_lines(text)
-    try:
-        spec = SweepSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise _error_from_validation(file, exc, lines) from None
-    _check_methods(file, spec, lines)
-    return spec
-
-
-def field_line(path: str | Path, field: str) -> Optional[int]:
-    """The line of a dotted field (e.g. `data.eval.path`) in a spec file, or of its deepest ancestor there."""
-    try:
-        lines = _yaml_lines(Path(path).read_text())
-    except OSError:
-        return None
-    return _line_for(lines, tuple(field.split(".")))
-
-
-def load_spec(path: str | Path) -> SweepSpec:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(str(path), "", f"cannot read spec: {exc.strerror}") from None
-    return parse_spec(text, str(path))

@@ -1,0 +1,163 @@
+"""posweep from Python: the three moves as functions. The `sweep` command line is a thin layer over these.
+
+    from orchestrator import api
+
+    spec = api.load("quickstart")                 # a YAML path, a built-in name, or a dict
+    outcome = api.run(spec, tracking_uri="sqlite:///mlflow.db")
+    print(outcome.summary)                        # the best trial per stage
+    trials = api.trials(spec, tracking_uri="sqlite:///mlflow.db")    # one row per trial (pandas)
+    samples = api.samples(spec, tracking_uri="sqlite:///mlflow.db")  # one row per trial and prompt
+    api.report(spec, tracking_uri="sqlite:///mlflow.db", out="report.html")
+
+Errors are exceptions that say what is wrong in one line: SpecError (the spec), InputError (what it points at),
+PlanError (its grids), StoreUnavailable (the tracking store), SweepError (a sweep that cannot go on),
+NothingToReport.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Union
+
+import pandas as pd
+import yaml
+from pydantic import TypeAdapter
+
+from analysis.report import ReportInputs, render
+from cluster import EXECUTORS
+from orchestrator.contract.registry import unknown_name_message
+from orchestrator.contract.runs import RunStatus
+from orchestrator.contract.spec import ExecutorSpec, SweepSpec
+from orchestrator.contract.spec_file import SpecError, load_spec, parse_spec
+from orchestrator.contract.tracking import (StoreUnavailable, SweepTracker, check_reachable, check_writable,
+                                           existing_trials, resolve_tracking_uri)
+from orchestrator.grid import StagePlan, check_plan_size, plan_sweep, tracked_name
+from orchestrator.pipeline import SweepOutcome, run_sweep
+from orchestrator.progress import Output
+from orchestrator.reporting import load_report_inputs, load_report_inputs_by_name
+from trainers.preflight import Preflight, preflight
+
+SpecSource = Union[str, Path, dict, SweepSpec]
+
+
+class NothingToReport(ValueError):
+    """A sweep without a finished preference trial: no report to make yet."""
+
+
+def builtin_spec_path(name: str) -> Optional[Path]:
+    """Specs shipped in sweeps/ (e.g. `quickstart`), so they load from any directory."""
+    candidate = resources.files("sweeps") / f"{name}.yaml"
+    return Path(str(candidate)) if candidate.is_file() else None
+
+
+def builtin_spec_names() -> list[str]:
+    return sorted(Path(str(p)).stem for p in resources.files("sweeps").iterdir() if str(p).endswith(".yaml"))
+
+
+def spec_path(source: Optional[str]) -> Path:
+    """A spec argument as a file: a path, or a built-in name (none: quickstart); SpecError with a did-you-mean."""
+    if source is None:
+        return builtin_spec_path("quickstart")
+    path = Path(source)
+    if path.exists() or "/" in str(source) or str(source).endswith((".yaml", ".yml")):
+        return path
+    builtin = builtin_spec_path(str(source))
+    if builtin:
+        return builtin
+    close = difflib.get_close_matches(str(source), builtin_spec_names(), n=1)
+    raise SpecError(str(source), "", f"no spec file {str(source)!r} here, nor a built-in spec of that name"
+                                     f"{f' (did you mean {close[0]!r}?)' if close else ''}; built-in: "
+                                     f"{', '.join(builtin_spec_names())}")
+
+
+def load(source: SpecSource = None, *, max_trials: Optional[int] = None, executor: Optional[str] = None,
+         smoke: bool = False) -> SweepSpec:
+    """A validated spec from a YAML path, a built-in name, a dict or a spec; `max_trials` lifts the cap on the
+    grids' size, `executor` swaps the spec's executor for that kind's defaults. Loading reads no file but the
+    spec itself (check() reads what it points at)."""
+    if isinstance(source, SweepSpec):
+        spec, where = source, "<spec>"
+    elif isinstance(source, dict):
+        spec, where = parse_spec(yaml.safe_dump(source), "<dict>"), "<dict>"
+    else:
+        where = spec_path(source)
+        spec = load_spec(where)
+    if max_trials:
+        spec = spec.model_copy(update={"max_trials": max_trials})
+    if executor:
+        if executor not in EXECUTORS:
+            raise SpecError("--executor", "", unknown_name_message("executor", executor, EXECUTORS.names()))
+        if executor != spec.executor.kind:  # the other kind's defaults; the spec's section is for its kind
+            spec = spec.model_copy(update={"executor": TypeAdapter(ExecutorSpec).validate_python({"kind": executor})})
+    check_plan_size(spec, smoke)
+    return spec
+
+
+def plan(spec: SweepSpec, *, smoke: bool = False) -> list[StagePlan]:
+    """The sweep's stages and trials, in run order; nothing runs."""
+    return plan_sweep(spec, smoke)
+
+
+def check(spec: SweepSpec) -> Preflight:
+    """What the spec points at (data rows, model and reward folders, the workdir), read as the trials will read
+    it; InputError names the field. Returns every input resolved and the warnings."""
+    return preflight(spec)
+
+
+def tracking_uri(spec: Optional[SweepSpec] = None, uri: Optional[str] = None) -> str:
+    """The store a call uses: `uri`, the spec's tracking.uri, $MLFLOW_TRACKING_URI, then sqlite:///mlflow.db."""
+    return resolve_tracking_uri(uri, spec.tracking.uri if spec is not None else None)
+
+
+def run(spec: SweepSpec, *, tracking_uri: Optional[str] = None, executor=None, smoke: bool = False,
+        output: Output = Output(), share_work: bool = True) -> SweepOutcome:
+    """Run or resume the sweep (trials already FINISHED are skipped) after checking its inputs; its outcome."""
+    uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri)
+    check_reachable(uri)
+    check_writable(uri)
+    check(spec)
+    return run_sweep(spec, uri, smoke=smoke, executor=executor, output=output, share_work=share_work)
+
+
+def _inputs(source: Union[SweepSpec, str], uri: Optional[str], smoke: bool, progress: bool
+            ) -> tuple[str, str, ReportInputs]:
+    """(sweep name, store, report inputs) of a spec, or of a sweep name without its spec."""
+    if isinstance(source, SweepSpec):
+        name, store = tracked_name(source, smoke), resolve_tracking_uri(uri, source.tracking.uri)
+    else:
+        name, store = source, resolve_tracking_uri(uri, None)
+    check_reachable(store)
+    if not existing_trials(store, name):
+        raise StoreUnavailable(f"no trial of sweep {name!r} in {store}; run it first (sweep run), or give its spec or "
+                               "the tracking URI that holds it")
+    inputs = (load_report_inputs(source, store, smoke=smoke, show_progress=progress)
+              if isinstance(source, SweepSpec) else load_report_inputs_by_name(name, store, show_progress=progress))
+    return name, store, inputs
+
+
+def trials(source: Union[SweepSpec, str], *, tracking_uri: Optional[str] = None, smoke: bool = False
+           ) -> pd.DataFrame:
+    """One row per preference trial (status, method, hyperparameters, metrics, cost) of a spec or a sweep name."""
+    return _inputs(source, tracking_uri, smoke, progress=False)[2].frame
+
+
+def samples(source: Union[SweepSpec, str], *, tracking_uri: Optional[str] = None, smoke: bool = False
+            ) -> pd.DataFrame:
+    """One row per finished preference trial and evaluation prompt (score, length, KL, SFT and chosen scores)."""
+    return _inputs(source, tracking_uri, smoke, progress=False)[2].samples
+
+
+def report(source: Union[SweepSpec, str], *, tracking_uri: Optional[str] = None, out: Optional[str] = None,
+           fmt: str = "html", smoke: bool = False, progress: bool = True) -> tuple[Path, str]:
+    """Write the robustness report of a spec or a sweep name and log it to the sweep's `sweep NAME` run;
+    (the file, that run's id)."""
+    name, store, inputs = _inputs(source, tracking_uri, smoke, progress)
+    if not inputs.methods or not (inputs.frame["status"] == RunStatus.FINISHED).any():
+        raise NothingToReport(f"sweep {name!r} has no FINISHED preference trial yet; nothing to compare")
+    check_writable(store)  # the report is logged to the store: refuse before anything is rendered or written
+    text = render(inputs, fmt)
+    path = Path(out or f"{name}-report.{fmt}")
+    path.write_text(text)
+    return path, SweepTracker(store, name).log_report(text, f"report.{fmt}")

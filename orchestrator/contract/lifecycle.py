@@ -1,0 +1,256 @@
+"""A trial's run from lock to close, the same on every executor and torch-free: run_trial(task) -> TrialResult.
+
+Exactly once per key: under the trial's lock (an flock on its folder, held for the whole attempt), a key that
+already has a FINISHED run returns it instead of training again; RUNNING runs of the key belong to dead
+attempts and are closed KILLED (or continued, when this attempt resumes their checkpoint). Between opening and
+closing the run, a trial *body* does the work: by default the trainers' training and evaluation, loaded lazily
+inside the worker (TRAIN_BODY), so executors and the driver never import torch. A body's exception is the
+trial's failure, recorded FAILED with its reason and cost; it never stops the sweep. An executor that got no
+result for a task (its worker or job died beyond retries) records it with record_lost_trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+from orchestrator.contract import tracking
+from orchestrator.contract.errors import failure_reason, first_line
+from orchestrator.contract.files import exclusive_lock, write_file_atomically, write_verified
+from orchestrator.contract.kept_models import keep_models
+from orchestrator.contract.methods import METHODS
+from orchestrator.contract.registry import load_reference
+from orchestrator.contract.runs import RunStatus
+from orchestrator.contract.task import TrialResult, TrialTask
+
+Report = Callable[[int, int], None]  # (step, total_steps)
+TRAIN_BODY = "trainers.entry:train_and_evaluate"
+
+
+@dataclass
+class DeviceUsage:
+    """What a trial holds, for its cost metrics; its body fills this in as soon as it knows (a failed trial is
+    charged too)."""
+    device: str = "cpu"   # e.g. "cpu" or "cuda:NVIDIA H100 80GB HBM3"
+    count: int = 1
+
+
+class TrialBody(Protocol):
+    """What a trial does between opening and closing its run; returns the run's metrics."""
+    def __call__(self, task: TrialTask, logger: tracking.TrialLogger, report: Optional[Report],
+                 usage: DeviceUsage) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Save the loop's whole state to `folder`/state.pt every `every` optimizer steps, so a killed, preempted or
+    requeued trial continues from its last save with the same result as an uninterrupted run."""
+    folder: Path
+    every: int
+
+    @property
+    def path(self) -> Path:
+        return self.folder / "state.pt"
+
+    @property
+    def saved_step(self) -> int:
+        """The step of the last save (0: none), read without loading the state itself."""
+        meta = self.folder / "step"
+        return int(meta.read_text()) if meta.is_file() and self.path.is_file() else 0
+
+
+def checkpointing(task: TrialTask) -> Optional[Checkpointing]:
+    every = task.runtime.checkpoint_every
+    return Checkpointing(task.trial_dir / "resume", every) if every else None
+
+
+def trial_params(task: TrialTask) -> dict[str, object]:
+    """Hyperparameters under their own names (compare / parallel-coordinates views) plus the config."""
+    trial = task.trial
+    params: dict[str, object] = {**trial.hparams, "method": trial.method, "stage": trial.stage}
+    for section in ("model", "data", "reward", "training", "evaluation"):
+        for key, value in getattr(trial, section).model_dump(mode="json").items():
+            params[f"{section}.{key}"] = value
+    if task.runtime.init_trial_key:
+        params["init_trial_key"] = task.runtime.init_trial_key
+    return params
+
+
+def cost_metrics(device: str, count: int, wall_seconds: float) -> dict[str, float]:
+    """GPU-hours are wall time x GPUs held; a CPU trial holds none (its device-hours still say what it cost)."""
+    gpus = count if device.startswith("cuda") else 0
+    return {"wall_seconds": wall_seconds, "device_count": float(count),
+            "device_hours": wall_seconds * count / 3600, "gpu_hours": wall_seconds * gpus / 3600}
+
+
+def record_samples(task: TrialTask, logger: tracking.TrialLogger, samples: list[dict]) -> Path:
+    """A trial's per-sample records where later stages and the report read them: WORKDIR/trials/<key>/
+    samples.json (atomically, its sha256 beside it: the next stage's SFT baseline, checked where it is read) and
+    the run's samples table, tagged with the path and the hash."""
+    path = task.trial_dir / "samples.json"
+    digest = write_verified(path, lambda tmp: Path(tmp).write_text(json.dumps(samples)))
+    logger.log_samples(samples)
+    logger.set_tags({tracking.TAG_SAMPLES: str(path), tracking.TAG_SAMPLES_SHA: digest})
+    return path
+
+
+@contextlib.contextmanager
+def trial_lock(folder: Path):
+    """Hold an exclusive lock on the trial's folder for the whole attempt. Two attempts of one key (a retry
+    racing an orphan of a killed driver, a requeued job) never run at once; the second one waits, then finds
+    the first one's FINISHED run and returns it. The lock dies with its process (flock), so nothing goes stale."""
+    with exclusive_lock(folder / ".lock"):
+        yield
+
+
+def _trial_tags(task: TrialTask) -> dict[str, str]:
+    trial, runtime = task.trial, task.runtime
+    tags = {tracking.TAG_SWEEP: runtime.sweep, tracking.TAG_STAGE: trial.stage, tracking.TAG_METHOD: trial.method,
+            tracking.TAG_KEY: trial.trial_key, tracking.TAG_STAGE_KEY: runtime.stage_key}
+    if runtime.init_trial_key:
+        tags[tracking.TAG_INIT_KEY] = runtime.init_trial_key
+    return tags
+
+
+def _logger(task: TrialTask) -> tracking.TrialLogger:
+    runtime = task.runtime
+    return tracking.TrialLogger(runtime.tracking_uri, runtime.experiment_id, runtime.parent_run_id)
+
+
+def _open_run(task: TrialTask, logger: tracking.TrialLogger, earlier: list[tracking.TrialRecord]) -> str:
+    """Continue the run of the attempt whose checkpoint this one resumes, or start a new run. Other RUNNING
+    runs of this key belong to dead attempts (this process holds the trial's lock): they are closed KILLED."""
+    saving = checkpointing(task)
+    run_id_file = task.trial_dir / "resume" / "run_id"
+    resumable = saving is not None and saving.saved_step > 0 and run_id_file.is_file()
+    resume_id = run_id_file.read_text().strip() if resumable else None
+    for record in earlier:
+        if record.status == RunStatus.RUNNING and record.run_id != resume_id:
+            logger.close(record.run_id, RunStatus.KILLED)
+    if resume_id and any(r.run_id == resume_id for r in earlier):
+        logger.reopen(resume_id)
+        logger.set_tags({tracking.TAG_RESUMED: str(saving.saved_step)})
+        return resume_id
+    if saving is not None:  # a fresh start: an old checkpoint without its run is not resumed
+        shutil.rmtree(saving.folder, ignore_errors=True)
+    run_id = logger.start(task.trial.run_name, _trial_tags(task), trial_params(task))
+    if saving is not None:
+        write_file_atomically(run_id_file, lambda tmp: Path(tmp).write_text(run_id))
+    return run_id
+
+
+def _finished_result(runs: list[tracking.TrialRecord]) -> Optional[TrialResult]:
+    """The result of the key's FINISHED run among `runs`, if it has one."""
+    finished = next((r for r in runs if r.status == RunStatus.FINISHED), None)
+    if finished is None:
+        return None
+    return TrialResult(trial_key=finished.trial_key, run_id=finished.run_id, status=RunStatus.FINISHED,
+                       metrics=finished.metrics, wall_seconds=finished.metrics.get("wall_seconds", 0.0))
+
+
+def run_trial(task: TrialTask, report: Optional[Report] = None, body: Optional[TrialBody] = None) -> TrialResult:
+    """Run one trial exactly once per key. `body` is the trainers' training and evaluation (TRAIN_BODY, loaded
+    here, in the worker) unless a probe replaces it (trainers.probe: dispatch benchmarks, executor tests)."""
+    with trial_lock(task.trial_dir):
+        try:
+            return _run_locked(task, report, body or load_reference(TRAIN_BODY))
+        except Exception as exc:  # noqa: BLE001 - only an unreachable store is turned into a result
+            if not tracking.is_unreachable(exc):
+                raise
+            return _unrecorded_result(task, exc)
+
+
+def _unrecorded_result(task: TrialTask, exc: BaseException) -> TrialResult:
+    """The store did not answer even after MLflow's retries: the trial's run cannot be marked, so the driver
+    is told (it stops the sweep; the run left RUNNING is closed KILLED by the rerun, which runs the trial)."""
+    return TrialResult(trial_key=task.trial.trial_key, run_id=None, status=RunStatus.FAILED, unrecorded=True,
+                       error=f"tracking store {task.runtime.tracking_uri} unreachable: {first_line(exc)}")
+
+
+def _record_failure(task: TrialTask, logger: tracking.TrialLogger, run_id: str, exc: BaseException,
+                    cost: dict[str, float]) -> TrialResult:
+    reason = failure_reason(exc)
+    logger.log_metrics(cost)
+    logger.set_tags({tracking.TAG_FAILURE: reason[:5000]})
+    with contextlib.suppress(OSError):  # the traceback file is extra; a full disk must not hide the FAILED
+        logger.log_text(traceback.format_exc(), "failure.txt")
+    logger.finish(RunStatus.FAILED)
+    return TrialResult(trial_key=task.trial.trial_key, run_id=run_id, status=RunStatus.FAILED, error=reason,
+                       metrics=cost, wall_seconds=cost["wall_seconds"])
+
+
+def _run_locked(task: TrialTask, report: Optional[Report], body: TrialBody) -> TrialResult:
+    logger = _logger(task)
+    earlier = logger.runs_of(task.trial.trial_key)
+    done = _finished_result(earlier)
+    if done is not None:
+        return done
+    run_id = _open_run(task, logger, earlier)
+    started = time.monotonic()
+    usage = DeviceUsage(count=task.runtime.processes)
+    try:
+        with _system_metrics(task, logger):
+            metrics = body(task, logger, report, usage)
+    except KeyboardInterrupt:
+        logger.finish(RunStatus.KILLED)
+        raise
+    except Exception as exc:  # noqa: BLE001 - a trial's failure is data, not a crash of the sweep
+        if tracking.is_unreachable(exc):
+            raise
+        return _record_failure(task, logger, run_id, exc,
+                               cost_metrics(usage.device, usage.count, time.monotonic() - started))
+    metrics.update(cost_metrics(usage.device, usage.count, time.monotonic() - started))
+    logger.log_metrics(metrics)
+    logger.finish(RunStatus.FINISHED)
+    saving = checkpointing(task)
+    if saving is not None:  # the result is logged; the training state is only disk now
+        shutil.rmtree(saving.folder, ignore_errors=True)
+    _keep_models(task)
+    return TrialResult(trial_key=task.trial.trial_key, run_id=run_id, status=RunStatus.FINISHED, metrics=metrics,
+                       wall_seconds=metrics["wall_seconds"])
+
+
+def _system_metrics(task: TrialTask, logger: tracking.TrialLogger):
+    interval = task.runtime.system_metrics_interval
+    return tracking.SystemMetrics(logger, interval) if interval else contextlib.nullcontext()
+
+
+def _keep_models(task: TrialTask) -> None:
+    """A finished preference trial that kept its weights: apply checkpoints.keep to its method now, so
+    superseded weights go as the sweep goes. The trial's outcome stands whatever happens here: the driver applies
+    the policy again when its run ends, and says so if it still cannot."""
+    runtime, method = task.runtime, task.trial.method
+    if not runtime.keep_models or METHODS[method].kind != "preference":
+        return
+    try:
+        keep_models(runtime.tracking_uri, runtime.sweep, method, runtime.keep_models, runtime.register_models,
+                    runtime.workdir)
+    except Exception as exc:  # noqa: BLE001 - retried by the driver at the end of its run
+        print(f"warning: keeping the best {method} model after trial {task.trial.run_name} failed "
+              f"({type(exc).__name__}: {first_line(exc)}); the sweep's driver retries it", file=sys.stderr)
+
+
+def record_lost_trial(task: TrialTask, reason: str) -> TrialResult:
+    """An executor got no result for `task` (its worker or job died beyond its retries): mark the attempt's
+    RUNNING run FAILED with the reason, or create a FAILED run if it died before starting one."""
+    logger = _logger(task)
+    earlier = logger.runs_of(task.trial.trial_key)
+    done = _finished_result(earlier)
+    if done is not None:  # it did finish; only the report back was lost
+        return done
+    running = next((r for r in earlier if r.status == RunStatus.RUNNING), None)
+    if running is not None:
+        logger.reopen(running.run_id)
+    else:
+        logger.start(task.trial.run_name, _trial_tags(task), trial_params(task))
+    logger.set_tags({tracking.TAG_FAILURE: reason[:5000]})
+    logger.finish(RunStatus.FAILED)
+    return TrialResult(trial_key=task.trial.trial_key, run_id=logger.run_id, status=RunStatus.FAILED, error=reason,
+                       lost=True)

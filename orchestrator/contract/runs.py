@@ -1,0 +1,27 @@
+"""The states of a run, as MLflow names them. A str enum: RunStatus.FINISHED == "FINISHED", so statuses read
+back from MLflow or from a frame's status column compare with it directly."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class RunStatus(str, Enum):
+    RUNNING = "RUNNING"
+    SCHEDULED = "SCHEDULED"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"      # the trial ran to an error (its reason in posweep.failure) or was lost
+    KILLED = "KILLED"      # interrupted, or left RUNNING by a dead process: a rerun runs the trial again
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Trials that ran to an outcome; KILLED and RUNNING ones run again on a rerun.
+OUTCOMES = (RunStatus.FINISHED, RunStatus.FAILED)
+
+# The metric every stage's best trial is chosen by, higher is better: the SFT checkpoint preference stages start
+# from, the best trial per stage in the summary, the model each method keeps and registers.
+SELECTION_METRIC = "mean_score"
+# What every evaluated trial logs (trainers.evaluate), in the order tables and the MLflow runs view show them.
+TRIAL_METRICS = ("mean_score", "win_vs_chosen", "win_vs_sft", "kl", "length")

@@ -1,0 +1,176 @@
+"""The MLflow server a parallel sweep logs through, started by `sweep run` and supervised while it runs.
+
+One server process owns a local SQLite store, so trials in other processes (Ray workers, Slurm jobs) never
+write the file concurrently; a server that dies is started again on the same port. The client side of
+MLflow is orchestrator.contract.tracking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+from urllib.parse import urlparse
+
+from orchestrator.contract.net import free_port
+from orchestrator.contract.tracking import sqlite_path
+
+
+class TrackingServerError(RuntimeError):
+    """The MLflow server for a parallel sweep did not come up."""
+
+
+def mlflow_command() -> tuple[str, dict[str, str]]:
+    """The `mlflow` executable of this environment and the environment to run its servers with: MLflow's job
+    runner (GenAI evaluation jobs, 3 more processes) has nothing to do for a sweep or for browsing one."""
+    executable = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    return executable, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float, log: Optional[Path] = None) -> None:
+    """Until `url`/health answers; TrackingServerError if the process exits first (with its log's tail) or the
+    timeout passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-5:]) if log else ""
+            raise TrackingServerError(f"the MLflow server exited ({process.returncode})"
+                                      + (f"; {log}:\n{tail}" if log else ""))
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TrackingServerError(f"the MLflow server at {url} was not healthy after {timeout:.0f} s"
+                              + (f"; see {log}" if log else ""))
+
+
+class _SupervisedServer:
+    """An `mlflow server` process that is started again, on the same port, when it dies (killed, OOM) while a
+    sweep runs: trials keep their URI, and MLflow's client retries each request with exponential backoff
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES, default 7 retries over ~4 min) long enough to reach the new process.
+    After `restarts` restarts it stays down; trials that cannot log then come back `unrecorded` and the sweep
+    stops. Restarted processes are forked by the watcher thread, which lives until stop(): PR_SET_PDEATHSIG
+    fires when the forking thread ends, so they die with the sweep as the first one does."""
+
+    def __init__(self, command: list[str], env: dict[str, str], url: str, log: Path, restarts: int):
+        self.command, self.env, self.url, self.log, self.restarts_left = command, env, url, log, restarts
+        self.restarted = 0
+        self._stopping = threading.Event()
+        self.process = self._spawn()
+        self._watch = threading.Thread(target=self._supervise, name="mlflow-server-supervisor", daemon=True)
+
+    def _spawn(self) -> subprocess.Popen:
+        with open(self.log, "ab") as out:
+            return subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=_die_with_parent, env=self.env)
+
+    def start_watching(self) -> None:
+        self._watch.start()
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(0.5):
+            code = self.process.poll()
+            if code is None:
+                continue
+            if self.restarts_left <= 0:
+                print(f"tracking: the MLflow server at {self.url} stopped (exit {code}) and is not restarted "
+                      f"(tracking.server_restarts exhausted); trials that cannot log will fail", file=sys.stderr)
+                return
+            stop_server(self.process)  # its uvicorn workers may outlive it and hold the port
+            self.restarts_left -= 1
+            self.restarted += 1
+            self.process = self._spawn()
+            try:
+                wait_healthy(self.url, self.process, 180.0, self.log)
+                print(f"tracking: the MLflow server at {self.url} stopped (exit {code}); restarted it "
+                      f"({self.restarted} restart(s) so far)", file=sys.stderr)
+            except TrackingServerError as exc:
+                print(f"tracking: restarting the MLflow server failed: {exc}", file=sys.stderr)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._watch.is_alive():
+            self._watch.join(10)
+        stop_server(self.process)
+
+
+@contextlib.contextmanager
+def mlflow_server(sqlite_uri: str, host: str = "127.0.0.1", timeout: float = 180.0,
+                  meanwhile: Optional[Callable[[], None]] = None, restarts: int = 3,
+                  log_dir: Optional[Path] = None) -> Iterator[str]:
+    """Serve a SQLite tracking store over HTTP for the duration of the block; yields the server's URI.
+
+    One server process owns the SQLite file, so parallel trials never write it concurrently. Artifacts keep
+    the store's local layout (mlartifacts/ beside the database; workers write them directly), so the store
+    reads the same with or without the server. A server that dies is started again (`restarts` times). Its
+    log goes to `log_dir` (a sweep's workdir: nothing is left in the working tree), else beside the database."""
+    db = sqlite_path(sqlite_uri)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    port = free_port(host)
+    url = f"http://{host}:{port}"
+    log = Path(log_dir or db.parent) / "mlflow-server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    mlflow, env = mlflow_command()
+    command = [mlflow, "server", "--backend-store-uri", f"sqlite:///{db}", "--default-artifact-root",
+               (db.parent / "mlartifacts").as_uri(), "--no-serve-artifacts", "--host", host, "--port", str(port),
+               "--workers", "1"]
+    server = _SupervisedServer(command, env, url, log, restarts)
+    try:
+        if meanwhile:  # e.g. start Ray: the server takes ~10 s to come up, let that overlap
+            meanwhile()
+        wait_healthy(url, server.process, timeout, log)
+        server.start_watching()
+        yield url
+    finally:
+        server.stop()
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when the driver dies, even by SIGKILL, so a rerun never finds an orphan
+    server still writing the SQLite file."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (it runs workers), SIGKILL what is left after 15 s."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextlib.contextmanager
+def store_for_workers(uri: str, parallel: bool, host: str = "127.0.0.1",
+                      meanwhile: Optional[Callable[[], None]] = None, restarts: int = 3,
+                      log_dir: Optional[Path] = None) -> Iterator[str]:
+    """The tracking URI that the driver and every worker use: a local SQLite store is put behind an MLflow
+    server when trials run in parallel; anything else (a server URI, a sequential sweep) is used as is.
+    `meanwhile` runs once either way (while the server starts, if one does)."""
+    if parallel and urlparse(uri).scheme == "sqlite":
+        with mlflow_server(uri, host, meanwhile=meanwhile, restarts=restarts, log_dir=log_dir) as url:
+            yield url
+    else:
+        if meanwhile:
+            meanwhile()
+        yield uri
