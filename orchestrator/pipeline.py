@@ -197,7 +197,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, *, smoke: bool = False, execut
         if uri != tracking_uri:
             echo(f"trials run in parallel: serving {tracking_uri} through an MLflow server at {uri}")
         tracker = SweepTracker(uri, name)
-        tracker.show_trials(sorted({k for s in stages for t in s.trials for k in t.hparams}))
+        tracker.show_trials(hyperparameter_names(stages))
         before = tracker.trials()
         finished = {r.trial_key for r in before if r.status == RunStatus.FINISHED}
         skipped = sum(done_count(before, s) for s in stages)
@@ -225,6 +225,13 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, *, smoke: bool = False, execut
     return SweepOutcome(stages, latest_per_key([r for s in stages for r in stage_records(records, s)]), skipped,
                         len(ran), sum(r.status != RunStatus.FINISHED for r in ran), time.monotonic() - started,
                         models)
+
+
+def hyperparameter_names(stages: list[StagePlan]) -> list[str]:
+    """Every hyperparameter a stage's trials set or search, for the runs table's columns."""
+    names = {k for s in stages for t in s.trials for k in t.hparams}
+    names |= {k for s in stages if s.search for k in (*s.search.space, *s.search.fixed)}
+    return sorted(names)
 
 
 def keep_best_models(spec: SweepSpec, uri: str, name: str, stages: list[StagePlan]) -> dict[str, str]:

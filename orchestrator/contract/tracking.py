@@ -101,10 +101,21 @@ def _store_lock(uri: str, exclusive: bool):
     return exclusive_lock(lock, shared=not exclusive)
 
 
-@functools.lru_cache(maxsize=4)
+def absolute_uri(uri: str) -> str:
+    """A local SQLite URI with its path made absolute (sqlite:///mlflow.db names ./mlflow.db of the *current*
+    folder): the same text names another store after a chdir, so clients are cached by the absolute form."""
+    return f"sqlite:///{sqlite_path(uri)}" if urlparse(uri).scheme == "sqlite" else uri
+
+
 def _client(uri: str, create: bool = True):
-    """One client per URI and process (building one costs ~0.25 s, and trials of a process share it), its store
-    set up before it is returned. Without `create`, a local store must already exist (readers create nothing)."""
+    """One client per store and process (building one costs ~0.25 s, and trials of a process share it), its
+    store set up before it is returned. Without `create`, a local store must already exist (readers create
+    nothing)."""
+    return _cached_client(absolute_uri(uri), create)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_client(uri: str, create: bool):
     from mlflow.tracking import MlflowClient
 
     _quiet_mlflow()
