@@ -1,9 +1,13 @@
 """The robustness report: one self-contained HTML (or Markdown) document built from a sweep's frames.
 
-A short verdict per method, then Table 1, Table 3 (best and 75th-percentile run), expected best-of-k, the
-distributions (Figure 1), top-k% per-sample length and KL (Figures 2-3), metrics against each method's own
-hyperparameters (Figures 4-7), the score-vs-KL Pareto front, the cost of reaching the top 10%, and every
-failed run with its reason. Figures are embedded as PNG data URIs: the file needs no network and no other file.
+A notice when the sweep is not complete, the paper's findings F1-F5 checked against this sweep (a verdict and
+intervals per finding, analysis.findings), a short verdict per method (with the references' scores and a warning
+for each best run at the edge of its grid), then Table 1 (best runs and the SFT / untrained / chosen references),
+the head-to-head tables at the best and 75th-percentile run (the paper's Table 3; only with two methods or
+more), expected best-of-k, the distributions, top-k% per-sample length and KL, metrics against every
+hyperparameter a method's grid varies, the score-vs-KL Pareto front, the cost of reaching the top 10% (in
+trials and device-hours), and every failed run with its reason. Tables and figures are numbered in order.
+Figures are embedded as PNG data URIs: the file needs no network and no other file.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from typing import Optional
 import pandas as pd
 
 from analysis import figures
-from analysis.robustness import (REFERENCE_METHOD, best_of_k_curve, cost_to_reach, expected_best_of_k,
-                                 pareto_front, probability_beats, table1, table3)
+from analysis.findings import LENGTH_NORMALISED, RULE, check_findings, findings_table
+from analysis.robustness import (REFERENCE_METHOD, best_of_k_curve, cost_to_reach, edge_of_grid,
+                                 expected_best_of_k, pareto_front, probability_beats, run_at_quantile, table1,
+                                 table3, trials_to_reach, with_outcome)
 from orchestrator.contract.runs import RunStatus
 
 TOP_PERCENTS = (1, 10, 25)
@@ -31,6 +37,9 @@ class Block:
     table: Optional[pd.DataFrame] = None
     image: str = ""                           # data URI
     items: list[str] = field(default_factory=list)
+    numbered: str = ""                        # h2 only: "Table" or "Figure", numbered in document order
+    alt: str = ""                             # figure only: what the image shows, for screen readers
+    prose: bool = False                       # table only: its cells are sentences (left-aligned)
 
 
 @dataclass
@@ -40,29 +49,49 @@ class ReportInputs:
     samples: pd.DataFrame                     # analysis.frames.samples_frame of the finished trials
     methods: list[str]                        # preference methods, in stage order
     hyperparameters: dict[str, list[str]]     # method -> its own hyperparameters (beta, gamma, ...)
-    sft: Optional[dict[str, float]] = None    # the selected SFT run's metrics
+    sft: Optional[dict[str, float]] = None    # the selected SFT run's metrics (and run_name)
+    untrained: Optional[dict[str, float]] = None  # the untrained model's metrics (and run_name)
 
 
 def _scores(frame: pd.DataFrame, method: str) -> tuple[list[float], int]:
+    """(finished runs' scores, failed runs): the draws of the method's grid that have an outcome."""
     runs = frame[frame["method"] == method]
     done = runs[runs["status"] == RunStatus.FINISHED]["mean_score"].dropna()
-    return list(done), len(runs) - len(done)
+    return list(done), int((runs["status"] == RunStatus.FAILED).sum())
 
 
 def _cost_column(frame: pd.DataFrame) -> str:
     return "gpu_hours" if frame["gpu_hours"].fillna(0).sum() > 0 else "device_hours"
 
 
+def _chosen_score(samples: pd.DataFrame) -> Optional[float]:
+    """Mean gold score of the dataset's chosen responses over the evaluation prompts (each prompt once)."""
+    per_prompt = samples.dropna(subset=["chosen_score"]).groupby("prompt_id")["chosen_score"].first()
+    return float(per_prompt.mean()) if len(per_prompt) else None
+
+
+def baselines(inputs: ReportInputs) -> dict[str, dict]:
+    """Table 1's reference rows: the selected SFT run, the untrained model, the dataset's chosen responses."""
+    rows = {"SFT (selected)": inputs.sft, "untrained": inputs.untrained}
+    chosen = _chosen_score(inputs.samples)
+    if chosen is not None:
+        rows["chosen responses"] = {"run_name": "(the dataset)", "mean_score": chosen}
+    return {name: metrics for name, metrics in rows.items() if metrics}
+
+
 def verdicts(inputs: ReportInputs) -> list[str]:
-    """One line per method: best score (vs DPO's), P(a random config beats SFT), expected best of k, failures."""
+    """One line per method: best score (vs DPO's), P(a random config beats SFT), expected best of k, failures
+    (runs still running counted apart); then the references' scores and every best run at its grid's edge."""
     frame, lines = inputs.frame, []
     ref_scores, _ = _scores(frame, REFERENCE_METHOD)
     ref_best = max(ref_scores) if ref_scores else None
     for method in inputs.methods:
         scores, failed = _scores(frame, method)
         n = len(scores) + failed
+        running = int((frame["method"] == method).sum()) - n
+        still = f"; {running} still running" if running else ""
         if not scores:
-            lines.append(f"{method}: no run finished ({failed} failed).")
+            lines.append(f"{method}: no run finished ({failed} failed{still}).")
             continue
         best = max(scores)
         versus = (f" ({(best - ref_best) / abs(ref_best):+.0%} vs {REFERENCE_METHOD}'s best)"
@@ -72,28 +101,86 @@ def verdicts(inputs: ReportInputs) -> list[str]:
         k = min(BEST_OF_K_SHOWN, n)
         expected, _ = expected_best_of_k(scores, failed, k)
         lines.append(f"{method}: best score {best:.3f}{versus}{beat}; expected best of {k} random configs "
-                     f"{expected:.3f}; {failed} of {n} runs failed.")
+                     f"{expected:.3f}; {failed} of {n} runs failed{still}.")
+    references = [f"{name} {metrics['mean_score']:.3f}" for name, metrics in baselines(inputs).items()
+                  if not pd.isna(metrics.get("mean_score"))]
+    if references:
+        lines.append("References (mean gold score): " + "; ".join(references) + ".")
+    for method in inputs.methods:
+        edges = edge_of_grid(frame, method, _swept(inputs, method))
+        if edges:
+            lines.append(f"Warning: {method}'s best run sits at the edge of its grid ({', '.join(edges)}): its "
+                         "optimum may lie outside the grid; widen that range to find out.")
     return lines
+
+
+def _swept(inputs: ReportInputs, method: str) -> list[str]:
+    """The hyperparameters that vary across the method's runs: its own (β, γ, ...), then learning rate and
+    epochs; the report plots and checks each."""
+    runs = inputs.frame[inputs.frame["method"] == method]
+    names = [*inputs.hyperparameters.get(method, []), *(g for g in figures.GROUPING
+                                                           if g not in inputs.hyperparameters.get(method, []))]
+    return [hp for hp in names if hp in runs and runs[hp].nunique() > 1]
+
+
+def _progress(inputs: ReportInputs, n_boot: int) -> list[Block]:
+    unfinished = inputs.frame.index.difference(with_outcome(inputs.frame).index)
+    if unfinished.empty:
+        return []
+    counts = inputs.frame.loc[unfinished, "status"].value_counts()
+    states = ", ".join(f"{n} {status}" for status, n in counts.items())
+    return [Block("h2", "The sweep is not complete"),
+            Block("p", f"{len(unfinished)} trials have no outcome yet ({states}): running now, or left by a "
+                       "driver that stopped (`sweep run` again runs those). Every figure and table below covers "
+                       "only the trials that finished or failed; make the report again when the sweep is done.")]
+
+
+def _findings(inputs: ReportInputs, n_boot: int) -> list[Block]:
+    if REFERENCE_METHOD not in inputs.methods or not set(LENGTH_NORMALISED) & set(inputs.methods):
+        return []  # a sweep without the methods the paper compares: nothing to check
+    found = check_findings(inputs.frame, inputs.samples, inputs.methods, n_boot)
+    return [Block("h2", "The paper's findings, checked"),
+            Block("table", table=findings_table(found), prose=True),
+            Block("p", f"How to read it: {RULE} Percentages are relative to DPO's value; pp are win-rate points "
+                       "off 50%; ✗ marks a comparison that does not support the paper. The verdicts are about "
+                       "this sweep's task, model and grids, not the paper's.")]
+
+
+def _verdict(inputs: ReportInputs, n_boot: int) -> list[Block]:
+    return [Block("h2", "Verdict"), Block("list", items=verdicts(inputs))]
 
 
 def _tables_1_and_3(inputs: ReportInputs, n_boot: int) -> list[Block]:
     frame, methods = inputs.frame, inputs.methods
     scores_by_key = {k: g.set_index("prompt_id")["score"] for k, g in inputs.samples.groupby("trial_key")}
-    blocks = [Block("h2", "Table 1: the best run of each method"),
-              Block("table", table=table1(frame, methods).round(3)),
-              Block("p", f"The best FINISHED run per method by mean gold score, every metric, and each metric's "
-                         f"relative change against {REFERENCE_METHOD}'s best run ((m − m_dpo)/|m_dpo|). Read "
-                         "it for the ceiling a method reaches when its grid is searched fully.")]
+    table = table1(frame, methods, baselines=baselines(inputs))
+    ref = REFERENCE_METHOD
+    relative = (f" and each metric's relative change against {ref}'s best run ((m − m_{ref})/|m_{ref}|)"
+                if f"mean_score_vs_{ref}" in table else
+                f" ({ref} has no finished run yet, so no column relative to it)" if ref in methods else "")
+    blocks = [Block("h2", "the best run of each method", numbered="Table"),
+              Block("table", table=table.round(3)),
+              Block("p", f"The best FINISHED run per method by mean gold score with every metric{relative}; "
+                         "below, the references: the selected SFT model the methods start from, the untrained "
+                         "model, and the dataset's chosen responses (scored by the same gold reward). Read it for "
+                         "the ceiling a method reaches when its grid is searched fully (the paper's Table 1).")]
+    if sum(run_at_quantile(frame, m, 1.0) is not None for m in methods) < 2:
+        return blocks  # head to head needs two methods with a finished run
     for q, name in ((1.0, "best"), (0.75, "75th-percentile")):
         t3 = table3(frame, scores_by_key, methods, q, n_boot=n_boot)
-        blocks += [Block("h2", f"Table 3: head-to-head win rates at the {name} run"),
+        blocks += [Block("h2", f"head-to-head win rates at the {name} run", numbered="Table"),
                    Block("table", table=t3.round(3)),
                    Block("p", "Per evaluation prompt, the method's run against the opponent's run on the same "
                               "prompt by gold score (ties count half); low/high: paired bootstrap 95% interval "
-                              f"over prompts. At the {name} run a method is judged "
+                              f"over prompts (the paper's Table 3). At the {name} run a method is judged "
                               + ("by its ceiling." if q == 1.0 else "by what a typical good config gives: "
                                                                     "the run a quarter of the way down its grid."))]
     return blocks
+
+
+def _figure(title: str, fig, caption: str, alt: str) -> list[Block]:
+    return [Block("h2", title, numbered="Figure"),
+            Block("figure", image=figures.png_data_uri(fig), text=caption, alt=alt)]
 
 
 def _best_of_k(inputs: ReportInputs, n_boot: int) -> list[Block]:
@@ -104,53 +191,64 @@ def _best_of_k(inputs: ReportInputs, n_boot: int) -> list[Block]:
             curves[method] = best_of_k_curve(scores, failed, n_boot=n_boot)
     if not curves:
         return []
-    return [Block("h2", "Expected best-of-k"),
-            Block("figure", image=figures.png_data_uri(figures.best_of_k_figure(curves)),
-                  text="The expected best gold score from k configs drawn at random from each method's grid "
-                       "(exact, without replacement; failed configs count as draws that give nothing), "
-                       "with a 95% bootstrap band over configs. It answers: with a budget of k runs, which "
-                       "method? A curve that is high at small k is robust to its hyperparameters.")]
+    sft = inputs.sft["mean_score"] if inputs.sft else None
+    return _figure("expected best-of-k", figures.best_of_k_figure(curves, sft),
+                   "The expected best gold score from k configs drawn at random from each method's grid (exact, "
+                   "without replacement; failed configs count as draws that give nothing), with a 95% bootstrap "
+                   "band over configs; dashed: the selected SFT model. It answers: with a budget of k runs, "
+                   "which method? A curve that is high at small k is robust to its hyperparameters.",
+                   "Line chart: expected best gold score against the number of configs tried, one line per "
+                   "method with a shaded band, and a dashed horizontal line at SFT's score.")
 
 
 def _distribution_figures(inputs: ReportInputs, n_boot: int) -> list[Block]:
     frame, methods = inputs.frame, inputs.methods
-    blocks = [Block("h2", "Figure 1: every run's metrics"),
-              Block("figure", image=figures.png_data_uri(figures.metric_distributions(frame, methods, inputs.sft)),
-                    text="Per method, the distribution over all finished runs of each metric (box: quartiles; "
-                         "dots: runs); dashed: the selected SFT model. Tick labels count runs and failures. "
-                         "A tall box means the method is sensitive to its hyperparameters.")]
-    for column, number in (("length", 2), ("kl", 3)):
-        blocks += [Block("h2", f"Figure {number}: per-sample {column} of the top runs"),
-                   Block("figure", image=figures.png_data_uri(figures.topk_distributions(
-                       frame, inputs.samples, methods, column, TOP_PERCENTS)),
-                       text=f"Pooled per-prompt {column} of each method's top 1%, 10% and 25% runs by score "
-                            "(at least one run each). "
-                            + ("Longer answers at the top point to length exploitation." if column == "length"
-                               else "High KL at the top means the best runs moved far from SFT."))]
+    blocks = _figure("every run's metrics", figures.metric_distributions(frame, methods, inputs.sft),
+                     "Per method, the distribution over all finished runs of each metric (box: quartiles; dots: "
+                     "runs); dashed: the selected SFT model. Tick labels count runs with an outcome and failures. "
+                     "A tall box means the method is sensitive to its hyperparameters (the paper's Figure 1).",
+                     "Box plots in two rows, one panel per metric (gold score, win rates, KL, length), a box "
+                     "per method with its runs as dots and SFT as a dashed line.")
+    notes = {"length": "Longer answers at the top point to length exploitation (the paper's Figure 2).",
+             "kl": "Each sample's KL is the single-sample estimate log πθ(y|x) − log π_SFT(y|x) of the policy's "
+                   "own sample y: one sample can be negative (y more likely under SFT), their mean cannot be in "
+                   "expectation. High KL at the top means the best runs moved far from SFT (the paper's Figure 3)."}
+    for column in ("length", "kl"):
+        blocks += _figure(f"per-sample {column} of the top runs",
+                          figures.topk_distributions(frame, inputs.samples, methods, column, TOP_PERCENTS),
+                          f"Pooled per-prompt {column} of each method's top 1%, 10% and 25% runs by score (at "
+                          "least one run each; tick labels: the runs pooled, of the method's runs). "
+                          + notes[column],
+                          f"Violin plots, three panels (top 1%, 10%, 25% of runs), per-sample {column} per method.")
     return blocks
 
 
 def _hyperparameter_figures(inputs: ReportInputs, n_boot: int) -> list[Block]:
-    frame, blocks, number = inputs.frame, [], 4
+    blocks = []
     for method in inputs.methods:
-        for hp in inputs.hyperparameters.get(method, []):
-            if frame[frame["method"] == method][hp].nunique() > 1:
-                blocks += [Block("h2", f"Figure {number}: {method} against {hp}"),
-                           Block("figure", image=figures.png_data_uri(
-                               figures.metric_vs_hyperparameter(frame, method, hp)),
-                               text=f"A point per {method} run; crosses: failed runs at their setting.")]
-                number += 1
+        for hp in _swept(inputs, method):
+            blocks += _figure(f"{method} against {hp}", figures.metric_vs_hyperparameter(inputs.frame, method, hp),
+                              f"A point per {method} run, coloured by learning rate and marked by epochs where "
+                              "those vary in its grid (the vertical spread at one value is theirs); red crosses: "
+                              "failed runs at their setting.",
+                              f"Scatter plots of gold score, KL and length against {hp} for {method}'s runs.")
     return blocks
 
 
 def _pareto(inputs: ReportInputs, n_boot: int) -> list[Block]:
     frame = inputs.frame
-    fronts = [pareto_front(frame[(frame["method"] == m) & (frame["status"] == RunStatus.FINISHED)]).assign(method=m)
-              for m in inputs.methods]
-    front = pd.concat(fronts)[["method", "run_name", "mean_score", "kl"]] if fronts else pd.DataFrame()
-    return [Block("h2", "Score against KL: the Pareto front"),
-            Block("table", table=front.round(3)),
-            Block("p", "Runs no other run of the same method beats on both higher score and lower KL.")]
+    fronts = {m: pareto_front(frame[(frame["method"] == m) & (frame["status"] == RunStatus.FINISHED)])
+              for m in inputs.methods}
+    fronts = {m: f for m, f in fronts.items() if len(f)}
+    if not fronts:
+        return []
+    table = pd.concat([f.assign(method=m) for m, f in fronts.items()])[["method", "run_name", "mean_score", "kl"]]
+    return [*_figure("score against KL: the Pareto front", figures.pareto_figure(frame, fronts),
+                     "Every finished run (faint) and each method's front: the runs no other run of the same method "
+                     "beats on both higher score and lower KL. The table lists the front's runs.",
+                     "Scatter plot of gold score against KL to SFT per run, with a line through each method's "
+                     "Pareto-optimal runs."),
+            Block("table", table=table.round(3))]
 
 
 def _cost_and_failures(inputs: ReportInputs, n_boot: int) -> list[Block]:
@@ -159,13 +257,20 @@ def _cost_and_failures(inputs: ReportInputs, n_boot: int) -> list[Block]:
     finished = frame[frame["status"] == RunStatus.FINISHED]["mean_score"].dropna()
     if len(finished):
         threshold = finished.quantile(0.9)
-        rows = [{"method": m, f"expected {cost} to reach top 10%": cost_to_reach(frame, m, threshold, cost),
+        rows = [{"method": m, "trials with an outcome": len(with_outcome(frame[frame["method"] == m])),
+                 "expected trials to reach top 10%": trials_to_reach(frame, m, threshold),
+                 f"expected {cost} to reach top 10%": cost_to_reach(frame, m, threshold, cost),
                  f"{cost} spent": frame[frame["method"] == m][cost].fillna(0).sum()} for m in inputs.methods]
         blocks += [Block("h2", "Cost of reaching the top 10%"),
                    Block("table", table=pd.DataFrame(rows).round(4)),
                    Block("p", f"Top 10% = a score of at least {threshold:.3f} (the 90th percentile of all finished "
-                              f"runs). Expected {cost} spent trying the method's configs in random order until one "
-                              "gets there (failed configs cost too); empty: no config of the method reaches it.")]
+                              "runs). Expected trials: how many of the method's configs a user tries in random "
+                              "order until one gets there ((n + 1)/(m + 1), failed configs included); empty: no "
+                              f"config of the method reaches it. Expected {cost}: those trials times the method's "
+                              f"mean measured {cost} per trial. {cost} are wall-clock hours × devices as measured, "
+                              "so they carry the machine's load while each trial ran (on a shared machine a "
+                              "method that ran on an idle machine looks cheaper): compare methods by trials, and "
+                              f"read {cost} as this sweep's bill.")]
     failed = frame[frame["status"] == RunStatus.FAILED][["method", "run_name", "failure"]]
     blocks += [Block("h2", f"Failed runs ({len(failed)})"),
                Block("table", table=failed) if len(failed) else Block("p", "None.")]
@@ -173,16 +278,31 @@ def _cost_and_failures(inputs: ReportInputs, n_boot: int) -> list[Block]:
 
 
 # The report's sections in order: (inputs, n_boot) -> blocks.
-SECTIONS = [lambda inputs, n_boot: [Block("h2", "Verdict"), Block("list", items=verdicts(inputs))],
-            _tables_1_and_3, _best_of_k, _distribution_figures, _hyperparameter_figures, _pareto, _cost_and_failures]
+SECTIONS = [_progress, _findings, _verdict, _tables_1_and_3, _distribution_figures, _hyperparameter_figures, _best_of_k,
+            _pareto, _cost_and_failures]
+
+
+def _numbered(blocks: list[Block]) -> list[Block]:
+    """Tables and figures numbered in the order they appear ("Table 2: ..."), whichever sections a sweep has."""
+    counts: dict[str, int] = {}
+    for block in blocks:
+        if block.numbered:
+            counts[block.numbered] = counts.get(block.numbered, 0) + 1
+            block.text = f"{block.numbered} {counts[block.numbered]}: {block.text}"
+    return blocks
 
 
 def build_blocks(inputs: ReportInputs, n_boot: int = 1000) -> list[Block]:
-    return [block for section in SECTIONS for block in section(inputs, n_boot)]
+    return _numbered([block for section in SECTIONS for block in section(inputs, n_boot)])
 
 
-def _html_table(table: pd.DataFrame) -> str:
-    return table.to_html(index=False, na_rep="–", border=0, classes="t", escape=True)
+def _html_table(table: pd.DataFrame, prose: bool = False) -> str:
+    """A table; `prose` (cells of sentences, e.g. the findings) aligns left. Missing values of every dtype
+    (NaN, and pandas' NA of nullable integer counts) print as "–"."""
+    counts = [c for c, dtype in table.dtypes.items() if isinstance(dtype, pd.Int64Dtype)]  # na_rep skips pd.NA
+    shown = table.astype({c: object for c in counts})
+    shown[counts] = shown[counts].where(table[counts].notna(), "–")
+    return shown.to_html(index=False, na_rep="–", border=0, classes="t prose" if prose else "t", escape=True)
 
 
 def _md(text: str) -> str:
@@ -199,7 +319,8 @@ def _md_table(table: pd.DataFrame) -> str:
 
 STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
          "table.t{border-collapse:collapse;font-size:13px}table.t td,table.t th{padding:3px 8px;"
-         "border-bottom:1px solid #ddd;text-align:right}figure{margin:1em 0}img{max-width:100%}"
+         "border-bottom:1px solid #ddd;text-align:right}table.prose td,table.prose th{text-align:left;"
+         "vertical-align:top}figure{margin:1em 0}img{max-width:100%}"
          "figcaption,p{font-size:14px;color:#444}")
 
 
@@ -212,15 +333,15 @@ def render(inputs: ReportInputs, fmt: str = "html", n_boot: int = 1000) -> str:
             out.append({"h2": lambda: f"## {_md(b.text)}", "p": lambda: _md(b.text),
                         "list": lambda: "\n".join(f"- {_md(i)}" for i in b.items),
                         "table": lambda: _md_table(b.table),
-                        "figure": lambda: f"![{_md(b.text[:60])}]({b.image})\n\n*{_md(b.text)}*"}[b.kind]())
+                        "figure": lambda: f"![{_md(b.alt)}]({b.image})\n\n*{_md(b.text)}*"}[b.kind]())
         return "\n\n".join(out) + "\n"
     out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
     for b in blocks:
         out.append({"h2": lambda: f"<h2>{html.escape(b.text)}</h2>", "p": lambda: f"<p>{html.escape(b.text)}</p>",
                     "list": lambda: "<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in b.items) + "</ul>",
-                    "table": lambda: _html_table(b.table),
-                    "figure": lambda: f"<figure><img src='{b.image}' alt='{html.escape(b.text[:80])}'>"
+                    "table": lambda: _html_table(b.table, b.prose),
+                    "figure": lambda: f"<figure><img src='{b.image}' alt='{html.escape(b.alt)}'>"
                                       f"<figcaption>{html.escape(b.text)}</figcaption></figure>"}[b.kind]())
     out.append("</body></html>")
     return "\n".join(out)

@@ -7,6 +7,7 @@ denominator: a config that failed is a draw a user paid for and got nothing from
 from __future__ import annotations
 
 import itertools
+import math
 from math import comb
 from typing import Optional, Sequence
 
@@ -14,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.frames import METRIC_COLUMNS
-from orchestrator.contract.runs import RunStatus
+from orchestrator.contract.runs import OUTCOMES, RunStatus
 
 REFERENCE_METHOD = "dpo"  # the paper normalizes by DPO's best run
 
@@ -77,9 +78,18 @@ def pareto_front(frame: pd.DataFrame, score: str = "mean_score", cost: str = "kl
     return runs.loc[front]
 
 
-def table1(frame: pd.DataFrame, methods: Sequence[str], reference: str = REFERENCE_METHOD) -> pd.DataFrame:
-    """The best FINISHED run of each method by mean_score with every metric, and each metric's relative change
-    against the reference method's best run: (m - m_ref) / |m_ref|."""
+def with_outcome(frame: pd.DataFrame) -> pd.DataFrame:
+    """The trials that ran to an outcome (FINISHED or FAILED): the draws a method's statistics are over. A
+    RUNNING trial of a sweep still in progress (or KILLED, to run again) is neither a success nor a failure."""
+    return frame[frame["status"].isin(OUTCOMES)]
+
+
+def table1(frame: pd.DataFrame, methods: Sequence[str], reference: str = REFERENCE_METHOD,
+           baselines: Optional[dict[str, dict]] = None) -> pd.DataFrame:
+    """The best FINISHED run of each method by mean_score with every metric, then one row per baseline (name ->
+    its metrics and run_name: SFT, the untrained model, the dataset's chosen responses), and each metric's
+    relative change against the reference method's best run: (m - m_ref) / |m_ref| (no such columns when the
+    reference method has no finished run)."""
     rows = []
     for method in methods:
         runs = frame[(frame["method"] == method) & (frame["status"] == RunStatus.FINISHED)]
@@ -90,7 +100,11 @@ def table1(frame: pd.DataFrame, methods: Sequence[str], reference: str = REFEREN
         best = runs.loc[runs["mean_score"].idxmax()]
         rows.append({"method": method, "run_name": best["run_name"], "finished": len(runs), "failed": failed,
                      **{m: best[m] for m in METRIC_COLUMNS}})
-    table = pd.DataFrame(rows).set_index("method")
+    for name, metrics in (baselines or {}).items():
+        rows.append({"method": name, "run_name": metrics.get("run_name"),
+                     **{m: metrics.get(m, np.nan) for m in METRIC_COLUMNS}})
+    table = pd.DataFrame(rows, columns=["method", "run_name", "finished", "failed", *METRIC_COLUMNS])
+    table = table.astype({"finished": "Int64", "failed": "Int64"}).set_index("method")  # counts, blank for baselines
     if reference in table.index and table.loc[reference, "run_name"] is not None:
         for m in METRIC_COLUMNS:
             ref = table.loc[reference, m]
@@ -139,12 +153,45 @@ def table3(frame: pd.DataFrame, samples: dict[str, pd.Series], methods: Sequence
                                        "prompts"])
 
 
-def cost_to_reach(frame: pd.DataFrame, method: str, threshold: float, cost: str) -> Optional[float]:
-    """Expected `cost` (e.g. gpu_hours) a user spends trying the method's configs in random order until one
-    scores at least `threshold`: (n + 1) / (m + 1) draws without replacement (n configs, m reaching it, failed
-    ones included in n), times the method's mean cost per trial. None when no config reaches it."""
-    runs = frame[frame["method"] == method]
+def trials_to_reach(frame: pd.DataFrame, method: str, threshold: float) -> Optional[float]:
+    """Expected number of the method's configs a user tries, in random order, until one scores at least
+    `threshold`: (n + 1) / (m + 1) draws without replacement (n configs with an outcome, failed ones included;
+    m of them reaching it). None when no config reaches it."""
+    runs = with_outcome(frame[frame["method"] == method])
     m = int((runs["mean_score"] >= threshold).sum())
-    if m == 0 or runs.empty:
+    return (len(runs) + 1) / (m + 1) if m else None
+
+
+def cost_to_reach(frame: pd.DataFrame, method: str, threshold: float, cost: str) -> Optional[float]:
+    """trials_to_reach times the method's mean `cost` (e.g. gpu_hours) per trial with an outcome."""
+    draws = trials_to_reach(frame, method, threshold)
+    if draws is None:
         return None
-    return (len(runs) + 1) / (m + 1) * float(runs[cost].fillna(0).mean())
+    return draws * float(with_outcome(frame[frame["method"] == method])[cost].fillna(0).mean())
+
+
+def edge_of_grid(frame: pd.DataFrame, method: str, hyperparameters: Sequence[str]) -> list[str]:
+    """Where the method's best FINISHED run sits at the lowest or highest value its grid tried of a numeric
+    hyperparameter that took several values: e.g. ["learning_rate 0.0001 (lowest of 2)"]. There the grid
+    cannot tell whether a value beyond it would score higher."""
+    runs = frame[frame["method"] == method]
+    best = run_at_quantile(frame, method, 1.0)
+    if best is None:
+        return []
+    edges = []
+    for hp in hyperparameters:
+        values = pd.to_numeric(runs[hp], errors="coerce").dropna().unique() if hp in runs else []
+        if len(values) < 2 or pd.isna(pd.to_numeric(best[hp], errors="coerce")):
+            continue
+        for side, bound in (("lowest", values.min()), ("highest", values.max())):
+            if float(best[hp]) == float(bound):
+                edges.append(f"{hp} {best[hp]:g} ({side} of {len(values)})")
+    return edges
+
+
+def top_runs(frame: pd.DataFrame, method: str, percent: float, by: str = "mean_score") -> pd.DataFrame:
+    """The method's top `percent`% runs by `by`: ceil(percent/100 × runs with an outcome) of them, at least
+    one. Failed runs are in the count (they are part of what was paid for) but can never be among the top."""
+    runs = with_outcome(frame[frame["method"] == method])
+    n = max(math.ceil(percent / 100 * len(runs)), 1)
+    return runs[runs["status"] == RunStatus.FINISHED].nlargest(n, by)

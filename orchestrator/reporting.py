@@ -3,6 +3,8 @@ per-sample table loaded from MLflow (with a progress bar: a 300-run sweep means 
 
 from __future__ import annotations
 
+from typing import Optional
+
 from tqdm import tqdm
 
 from analysis.frames import samples_frame, sweep_frame
@@ -42,7 +44,12 @@ def _inputs(sweep: str, tracker: SweepTracker, records, methods: list[str], show
     wanted = [r for r in records if r.status == RunStatus.FINISHED and r.stage in methods]
     samples = {r.trial_key: tracker.load_samples(r.run_id)
                for r in tqdm(wanted, desc="loading samples", unit="run", disable=None if show_progress else True)}
-    sft_runs = frame[(frame["stage"] == "sft") & (frame["status"] == RunStatus.FINISHED)]
-    sft = sft_runs.loc[sft_runs["mean_score"].idxmax()].to_dict() if len(sft_runs) else None
     return ReportInputs(sweep=sweep, frame=frame[frame["stage"].isin(methods)].reset_index(drop=True),
-                        samples=samples_frame(samples), methods=methods, hyperparameters=own, sft=sft)
+                        samples=samples_frame(samples), methods=methods, hyperparameters=own,
+                        sft=_best_of_stage(frame, "sft"), untrained=_best_of_stage(frame, "base"))
+
+
+def _best_of_stage(frame, stage: str) -> Optional[dict]:
+    """The stage's best finished run as a dict (metrics, run_name): the selected SFT model, the untrained one."""
+    runs = frame[(frame["stage"] == stage) & (frame["status"] == RunStatus.FINISHED)].dropna(subset=["mean_score"])
+    return runs.loc[runs["mean_score"].idxmax()].to_dict() if len(runs) else None

@@ -15,16 +15,19 @@ def inputs(toy_sweep):
 def test_html_report_has_every_section_and_only_embedded_figures(toy_sweep):
     page = render(inputs(toy_sweep), "html", n_boot=50)
     headings = re.findall(r"<h2>(.*?)</h2>", page)
-    assert headings[:5] == ["Verdict", "Table 1: the best run of each method",
-                            "Table 3: head-to-head win rates at the best run",
-                            "Table 3: head-to-head win rates at the 75th-percentile run", "Expected best-of-k"]
-    assert {"Figure 1: every run&#x27;s metrics", "Figure 2: per-sample length of the top runs",
-            "Figure 3: per-sample kl of the top runs", "Figure 4: dpo against beta", "Figure 5: simpo against beta",
-            "Score against KL: the Pareto front", "Cost of reaching the top 10%", "Failed runs (2)"} <= set(headings)
-    images = re.findall(r"<img src='([^']*)'", page)
-    assert len(images) == 6 and all(i.startswith("data:image/png;base64,") for i in images)
+    assert headings == ["The paper&#x27;s findings, checked", "Verdict", "Table 1: the best run of each method",
+                        "Table 2: head-to-head win rates at the best run",
+                        "Table 3: head-to-head win rates at the 75th-percentile run",
+                        "Figure 1: every run&#x27;s metrics", "Figure 2: per-sample length of the top runs",
+                        "Figure 3: per-sample kl of the top runs", "Figure 4: dpo against beta",
+                        "Figure 5: simpo against beta", "Figure 6: expected best-of-k",
+                        "Figure 7: score against KL: the Pareto front", "Cost of reaching the top 10%",
+                        "Failed runs (2)"]
+    images = re.findall(r"<img src='([^']*)' alt='([^']*)'>", page)
+    assert len(images) == 7 and all(uri.startswith("data:image/png;base64,") for uri, _ in images)
+    assert all(len(alt) > 40 for _, alt in images)  # each figure says what it shows, not its caption's start
     assert "http://" not in page and "https://" not in page and "<script" not in page
-    assert page.count("<figcaption>") == 6
+    assert page.count("<figcaption>") == 7
 
 
 def test_verdicts_say_best_versus_dpo_chance_to_beat_sft_and_failures(toy_sweep):
@@ -40,4 +43,76 @@ def test_markdown_report_has_tables_and_the_same_figures(toy_sweep):
     page = render(inputs(toy_sweep), "md", n_boot=50)
     assert page.startswith("# Robustness report: sweep toy")
     assert "| method | run_name | finished | failed |" in page
-    assert len(re.findall(r"!\[[^\]]*\]\(data:image/png;base64,", page)) == 6
+    assert len(re.findall(r"!\[[^\]]{40,}\]\(data:image/png;base64,", page)) == 7
+
+
+def _with(frame, **row):
+    """The frame plus one hand-built trial row (columns it does not name are NaN)."""
+    import pandas as pd
+    return pd.concat([frame, pd.DataFrame([row])], ignore_index=True)
+
+
+def test_a_report_made_while_the_sweep_runs_counts_running_trials_apart(toy_sweep):
+    """Before, a RUNNING trial counted as failed in the verdict ("2 of 9 runs failed") while Failed runs said
+    otherwise, and nothing said the sweep was still running."""
+    frame, samples = toy_sweep
+    live = _with(frame, stage="dpo", method="dpo", run_name="dpo live", status="RUNNING", trial_key="live", beta=0.9)
+    report = inputs((live, samples))
+    assert verdicts(report)[0].endswith("1 of 8 runs failed; 1 still running.")
+    page = render(report, "html", n_boot=20)
+    headings = re.findall(r"<h2>(.*?)</h2>", page)
+    assert headings[0] == "The sweep is not complete" and "Failed runs (2)" in headings
+    assert "1 trials have no outcome yet (1 RUNNING)" in page
+
+
+def test_a_one_method_sweep_has_no_head_to_head_and_no_word_of_dpo(toy_sweep):
+    frame, samples = toy_sweep
+    simpo = frame[frame.method == "simpo"]
+    page = render(ReportInputs(sweep="one", frame=simpo, samples=samples, methods=["simpo"],
+                               hyperparameters={"simpo": ["beta"]}), "html", n_boot=20)
+    headings = re.findall(r"<h2>(.*?)</h2>", page)
+    assert [h for h in headings if h.startswith("Table")] == ["Table 1: the best run of each method"]
+    text = re.sub(r"data:image/png;base64,[^']*", "", page).lower()  # words, not the images' bytes
+    assert "head-to-head" not in text and "dpo" not in text
+
+
+def test_table1_has_the_sft_untrained_and_chosen_rows(toy_sweep):
+    report = inputs(toy_sweep)
+    report.untrained = {"run_name": "untrained", "mean_score": -9.0, "length": 21.0}
+    report.sft = {**report.sft, "run_name": "sft lr=0.003"}
+    page = render(report, "md", n_boot=20)
+    table = page.split("## Table 1: the best run of each method")[1].split("## ")[0]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert {"dpo", "simpo", "SFT (selected)", "untrained", "chosen responses"} <= set(rows)
+    assert "| sft lr=0.003 |" in rows["SFT (selected)"] and "| 2.0 |" in rows["SFT (selected)"]
+    assert "| -9.0 |" in rows["untrained"] and "| 1.0 |" in rows["chosen responses"]  # every chosen_score is 1
+    assert verdicts(report)[2] == ("References (mean gold score): SFT (selected) 2.000; untrained -9.000; "
+                                   "chosen responses 1.000.")
+
+
+def test_a_best_run_on_the_edge_of_its_grid_is_flagged(toy_sweep):
+    frame, samples = toy_sweep
+    frame = frame.assign(learning_rate=[1e-4 if i % 2 == 0 else 3e-4 for i in range(len(frame))])
+    report = inputs((frame, samples))  # best runs dpo6/simpo6: the lower learning rate, β 0.7 of 0.1..0.8
+    lines = [line for line in verdicts(report) if line.startswith("Warning")]
+    assert lines == [f"Warning: {m}'s best run sits at the edge of its grid (learning_rate 0.0001 (lowest of 2)): "
+                     "its optimum may lie outside the grid; widen that range to find out." for m in ("dpo", "simpo")]
+    page = render(report, "html", n_boot=20)
+    assert "Figure 5: dpo against learning_rate" in page
+
+
+def test_cost_is_in_trials_and_device_hours_with_the_load_caveat(toy_sweep):
+    frame, samples = toy_sweep
+    page = render(inputs((frame.assign(device_hours=0.5), samples)), "md", n_boot=20)
+    section = page.split("## Cost of reaching the top 10%")[1]
+    header = section.strip().splitlines()[0]
+    assert header == ("| method | trials with an outcome | expected trials to reach top 10% | expected device_hours "
+                      "to reach top 10% | device_hours spent |")
+    # top 10% of the 14 finished scores: 90th percentile; simpo's runs 5 and 6 (7.5, 9.0) reach it: (8+1)/(2+1) = 3
+    assert "| simpo | 8 | 3.0 | 1.5 | 4.0 |" in section
+    assert "carry the machine's load" in section and "compare methods by trials" in section
+
+
+def test_the_kl_figure_says_why_a_sample_can_be_negative(toy_sweep):
+    page = render(inputs(toy_sweep), "html", n_boot=20)
+    assert "single-sample estimate" in page and "can be negative" in page

@@ -133,3 +133,38 @@ def test_cost_to_reach_counts_expected_draws_without_replacement():
     # 5 configs, 1 reaches score 3: (5+1)/(1+1) = 3 draws x 0.9 GPU-h mean
     assert cost_to_reach(frame, "dpo", 3.0, "gpu_hours") == pytest.approx(3 * 0.9)
     assert cost_to_reach(frame, "dpo", 9.0, "gpu_hours") is None
+
+
+def test_trials_to_reach_by_hand_and_running_trials_are_no_draw():
+    from analysis.robustness import cost_to_reach, trials_to_reach
+    frame = trials_frame([record("dpo", f"d{i}", "FINISHED", float(i)) for i in range(4)]
+                         + [record("dpo", "dx", "FAILED", 0.0), record("dpo", "live", "RUNNING", 0.0)])
+    frame["device_hours"] = [1.0, 1.0, 1.0, 1.0, 0.5, 7.0]
+    # 5 configs with an outcome (the running one is not a draw yet), 2 reach 2.0: (5+1)/(2+1) = 2 draws
+    assert trials_to_reach(frame, "dpo", 2.0) == pytest.approx(2.0)
+    assert cost_to_reach(frame, "dpo", 2.0, "device_hours") == pytest.approx(2.0 * 0.9)
+    assert trials_to_reach(frame, "dpo", 9.0) is None
+
+
+def test_table1_appends_reference_rows_relative_to_dpo():
+    frame = trials_frame([record("dpo", "d1", "FINISHED", 2.0, length=10.0)])
+    table = table1(frame, ["dpo"], baselines={"SFT (selected)": {"run_name": "sft", "mean_score": 1.0, "length": 5.0},
+                                              "chosen responses": {"mean_score": 3.0}}).set_index("method")
+    assert list(table.index) == ["dpo", "SFT (selected)", "chosen responses"]
+    assert table.loc["SFT (selected)", "mean_score_vs_dpo"] == pytest.approx(-0.5)   # (1 - 2) / 2
+    assert table.loc["chosen responses", "mean_score_vs_dpo"] == pytest.approx(0.5)
+    assert table.loc["SFT (selected)", "length_vs_dpo"] == pytest.approx(-0.5)
+    assert math.isnan(table.loc["chosen responses", "length"])
+
+
+def test_edge_of_grid_names_each_extreme_the_best_run_sits_on():
+    from analysis.robustness import edge_of_grid
+    frame = trials_frame([record("simpo", f"s{i}", "FINISHED", score) for i, score in enumerate([1.0, 3.0, 2.0, 0.5])]
+                         + [record("simpo", "sx", "FAILED", 0.0)])
+    frame["learning_rate"] = [1e-4, 1e-4, 3e-4, 3e-4, 1e-5]   # the failed run tried a lower rate: part of the grid
+    frame["beta"] = [2.0, 2.5, 2.0, 2.5, 2.0]
+    frame["gamma"] = [0.5] * 5                                  # one value: no edge to speak of
+    assert edge_of_grid(frame, "simpo", ["learning_rate", "beta", "gamma"]) == ["beta 2.5 (highest of 2)"]
+    frame.loc[frame.run_name == "s1", "beta"] = 2.2
+    assert edge_of_grid(frame, "simpo", ["learning_rate", "beta", "gamma"]) == []
+    assert edge_of_grid(frame, "dpo", ["beta"]) == []            # no finished run

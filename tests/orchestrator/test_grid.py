@@ -75,6 +75,8 @@ def test_run_names_are_readable():
     ("ln_dpo", {"sft": 2, "ln_dpo": 24}),
     ("simpo", {"sft": 2, "simpo": 96}),
     ("paper/phi3_saferlhf", {"sft": 8, "dpo": 40, "ln_dpo": 48, "simpo": 192}),
+    ("paper_mini", {"base": 1, "sft": 2, "dpo": 20, "simpo": 96, "ln_dpo": 24}),       # 143 trials
+    ("paper/smollm2_hh", {"base": 1, "sft": 2, "dpo": 20, "simpo": 96, "ln_dpo": 24}),
 ])
 def test_shipped_sweeps_validate(name, counts):
     stages = {s.stage: len(s.trials) for s in plan_sweep(load_spec(SWEEPS / f"{name}.yaml"))}
@@ -106,7 +108,8 @@ stages:
     assert key(training="training: {lora: {r: 8}}") != key()
 
 
-@pytest.mark.parametrize("name", ["quickstart", "dpo", "simpo", "ln_dpo", "paper/phi3_saferlhf"])
+@pytest.mark.parametrize("name", ["quickstart", "dpo", "simpo", "ln_dpo", "paper_mini", "paper/phi3_saferlhf",
+                                  "paper/smollm2_hh"])
 def test_the_per_section_canonical_json_is_the_whole_config_dumped_at_once(name):
     """canonical_json serialises each shared section once per plan (planning speed); it must be byte for byte
     the one-shot definition the keys were defined by, or every finished trial would run again."""

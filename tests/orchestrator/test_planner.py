@@ -127,3 +127,13 @@ def test_the_paper_sweep_has_a_whole_study_estimate(capsys):
     assert ("14B parameters (shape from cost.model_shape); 8 GPU(s) per trial, fsdp, bf16, gradient checkpointing, "
             "micro-batches of 8 pairs, full fine-tuning") in out
     assert "all (GPU-hours from FLOPs)" in out and "NO" not in out.split("memory per GPU")[1]
+
+
+def test_the_smollm2_paper_sweep_plans_for_one_gpu_without_the_hub(capsys, monkeypatch):
+    """sweeps/paper/smollm2_hh.yaml: the paper's three grids on a real model; `plan` reads no hub file."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(["plan", "sweeps/paper/smollm2_hh.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "143 trials: 1 untrained baseline, 2 SFT, 140 preference" in out
+    assert "135M parameters (shape from cost.model_shape); 1 GPU(s) per trial" in out
+    assert "NO" not in out.split("memory per GPU")[1]

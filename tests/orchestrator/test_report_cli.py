@@ -25,7 +25,7 @@ evaluation: {{num_prompts: 16, max_new_tokens: 16}}
 stages:
   sft: {{grid: {{learning_rate: [3.0e-3], epochs: [1]}}}}
   methods:
-    dpo: {{grid: {{beta: [0.1, 0.5], learning_rate: [3.0e-4]}}}}
+    dpo: {{grid: {{beta: [0.1, 0.5], learning_rate: [1.0e-4, 3.0e-4]}}}}
     simpo: {{grid: {{beta: [2.0], gamma: [0.5, 1.0], learning_rate: [3.0e-4]}}}}
 """
 
@@ -54,11 +54,11 @@ def test_a_piped_run_prints_one_line_per_trial_and_stage_and_no_carriage_return(
     root, _ = reported
     log = (root / "run.log").read_text()
     assert "\r" not in log
-    trial_lines = [line for line in log.splitlines() if re.match(r"\[\d+/6\] ", line)]
-    assert [line.split("]")[0] for line in trial_lines] == [f"[{i}/6" for i in range(1, 7)]
+    trial_lines = [line for line in log.splitlines() if re.match(r"\[\d+/8\] ", line)]
+    assert [line.split("]")[0] for line in trial_lines] == [f"[{i}/8" for i in range(1, 9)]
     assert all(re.search(r": FINISHED in \d+\.\d s, mean_score -?\d+\.\d{3}$", line) for line in trial_lines)
     stage_lines = [line for line in log.splitlines() if re.match(r"stage \w+: ", line)]
-    assert sorted(stage_lines) == ["stage base: 1 of 1 finished, 0 failed", "stage dpo: 2 of 2 finished, 0 failed",
+    assert sorted(stage_lines) == ["stage base: 1 of 1 finished, 0 failed", "stage dpo: 4 of 4 finished, 0 failed",
                                    "stage sft: 1 of 1 finished, 0 failed", "stage simpo: 2 of 2 finished, 0 failed"]
 
 
@@ -66,9 +66,19 @@ def test_report_files_and_the_mlflow_artifact(reported):
     root, out = reported
     page = (root / "report.html").read_text()
     assert "report: report.html" in out and "artifact report.html" in out
-    # best-of-k, Figures 1, 2, 3, dpo vs beta, simpo vs gamma (simpo has one beta: no figure for it)
-    assert len(re.findall(r"<img src='data:image/png;base64,", page)) == 6
+    # Figures 1, 2, 3, dpo vs beta and vs learning rate, simpo vs gamma (one β: no figure), best-of-k, Pareto
+    assert len(re.findall(r"<img src='data:image/png;base64,", page)) == 8
+    assert re.search(r"<td>SFT \(selected\)</td>\s*<td>sft lr=0.003 e=1</td>", page)  # Table 1's references
+    assert re.search(r"<td>untrained</td>\s*<td>untrained</td>", page)
     assert "Failed runs (0)" in page
+    # it opens with the paper's findings, one row each, in HTML and in Markdown
+    assert re.findall(r"<h2>(.*?)</h2>", page)[0] == "The paper&#x27;s findings, checked"
+    findings = page.split("</table>")[0]
+    assert re.findall(r"<td>(F\d)</td>", findings) == ["F1", "F2", "F3", "F4", "F5"]
+    assert len(re.findall(r"<td>(holds|fails|mixed|not testable)</td>", findings)) == 5
+    markdown = (root / "reported-report.md").read_text()
+    assert markdown.split("\n## ")[1].startswith("The paper's findings, checked")
+    assert len(re.findall(r"^\| F\d \|.*\| (holds|fails|mixed|not testable) \|$", markdown, re.M)) == 5
     assert (root / "reported-report.md").read_text().startswith("# Robustness report: sweep reported")
     tracker = SweepTracker(f"sqlite:///{root / 'mlflow.db'}", "reported")
     [run] = tracker.client.search_runs([tracker.experiment_id], f"tags.`{TAG_KIND}` = 'sweep'")
@@ -82,7 +92,7 @@ def test_report_by_sweep_name_without_the_spec(reported, tmp_path):
                  str(tmp_path / "by-name.html"), "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     page = (tmp_path / "by-name.html").read_text()
-    assert page.count("<img src='data:image/png;base64,") == 6 and "Robustness report: sweep reported" in page
+    assert page.count("<img src='data:image/png;base64,") == 8 and "Robustness report: sweep reported" in page
 
 
 def test_report_without_a_sweep_says_so(tmp_path):
@@ -109,7 +119,7 @@ def test_the_report_renders_in_headless_chromium_with_every_figure_and_no_consol
                            "--v=0", "--virtual-time-budget=5000", "--window-size=1280,6000",
                            f"--screenshot={shot}", probed.as_uri()], capture_output=True, text=True, timeout=120)
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
-    assert any('"IMAGES 6/6"' in line for line in console), proc.stderr[-2000:]
+    assert any('"IMAGES 8/8"' in line for line in console), proc.stderr[-2000:]
     assert not [line for line in console if "IMAGES" not in line], console  # no error or warning from the page
     assert shot.stat().st_size > 100_000
 
@@ -162,7 +172,7 @@ def test_sweep_ui_lands_on_the_trial_runs_with_their_metrics(reported):
         compare = _dom(f"{base}/compare-runs?runs=[{ids}]&experiments=[%22{tracker.experiment_id}%22]",
                        ARTIFACTS / "mlflow-trials.png")
         missing = [t.run_name for t in trials if t.run_name not in compare]
-        assert len(trials) == 6 and not missing, missing
+        assert len(trials) == 8 and not missing, missing
     finally:
         os.killpg(ui.pid, 15)
         ui.wait(30)

@@ -3,7 +3,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trainers.evaluate import EvalSettings, SftBaseline, evaluate, summarize_samples, win_rate
+from trainers.evaluate import (EvalSettings, SamplingVocabulary, SftBaseline, evaluate, generate, summarize_samples,
+                               win_rate)
 from trainers.models import build_task_tokenizer, build_tiny_model
 from trainers.reward import SyntheticGoldReward
 from trainers.synthetic import generate_split
@@ -36,3 +37,42 @@ def test_evaluate_records_every_metric_and_zero_kl_against_itself():
     assert [s["chosen_score"] for s in samples] == [chosen[p.prompt_id] for p in pairs[:6]]
     again, _ = evaluate(model, tokenizer, pairs, SyntheticGoldReward(), settings, torch.device("cpu"), sft)
     assert again == metrics  # seeded sampling
+
+
+def _tiny(tokenizer):
+    tiny = SimpleNamespace(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, max_positions=64, seed=0)
+    return build_tiny_model(tiny, tokenizer)
+
+
+def test_sampling_emits_no_pad_bos_or_unknown_and_length_counts_the_scored_text():
+    """A policy that puts most of its mass on <pad>, <s> and <unk> (what SimPO drifted towards on the quickstart):
+    before, those tokens were sampled mid-response, counted in `length` and dropped from the scored text."""
+    tokenizer = build_task_tokenizer()
+    model = _tiny(tokenizer)
+    non_text = [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id]
+
+    def favour_non_text(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., non_text] += 8.0
+        return logits
+
+    model.lm_head.register_forward_hook(favour_non_text)
+    pairs = generate_split("eval", 16, seed=0)
+    settings = EvalSettings(temperature=1.0, top_p=1.0, max_new_tokens=12, num_prompts=16, seed=0, batch_size=8)
+    generations = generate(model, tokenizer, pairs, settings, torch.device("cpu"))
+    assert not any(t in non_text for g in generations for t in g.ids)
+    assert any(g.length > 0 for g in generations)
+    _, samples = evaluate(model, tokenizer, pairs, SyntheticGoldReward(), settings, torch.device("cpu"))
+    for sample in samples:  # the word-level task tokenizer: one token per word of the scored text
+        assert sample["length"] == len(tokenizer(sample["generation"], add_special_tokens=False).input_ids)
+
+
+def test_special_tokens_other_than_pad_bos_unknown_end_the_response():
+    tokenizer = SimpleNamespace(eos_token_id=2, pad_token_id=2, bos_token_id=1, unk_token_id=None,
+                                all_special_ids=[1, 2, 7])  # pad = EOS, as for tokenizers that had no pad
+    vocabulary = SamplingVocabulary.of(tokenizer)
+    assert vocabulary.suppressed == (1,) and vocabulary.stops == (2, 7)
+    cut = lambda row: (vocabulary.generation(row).ids, vocabulary.generation(row).length)  # noqa: E731
+    assert cut([5, 6, 7, 2, 2]) == ([5, 6, 7], 2)   # an end-of-turn token ends it, counted in ids (KL), not length
+    assert cut([5, 2, 2]) == ([5, 2], 1)
+    assert cut([5, 6]) == ([5, 6], 2)                # never ended: every token is text
