@@ -4,7 +4,7 @@ On a terminal (stderr a TTY) the bar shows done/total and the current trial's tr
 (CI, nohup, a Slurm job log) or with the bar turned off (`sweep run --no-progress`), carriage-return frames
 would fill the log with partial lines, so each finished trial is one line instead:
 
-    [5/21] dpo b=0.3 lr=0.0003 e=1: FINISHED in 2.4 s, mean_score 2.125
+    [5/21] dpo b=0.3 lr=0.0003 e=1: FINISHED in 2.4 s, mean_score 2.098
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ QUIET = Output(lambda _: None, bar=False)  # tests, and callers that read the ou
 
 
 def trial_line(index: int, total: int, name: str, result: TrialResult) -> str:
-    """'[5/21] dpo b=0.3 ...: FINISHED in 2.4 s, mean_score 2.125' (or the failure's reason)."""
+    """'[5/21] dpo b=0.3 ...: FINISHED in 2.4 s, mean_score 2.098' (or the failure's reason)."""
     line = f"[{index}/{total}] {name}: {result.status} in {result.wall_seconds:.1f} s"
     score = result.metrics.get("mean_score")
     if result.status == RunStatus.FINISHED and score is not None and math.isfinite(score):
