@@ -88,8 +88,7 @@ def verdicts(inputs: ReportInputs) -> list[str]:
     for method in inputs.methods:
         scores, failed = _scores(frame, method)
         n = len(scores) + failed
-        running = int((frame["method"] == method).sum()) - n
-        still = f"; {running} still running" if running else ""
+        still = _unfinished_text(frame[frame["method"] == method], n)
         if not scores:
             lines.append(f"{method}: no run finished ({failed} failed{still}).")
             continue
@@ -112,6 +111,14 @@ def verdicts(inputs: ReportInputs) -> list[str]:
             lines.append(f"Warning: {method}'s best run sits at the edge of its grid ({', '.join(edges)}): its "
                          "optimum may lie outside the grid; widen that range to find out.")
     return lines
+
+
+def _unfinished_text(runs: pd.DataFrame, with_outcome_count: int) -> str:
+    """'; 1 still running; 2 interrupted (a rerun runs them)' for a method's trials without an outcome."""
+    running = int((runs["status"] == RunStatus.RUNNING).sum())
+    interrupted = len(runs) - with_outcome_count - running
+    return ((f"; {running} still running" if running else "")
+            + (f"; {interrupted} interrupted (a rerun runs them)" if interrupted else ""))
 
 
 def _swept(inputs: ReportInputs, method: str) -> list[str]:

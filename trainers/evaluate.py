@@ -12,7 +12,7 @@ Metrics (DESIGN.md, paper §5), per trial:
 Sampling never emits a token that is not text: pad, BOS and unknown are suppressed (their probability set to
 0, the rest renormalized), and any other special token (EOS, a chat template's end-of-turn) ends the response.
 Before, a sampled `<pad>` mid-response counted in `length` but was dropped from the scored text, so the
-reward's length penalty never saw it (issue 17: 11.5% of SimPO's samples on the quickstart).
+reward's length penalty never saw it (issue 17: 11.5% of SimPO's samples on sweeps/paper_mini.yaml).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class SamplingVocabulary:
         return cls(tuple(sorted(suppressed)), (eos, *others))
 
     def generation(self, row: list[int]) -> Generation:
-        """A sampled row (B's row of generate's output, right-padded after its end) cut at its first stop."""
+        """One row of generate's output (right-padded after its end) cut at its first stop."""
         end = next((i for i, token in enumerate(row) if token in self.stops), None)
         return Generation(row, len(row)) if end is None else Generation(row[:end + 1], end)
 

@@ -59,6 +59,9 @@ def test_a_report_made_while_the_sweep_runs_counts_running_trials_apart(toy_swee
     live = _with(frame, stage="dpo", method="dpo", run_name="dpo live", status="RUNNING", trial_key="live", beta=0.9)
     report = inputs((live, samples))
     assert verdicts(report)[0].endswith("1 of 8 runs failed; 1 still running.")
+    killed = _with(live, stage="dpo", method="dpo", run_name="dpo cut", status="KILLED", trial_key="cut", beta=1.0)
+    assert verdicts(inputs((killed, samples)))[0].endswith(
+        "1 of 8 runs failed; 1 still running; 1 interrupted (a rerun runs them).")
     page = render(report, "html", n_boot=20)
     headings = re.findall(r"<h2>(.*?)</h2>", page)
     assert headings[0] == "The sweep is not complete" and "Failed runs (2)" in headings
