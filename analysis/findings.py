@@ -19,8 +19,9 @@ from orchestrator.contract.runs import RunStatus
 LENGTH_NORMALISED = ("simpo", "ln_dpo")
 LEVEL = 0.95
 
-RULE = ("Each finding is split into comparisons of a length-normalised method (SimPO, LN-DPO) with DPO, each an "
-        "estimate with a 95% bootstrap interval (paired over evaluation prompts where both sides answered the "
+RULE = ("Each finding is split into comparisons of a length-normalised method (SimPO, LN-DPO) with DPO, each a "
+        "difference (the method's value minus DPO's, in gold-score points, tokens or nats of KL) with a 95% bootstrap "
+        "interval (paired over evaluation prompts where both sides answered the "
         "same prompts; over runs for distributions of runs). A comparison supports the paper when its interval "
         "lies entirely on the paper's side of zero (for a claim that two methods are alike: when its interval "
         "contains zero). A finding holds when every comparison supports it, fails when none does, and is mixed "
@@ -32,13 +33,15 @@ HOLDS, FAILS, MIXED, NOT_TESTABLE = "holds", "fails", "mixed", "not testable"
 
 @dataclass(frozen=True)
 class Comparison:
-    """One method against DPO on one quantity: estimate and interval, in `unit`."""
+    """One method against DPO on one quantity: estimate and interval, a difference in the quantity's own unit
+    (not relative: KL and scores can sit near zero, where a relative change is meaningless)."""
     label: str            # "simpo length"
     estimate: float
     low: float
     high: float
     expected: int         # the paper's side: -1 below zero, +1 above, 0 "alike" (zero inside the interval)
-    unit: str = "%"       # "%": relative to DPO's value; "pp": win-rate points off 50%; "": the quantity's own
+    unit: str = ""        # printed after the numbers: "" (gold-score points), "tokens", "nats", "pp" (win rate
+                          # minus 50%, in percentage points)
 
     @property
     def supports(self) -> bool:
@@ -47,9 +50,10 @@ class Comparison:
         return self.high < 0 if self.expected < 0 else self.low > 0
 
     def text(self) -> str:
-        scale, suffix = {"%": (100, "%"), "pp": (100, " pp"), "": (1, "")}[self.unit]
-        number = lambda v: f"{v * scale:+.1f}{suffix}"  # noqa: E731
-        return f"{self.label} {number(self.estimate)} [{number(self.low)}, {number(self.high)}]"
+        scale, digits = (100, 1) if self.unit == "pp" else (1, 2)
+        number = lambda v: f"{v * scale:+.{digits}f}"  # noqa: E731
+        unit = f" {self.unit}" if self.unit else ""
+        return f"{self.label} {number(self.estimate)} [{number(self.low)}, {number(self.high)}]{unit}"
 
 
 @dataclass(frozen=True)
@@ -68,24 +72,17 @@ class Finding:
         return HOLDS if support == len(self.comparisons) else FAILS if support == 0 else MIXED
 
 
-def paired_difference(a: pd.Series, b: pd.Series, n_boot: int = 2000, seed: int = 0,
-                      relative: bool = True) -> tuple[float, float, float]:
-    """Mean over the prompts both answered of a − b (series indexed by prompt id), divided by |mean b| when
-    `relative`, with a paired bootstrap interval (prompts resampled together)."""
+def paired_difference(a: pd.Series, b: pd.Series, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over the prompts both answered of a − b (series indexed by prompt id), with a paired bootstrap
+    interval (prompts resampled together)."""
     common = a.index.intersection(b.index)
     if common.empty:
         raise ValueError("the two sides share no evaluation prompt")
-    x, y = a.loc[common].to_numpy(float), b.loc[common].to_numpy(float)
+    diff = a.loc[common].to_numpy(float) - b.loc[common].to_numpy(float)          # (prompts,)
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(x), (n_boot, len(x)))
-    scale = (lambda base: np.abs(base)) if relative else (lambda base: 1.0)  # noqa: E731
-    with np.errstate(divide="ignore", invalid="ignore"):  # DPO's mean exactly 0: no relative change (NaN)
-        estimate = (x.mean() - y.mean()) / scale(y.mean())
-        boot = (x[picks].mean(axis=1) - y[picks].mean(axis=1)) / scale(y[picks].mean(axis=1))
-    if not np.isfinite(boot).any():
-        return float(estimate), float("nan"), float("nan")
-    low, high = np.nanquantile(boot, [(1 - LEVEL) / 2, 1 - (1 - LEVEL) / 2])
-    return float(estimate), float(low), float(high)
+    boot = diff[rng.integers(0, len(diff), (n_boot, len(diff)))].mean(axis=1)      # (n_boot,)
+    low, high = np.quantile(boot, [(1 - LEVEL) / 2, 1 - (1 - LEVEL) / 2])
+    return float(diff.mean()), float(low), float(high)
 
 
 def median_shift(a: Sequence[float], b: Sequence[float], n_boot: int = 2000,
@@ -123,16 +120,20 @@ class SweepRuns:
         return list(runs["mean_score"].dropna())
 
 
+UNITS = {"score": "", "length": "tokens", "kl": "nats"}
+
+
 def _versus_dpo(runs: SweepRuns, column: str, keys: Callable[[str], list[str]], expected: int,
                 label: str) -> list[Comparison]:
-    """Each length-normalised method's runs `keys(method)` against DPO's, on per-prompt `column`, relative."""
+    """Each length-normalised method's runs `keys(method)` against DPO's: the per-prompt difference of `column`."""
     dpo = runs.per_prompt(keys(REFERENCE_METHOD), column)
     out = []
     for method in _present(runs):
         mine = runs.per_prompt(keys(method), column)
         if mine.empty or dpo.empty:
             continue
-        out.append(Comparison(f"{method} {label}", *paired_difference(mine, dpo, runs.n_boot), expected))
+        out.append(Comparison(f"{method} {label}", *paired_difference(mine, dpo, runs.n_boot), expected,
+                              UNITS[column]))
     return out
 
 
@@ -171,7 +172,7 @@ def f2_dpo_loses_at_the_75th_percentile(runs: SweepRuns) -> list[Comparison]:
 
 def f3_scores_shift_right(runs: SweepRuns) -> list[Comparison]:
     dpo = runs.finished_scores(REFERENCE_METHOD)
-    return [Comparison(f"{m} median run score", *median_shift(runs.finished_scores(m), dpo, runs.n_boot), 1, "")
+    return [Comparison(f"{m} median run score", *median_shift(runs.finished_scores(m), dpo, runs.n_boot), 1)
             for m in _present(runs)]
 
 
@@ -184,8 +185,8 @@ def f4_shorter_at_the_top_fading_below(runs: SweepRuns) -> list[Comparison]:
         gap = lambda p: side(method, p) - side(REFERENCE_METHOD, p)  # noqa: E731
         wide, narrow = gap(25).dropna(), gap(1).dropna()
         if len(wide) and len(narrow):
-            fading.append(Comparison(f"{method} length gap, top 25% minus top 1% (tokens)",
-                                     *paired_difference(wide, narrow, runs.n_boot, relative=False), 1, ""))
+            fading.append(Comparison(f"{method} length gap, top 25% minus top 1%",
+                                     *paired_difference(wide, narrow, runs.n_boot), 1, "tokens"))
     return out + fading
 
 

@@ -148,9 +148,11 @@ def _findings(inputs: ReportInputs, n_boot: int) -> list[Block]:
     found = check_findings(inputs.frame, inputs.samples, inputs.methods, n_boot)
     return [Block("h2", "The paper's findings, checked"),
             Block("table", table=findings_table(found), prose=True),
-            Block("p", f"How to read it: {RULE} Percentages are relative to DPO's value; pp are win-rate points "
-                       "off 50%; ✗ marks a comparison that does not support the paper. The verdicts are about "
-                       "this sweep's task, model and grids, not the paper's.")]
+            Block("p", f"How to read it: {RULE} The paper gives relative changes; this sweep's figures are "
+                       "differences, because a relative change is meaningless where DPO's KL or score sits near "
+                       "zero (Table 1's relative columns show it). pp: DPO's head-to-head win rate minus 50%, in "
+                       "percentage points; ✗ marks a comparison that does not support the paper. The verdicts are "
+                       "about this sweep's task, model and grids, not the paper's.")]
 
 
 def _verdict(inputs: ReportInputs, n_boot: int) -> list[Block]:

@@ -58,11 +58,11 @@ def test_every_finding_holds_on_a_sweep_shaped_like_the_paper():
     found = check_findings(frame, samples, ["dpo", "simpo", "ln_dpo"], n_boot=200)
     assert {f.key: f.verdict for f in found} == {k: HOLDS for k in ("F1", "F2", "F3", "F4", "F5")}
     f1 = {c.label: c for c in found[0].comparisons}
-    assert f1["simpo length"].estimate == pytest.approx((5.5 - 10.5) / 10.5)    # best runs, means over prompts
+    assert f1["simpo length"].estimate == pytest.approx(5.5 - 10.5)             # best runs, means over prompts
     assert f1["simpo score"].estimate == 0 and f1["simpo score"].supports      # alike: zero inside
     f4 = {c.label: c for c in found[3].comparisons}
     # top 25% = ceil(0.25 x 8) = 2 runs: gap (5.5 + 9.5)/2 - 10.5 = -3 against -5 at the top 1%: fades by 2
-    assert f4["simpo length gap, top 25% minus top 1% (tokens)"].estimate == pytest.approx(2.0)
+    assert f4["simpo length gap, top 25% minus top 1%"].estimate == pytest.approx(2.0)
 
 
 def test_every_finding_fails_on_the_opposite_sweep():
@@ -90,13 +90,14 @@ def test_not_testable_without_dpo_without_a_length_normalised_method_or_without_
 
 
 def test_the_findings_use_table_1s_and_the_head_to_head_tables_numbers():
+    """F1's differences are Table 1's metric differences between the best runs; F2's are Tables 2-3's."""
     frame, samples = sweep(dpo=dpo, simpo=robust, ln_dpo=fragile)
     found = {f.key: f for f in check_findings(frame, samples, ["dpo", "simpo", "ln_dpo"], n_boot=300)}
     t1 = table1(frame, ["dpo", "simpo", "ln_dpo"]).set_index("method")
     for comparison in found["F1"].comparisons:
         method, quantity = comparison.label.split(" ")
         column = {"score": "mean_score", "length": "length", "KL": "kl"}[quantity]
-        assert comparison.estimate == pytest.approx(t1.loc[method, f"{column}_vs_dpo"])
+        assert comparison.estimate == pytest.approx(t1.loc[method, column] - t1.loc["dpo", column])
     scores = {k: g.set_index("prompt_id")["score"] for k, g in samples.groupby("trial_key")}
     for q, where in ((1.0, "best"), (0.75, "75th pct")):
         t3 = table3(frame, scores, ["dpo", "simpo", "ln_dpo"], q, n_boot=300).set_index(["method", "opponent"])
@@ -110,16 +111,16 @@ def test_comparison_support_rule_and_text():
     assert Comparison("x", -0.2, -0.3, -0.1, -1).supports and not Comparison("x", -0.2, -0.3, 0.1, -1).supports
     assert Comparison("x", 0.2, 0.1, 0.3, 1).supports and not Comparison("x", 0.2, 0.1, 0.3, -1).supports
     assert Comparison("x", 0.0, -0.1, 0.1, 0).supports and not Comparison("x", 0.2, 0.1, 0.3, 0).supports
-    assert Comparison("simpo length", -0.125, -0.2, -0.05, -1).text() == "simpo length -12.5% [-20.0%, -5.0%]"
-    assert Comparison("dpo vs simpo", -0.043, -0.1, 0.01, -1, "pp").text() == "dpo vs simpo -4.3 pp [-10.0 pp, +1.0 pp]"
+    assert Comparison("simpo length", -1.25, -2.0, -0.5, -1, "tokens").text() == "simpo length -1.25 [-2.00, -0.50] tokens"
+    assert Comparison("simpo score", 0.3, -0.1, 0.7, 0).text() == "simpo score +0.30 [-0.10, +0.70]"
+    assert Comparison("dpo vs simpo", -0.043, -0.1, 0.01, -1, "pp").text() == "dpo vs simpo -4.3 [-10.0, +1.0] pp"
 
 
 def test_paired_difference_and_median_shift_by_hand():
     a = pd.Series([2.0, 4.0, 6.0], index=[1, 2, 3])
     b = pd.Series([1.0, 2.0, 3.0, 99.0], index=[1, 2, 3, 4])       # prompt 4: only b answered it
     estimate, low, high = paired_difference(a, b, n_boot=500)
-    assert estimate == pytest.approx((4 - 2) / 2) and low <= estimate <= high
-    assert paired_difference(a, b, relative=False)[0] == pytest.approx(2.0)
+    assert estimate == pytest.approx(2.0) and 1.0 <= low <= estimate <= high <= 3.0   # differences 1, 2, 3
     assert median_shift([1, 2, 3], [0, 0, 1], n_boot=100)[0] == pytest.approx(2.0)
     with pytest.raises(ValueError, match="share no evaluation prompt"):
         paired_difference(a, pd.Series([1.0], index=[9]))
