@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.frames import METRIC_COLUMNS  # noqa: E402
-from analysis.robustness import top_runs, with_outcome  # noqa: E402
+from analysis.robustness import finished_runs, top_runs, with_outcome  # noqa: E402
 from orchestrator.contract.runs import RunStatus
 from orchestrator.contract.spec import TrainHParams
 
@@ -48,7 +48,7 @@ def metric_distributions(frame: pd.DataFrame, methods: Sequence[str],
     for ax in axes[len(METRIC_COLUMNS):]:
         ax.remove()
     for ax, metric in zip(axes, METRIC_COLUMNS):
-        values = [frame[(frame["method"] == m) & (frame["status"] == RunStatus.FINISHED)][metric].dropna() for m in methods]
+        values = [finished_runs(frame, m)[metric].dropna() for m in methods]
         ax.boxplot([v.to_numpy() for v in values], showfliers=False)
         for i, v in enumerate(values, start=1):
             ax.scatter([i] * len(v), v, s=10, alpha=0.6)
@@ -148,7 +148,7 @@ def pareto_figure(frame: pd.DataFrame, fronts: dict[str, pd.DataFrame]) -> plt.F
     """Score against KL: every finished run of each method as a faint point, its Pareto front as a line."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, (method, front) in enumerate(fronts.items()):
-        runs = frame[(frame["method"] == method) & (frame["status"] == RunStatus.FINISHED)]
+        runs = finished_runs(frame, method)
         ax.scatter(runs["kl"], runs["mean_score"], s=12, alpha=0.35, color=f"C{i}")
         ax.plot(front["kl"], front["mean_score"], marker="o", ms=4, color=f"C{i}", label=f"{method} front")
     ax.set_xlabel(METRIC_LABELS["kl"])

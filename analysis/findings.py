@@ -13,8 +13,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.robustness import REFERENCE_METHOD, head_to_head, run_at_quantile, top_runs
-from orchestrator.contract.runs import RunStatus
+from analysis.robustness import REFERENCE_METHOD, finished_runs, head_to_head, run_at_quantile, top_runs
 
 LENGTH_NORMALISED = ("simpo", "ln_dpo")
 LEVEL = 0.95
@@ -116,8 +115,7 @@ class SweepRuns:
         return list(top_runs(self.frame, method, percent)["trial_key"])
 
     def finished_scores(self, method: str) -> list[float]:
-        runs = self.frame[(self.frame["method"] == method) & (self.frame["status"] == RunStatus.FINISHED)]
-        return list(runs["mean_score"].dropna())
+        return list(finished_runs(self.frame, method)["mean_score"].dropna())
 
 
 UNITS = {"score": "", "length": "tokens", "kl": "nats"}

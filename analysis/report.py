@@ -21,7 +21,7 @@ import pandas as pd
 from analysis import figures
 from analysis.findings import LENGTH_NORMALISED, RULE, check_findings, findings_table
 from analysis.robustness import (REFERENCE_METHOD, best_of_k_curve, cost_to_reach, edge_of_grid,
-                                 expected_best_of_k, pareto_front, probability_beats, run_at_quantile, table1,
+                                 expected_best_of_k, finished_runs, pareto_front, probability_beats, run_at_quantile, table1,
                                  table3, trials_to_reach, with_outcome)
 from orchestrator.contract.runs import RunStatus
 
@@ -55,9 +55,8 @@ class ReportInputs:
 
 def _scores(frame: pd.DataFrame, method: str) -> tuple[list[float], int]:
     """(finished runs' scores, failed runs): the draws of the method's grid that have an outcome."""
-    runs = frame[frame["method"] == method]
-    done = runs[runs["status"] == RunStatus.FINISHED]["mean_score"].dropna()
-    return list(done), int((runs["status"] == RunStatus.FAILED).sum())
+    failed = int(((frame["method"] == method) & (frame["status"] == RunStatus.FAILED)).sum())
+    return list(finished_runs(frame, method)["mean_score"].dropna()), failed
 
 
 def _cost_column(frame: pd.DataFrame) -> str:
@@ -246,7 +245,7 @@ def _hyperparameter_figures(inputs: ReportInputs, n_boot: int) -> list[Block]:
 
 def _pareto(inputs: ReportInputs, n_boot: int) -> list[Block]:
     frame = inputs.frame
-    fronts = {m: pareto_front(frame[(frame["method"] == m) & (frame["status"] == RunStatus.FINISHED)])
+    fronts = {m: pareto_front(finished_runs(frame, m))
               for m in inputs.methods}
     fronts = {m: f for m, f in fronts.items() if len(f)}
     if not fronts:

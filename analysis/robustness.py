@@ -78,6 +78,11 @@ def pareto_front(frame: pd.DataFrame, score: str = "mean_score", cost: str = "kl
     return runs.loc[front]
 
 
+def finished_runs(frame: pd.DataFrame, method: str) -> pd.DataFrame:
+    """The method's FINISHED runs: the ones with metrics."""
+    return frame[(frame["method"] == method) & (frame["status"] == RunStatus.FINISHED)]
+
+
 def with_outcome(frame: pd.DataFrame) -> pd.DataFrame:
     """The trials that ran to an outcome (FINISHED or FAILED): the draws a method's statistics are over. A
     RUNNING trial of a sweep still in progress (or KILLED, to run again) is neither a success nor a failure."""
@@ -92,7 +97,7 @@ def table1(frame: pd.DataFrame, methods: Sequence[str], reference: str = REFEREN
     reference method has no finished run)."""
     rows = []
     for method in methods:
-        runs = frame[(frame["method"] == method) & (frame["status"] == RunStatus.FINISHED)]
+        runs = finished_runs(frame, method)
         failed = int(((frame["method"] == method) & (frame["status"] == RunStatus.FAILED)).sum())
         if runs.empty:
             rows.append({"method": method, "run_name": None, "finished": 0, "failed": failed})
@@ -115,7 +120,7 @@ def table1(frame: pd.DataFrame, methods: Sequence[str], reference: str = REFEREN
 def run_at_quantile(frame: pd.DataFrame, method: str, q: float, by: str = "mean_score") -> Optional[pd.Series]:
     """The method's FINISHED run at quantile `q` of `by` (nearest rank: q=1 the best run, q=0.75 the run a
     quarter of the way down from the top), or None when none finished."""
-    runs = frame[(frame["method"] == method) & (frame["status"] == RunStatus.FINISHED)].sort_values(by, kind="stable")
+    runs = finished_runs(frame, method).sort_values(by, kind="stable")
     if runs.empty:
         return None
     rank = max(int(np.ceil(q * len(runs))), 1)

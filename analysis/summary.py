@@ -5,16 +5,23 @@ Pure pandas over plain records (what orchestrator.contract.tracking reads back);
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import pandas as pd
 
 from analysis.frames import METRIC_COLUMNS, sweep_frame
 from orchestrator.contract.runs import RunStatus
 
+
 def trials_frame(records: Iterable[dict]) -> pd.DataFrame:
     """One row per trial: stage, method, run_name, status, trial_key and the metric columns (NaN if absent)."""
     return sweep_frame(records, [])[["stage", "method", "run_name", "status", "trial_key", *METRIC_COLUMNS]]
+
+
+def best_of_stage(frame: pd.DataFrame, stage: str, by: str = "mean_score") -> Optional[pd.Series]:
+    """The stage's best FINISHED trial by `by` (None when none finished with a value)."""
+    done = frame[(frame["stage"] == stage) & (frame["status"] == RunStatus.FINISHED)].dropna(subset=[by])
+    return done.loc[done[by].idxmax()] if len(done) else None
 
 
 def best_per_stage(frame: pd.DataFrame, stage_order: list[str], by: str = "mean_score") -> pd.DataFrame:
@@ -23,12 +30,12 @@ def best_per_stage(frame: pd.DataFrame, stage_order: list[str], by: str = "mean_
     rows = []
     for stage in stage_order:
         trials = frame[frame["stage"] == stage]
-        done = trials[trials["status"] == RunStatus.FINISHED]
-        counts = {"finished": len(done), "failed": int((trials["status"] == RunStatus.FAILED).sum())}
-        if done.empty:
+        counts = {"finished": int((trials["status"] == RunStatus.FINISHED).sum()),
+                  "failed": int((trials["status"] == RunStatus.FAILED).sum())}
+        best = best_of_stage(frame, stage, by)
+        if best is None:
             rows.append({"stage": stage, "best run": "(none finished)", **counts})
             continue
-        best = done.loc[done[by].idxmax()]
         rows.append({"stage": stage, "best run": best["run_name"], **{m: best[m] for m in METRIC_COLUMNS},
                      **counts})
     return pd.DataFrame(rows, columns=["stage", "best run", *METRIC_COLUMNS, "finished", "failed"])

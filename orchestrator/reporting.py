@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+import pandas as pd
 from tqdm import tqdm
 
 from analysis.frames import samples_frame, sweep_frame
+from analysis.summary import best_of_stage
 from analysis.report import ReportInputs
 from orchestrator.grid import plan_sweep, tracked_name
 from orchestrator.pipeline import latest_per_key, stage_records
@@ -46,10 +48,8 @@ def _inputs(sweep: str, tracker: SweepTracker, records, methods: list[str], show
                for r in tqdm(wanted, desc="loading samples", unit="run", disable=None if show_progress else True)}
     return ReportInputs(sweep=sweep, frame=frame[frame["stage"].isin(methods)].reset_index(drop=True),
                         samples=samples_frame(samples), methods=methods, hyperparameters=own,
-                        sft=_best_of_stage(frame, "sft"), untrained=_best_of_stage(frame, "base"))
+                        sft=_as_dict(best_of_stage(frame, "sft")), untrained=_as_dict(best_of_stage(frame, "base")))
 
 
-def _best_of_stage(frame, stage: str) -> Optional[dict]:
-    """The stage's best finished run as a dict (metrics, run_name): the selected SFT model, the untrained one."""
-    runs = frame[(frame["stage"] == stage) & (frame["status"] == RunStatus.FINISHED)].dropna(subset=["mean_score"])
-    return runs.loc[runs["mean_score"].idxmax()].to_dict() if len(runs) else None
+def _as_dict(row: Optional[pd.Series]) -> Optional[dict]:
+    return None if row is None else row.to_dict()
