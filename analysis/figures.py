@@ -6,6 +6,7 @@ Then a metric against each hyperparameter that varies in a method's grid (its ow
 point per run coloured by learning rate and marked by epochs.
 Best-of-k: the expected best score from k random configs per method, with its bootstrap band and SFT's line.
 Pareto: score against KL, each method's runs and its front.
+Budget: per method, the best final score found against the device-hours spent, one step line per sweep.
 Failed runs are counted in every panel's label ("n=12, 2 failed"), never silently left out; runs still
 RUNNING (a report made during the sweep) are in no count.
 """
@@ -154,6 +155,27 @@ def pareto_figure(frame: pd.DataFrame, fronts: dict[str, pd.DataFrame]) -> plt.F
     ax.set_xlabel(METRIC_LABELS["kl"])
     ax.set_ylabel(METRIC_LABELS["mean_score"])
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def budget_figure(curves: dict[str, dict[str, pd.DataFrame]], thresholds: dict[str, Optional[float]],
+                  cost: str = "device_hours") -> plt.Figure:
+    """One panel per method: for each sweep (name -> method -> analysis.budget.budget_curve), the best final score
+    found against the cost spent, as a step line; dashed: the grid's top-10% score of the method."""
+    methods = list(thresholds)
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        for i, (sweep, by_method) in enumerate(curves.items()):
+            curve = by_method.get(method)
+            if curve is not None and len(curve):
+                ax.step(curve["spent"], curve["best"], where="post", color=f"C{i}", label=sweep)
+        if thresholds[method] is not None:
+            ax.axhline(thresholds[method], linestyle="--", color="gray", label="grid's top 10%")
+        ax.set_title(method)
+        ax.set_xlabel(cost.replace("_", "-") + " spent")
+        ax.set_ylabel("best final gold score found")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 

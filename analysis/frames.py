@@ -29,7 +29,8 @@ def _number(text):
 
 def sweep_frame(records: Iterable[dict], hyperparameters: Iterable[str]) -> pd.DataFrame:
     """One row per trial: stage, method, run_name, status, trial_key, each of `hyperparameters` as a number
-    (NaN where a method does not have it), the evaluation metrics, the cost metrics and the failure reason.
+    (NaN where a method does not have it), the evaluation metrics, the cost metrics, the failure reason and
+    when the run ended (ms since the epoch; None while it runs).
     Failed trials keep their row (metrics NaN), so counts and denominators include them."""
     hp = list(hyperparameters)
     rows = []
@@ -39,8 +40,9 @@ def sweep_frame(records: Iterable[dict], hyperparameters: Iterable[str]) -> pd.D
                      "trial_key": r["trial_key"],
                      **{k: _number(params[k]) if k in params else float("nan") for k in hp},
                      **{m: metrics.get(m, float("nan")) for m in METRIC_COLUMNS + COST_COLUMNS},
-                     "failure": tags.get("posweep.failure")})
-    columns = ["stage", "method", "run_name", "status", "trial_key", *hp, *METRIC_COLUMNS, *COST_COLUMNS, "failure"]
+                     "failure": tags.get("posweep.failure"), "end_time": r.get("end_time")})
+    columns = ["stage", "method", "run_name", "status", "trial_key", *hp, *METRIC_COLUMNS, *COST_COLUMNS, "failure",
+               "end_time"]
     return pd.DataFrame(rows, columns=columns)
 
 

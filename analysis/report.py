@@ -19,10 +19,11 @@ from typing import Optional
 import pandas as pd
 
 from analysis import figures
+from analysis.budget import budget_curve, budget_table, top_threshold
 from analysis.findings import LENGTH_NORMALISED, RULE, check_findings, findings_table
 from analysis.robustness import (REFERENCE_METHOD, best_of_k_curve, cost_to_reach, edge_of_grid,
                                  expected_best_of_k, finished_runs, pareto_front, probability_beats, run_at_quantile, table1,
-                                 table3, trials_to_reach, with_outcome)
+                                 ran_to_an_end, table3, trials_to_reach, with_outcome)
 from orchestrator.contract.runs import RunStatus
 
 TOP_PERCENTS = (1, 10, 25)
@@ -51,6 +52,12 @@ class ReportInputs:
     hyperparameters: dict[str, list[str]]     # method -> its own hyperparameters (beta, gamma, ...)
     sft: Optional[dict[str, float]] = None    # the selected SFT run's metrics (and run_name)
     untrained: Optional[dict[str, float]] = None  # the untrained model's metrics (and run_name)
+    grid: Optional[tuple[str, pd.DataFrame]] = None  # a full-grid sweep to set the budget curve against (name, frame)
+
+    @property
+    def stopped(self) -> int:
+        """Trials early stopping ended at a rung."""
+        return int((self.frame["status"] == RunStatus.STOPPED).sum())
 
 
 def _scores(frame: pd.DataFrame, method: str) -> tuple[list[float], int]:
@@ -88,6 +95,8 @@ def verdicts(inputs: ReportInputs) -> list[str]:
         scores, failed = _scores(frame, method)
         n = len(scores) + failed
         still = _unfinished_text(frame[frame["method"] == method], n)
+        stopped = int(((frame["method"] == method) & (frame["status"] == RunStatus.STOPPED)).sum())
+        still += f"; {stopped} stopped early (not counted above)" if stopped else ""
         if not scores:
             lines.append(f"{method}: no run finished ({failed} failed{still}).")
             continue
@@ -115,7 +124,7 @@ def verdicts(inputs: ReportInputs) -> list[str]:
 def _unfinished_text(runs: pd.DataFrame, with_outcome_count: int) -> str:
     """'; 1 still running; 2 interrupted (a rerun runs them)' for a method's trials without an outcome."""
     running = int((runs["status"] == RunStatus.RUNNING).sum())
-    interrupted = len(runs) - with_outcome_count - running
+    interrupted = len(runs) - with_outcome_count - running - int((runs["status"] == RunStatus.STOPPED).sum())
     return ((f"; {running} still running" if running else "")
             + (f"; {interrupted} interrupted (a rerun runs them)" if interrupted else ""))
 
@@ -130,7 +139,7 @@ def _swept(inputs: ReportInputs, method: str) -> list[str]:
 
 
 def _progress(inputs: ReportInputs, n_boot: int) -> list[Block]:
-    unfinished = inputs.frame.index.difference(with_outcome(inputs.frame).index)
+    unfinished = inputs.frame.index.difference(ran_to_an_end(inputs.frame).index)
     if unfinished.empty:
         return []
     counts = inputs.frame.loc[unfinished, "status"].value_counts()
@@ -139,6 +148,48 @@ def _progress(inputs: ReportInputs, n_boot: int) -> list[Block]:
             Block("p", f"{len(unfinished)} trials have no outcome yet ({states}): running now, or left by a "
                        "driver that stopped (`sweep run` again runs those). Every figure and table below covers "
                        "only the trials that finished or failed; make the report again when the sweep is done.")]
+
+
+def _early_stopping(inputs: ReportInputs, n_boot: int) -> list[Block]:
+    if not inputs.stopped:
+        return []
+    return [Block("h2", "This sweep stopped trials early"),
+            Block("p", f"{inputs.stopped} of {len(inputs.frame)} preference trials were stopped at a rung by early "
+                       "stopping (ASHA: not in the top of the trials that had reached the same rung). A stopped trial "
+                       "has no final score: it is not a sample of the final-score distribution, and the trials that "
+                       "finished are the survivors of that selection, not a random draw from the grid. So every "
+                       "robustness figure below (expected best-of-k, P(a random config beats SFT), the top-k% "
+                       "distributions, the 75th-percentile head-to-head and the findings built on them) is over the "
+                       "finished trials only and overstates what a configuration drawn at random gives. Read "
+                       "robustness from a full grid's report; read this sweep for its best runs and its budget curve "
+                       "(`sweep report NAME --grid FULL_GRID_SWEEP` draws both).")]
+
+
+def _budget(inputs: ReportInputs, n_boot: int) -> list[Block]:
+    sweeps = {inputs.sweep: inputs.frame, **({inputs.grid[0]: inputs.grid[1]} if inputs.grid else {})}
+    grid = inputs.grid[0] if inputs.grid else inputs.sweep
+    methods = [m for m in inputs.methods if top_threshold(sweeps[grid], m) is not None]
+    if not methods:
+        return []
+    cost = _cost_column(pd.concat(list(sweeps.values())))
+    curves = {name: {m: budget_curve(frame, m, cost) for m in methods} for name, frame in sweeps.items()}
+    thresholds = {m: top_threshold(sweeps[grid], m) for m in methods}
+    against = (f"the full grid {grid!r}" if inputs.grid else "this sweep (no full grid given: "
+               "`--grid SWEEP` sets an early-stopped sweep against one)")
+    return [*_figure("budget curve: best score found against cost spent",
+                     figures.budget_figure(curves, thresholds, cost),
+                     f"Per method, the best final gold score found so far against the {cost} spent so far, trial by "
+                     "trial in the order the trials ended (stopped and failed trials cost too, and find nothing); "
+                     f"dashed: the top 10% of {against}, the score of its ⌈n/10⌉-th best of n finished runs. A curve "
+                     "that reaches the line further left found a top configuration for less. The order trials ran "
+                     "in shapes a curve: a grid runs in its written order, an early-stopped sweep in a shuffled one.",
+                     "Step plots, one panel per method, of best gold score found against device-hours spent, one "
+                     "line per sweep, with a dashed line at the grid's top-10% score."),
+            Block("table", table=budget_table(sweeps, methods, grid, cost).round(4)),
+            Block("p", f"Per method and sweep: trials with an outcome (stopped among them), the {cost} they spent "
+                       f"and its share of the grid's, the best final score found and its rank among the grid's "
+                       f"finished runs, and the {cost} spent when the grid's top 10% was first reached (empty: never). "
+                       f"{cost} are measured wall-clock hours × devices, so they carry the machine's load.")]
 
 
 def _findings(inputs: ReportInputs, n_boot: int) -> list[Block]:
@@ -286,8 +337,8 @@ def _cost_and_failures(inputs: ReportInputs, n_boot: int) -> list[Block]:
 
 
 # The report's sections in order: (inputs, n_boot) -> blocks.
-SECTIONS = [_progress, _findings, _verdict, _tables_1_and_3, _distribution_figures, _hyperparameter_figures, _best_of_k,
-            _pareto, _cost_and_failures]
+SECTIONS = [_progress, _early_stopping, _findings, _verdict, _tables_1_and_3, _distribution_figures,
+            _hyperparameter_figures, _best_of_k, _pareto, _budget, _cost_and_failures]
 
 
 def _numbered(blocks: list[Block]) -> list[Block]:

@@ -83,9 +83,19 @@ def finished_runs(frame: pd.DataFrame, method: str) -> pd.DataFrame:
     return frame[(frame["method"] == method) & (frame["status"] == RunStatus.FINISHED)]
 
 
+# The draws a method's statistics are over. A RUNNING trial of a sweep still in progress (or KILLED, to run
+# again) is neither a success nor a failure; a STOPPED one (early stopping) has no final score and was not
+# drawn at random either: it is left out, and the report says so (analysis.report._early_stopping).
+DRAWS = (RunStatus.FINISHED, RunStatus.FAILED)
+
+
 def with_outcome(frame: pd.DataFrame) -> pd.DataFrame:
-    """The trials that ran to an outcome (FINISHED or FAILED): the draws a method's statistics are over. A
-    RUNNING trial of a sweep still in progress (or KILLED, to run again) is neither a success nor a failure."""
+    """The trials that ran to a final outcome (FINISHED or FAILED): the draws a method's statistics are over."""
+    return frame[frame["status"].isin(DRAWS)]
+
+
+def ran_to_an_end(frame: pd.DataFrame) -> pd.DataFrame:
+    """The trials that ended (FINISHED, FAILED or STOPPED early): everything a search has paid for."""
     return frame[frame["status"].isin(OUTCOMES)]
 
 

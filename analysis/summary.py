@@ -25,20 +25,23 @@ def best_of_stage(frame: pd.DataFrame, stage: str, by: str = "mean_score") -> Op
 
 
 def best_per_stage(frame: pd.DataFrame, stage_order: list[str], by: str = "mean_score") -> pd.DataFrame:
-    """The best FINISHED trial of each stage by `by`, in `stage_order`, with finished/failed counts.
-    Failed trials are counted, never silently dropped."""
+    """The best FINISHED trial of each stage by `by`, in `stage_order`, with finished/failed counts (and stopped,
+    when early stopping ended any). Failed and stopped trials are counted, never silently dropped."""
     rows = []
+    with_stopped = bool((frame["status"] == RunStatus.STOPPED).any()) if len(frame) else False
     for stage in stage_order:
         trials = frame[frame["stage"] == stage]
         counts = {"finished": int((trials["status"] == RunStatus.FINISHED).sum()),
-                  "failed": int((trials["status"] == RunStatus.FAILED).sum())}
+                  "failed": int((trials["status"] == RunStatus.FAILED).sum()),
+                  **({"stopped": int((trials["status"] == RunStatus.STOPPED).sum())} if with_stopped else {})}
         best = best_of_stage(frame, stage, by)
         if best is None:
             rows.append({"stage": stage, "best run": "(none finished)", **counts})
             continue
         rows.append({"stage": stage, "best run": best["run_name"], **{m: best[m] for m in METRIC_COLUMNS},
                      **counts})
-    return pd.DataFrame(rows, columns=["stage", "best run", *METRIC_COLUMNS, "finished", "failed"])
+    return pd.DataFrame(rows, columns=["stage", "best run", *METRIC_COLUMNS, "finished", "failed",
+                                       *(["stopped"] if with_stopped else [])])
 
 
 def format_summary(table: pd.DataFrame) -> str:

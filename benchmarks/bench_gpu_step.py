@@ -40,7 +40,7 @@ from trainers.models import dequantize_gguf, load_causal_lm, load_tokenizer  # n
 from trainers.packing import real_tokens  # noqa: E402
 from trainers.sources import load_split  # noqa: E402
 from trainers.objectives import ObservedObjective, preference_objective  # noqa: E402
-from trainers.train import LoopSettings, make_accelerator, reference_logps, train  # noqa: E402
+from trainers.train import LoopHooks, LoopSettings, make_accelerator, reference_logps, train  # noqa: E402
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -95,7 +95,7 @@ def run(folder: Path, pairs_raw, args, precision: str) -> dict:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         profiler = torch.profiler.profile(activities=activities)
     with profiler:
-        history = train(model, pairs, counting, settings, accelerator, on_log)
+        history = train(model, pairs, counting, settings, accelerator, LoopHooks(on_log))
     if args.profile:
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(f"--- {precision}: top operators by {sort}")

@@ -110,7 +110,7 @@ def run_ours(args, workdir: Path, method: str, padding_free: bool = True, gradie
     from trainers.logprobs import choose_layout, describe_head
     from trainers.models import load_causal_lm, load_tokenizer
     from trainers.packing import real_tokens
-    from trainers.train import LoopSettings, longest_sequence, make_accelerator, train
+    from trainers.train import LoopHooks, LoopSettings, longest_sequence, make_accelerator, train
     from trainers.objectives import ObservedObjective, preference_objective
 
     folder = workdir / "smollm2-135m"
@@ -132,7 +132,7 @@ def run_ours(args, workdir: Path, method: str, padding_free: bool = True, gradie
                             padding_free=padding_free, pad_id=tokenizer.pad_token_id)
     layout = choose_layout(model, padding_free, longest_sequence(pairs)).describe() + "; " + describe_head(model)
     history = train(model, pairs, objective, settings, make_accelerator(),
-                    on_log=lambda step, total, stats: ends.append(time.perf_counter()))
+                    LoopHooks(on_log=lambda step, total, stats: ends.append(time.perf_counter())))
     return timing(args, ends, fed, history[0]["loss"], layout)
 
 

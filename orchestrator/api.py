@@ -36,7 +36,7 @@ from orchestrator.contract.tracking import (StoreUnavailable, SweepTracker, chec
 from orchestrator.grid import StagePlan, check_plan_size, plan_sweep, tracked_name
 from orchestrator.pipeline import SweepOutcome, run_sweep
 from orchestrator.progress import Output
-from orchestrator.reporting import load_report_inputs, load_report_inputs_by_name
+from orchestrator.reporting import load_report_inputs, load_report_inputs_by_name, preference_frame
 from trainers.preflight import Preflight, preflight
 
 SpecSource = Union[str, Path, dict, SweepSpec]
@@ -150,10 +150,16 @@ def samples(source: Union[SweepSpec, str], *, tracking_uri: Optional[str] = None
 
 
 def report(source: Union[SweepSpec, str], *, tracking_uri: Optional[str] = None, out: Optional[str] = None,
-           fmt: str = "html", smoke: bool = False, progress: bool = True) -> tuple[Path, str]:
+           fmt: str = "html", smoke: bool = False, progress: bool = True, grid: Optional[str] = None
+           ) -> tuple[Path, str]:
     """Write the robustness report of a spec or a sweep name and log it to the sweep's `sweep NAME` run;
-    (the file, that run's id)."""
+    (the file, that run's id). `grid`: the name of a full-grid sweep in the same store, drawn beside this one in
+    the budget curve (for an early-stopped sweep)."""
     name, store, inputs = _inputs(source, tracking_uri, smoke, progress)
+    if grid is not None:
+        if not existing_trials(store, grid):
+            raise StoreUnavailable(f"no trial of sweep {grid!r} (--grid) in {store}")
+        inputs.grid = (grid, preference_frame(grid, store))
     if not inputs.methods or not (inputs.frame["status"] == RunStatus.FINISHED).any():
         raise NothingToReport(f"sweep {name!r} has no FINISHED preference trial yet; nothing to compare")
     check_writable(store)  # the report is logged to the store: refuse before anything is rendered or written

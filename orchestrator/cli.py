@@ -206,14 +206,12 @@ def cmd_status(args) -> int:
     records = existing_trials(uri, name)
     table = status_table(stages, records)
     print(f"sweep {name!r} in {uri}")
-    print(f"  {'stage':<12} {'planned':>7} {'done':>5} {'running':>7} {'failed':>6} {'pending':>7} "
+    print(f"  {'stage':<12} {'planned':>7} {'done':>5} {'running':>7} {'failed':>6} {'stopped':>7} {'pending':>7} "
           f"{'trial-h':>8} {'GPU-h':>8}")
-    for row in table.itertuples():
-        print(f"  {row.stage:<12} {row.planned:>7} {row.done:>5} {row.running:>7} {row.failed:>6} {row.pending:>7} "
-              f"{format_hours(row.trial_hours):>8} {format_hours(row.gpu_hours):>8}")
-    print(f"  {'all':<12} {table.planned.sum():>7} {table.done.sum():>5} {table.running.sum():>7} "
-          f"{table.failed.sum():>6} {table.pending.sum():>7} {format_hours(table.trial_hours.sum()):>8} "
-          f"{format_hours(table.gpu_hours.sum()):>8}")
+    for row in table.to_dict("records") + [{**table.sum(numeric_only=True).to_dict(), "stage": "all"}]:
+        print(f"  {row['stage']:<12} {row['planned']:>7.0f} {row['done']:>5.0f} {row['running']:>7.0f} "
+              f"{row['failed']:>6.0f} {row['stopped']:>7.0f} {row['pending']:>7.0f} "
+              f"{format_hours(row['trial_hours']):>8} {format_hours(row['gpu_hours']):>8}")
     elapsed = elapsed_seconds(records, int(time.time() * 1000))
     print(f"\nelapsed: {'-' if elapsed is None else f'{elapsed / 60:.1f} min'} (first trial start to last end); "
           f"trial-h sums every attempt's wall time, GPU-h its wall time x GPUs held")
@@ -235,8 +233,9 @@ def cmd_run(args) -> int:
         print(f"sweep stopped: the tracking store did not answer ({first_line(exc)}). Finished trials are safe in "
               "the store; rerun the same command to resume", file=sys.stderr)
         return EXIT_FAILED
-    print(f"\n{outcome.ran} trials run, {outcome.skipped} skipped (already FINISHED), "
-          f"{outcome.failed} failed, in {outcome.wall_seconds:.0f} s\n")
+    early = f", {outcome.stopped} stopped early" if outcome.stopped else ""
+    print(f"\n{outcome.ran} trials run, {outcome.skipped} skipped (already done), "
+          f"{outcome.failed} failed{early}, in {outcome.wall_seconds:.0f} s\n")
     print(format_summary(outcome.summary))
     if outcome.models:
         print("\nbest models (MLflow Model Registry, alias best): "
@@ -303,7 +302,7 @@ def _is_sweep_name(arg: Optional[str]) -> bool:
 def cmd_report(args) -> int:
     source = args.spec if _is_sweep_name(args.spec) else _load(args)
     out, run_id = api.report(source, tracking_uri=args.tracking_uri, out=args.out, fmt=args.format,
-                             smoke=args.smoke, progress=not args.no_progress)
+                             smoke=args.smoke, progress=not args.no_progress, grid=args.grid)
     name = source if isinstance(source, str) else source.name
     print(f"report: {out} ({out.stat().st_size / 1e6:.1f} MB); also the artifact report.{args.format} of run "
           f"{run_id} (\"sweep {name}\")")
@@ -336,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="print the trial table, count and cost estimate; runs nothing")
     common(plan)
     plan.set_defaults(func=cmd_plan)
-    status = sub.add_parser("status", help="done/running/failed/pending per stage, elapsed time and GPU-hours")
+    status = sub.add_parser("status", help="done/running/failed/stopped/pending per stage, elapsed time and GPU-hours")
     common(status)
     status.set_defaults(func=cmd_status)
     report = sub.add_parser("report", help="robustness report (tables, figures, best-of-k) as one HTML or "
@@ -345,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="output file (default: SWEEP-report.html / .md)")
     report.add_argument("--format", choices=["html", "md"], default="html")
     report.add_argument("--no-progress", action="store_true", help="no progress bar while loading runs")
+    report.add_argument("--grid", metavar="SWEEP", help="a full-grid sweep in the same tracking store to draw "
+                        "beside this (early-stopped) one in the budget curve, with its top 10%% as the target")
     report.set_defaults(func=cmd_report)
     ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store (127.0.0.1)")
     common(ui, spec=False)

@@ -6,9 +6,11 @@ skipped; RUNNING leftovers of a dead driver are closed as KILLED and their trial
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 
@@ -25,7 +27,7 @@ from orchestrator.contract.task import TrialResult, TrialTask, TrialRuntime
 from orchestrator.contract.tracking import (TAG_CHECKPOINT, TAG_SAMPLES, TAG_STAGE_KEY, SweepTracker, TrialRecord,
                                            prepare_store)
 from orchestrator.tracking_server import store_for_workers
-from orchestrator.contract.runs import OUTCOMES, SELECTION_METRIC, RunStatus
+from orchestrator.contract.runs import OUTCOMES, SELECTION_METRIC, RunStatus, done_statuses
 
 
 class SweepError(RuntimeError):
@@ -40,6 +42,7 @@ class SweepOutcome:
     ran: int
     failed: int
     wall_seconds: float
+    stopped: int = 0             # trials of this run early stopping ended at a rung
     models: dict[str, str] = field(default_factory=dict)  # registered model -> version of its alias `best`
 
     @property
@@ -63,26 +66,42 @@ def stage_records(records: list[TrialRecord], stage: StagePlan) -> list[TrialRec
     return [r for r in records if r.trial_key in keys]
 
 
+# Which run of a key stands for it: FINISHED before STOPPED before any other (then the most recent).
+_PRECEDENCE = {RunStatus.FINISHED: 0, RunStatus.STOPPED: 1}
+
+
 def latest_per_key(records: list[TrialRecord]) -> list[TrialRecord]:
-    """One record per key: its FINISHED run if any, else its most recent run (records come newest first)."""
+    """One record per key: its FINISHED run if any, else its STOPPED one, else its most recent run (records come
+    newest first)."""
     by_key: dict[str, TrialRecord] = {}
+    rank = lambda r: _PRECEDENCE.get(r.status, 2)  # noqa: E731
     for record in records:
         kept = by_key.get(record.trial_key)
-        if kept is None or (kept.status != RunStatus.FINISHED and record.status == RunStatus.FINISHED):
+        if kept is None or rank(record) < rank(kept):
             by_key[record.trial_key] = record
     return list(by_key.values())
 
 
 def completed(records: list[TrialRecord]) -> list[TrialRecord]:
-    """Trials that ran to an outcome (FINISHED or FAILED); KILLED and RUNNING ones will run again."""
+    """Trials that ran to an outcome (FINISHED, FAILED or STOPPED); KILLED and RUNNING ones will run again."""
     return [r for r in latest_per_key(records) if r.status in OUTCOMES]
 
 
-def done_count(records: list[TrialRecord], stage: StagePlan) -> int:
-    """Trials a rerun skips: a grid stage's FINISHED keys; a search's completed runs (its budget counts
-    FAILED ones too, as Optuna was told of them)."""
+def done_count(records: list[TrialRecord], stage: StagePlan, early_stopping: bool = False) -> int:
+    """Trials a rerun skips: a grid stage's FINISHED keys (and STOPPED ones, under early stopping); a search's
+    completed runs (its budget counts FAILED and STOPPED ones too, as Optuna was told of them)."""
     done = completed(stage_records(records, stage))
-    return len(done) if stage.search else sum(r.status == RunStatus.FINISHED for r in done)
+    return len(done) if stage.search else sum(r.status in done_statuses(early_stopping) for r in done)
+
+
+def start_order(tasks: list[TrialTask], seed: Optional[int]) -> list[TrialTask]:
+    """The order trials start in: the grid's, or under early stopping (seed given) shuffled with `seed`, so the
+    first trials at each rung (which always go on, and set the bar) are not all one corner of the grid."""
+    if seed is None:
+        return tasks
+    shuffled = list(tasks)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled
 
 
 def select_init(records: list[TrialRecord], stage: StagePlan) -> dict[str, str]:
@@ -131,7 +150,11 @@ class _StageRunner:
         self.results: list[TrialResult] = []
 
     def _runtime(self, stage: StagePlan, parent: str, init: dict[str, str]) -> TrialRuntime:
-        return TrialRuntime(**self.runtime, parent_run_id=parent, stage_key=stage.stage_key, **init)
+        # Early stopping decides in the preference stages only: the SFT stage picks the checkpoint every method
+        # starts from (its trials still evaluate at rungs, for the curves), and stopping one would change it.
+        stopping = self.spec.search.early_stopping if stage.stage not in ("base", "sft") else None
+        return TrialRuntime(**{**self.runtime, "early_stopping": stopping}, parent_run_id=parent,
+                            stage_key=stage.stage_key, **init)
 
     def _run(self, tasks: list[TrialTask]) -> list[TrialResult]:
         self.progress.expect(tasks)
@@ -157,8 +180,8 @@ class _StageRunner:
         records = self.tracker.trials()
         for stage in phase:
             runs = latest_per_key(stage_records(records, stage))
-            self.progress.stage_done(stage.stage, stage.size, sum(r.status == RunStatus.FINISHED for r in runs),
-                                     sum(r.status == RunStatus.FAILED for r in runs))
+            self.progress.stage_done(stage.stage, stage.size, *(sum(r.status == s for r in runs) for s in (
+                RunStatus.FINISHED, RunStatus.FAILED, RunStatus.STOPPED)))
 
     def _run_stages(self, phase: list[StagePlan], parents: dict[str, str], finished: set[str],
                     init: dict[str, str]) -> None:
@@ -169,7 +192,8 @@ class _StageRunner:
                 grid_tasks += [TrialTask(trial=t, runtime=runtime) for t in stage.trials
                                if t.trial_key not in finished]
         self.tracker.close_stale(t.trial.trial_key for t in grid_tasks)  # one search for the whole phase
-        self._run(grid_tasks)
+        stopping = self.spec.search.early_stopping
+        self._run(start_order(grid_tasks, stopping.order_seed if stopping else None))
         for stage in phase:
             if stage.search is not None:
                 runtime = self._runtime(stage, parents[stage.stage], init)
@@ -199,8 +223,9 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, *, smoke: bool = False, execut
         tracker = SweepTracker(uri, name)
         tracker.show_trials(hyperparameter_names(stages))
         before = tracker.trials()
-        finished = {r.trial_key for r in before if r.status == RunStatus.FINISHED}
-        skipped = sum(done_count(before, s) for s in stages)
+        stopping = spec.search.early_stopping is not None
+        finished = {r.trial_key for r in before if r.status in done_statuses(stopping)}
+        skipped = sum(done_count(before, s, stopping) for s in stages)
         echo(f"sweep {name!r}: {sum(s.size for s in stages)} trials in {len(stages)} stages; tracking "
              f"{tracking_uri} (experiment {tracker.experiment_id}); executor {spec.executor.kind}")
         if skipped:
@@ -223,8 +248,8 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, *, smoke: bool = False, execut
         models = keep_best_models(spec, uri, name, stages)
     ran = runner.results
     return SweepOutcome(stages, latest_per_key([r for s in stages for r in stage_records(records, s)]), skipped,
-                        len(ran), sum(r.status != RunStatus.FINISHED for r in ran), time.monotonic() - started,
-                        models)
+                        len(ran), sum(r.status == RunStatus.FAILED for r in ran), time.monotonic() - started,
+                        sum(r.status == RunStatus.STOPPED for r in ran), models)
 
 
 def hyperparameter_names(stages: list[StagePlan]) -> list[str]:

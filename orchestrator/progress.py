@@ -5,6 +5,7 @@ On a terminal (stderr a TTY) the bar shows done/total and the current trial's tr
 would fill the log with partial lines, so each finished trial is one line instead:
 
     [5/21] dpo b=0.3 lr=0.0003 e=1: FINISHED in 2.4 s, mean_score 2.098
+    [6/21] dpo b=0.5 lr=0.0003 e=3: STOPPED in 0.9 s: rung 1 (step 38): rung/mean_score 0.81 below the cutoff ...
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ QUIET = Output(lambda _: None, bar=False)  # tests, and callers that read the ou
 
 
 def trial_line(index: int, total: int, name: str, result: TrialResult) -> str:
-    """'[5/21] dpo b=0.3 ...: FINISHED in 2.4 s, mean_score 2.098' (or the failure's reason)."""
+    """'[5/21] dpo b=0.3 ...: FINISHED in 2.4 s, mean_score 2.098' (or the failure's or the stop's reason)."""
     line = f"[{index}/{total}] {name}: {result.status} in {result.wall_seconds:.1f} s"
     score = result.metrics.get("mean_score")
     if result.status == RunStatus.FINISHED and score is not None and math.isfinite(score):
@@ -51,6 +52,7 @@ class TrialProgress:
         self.names: dict[str, str] = {}  # trial key -> run name, for results that arrive without one
         self.current = ""
         self.failed = 0
+        self.stopped = 0
 
     def expect(self, tasks: Iterable[TrialTask]) -> None:
         """The tasks of the next batch (an executor may report a result before its start)."""
@@ -67,19 +69,23 @@ class TrialProgress:
 
     def trial_done(self, result: TrialResult) -> None:
         self.done += 1
-        self.failed += result.status != RunStatus.FINISHED
+        self.failed += result.status == RunStatus.FAILED
+        self.stopped += result.status == RunStatus.STOPPED
         name = self.names.get(result.trial_key, result.trial_key[:12])
         if self.bar is None:
             self.output.echo(trial_line(self.done, self.total, name, result))
             return
         self.bar.update(1)
-        if result.status != RunStatus.FINISHED:
+        if self.stopped:
+            self.bar.set_description(f"trials ({self.stopped} stopped early)")
+        if result.status == RunStatus.FAILED:
             self.bar.write(f"FAILED {name}: {result.error}")
 
-    def stage_done(self, stage: str, planned: int, finished: int, failed: int) -> None:
+    def stage_done(self, stage: str, planned: int, finished: int, failed: int, stopped: int = 0) -> None:
         """A line per stage when trials are lines too (the bar says it on a terminal)."""
         if self.bar is None:
-            self.output.echo(f"stage {stage}: {finished} of {planned} finished, {failed} failed")
+            early = f", {stopped} stopped early" if stopped else ""
+            self.output.echo(f"stage {stage}: {finished} of {planned} finished, {failed} failed{early}")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -39,10 +39,23 @@ def load_report_inputs_by_name(sweep: str, uri: str, show_progress: bool = True)
     return _inputs(sweep, tracker, records, methods, show_progress)
 
 
+def preference_frame(sweep: str, uri: str) -> pd.DataFrame:
+    """The preference trials of the experiment named `sweep` as an analysis frame, without their samples (a full
+    grid the report sets an early-stopped sweep against: `sweep report NAME --grid GRID`)."""
+    records = latest_per_key(SweepTracker(uri, sweep, create=False).trials())
+    methods = [m for m, method in METHODS.items() if method.kind == "preference"]
+    frame = _frame(records, [m for m in methods if m in {r.stage for r in records}])
+    return frame[frame["stage"].isin(methods)].reset_index(drop=True)
+
+
+def _frame(records, methods: list[str]) -> pd.DataFrame:
+    hyperparameters = sorted({k for m in methods for k in grid_fields(METHODS[m])})
+    return sweep_frame([r.model_dump() for r in records], hyperparameters)
+
+
 def _inputs(sweep: str, tracker: SweepTracker, records, methods: list[str], show_progress: bool) -> ReportInputs:
     own = {m: [k for k in METHODS[m].params.model_fields] for m in methods}
-    hyperparameters = sorted({k for m in methods for k in grid_fields(METHODS[m])})
-    frame = sweep_frame([r.model_dump() for r in records], hyperparameters)
+    frame = _frame(records, methods)
     wanted = [r for r in records if r.status == RunStatus.FINISHED and r.stage in methods]
     samples = {r.trial_key: tracker.load_samples(r.run_id)
                for r in tqdm(wanted, desc="loading samples", unit="run", disable=None if show_progress else True)}

@@ -22,6 +22,7 @@ import optuna
 from orchestrator.grid import StageSearch
 from orchestrator.contract.spec import Choice, FloatRange, IntRange, SearchRange, coerce_hparam
 from orchestrator.contract.task import TrialResult
+from orchestrator.contract.early_stopping import logged_rung_values
 from orchestrator.contract.tracking import TrialRecord
 from orchestrator.contract.methods import METHODS
 from orchestrator.contract.runs import RunStatus
@@ -62,6 +63,18 @@ def _told_value(result_metrics: dict[str, float], status: str, metric: str) -> O
     return result_metrics.get(metric) if status == RunStatus.FINISHED else None
 
 
+def _told_state(metrics: dict[str, float], status: str, metric: str) -> tuple[optuna.trial.TrialState,
+                                                                            Optional[float]]:
+    """How Optuna hears of a trial: COMPLETE with its value, PRUNED (stopped early at a rung: its intermediate
+    values say how far it got and how well it did; TPE reads them), or FAIL."""
+    value = _told_value(metrics, status, metric)
+    if value is not None:
+        return optuna.trial.TrialState.COMPLETE, value
+    if status == RunStatus.STOPPED:
+        return optuna.trial.TrialState.PRUNED, None
+    return optuna.trial.TrialState.FAIL, None
+
+
 def study_storage(workdir: Path) -> optuna.storages.JournalStorage:
     """The sweep's Optuna journal (WORKDIR/optuna/studies.log): what optuna-dashboard and load_study open."""
     path = Path(workdir) / "optuna" / "studies.log"
@@ -90,9 +103,9 @@ def replay(study: optuna.Study, search: StageSearch, records: list[TrialRecord])
     dists = {k: distribution(v) for k, v in search.space.items()}
     for record in records:
         params = {k: _logged_value(search, k, record.params[k]) for k in dists}
-        value = _told_value(record.metrics, record.status, search.settings.metric)
-        state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL
+        state, value = _told_state(record.metrics, record.status, search.settings.metric)
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value, state=state,
+                                                  intermediate_values=logged_rung_values(record.metrics),
                                                   user_attrs=_links(record.trial_key, record.run_id)))
 
 
@@ -116,11 +129,13 @@ def run_search(search: StageSearch, previous: list[TrialRecord], run_batch: RunB
         for trial, result in zip(asked, batch):
             for attr, value in _links(result.trial_key, result.run_id).items():
                 trial.set_user_attr(attr, value)
-            value = _told_value(result.metrics, result.status, search.settings.metric)
-            if value is None:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            else:
+            state, value = _told_state(result.metrics, result.status, search.settings.metric)
+            for rung, rung_value in logged_rung_values(result.metrics).items():  # Optuna step = rung number
+                trial.report(rung_value, rung)
+            if state == optuna.trial.TrialState.COMPLETE:
                 study.tell(trial, value)
+            else:
+                study.tell(trial, state=state)
         results += batch
         remaining -= len(asked)
     return results

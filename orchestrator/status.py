@@ -18,7 +18,7 @@ from orchestrator.contract.spec import CostSpec
 from orchestrator.contract.tracking import TrialRecord
 from orchestrator.contract.runs import OUTCOMES, RunStatus
 
-STATUSES = (RunStatus.FINISHED, RunStatus.RUNNING, RunStatus.FAILED, RunStatus.KILLED)
+STATUSES = (RunStatus.FINISHED, RunStatus.RUNNING, RunStatus.FAILED, RunStatus.KILLED, RunStatus.STOPPED)
 
 
 def _stage_runs(records: list[TrialRecord], stage: StagePlan) -> list[TrialRecord]:
@@ -27,7 +27,8 @@ def _stage_runs(records: list[TrialRecord], stage: StagePlan) -> list[TrialRecor
 
 
 def status_table(stages: list[StagePlan], records: list[TrialRecord]) -> pd.DataFrame:
-    """One row per stage: planned, done, running, failed, pending, trial-hours and GPU-hours spent."""
+    """One row per stage: planned, done, running, failed, stopped (early, at a rung), pending, trial-hours and
+    GPU-hours spent."""
     rows = []
     for stage in stages:
         runs = _stage_runs(records, stage)
@@ -35,8 +36,9 @@ def status_table(stages: list[StagePlan], records: list[TrialRecord]) -> pd.Data
         spent = stage_records(records, stage)  # every attempt costs, retried or not
         rows.append({
             "stage": stage.stage, "planned": stage.size, "done": counts["FINISHED"], "running": counts["RUNNING"],
-            "failed": counts["FAILED"],
-            "pending": max(stage.size - counts["FINISHED"] - counts["FAILED"] - counts["RUNNING"], 0),
+            "failed": counts["FAILED"], "stopped": counts["STOPPED"],
+            "pending": max(stage.size - counts["FINISHED"] - counts["FAILED"] - counts["RUNNING"]
+                           - counts["STOPPED"], 0),
             "trial_hours": sum(r.metrics.get("wall_seconds", 0.0) for r in spent) / 3600,
             "gpu_hours": sum(r.metrics.get("gpu_hours", 0.0) for r in spent)})
     return pd.DataFrame(rows)

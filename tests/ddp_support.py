@@ -112,7 +112,7 @@ def tiny_dpo_settings(**overrides):
 
 
 def _checkpointed_history(accelerator, folder, kill_at: int) -> list[dict]:
-    from trainers.train import train
+    from trainers.train import LoopHooks, train
     from trainers.objectives import preference_objective
     from orchestrator.contract.lifecycle import Checkpointing
 
@@ -125,7 +125,7 @@ def _checkpointed_history(accelerator, folder, kill_at: int) -> list[dict]:
 
     try:
         return train(fresh(), pairs, preference_objective("dpo", {"beta": 0.5}, reference), settings,
-                     accelerator, stop,
+                     accelerator, LoopHooks(on_log=stop),
                      Checkpointing(folder / "resume", every=3) if folder else None)
     except Interrupted:
         return []

@@ -16,6 +16,7 @@ import numpy as np
 from dataclasses import dataclass
 
 from orchestrator.contract import tracking
+from orchestrator.contract.early_stopping import RungJudge, rung_steps
 from orchestrator.contract.files import write_folder_atomically
 from orchestrator.contract.lifecycle import DeviceUsage, Report, record_samples, run_trial
 from orchestrator.contract.task import TrialResult, TrialTask
@@ -88,7 +89,8 @@ def _log_probe_samples(task: TrialTask, logger, prompts: int) -> dict[str, float
 @dataclass(frozen=True)
 class ProbeBody:
     """A lifecycle TrialBody that trains nothing: `steps` metric points spread over `seconds`, optionally dying
-    once (SIGKILL) to test an executor's retries, and `prompts` fake samples for whole no-op sweeps."""
+    once (SIGKILL) to test an executor's retries, and `prompts` fake samples for whole no-op sweeps. With
+    evaluation.rungs, each rung reports probe_score to the trial's RungJudge (early stopping as real trials)."""
     steps: int = 0
     seconds: float = 0.0
     die_once: bool = False
@@ -99,8 +101,13 @@ class ProbeBody:
         if self.die_once and not marker.exists():  # a worker lost mid-trial: the executor must retry it
             marker.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
+        e = task.trial.evaluation
+        rungs = rung_steps(e.rungs, self.steps, e.rung_every, e.rung_steps) if self.steps else {}
+        judge = RungJudge(logger, task.runtime.stage_key, task.trial.trial_key, task.runtime.early_stopping)
         for step in range(1, self.steps + 1):  # `seconds` is spread over the steps, like a training loop's logging
             logger.log_metrics({"probe/step_value": float(step)}, step)
+            if step in rungs:  # the score it will finish with, as every rung's (ASHA's decisions are then known)
+                judge(rungs[step], step, {"mean_score": probe_score(task.trial.hparams)})
             if report:
                 report(step, self.steps)
             time.sleep(self.seconds / self.steps)

@@ -27,6 +27,16 @@ from trainers.objectives import Objective
 from trainers.packing import unit_length
 
 OnLog = Callable[[int, int, dict[str, float]], None]  # (step, total_steps, stats)
+# (step, total_steps, the model being trained) after every optimizer step; may raise to end training there
+AfterStep = Callable[[int, int, torch.nn.Module], None]
+
+
+@dataclass(frozen=True)
+class LoopHooks:
+    """What the loop calls back: `on_log` at each logged step with its stats, `after_step` after every step
+    (evaluation rungs: trainers.rungs)."""
+    on_log: Optional[OnLog] = None
+    after_step: Optional[AfterStep] = None
 
 
 class NonFiniteLoss(RuntimeError):
@@ -336,7 +346,7 @@ def _build_loop(model, pairs: list[EncodedPair], objective: Objective, settings:
 
 
 def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopSettings, accelerator: Accelerator,
-          on_log: Optional[OnLog] = None, checkpointing: Optional[Checkpointing] = None) -> list[dict[str, float]]:
+          hooks: LoopHooks = LoopHooks(), checkpointing: Optional[Checkpointing] = None) -> list[dict[str, float]]:
     """Run the loop; returns the logged stats (one dict per logged step). Raises NonFiniteLoss and
     CheckpointWriteError, each naming the step.
 
@@ -363,10 +373,12 @@ def train(model, pairs: list[EncodedPair], objective: Objective, settings: LoopS
             stats = loop.step(share, step)
             if step % settings.log_every == 0 or step == total:
                 history.append({"step": step, **stats})
-                if on_log:
-                    on_log(step, total, stats)
+                if hooks.on_log:
+                    hooks.on_log(step, total, stats)
             if checkpointing and step % checkpointing.every == 0 and step < total:
                 loop.save(checkpointing, step, history)
+            if hooks.after_step:
+                hooks.after_step(step, total, accelerator.unwrap_model(loop.model))
             if step >= total:
                 return history
     return history

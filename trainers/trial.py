@@ -19,6 +19,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from orchestrator.contract import tracking
+from orchestrator.contract.early_stopping import RungJudge, TrialStopped, rung_steps
 from orchestrator.contract.errors import TrialPhaseError
 from orchestrator.contract.files import folder_problem, sidecar, verified_mismatch
 from orchestrator.contract.lifecycle import Report, checkpointing, record_samples
@@ -33,9 +34,10 @@ from trainers.logprobs import choose_layout, describe_head
 from trainers.models import ensure_base_model, load_causal_lm, load_tokenizer, save_model
 from trainers.objectives import Objective, build_objective
 from trainers.reward import load_reward_model
+from trainers.rungs import RungEvaluator, rung_subset
 from trainers.sources import LoadedPairs, load_split, load_splits
-from trainers.train import (CheckpointWriteError, LoopSettings, NonFiniteLoss, full_state_dict, is_sharded,
-                            reference_logps, train)
+from trainers.train import (AfterStep, CheckpointWriteError, LoopHooks, LoopSettings, NonFiniteLoss,
+                            full_state_dict, is_sharded, reference_logps, train)
 
 # Only SFT checkpoints are read by a later stage; preference-trial weights would cost disk per trial.
 CHECKPOINTED_KINDS = {"sft"}
@@ -54,6 +56,29 @@ class TrialContext:
     init: Path              # the checkpoint it starts from (the base model, or the selected SFT trial's)
     tokenizer: object
     model: torch.nn.Module  # the policy (LoRA-wrapped when training.lora is set)
+    _reward: Optional[object] = None
+    _start: Optional[torch.nn.Module] = None  # the starting checkpoint, once a rung evaluation has loaded it
+
+    def reward(self):
+        """The gold reward model, loaded once (rung evaluations and the final one share it)."""
+        if self._reward is None:
+            self._reward = load_reward_model(self.task.trial.reward)
+        return self._reward
+
+    @property
+    def loaded_start(self) -> Optional[torch.nn.Module]:
+        """The starting checkpoint if a rung evaluation loaded it (None: not loaded)."""
+        return self._start
+
+    def start_model(self, held: Optional[torch.nn.Module] = None) -> torch.nn.Module:
+        """The starting checkpoint, frozen (the SFT model of a preference trial): `held` when training already
+        holds it, else loaded once (reference_model) and kept for the rest of the trial, so rung evaluations and
+        the final one share one copy."""
+        if held is not None:
+            return held
+        if self._start is None:
+            self._start = self.reference_model()
+        return self._start
 
     @property
     def device(self) -> torch.device:
@@ -169,7 +194,7 @@ def failing_phase(name: str):
     posweep.failure tag says where the trial broke; errors that already say it, and a lost store, pass as is."""
     try:
         yield
-    except (TrialPhaseError, NonFiniteLoss, CheckpointWriteError):
+    except (TrialPhaseError, NonFiniteLoss, CheckpointWriteError, TrialStopped):
         raise
     except Exception as exc:  # noqa: BLE001 - re-raised with its phase
         if tracking.is_unreachable(exc):
@@ -215,7 +240,7 @@ def _load(task: TrialTask, method: Method, logger, accelerator) -> tuple[TrialCo
     return ctx, None, load_split(trial.data, "eval", ctx.shared)
 
 
-def _train(ctx: TrialContext, train_data: LoadedPairs, report: Optional[Report],
+def _train(ctx: TrialContext, train_data: LoadedPairs, eval_data: LoadedPairs, report: Optional[Report],
            timings: dict[str, float]) -> tuple[int, Optional[torch.nn.Module]]:
     """Tokenize, build the objective (reference log-probs) and train; (steps, the frozen reference model if
     training held one). ctx.model becomes the trained, unwrapped (and gathered, if sharded) model."""
@@ -233,15 +258,51 @@ def _train(ctx: TrialContext, train_data: LoadedPairs, report: Optional[Report],
         if report:
             report(step, total)
 
+    after_step = _rung_hook(ctx, eval_data, frozen_reference, timings)
     with failing_phase("training"), timed(timings, "train"):
         history = train(ctx.model, pairs, objective, _loop_settings(task, ctx.tokenizer.pad_token_id), ctx.accelerator,
-                        on_log, checkpointing(task))
+                        LoopHooks(on_log, after_step), checkpointing(task))
+    timings["time_train_s"] -= timings.get("time_rungs_s", 0.0)  # the rungs ran inside the loop: their own line
     steps = int(history[-1]["step"]) if history else 0
     ctx.model = ctx.accelerator.unwrap_model(ctx.model)
     if is_sharded(ctx.model):
         with failing_phase(f"gathering the sharded model (after training step {steps})"), timed(timings, "train"):
             ctx.model = _gathered_model(ctx, ctx.model)
     return steps, frozen_reference
+
+
+def eval_settings(trial, num_prompts: Optional[int] = None) -> EvalSettings:
+    """The trial's evaluation settings (spec: evaluation), over `num_prompts` prompts if given."""
+    e = trial.evaluation
+    return EvalSettings(e.temperature, e.top_p, e.max_new_tokens, num_prompts or e.num_prompts, e.seed,
+                        e.batch_size, trial.training.padding_free)
+
+
+def _rung_hook(ctx: TrialContext, eval_data: LoadedPairs, frozen_reference,
+               timings: dict[str, float]) -> Optional[AfterStep]:
+    """What the loop calls after each step when the trial has evaluation.rungs: at a rung's step, evaluate on
+    the rung subset (trainers.rungs) and let the judge log the metrics and decide (TrialStopped ends the trial)."""
+    trial = ctx.task.trial
+    e = trial.evaluation
+    if not e.has_rungs:
+        return None
+    subset = rung_subset(eval_data.pairs, e.num_prompts, e.rung_prompts, e.seed)
+    settings = eval_settings(trial, len(subset))
+    evaluator = RungEvaluator(ctx.tokenizer, subset, ctx.reward(), settings, ctx.device, trial.training.max_length,
+                              lambda: ctx.start_model(frozen_reference),
+                              lambda model: _sft_baseline(ctx, subset, ctx.reward(), settings, model))
+    judge = RungJudge(ctx.logger, ctx.task.runtime.stage_key, trial.trial_key, ctx.task.runtime.early_stopping)
+    steps: dict[int, dict[int, int]] = {}
+
+    def after_step(step: int, total: int, model: torch.nn.Module) -> None:
+        rung = steps.setdefault(total, rung_steps(e.rungs, total, e.rung_every, e.rung_steps)).get(step)
+        if rung is None:
+            return
+        with failing_phase(f"the evaluation at rung {rung} (training step {step})"), timed(timings, "rungs"):
+            metrics = evaluator(model)
+        judge(rung, step, metrics)
+
+    return after_step
 
 
 def _evaluate(ctx: TrialContext, eval_data: LoadedPairs, steps: int, frozen_reference,
@@ -253,12 +314,11 @@ def _evaluate(ctx: TrialContext, eval_data: LoadedPairs, steps: int, frozen_refe
             ctx.model = merged(ctx.model)  # LoRA: adapters folded in, so the next stage loads a plain model
             checkpoint = save_model(ctx.model, ctx.tokenizer, ctx.task.trial_dir / "checkpoint")
         ctx.logger.set_tags({tracking.TAG_CHECKPOINT: str(checkpoint)})
-    e = trial.evaluation
-    settings = EvalSettings(e.temperature, e.top_p, e.max_new_tokens, e.num_prompts, e.seed, e.batch_size,
-                            trial.training.padding_free)
+    settings = eval_settings(trial)
     with failing_phase(f"evaluation (after training step {steps})"), timed(timings, "eval"):
-        reward = load_reward_model(trial.reward)
-        sft = _sft_baseline(ctx, eval_data.pairs, reward, settings, frozen_reference)
+        reward = ctx.reward()
+        held = frozen_reference if frozen_reference is not None else ctx.loaded_start
+        sft = _sft_baseline(ctx, eval_data.pairs, reward, settings, held)
         metrics, samples = evaluate(ctx.model, ctx.tokenizer, eval_data.pairs, reward, settings, ctx.device, sft)
     with failing_phase("writing samples.json"):
         record_samples(ctx.task, ctx.logger, samples)
@@ -289,7 +349,7 @@ def execute(task: TrialTask, method: Method, logger: tracking.TrialLogger, repor
     steps, skipped, frozen_reference = 0, eval_data.skipped, None
     if train_data is not None:
         skipped += train_data.skipped
-        steps, frozen_reference = _train(ctx, train_data, report, timings)
+        steps, frozen_reference = _train(ctx, train_data, eval_data, report, timings)
     if not accelerator.is_main_process:
         return {}
     metrics = _evaluate(ctx, eval_data, steps, frozen_reference, timings)

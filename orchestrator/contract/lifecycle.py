@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Callable, Optional, Protocol
 
 from orchestrator.contract import tracking
+from orchestrator.contract.early_stopping import TrialStopped, rung_value_key
 from orchestrator.contract.errors import failure_reason, first_line
 from orchestrator.contract.files import exclusive_lock, write_file_atomically, write_verified
 from orchestrator.contract.kept_models import keep_models
 from orchestrator.contract.methods import METHODS
 from orchestrator.contract.registry import load_reference
-from orchestrator.contract.runs import RunStatus
+from orchestrator.contract.runs import RunStatus, done_statuses
 from orchestrator.contract.task import TrialResult, TrialTask
 
 Report = Callable[[int, int], None]  # (step, total_steps)
@@ -146,12 +147,14 @@ def _open_run(task: TrialTask, logger: tracking.TrialLogger, earlier: list[track
     return run_id
 
 
-def _finished_result(runs: list[tracking.TrialRecord]) -> Optional[TrialResult]:
-    """The result of the key's FINISHED run among `runs`, if it has one."""
-    finished = next((r for r in runs if r.status == RunStatus.FINISHED), None)
+def _finished_result(task: TrialTask, runs: list[tracking.TrialRecord]) -> Optional[TrialResult]:
+    """The result of the key's done run among `runs` (FINISHED; or STOPPED, under early stopping), if any."""
+    done = done_statuses(task.runtime.early_stopping is not None)
+    finished = next((r for r in runs if r.status == RunStatus.FINISHED), None) or next(
+        (r for r in runs if r.status in done), None)
     if finished is None:
         return None
-    return TrialResult(trial_key=finished.trial_key, run_id=finished.run_id, status=RunStatus.FINISHED,
+    return TrialResult(trial_key=finished.trial_key, run_id=finished.run_id, status=finished.status,
                        metrics=finished.metrics, wall_seconds=finished.metrics.get("wall_seconds", 0.0))
 
 
@@ -186,10 +189,28 @@ def _record_failure(task: TrialTask, logger: tracking.TrialLogger, run_id: str, 
                        metrics=cost, wall_seconds=cost["wall_seconds"])
 
 
+def _record_stop(task: TrialTask, logger: tracking.TrialLogger, run_id: str, stopped: TrialStopped,
+                 cost: dict[str, float]) -> TrialResult:
+    """End a run early stopping stopped: its cost, where and why it stopped, MLflow status FINISHED (it ended as
+    planned; tracking.run_status reads it back STOPPED). Its checkpoint goes: a stopped trial is never resumed."""
+    decision = stopped.decision
+    logger.log_metrics(cost)
+    logger.set_tags({tracking.TAG_STOPPED_AT_STEP: str(decision.step),
+                     tracking.TAG_STOPPED_AT_RUNG: str(decision.rung), tracking.TAG_STOP_REASON: stopped.reason[:5000]})
+    logger.finish(RunStatus.FINISHED)
+    saving = checkpointing(task)
+    if saving is not None:
+        shutil.rmtree(saving.folder, ignore_errors=True)
+    return TrialResult(trial_key=task.trial.trial_key, run_id=run_id, status=RunStatus.STOPPED,
+                       error=stopped.reason, metrics={**cost, "stopped_at_step": float(decision.step),
+                                                      **{rung_value_key(k): v for k, v in stopped.values.items()}},
+                       wall_seconds=cost["wall_seconds"])
+
+
 def _run_locked(task: TrialTask, report: Optional[Report], body: TrialBody) -> TrialResult:
     logger = _logger(task)
     earlier = logger.runs_of(task.trial.trial_key)
-    done = _finished_result(earlier)
+    done = _finished_result(task, earlier)
     if done is not None:
         return done
     run_id = _open_run(task, logger, earlier)
@@ -201,6 +222,9 @@ def _run_locked(task: TrialTask, report: Optional[Report], body: TrialBody) -> T
     except KeyboardInterrupt:
         logger.finish(RunStatus.KILLED)
         raise
+    except TrialStopped as stopped:
+        return _record_stop(task, logger, run_id, stopped,
+                            cost_metrics(usage.device, usage.count, time.monotonic() - started))
     except Exception as exc:  # noqa: BLE001 - a trial's failure is data, not a crash of the sweep
         if tracking.is_unreachable(exc):
             raise
@@ -242,8 +266,8 @@ def record_lost_trial(task: TrialTask, reason: str) -> TrialResult:
     RUNNING run FAILED with the reason, or create a FAILED run if it died before starting one."""
     logger = _logger(task)
     earlier = logger.runs_of(task.trial.trial_key)
-    done = _finished_result(earlier)
-    if done is not None:  # it did finish; only the report back was lost
+    done = _finished_result(task, earlier)
+    if done is not None:  # it did finish (or stop); only the report back was lost
         return done
     running = next((r for r in earlier if r.status == RunStatus.RUNNING), None)
     if running is not None:

@@ -12,13 +12,22 @@ class RunStatus(str, Enum):
     FINISHED = "FINISHED"
     FAILED = "FAILED"      # the trial ran to an error (its reason in posweep.failure) or was lost
     KILLED = "KILLED"      # interrupted, or left RUNNING by a dead process: a rerun runs the trial again
+    # posweep's own, not MLflow's: early stopping ended the trial at a rung (MLflow status FINISHED, tag
+    # posweep.stopped_at_step; tracking.run_status). Its run holds rung/* metrics and its cost, no final ones.
+    STOPPED = "STOPPED"
 
     def __str__(self) -> str:
         return self.value
 
 
 # Trials that ran to an outcome; KILLED and RUNNING ones run again on a rerun.
-OUTCOMES = (RunStatus.FINISHED, RunStatus.FAILED)
+OUTCOMES = (RunStatus.FINISHED, RunStatus.FAILED, RunStatus.STOPPED)
+
+
+def done_statuses(early_stopping: bool) -> tuple[RunStatus, ...]:
+    """The states whose key a run of the sweep skips: FINISHED, and STOPPED while the sweep stops early (with
+    early stopping turned off, a stopped trial runs again, to the end)."""
+    return (RunStatus.FINISHED, RunStatus.STOPPED) if early_stopping else (RunStatus.FINISHED,)
 
 # The metric every stage's best trial is chosen by, higher is better: the SFT checkpoint preference stages start
 # from, the best trial per stage in the summary, the model each method keeps and registers.

@@ -200,6 +200,43 @@ class EvaluationSpec(Strict):
     num_prompts: int = Field(64, gt=0)
     seed: int = 0
     batch_size: int = Field(64, gt=0)
+    rungs: list[float] = Field(default_factory=list, description="intermediate evaluations during training, as "
+                               "fractions of the trial's optimizer steps (e.g. [0.2, 0.5]): the same metrics on "
+                               "rung_prompts of the evaluation prompts plus the held-out pairs' implicit-reward "
+                               "accuracy and margin, logged as rung/* at the training step; what "
+                               "search.early_stopping decides on. The final evaluation is unchanged")
+    rung_every: Optional[int] = Field(None, gt=0, description="instead of `rungs`: a rung every N optimizer steps "
+                                      "(rung k at step k*N): trials then compare at equal training compute, "
+                                      "whatever their epochs")
+    rung_steps: list[int] = Field(default_factory=list, description="instead of `rungs`: rungs at these optimizer "
+                                  "steps, e.g. ASHA's geometric milestones [12, 36, 108] (equal compute, few "
+                                  "evaluations for long trials)")
+    rung_prompts: int = Field(16, gt=0, description="evaluation prompts a rung evaluates: a fixed subset of the "
+                              "num_prompts, drawn once with `seed`, the same for every trial")
+
+    @property
+    def has_rungs(self) -> bool:
+        return bool(self.rungs) or self.rung_every is not None or bool(self.rung_steps)
+
+    @model_validator(mode="after")
+    def _one_way_to_place_rungs(self):
+        given = [name for name, value in (("rungs", self.rungs), ("rung_every", self.rung_every),
+                                          ("rung_steps", self.rung_steps)) if value]
+        if len(given) > 1:
+            raise ValueError(f"give one of evaluation.rungs (fractions of the steps), rung_every (every N steps) "
+                             f"or rung_steps (at these steps); got {' and '.join(given)}")
+        if any(s <= 0 for s in self.rung_steps) or any(b <= a for a, b in zip(self.rung_steps, self.rung_steps[1:])):
+            raise ValueError(f"rung_steps must be positive and increase; got {self.rung_steps}")
+        return self
+
+    @field_validator("rungs")
+    @classmethod
+    def _rungs_inside_training(cls, value: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in value):
+            raise ValueError(f"rungs are fractions of a trial's steps strictly between 0 and 1; got {value}")
+        if any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError(f"rungs must increase; got {value}")
+        return value
 
 
 class TrainHParams(Strict):
@@ -371,8 +408,31 @@ class Choice(Strict):
 SearchRange = Union[FloatRange, IntRange, Choice]
 
 
+class AshaSpec(Strict):
+    """Asynchronous successive halving (ASHA, Li et al. 2020, as Ray Tune's ASHAScheduler): at each rung of
+    evaluation.rungs a trial is stopped when its `metric` is below the (1 - 1/reduction_factor) quantile of the
+    values the stage's other trials logged at that rung (it is not in their top 1/reduction_factor); the first
+    trial to reach a rung always goes on. The decision is the trial's own, read from the tracking store, so it is
+    the same on every executor (orchestrator.contract.early_stopping)."""
+    kind: Literal["asha"]
+    metric: Literal["rung/mean_score", "rung/win_vs_chosen", "rung/win_vs_sft", "rung/pair_accuracy",
+                    "rung/pair_margin", "rung/kl", "rung/length"] = "rung/mean_score"
+    mode: Literal["max", "min"] = Field("max", description="max: higher is better (min for rung/kl, rung/length)")
+    reduction_factor: float = Field(3.0, gt=1, description="η: a trial goes on past a rung when it is in the top "
+                                                           "1/η of the trials that reached the rung")
+    min_rung: int = Field(1, ge=1, description="the first rung (1-based) at which trials may be stopped; earlier "
+                                               "rungs are evaluated and logged only")
+    order_seed: int = Field(0, description="grid trials start in an order shuffled with this seed, not the grid's "
+                                           "written order, whose first trials (one learning rate, one beta) would "
+                                           "set every rung's bar")
+
+
+EarlyStoppingSpec = AshaSpec  # the one kind so far; a union on `kind` once there are others
+
+
 class GridSearchSpec(Strict):
     kind: Literal["grid"] = "grid"
+    early_stopping: Optional[EarlyStoppingSpec] = Field(None, description="stop trials at rungs (ASHA)")
 
 
 class OptunaSearchSpec(Strict):
@@ -383,6 +443,8 @@ class OptunaSearchSpec(Strict):
     sampler: Literal["tpe", "random"] = "tpe"
     seed: int = 0
     metric: Literal["mean_score", "win_vs_chosen", "win_vs_sft"] = "mean_score"
+    early_stopping: Optional[EarlyStoppingSpec] = Field(None, description="stop trials at rungs (ASHA); a stopped "
+                                                        "trial is told to Optuna as PRUNED with its rung values")
 
 
 SearchSpec = Annotated[Union[GridSearchSpec, OptunaSearchSpec], Field(discriminator="kind")]
@@ -510,6 +572,24 @@ class SweepSpec(Strict):
         if splits and batchwise:
             raise ValueError(f"{', '.join(batchwise)} use statistics of the whole batch, which a batch split "
                              f"{' and '.join(splits)} would change; run them unsplit")
+        return self
+
+    @model_validator(mode="after")
+    def _early_stopping_has_rungs(self):
+        stopping, rungs, evaluation = self.search.early_stopping, self.evaluation.rungs, self.evaluation
+        if stopping is not None and not evaluation.has_rungs:
+            raise ValueError("search.early_stopping needs evaluation.rungs (e.g. [0.2, 0.5]) or "
+                             "evaluation.rung_every: the intermediate evaluations it decides at")
+        listed = rungs or evaluation.rung_steps
+        if stopping is not None and listed and stopping.min_rung > len(listed):
+            raise ValueError(f"search.early_stopping.min_rung {stopping.min_rung} is past the last of the "
+                             f"{len(listed)} evaluation rungs")
+        if evaluation.has_rungs and self.executor.processes_per_trial > 1:
+            raise ValueError("evaluation rungs cannot be combined with executor.processes_per_trial > 1 yet "
+                             "(a rung evaluates on the main process while the others would wait)")
+        if evaluation.has_rungs and self.evaluation.rung_prompts > self.evaluation.num_prompts:
+            raise ValueError(f"evaluation.rung_prompts ({self.evaluation.rung_prompts}) exceeds "
+                             f"evaluation.num_prompts ({self.evaluation.num_prompts})")
         return self
 
     @model_validator(mode="after")

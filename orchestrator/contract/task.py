@@ -9,7 +9,7 @@ from typing import Optional
 from pydantic import ConfigDict
 
 from orchestrator.contract.runs import RunStatus
-from orchestrator.contract.spec import Strict
+from orchestrator.contract.spec import AshaSpec, Strict
 from orchestrator.contract.trials import TrialSpec
 
 
@@ -39,6 +39,8 @@ class TrialRuntime(Strict):
     keep_models: Optional[str] = None
     register_models: bool = False          # checkpoints.registry: the kept best in the Model Registry
     system_metrics_interval: Optional[float] = None  # seconds between system-metric samples; None: off
+    # search.early_stopping: the trial stops at a rung of evaluation.rungs when ASHA says so (None: never)
+    early_stopping: Optional[AshaSpec] = None
 
 
 class TrialTask(Strict):
@@ -59,7 +61,7 @@ class TrialResult(Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=True)
     trial_key: str
     run_id: Optional[str]
-    status: RunStatus             # FINISHED | FAILED
+    status: RunStatus             # FINISHED | FAILED | STOPPED
     metrics: dict[str, float] = {}
     error: Optional[str] = None
     wall_seconds: float = 0.0

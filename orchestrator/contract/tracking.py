@@ -47,6 +47,9 @@ TAG_STAGE_KEY = "posweep.stage_key"
 TAG_RESUMED = "posweep.resumed_from_step"
 TAG_DEVICE = "posweep.device"        # e.g. "cpu" or "cuda:NVIDIA H100 80GB HBM3"
 TAG_LAYOUT = "posweep.layout"        # how training rows were laid out and log-probs computed (trainers.logprobs)
+TAG_STOPPED_AT_STEP = "posweep.stopped_at_step"  # early stopping ended the trial after this optimizer step
+TAG_STOPPED_AT_RUNG = "posweep.stopped_at_rung"
+TAG_STOP_REASON = "posweep.stop_reason"  # the ASHA decision: its value, the cutoff, how many trials it was among
 TAG_WEIGHTS = "posweep.weights"      # "uploading", then "logged" once model/ is whole; "deleted: why" after
 WEIGHTS_HELD = ("uploading", "logged")  # states in which a run's artifacts may hold weights
 TAG_PARENT = "mlflow.parentRunId"
@@ -191,12 +194,32 @@ class TrialRecord(BaseModel):
     end_time: Optional[int] = None
 
 
+def run_status(mlflow_status: str, tags: dict[str, str]) -> RunStatus:
+    """posweep's state of a run: MLflow's status, except that a FINISHED run early stopping ended (tag
+    posweep.stopped_at_step) is STOPPED."""
+    if mlflow_status == RunStatus.FINISHED and TAG_STOPPED_AT_STEP in tags:
+        return RunStatus.STOPPED
+    return RunStatus(mlflow_status)
+
+
 def _record(run) -> TrialRecord:
     tags = run.data.tags
     return TrialRecord(run_id=run.info.run_id, run_name=run.info.run_name or "", trial_key=tags.get(TAG_KEY, ""),
-                       stage=tags.get(TAG_STAGE, ""), method=tags.get(TAG_METHOD, ""), status=run.info.status,
+                       stage=tags.get(TAG_STAGE, ""), method=tags.get(TAG_METHOD, ""),
+                       status=run_status(run.info.status, tags),
                        params=dict(run.data.params), metrics=dict(run.data.metrics), tags=dict(tags),
                        start_time=run.info.start_time, end_time=run.info.end_time)
+
+
+def _all_runs(client, experiment_id: str, filter_string: str) -> list:
+    """Every run of the experiment that matches, page by page."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 def store_exists(uri: str) -> bool:
@@ -237,14 +260,7 @@ class SweepTracker:
         self.client.set_experiment_tag(self.experiment_id, TAG_RUNS_VIEW, runs_view_state(params))
 
     def _search(self, filter_string: str) -> list:
-        runs, token = [], None
-        while True:
-            page = self.client.search_runs([self.experiment_id], filter_string, max_results=1000,
-                                           page_token=token)
-            runs += list(page)
-            token = page.token
-            if not token:
-                return runs
+        return _all_runs(self.client, self.experiment_id, filter_string)
 
     def stage_run(self, stage: str, description: str = "") -> str:
         """The parent run of a stage, reused when the sweep is rerun."""
@@ -497,6 +513,16 @@ class TrialLogger:
         runs = self.client.search_runs([self.experiment_id], f"tags.`{TAG_KEY}` = '{trial_key}'",
                                        max_results=1000)
         return [_record(r) for r in runs]
+
+    def rung_values(self, stage_key: str, metric: str, exclude_key: str) -> list[float]:
+        """The value of `metric` (asha/rung_K) of every other trial key of the stage that logged it, one per key
+        (a key run again after its process died logs the same value again)."""
+        values: dict[str, float] = {}
+        for run in _all_runs(self.client, self.experiment_id, f"tags.`{TAG_STAGE_KEY}` = '{stage_key}'"):
+            key = run.data.tags.get(TAG_KEY)
+            if key != exclude_key and metric in run.data.metrics:
+                values.setdefault(key, run.data.metrics[metric])
+        return list(values.values())
 
     def reopen(self, run_id: str) -> None:
         """Continue logging into an earlier attempt's run (a trial resumed from its checkpoint)."""

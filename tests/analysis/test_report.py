@@ -21,13 +21,14 @@ def test_html_report_has_every_section_and_only_embedded_figures(toy_sweep):
                         "Figure 1: every run&#x27;s metrics", "Figure 2: per-sample length of the top runs",
                         "Figure 3: per-sample kl of the top runs", "Figure 4: dpo against beta",
                         "Figure 5: simpo against beta", "Figure 6: expected best-of-k",
-                        "Figure 7: score against KL: the Pareto front", "Cost of reaching the top 10%",
+                        "Figure 7: score against KL: the Pareto front",
+                        "Figure 8: budget curve: best score found against cost spent", "Cost of reaching the top 10%",
                         "Failed runs (2)"]
     images = re.findall(r"<img src='([^']*)' alt='([^']*)'>", page)
-    assert len(images) == 7 and all(uri.startswith("data:image/png;base64,") for uri, _ in images)
+    assert len(images) == 8 and all(uri.startswith("data:image/png;base64,") for uri, _ in images)
     assert all(len(alt) > 40 for _, alt in images)  # each figure says what it shows, not its caption's start
     assert "http://" not in page and "https://" not in page and "<script" not in page
-    assert page.count("<figcaption>") == 7
+    assert page.count("<figcaption>") == 8
 
 
 def test_verdicts_say_best_versus_dpo_chance_to_beat_sft_and_failures(toy_sweep):
@@ -43,7 +44,7 @@ def test_markdown_report_has_tables_and_the_same_figures(toy_sweep):
     page = render(inputs(toy_sweep), "md", n_boot=50)
     assert page.startswith("# Robustness report: sweep toy")
     assert "| method | run_name | finished | failed |" in page
-    assert len(re.findall(r"!\[[^\]]{40,}\]\(data:image/png;base64,", page)) == 7
+    assert len(re.findall(r"!\[[^\]]{40,}\]\(data:image/png;base64,", page)) == 8
 
 
 def _with(frame, **row):
@@ -119,3 +120,22 @@ def test_cost_is_in_trials_and_device_hours_with_the_load_caveat(toy_sweep):
 def test_the_kl_figure_says_why_a_sample_can_be_negative(toy_sweep):
     page = render(inputs(toy_sweep), "html", n_boot=20)
     assert "single-sample estimate" in page and "can be negative" in page
+
+
+def test_an_early_stopped_sweep_says_its_statistics_are_over_survivors_and_draws_the_budget_curve(toy_sweep):
+    frame, samples = toy_sweep
+    stopped = _with(frame, stage="dpo", method="dpo", run_name="dpo cut", status="STOPPED", trial_key="cut", beta=0.9)
+    stopped = _with(stopped, stage="dpo", method="dpo", run_name="dpo cut2", status="STOPPED", trial_key="cut2",
+                    beta=1.0)
+    report = inputs((stopped, samples))
+    report.grid = ("full-grid", frame)
+    assert report.stopped == 2
+    assert verdicts(report)[0].endswith("1 of 8 runs failed; 2 stopped early (not counted above).")
+    page = render(report, "html", n_boot=20)
+    headings = re.findall(r"<h2>(.*?)</h2>", page)
+    assert headings[0] == "This sweep stopped trials early"  # not "not complete": a stopped trial has ended
+    assert "not a sample of the final-score distribution" in page
+    assert any(h.endswith("budget curve: best score found against cost spent") for h in headings)
+    assert "full-grid" in page and "rank in the grid" in page
+    plain = render(inputs(toy_sweep), "html", n_boot=20)
+    assert "This sweep stopped trials early" not in plain and "budget curve" in plain  # a grid's own curve

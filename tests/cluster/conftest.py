@@ -5,7 +5,9 @@ import pytest
 from orchestrator.grid import plan_sweep
 from orchestrator.contract.spec_file import parse_spec
 from orchestrator.contract.task import TrialRuntime, TrialTask
-from orchestrator.contract.tracking import SweepTracker
+from orchestrator.contract.runs import RunStatus
+from orchestrator.contract.tracking import (TAG_KEY, TAG_STOP_REASON, TAG_STOPPED_AT_RUNG, TAG_STOPPED_AT_STEP,
+                                           SweepTracker)
 from trainers.probe import noop_sweep_yaml
 
 
@@ -24,3 +26,50 @@ def make_tasks(tmp_path, uri: str, name: str, n: int, checkpoint_every=None) -> 
 def tasks_for():
     """make_tasks(tmp_path, uri, name, n, checkpoint_every=None) -> [TrialTask]"""
     return make_tasks
+
+
+@pytest.fixture
+def worse_trial_stops():
+    """check_the_worse_trial_stops(executor, tmp_path, uri, name, run)"""
+    return check_the_worse_trial_stops
+
+
+ASHA = {"kind": "asha", "reduction_factor": 3}
+
+
+def make_asha_tasks(tmp_path, uri: str, name: str) -> tuple[TrialTask, TrialTask]:
+    """(better, worse): two DPO probe tasks of a sweep with one rung (half way) under ASHA. A probe reports its
+    probe_score at the rung, which grows with beta: the worse one, reaching the rung after the better one, is
+    below the cutoff (the better one's value) and must stop."""
+    yaml = noop_sweep_yaml(name, tmp_path / "work", n_beta=2, n_lr=1).replace(
+        "evaluation: {num_prompts: 16}", "evaluation: {num_prompts: 16, rungs: [0.5]}")
+    spec = parse_spec(yaml + "search: {kind: grid, early_stopping: {kind: asha}}\n")
+    dpo = next(s for s in plan_sweep(spec) if s.stage == "dpo")
+    tracker = SweepTracker(uri, name)
+    runtime = TrialRuntime(sweep=name, tracking_uri=uri, experiment_id=tracker.experiment_id,
+                           parent_run_id=tracker.stage_run("dpo"), workdir=str(tmp_path / "work"),
+                           stage_key=dpo.stage_key, early_stopping=spec.search.early_stopping)
+    worse, better = sorted(dpo.trials, key=lambda t: t.hparams["beta"])
+    return TrialTask(trial=better, runtime=runtime), TrialTask(trial=worse, runtime=runtime)
+
+
+def check_the_worse_trial_stops(executor, tmp_path, uri: str, name: str, run) -> None:
+    """Run the better trial, then the worse one, through `executor` (`run(executor, tasks)` -> results): the worse
+    ends STOPPED at its rung with the documented state, and running it again neither runs nor resumes it."""
+    better, worse = make_asha_tasks(tmp_path, uri, name)
+    assert [r.status for r in run(executor, [better])] == [RunStatus.FINISHED]
+    [stopped] = run(executor, [worse])
+    assert stopped.status == RunStatus.STOPPED and "below the cutoff" in stopped.error
+    assert stopped.metrics["stopped_at_step"] == 2 and "asha/rung_1" in stopped.metrics
+    [again] = run(executor, [worse])
+    assert again.status == RunStatus.STOPPED and again.run_id == stopped.run_id
+    tracker = SweepTracker(uri, name)
+    runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`{TAG_KEY}` = '{worse.trial.trial_key}'")
+    assert len(runs) == 1, "the stopped trial ran again"
+    run_info = runs[0]
+    assert run_info.info.status == "FINISHED"  # MLflow's status; posweep reads it back STOPPED
+    assert run_info.data.tags[TAG_STOPPED_AT_STEP] == "2" and run_info.data.tags[TAG_STOPPED_AT_RUNG] == "1"
+    assert "rung 1 (step 2)" in run_info.data.tags[TAG_STOP_REASON]
+    assert {"rung/mean_score", "asha/rung_1", "wall_seconds", "device_hours"} <= set(run_info.data.metrics)
+    assert "mean_score" not in run_info.data.metrics  # no final evaluation
+    assert [r.status for r in tracker.trials() if r.trial_key == worse.trial.trial_key] == [RunStatus.STOPPED]

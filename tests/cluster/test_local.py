@@ -1,6 +1,9 @@
+import functools
+
 from cluster import EXECUTORS, make_executor
 from orchestrator.contract.spec import LocalExecutorSpec
 from orchestrator.contract.task import TrialResult
+from trainers.probe import probe_trial
 
 
 class Recorder:
@@ -29,3 +32,9 @@ def test_local_executor_runs_in_order_and_reports_progress():
     assert progress.events == [("start", "a"), ("step", 1, 2), ("step", 2, 2), ("done", "a"),
                                ("start", "b"), ("step", 1, 2), ("step", 2, 2), ("done", "b")]
     assert "local" in EXECUTORS
+
+
+def test_a_trial_asha_stops_at_a_rung_ends_stopped_and_is_not_run_again(tmp_path, worse_trial_stops):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    worse_trial_stops(make_executor(LocalExecutorSpec()), tmp_path, uri, "asha-local",
+                      lambda executor, tasks: executor.run(tasks, functools.partial(probe_trial, steps=4)))

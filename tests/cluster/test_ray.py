@@ -132,3 +132,12 @@ def test_a_two_process_trial_runs_as_a_ray_train_run_inside_its_tune_trial(tmp_p
     ray.shutdown()
     train_runs = [p for p in (tmp_path / "work" / "ray_results").iterdir() if not p.name.startswith("ddp-2")]
     assert len(train_runs) == 3  # base, sft, dpo: one Ray Train run each, named by trial key
+
+
+def test_a_trial_asha_stops_at_a_rung_ends_stopped_on_ray(tmp_path, local_ray, worse_trial_stops):
+    """The decision is read from the store through the MLflow server, inside a Ray worker."""
+    sqlite = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    executor = make_executor(RayExecutorSpec(kind="ray"))
+    with store_for_workers(sqlite, parallel=True) as uri:
+        worse_trial_stops(executor, tmp_path, uri, "asha-ray",
+                          lambda ex, tasks: ex.run(tasks, functools.partial(probe_trial, steps=4)))

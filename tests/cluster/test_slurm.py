@@ -159,3 +159,12 @@ def test_a_two_process_trial_runs_as_one_slurm_job_of_two_tasks(tmp_path, slurm)
 def test_nodes_per_trial_must_divide_the_processes():
     with pytest.raises(ValueError, match="processes_per_trial 3 must be a multiple of nodes_per_trial 2"):
         SlurmExecutorSpec(kind="slurm", processes_per_trial=3, nodes_per_trial=2)
+
+
+def test_a_trial_asha_stops_at_a_rung_ends_stopped_on_slurm(tmp_path, slurm, worse_trial_stops):
+    """The decision is read from the store through the MLflow server, inside a Slurm job."""
+    sqlite = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    executor = make_executor(SlurmExecutorSpec(kind="slurm", poll_seconds=0.5))
+    with store_for_workers(sqlite, parallel=True) as uri:
+        worse_trial_stops(executor, tmp_path, uri, "asha-slurm",
+                          lambda ex, tasks: ex.run(tasks, functools.partial(probe_trial, steps=4)))

@@ -41,12 +41,13 @@ model: {{kind: hf, path: {smollm}, gguf_file: {GGUF}}}
 data: {{kind: hh_rlhf, path: {HH}, n_train: 16, n_eval: 4, on_malformed: skip}}
 reward: {{kind: hf, path: {minilm}, batch_size: 4}}
 training: {{batch_size: 4, max_length: 128, max_steps: 2, log_every: 1}}
-evaluation: {{num_prompts: 4, max_new_tokens: 16, batch_size: 4}}
+evaluation: {{num_prompts: 4, max_new_tokens: 16, batch_size: 4, rung_every: 1, rung_prompts: 2}}
 stages:
   sft: {{grid: {{learning_rate: [1.0e-5]}}}}
   methods:
     dpo: {{grid: {{beta: [0.1], learning_rate: [1.0e-6]}}}}
     simpo: {{grid: {{beta: [2.0], gamma: [0.5], learning_rate: [1.0e-6]}}}}
+search: {{kind: grid, early_stopping: {{kind: asha}}}}
 """)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     outcome = run_sweep(spec, uri, output=QUIET)
@@ -58,6 +59,12 @@ stages:
     for record in records.values():
         assert 0 <= record.metrics["win_vs_chosen"] <= 1 and 0 < record.metrics["length"] <= 16
     assert 0 <= records["dpo"].metrics["win_vs_sft"] <= 1
+    # a rung at step 1 on 2 prompts (the first trial of each method at its rung goes on): the real tokenizer, chat
+    # template, reward model and the SFT model for KL and the implicit reward, through the same code
+    for stage in ("sft", "dpo", "simpo"):
+        assert {"rung/mean_score", "rung/pair_accuracy", "rung/pair_margin", "asha/rung_1"} <= set(
+            records[stage].metrics), stage
+    assert {"rung/kl", "rung/win_vs_sft"} <= set(records["dpo"].metrics)
     assert records["sft"].metrics["data_skipped_rows"] >= 1  # the file has rows with an empty last turn
     checkpoint = Path(records["sft"].tags[TAG_CHECKPOINT])
     assert (checkpoint / "config.json").exists() and "quantization_config" not in (checkpoint / "config.json").read_text()

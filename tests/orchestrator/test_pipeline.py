@@ -228,3 +228,31 @@ def test_a_smoke_run_is_tracked_apart_from_the_full_sweep(sweep):
     assert client.get_experiment_by_name(spec.name) is None
     experiment = client.get_experiment_by_name(f"{spec.name}-smoke")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_an_early_stopping_sweep_skips_its_stopped_trials_until_early_stopping_is_turned_off(tmp_path):
+    """Probe trials report probe_score at their rung; in the shuffled start order some are below the cutoff and
+    stop. A rerun runs nothing; the same grid without early stopping runs exactly the stopped ones, to the end."""
+    import functools
+
+    from trainers.probe import noop_sweep_yaml, probe_trial
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = noop_sweep_yaml("asha-rerun", tmp_path / "work", n_beta=4, n_lr=3).replace(
+        "evaluation: {num_prompts: 16}", "evaluation: {num_prompts: 16, rungs: [0.5]}")
+    trial_fn = functools.partial(probe_trial, steps=4, prompts=16)
+    asha = parse_spec(base + "search: {kind: grid, early_stopping: {kind: asha}}\n")
+    first = run_sweep(asha, uri, output=QUIET, trial_fn=trial_fn)
+    records = SweepTracker(uri, "asha-rerun").trials()
+    stopped = {r.trial_key for r in records if r.status == "STOPPED"}
+    assert first.stopped == len(stopped) > 0 and first.failed == 0
+    assert {r.stage for r in records if r.status == "STOPPED"} <= {"dpo", "simpo", "ln_dpo"}  # never SFT
+    assert first.summary["stopped"].sum() == len(stopped)
+
+    again = run_sweep(asha, uri, output=QUIET, trial_fn=trial_fn)
+    assert (again.ran, again.skipped) == (0, first.ran)
+
+    plain = run_sweep(parse_spec(base), uri, output=QUIET, trial_fn=trial_fn)
+    assert plain.ran == len(stopped) and plain.stopped == 0
+    records = SweepTracker(uri, "asha-rerun").trials()
+    assert {r.trial_key for r in records if r.status == "FINISHED"} >= stopped

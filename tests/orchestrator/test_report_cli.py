@@ -66,8 +66,9 @@ def test_report_files_and_the_mlflow_artifact(reported):
     root, out = reported
     page = (root / "report.html").read_text()
     assert "report: report.html" in out and "artifact report.html" in out
-    # Figures 1, 2, 3, dpo vs beta and vs learning rate, simpo vs gamma (one β: no figure), best-of-k, Pareto
-    assert len(re.findall(r"<img src='data:image/png;base64,", page)) == 8
+    # Figures 1, 2, 3, dpo vs beta and vs learning rate, simpo vs gamma (one β: no figure), best-of-k, Pareto,
+    # the budget curve
+    assert len(re.findall(r"<img src='data:image/png;base64,", page)) == 9
     assert re.search(r"<td>SFT \(selected\)</td>\s*<td>sft lr=0.003 e=1</td>", page)  # Table 1's references
     assert re.search(r"<td>untrained</td>\s*<td>untrained</td>", page)
     assert "Failed runs (0)" in page
@@ -92,7 +93,7 @@ def test_report_by_sweep_name_without_the_spec(reported, tmp_path):
                  str(tmp_path / "by-name.html"), "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     page = (tmp_path / "by-name.html").read_text()
-    assert page.count("<img src='data:image/png;base64,") == 8 and "Robustness report: sweep reported" in page
+    assert page.count("<img src='data:image/png;base64,") == 9 and "Robustness report: sweep reported" in page
 
 
 def test_report_without_a_sweep_says_so(tmp_path):
@@ -119,7 +120,7 @@ def test_the_report_renders_in_headless_chromium_with_every_figure_and_no_consol
                            "--v=0", "--virtual-time-budget=5000", "--window-size=1280,6000",
                            f"--screenshot={shot}", probed.as_uri()], capture_output=True, text=True, timeout=120)
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
-    assert any('"IMAGES 8/8"' in line for line in console), proc.stderr[-2000:]
+    assert any('"IMAGES 9/9"' in line for line in console), proc.stderr[-2000:]
     assert not [line for line in console if "IMAGES" not in line], console  # no error or warning from the page
     assert shot.stat().st_size > 100_000
 

@@ -137,3 +137,31 @@ def test_the_study_persists_in_the_workdir_and_a_rerun_rebuilds_it_from_mlflow(t
     run_sweep(spec_for(tmp_path, n=3), uri, output=QUIET)
     study = optuna.load_study(study_name=name, storage=study_storage(tmp_path / "work"))
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3  # two replayed, one new; none twice
+
+
+def test_a_stopped_trial_is_told_to_optuna_as_pruned_with_its_rung_values_live_and_on_replay(tmp_path):
+    """Early stopping in a searched stage: a STOPPED result reaches the study as PRUNED, its rung values as
+    intermediate values (step = rung); a rerun replays it the same way from the MLflow record."""
+    import optuna
+
+    search = plan_sweep(spec_for(tmp_path, n=3))[-1].search
+    storage = optuna.storages.InMemoryStorage()
+
+    def run_batch(trials):
+        return [TrialResult(trial_key=t.trial_key, run_id=None, status="STOPPED", error="rung 2 ...",
+                            metrics={"asha/rung_1": 0.5, "asha/rung_2": 0.25, "stopped_at_step": 8.0})
+                if i == 1 else TrialResult(trial_key=t.trial_key, run_id=None, status="FINISHED",
+                                           metrics={"mean_score": 1.0, "asha/rung_1": 0.75})
+                for i, t in enumerate(trials)]
+
+    run_search(search, [], run_batch, batch_size=3, storage=storage, name="live")
+    trials = optuna.load_study(study_name="live", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
+    assert trials[1].intermediate_values == {1: 0.5, 2: 0.25} and trials[0].value == 1.0
+    record = TrialRecord(run_id="r", run_name="", trial_key="k", stage="dpo", method="dpo", status="STOPPED",
+                         params={k: str(v) for k, v in trials[1].params.items()},
+                         metrics={"asha/rung_1": 0.5, "asha/rung_2": 0.25}, tags={})
+    run_search(search, [record], fake_batch([]), batch_size=2, storage=storage, name="replayed")
+    replayed = optuna.load_study(study_name="replayed", storage=storage).trials
+    assert replayed[0].state.name == "PRUNED" and replayed[0].intermediate_values == {1: 0.5, 2: 0.25}
+    assert len(replayed) == 3  # the stopped trial counts in the budget, as a pruned trial does

@@ -148,3 +148,36 @@ def test_cli_exit_2_one_line_no_traceback_no_tracking(tmp_path: Path, edit):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {spec}:") and "Traceback" not in proc.stderr
     assert not (tmp_path / "mlflow.db").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("search: {kind: grid, early_stopping: {kind: asha}}\n", "needs evaluation.rungs"),
+    ("evaluation: {rungs: [0.5]}\nsearch: {kind: grid, early_stopping: {kind: asha, min_rung: 2}}\n",
+     "min_rung 2 is past the last of the 1 evaluation rungs"),
+    ("evaluation: {rungs: [0.5, 0.2]}\n", "rungs must increase"),
+    ("evaluation: {rungs: [0.5, 1.0]}\n", "strictly between 0 and 1"),
+    ("evaluation: {rungs: [0.5], num_prompts: 8}\n", "rung_prompts (16) exceeds evaluation.num_prompts (8)"),
+    ("evaluation: {rungs: [0.5], rung_every: 10}\n", "got rungs and rung_every"),
+    ("evaluation: {rung_steps: [36, 12]}\n", "rung_steps must be positive and increase"),
+    ("evaluation: {rung_steps: [12]}\nsearch: {kind: grid, early_stopping: {kind: asha, min_rung: 2}}\n",
+     "min_rung 2 is past the last of the 1 evaluation rungs"),
+    ("evaluation: {rung_every: 0}\n", "rung_every"),
+    ("evaluation: {rungs: [0.5]}\nexecutor: {kind: local, processes_per_trial: 2}\ntraining: {batch_size: 32}\n",
+     "cannot be combined with executor.processes_per_trial"),
+    ("evaluation: {rungs: [0.5]}\nsearch: {kind: grid, early_stopping: {kind: asha, reduction_factor: 1}}\n",
+     "reduction_factor"),
+    ("evaluation: {rungs: [0.5]}\nsearch: {kind: grid, early_stopping: {kind: asha, metric: mean_score}}\n",
+     "rung/mean_score"),
+])
+def test_early_stopping_settings_are_checked(extra, message):
+    assert message in str(error_of(GOOD + extra))
+
+
+def test_rung_settings_leave_the_trial_keys_as_they_are():
+    """A trial run to its end under early stopping is the grid's trial: rungs do not change its result
+    (tests/trainers/test_rungs.py), so they are not part of its key."""
+    from orchestrator.grid import plan_sweep
+
+    keys = lambda text: [t.trial_key for s in plan_sweep(parse_spec(text)) for t in s.trials]  # noqa: E731
+    stopping = "evaluation: {rungs: [0.2, 0.5], rung_prompts: 8}\nsearch: {kind: grid, early_stopping: {kind: asha}}\n"
+    assert keys(GOOD + stopping) == keys(GOOD)

@@ -31,20 +31,29 @@ EXECUTORS = {"local": "{kind: local}", "ray": "{kind: ray, num_cpus: 2, max_conc
 TOTAL = 7  # untrained + 1 SFT + 3 DPO + 2 SimPO
 
 
-@pytest.mark.parametrize("kind", ["local", "ray"])
-def test_sigkill_the_driver_then_rerun_finishes_only_the_rest(tmp_path, kind):
+def kill_the_driver_after(tmp_path, spec_text: str, ended: int) -> list[str]:
+    """Start `sweep run` on the spec in a subprocess, SIGKILL it once `ended` trial runs have ended (MLflow
+    status FINISHED: finished or stopped early), and return the command (to rerun it)."""
     spec = tmp_path / "spec.yaml"
-    spec.write_text(SPEC.format(kind=kind, workdir=tmp_path / "work", executor=EXECUTORS[kind]))
+    spec.write_text(spec_text)
     db = tmp_path / "mlflow.db"
     command = [sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--no-progress", "--tracking-uri",
                f"sqlite:///{db}"]
     driver = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 400
-    while finished_trials(db) < 3 and driver.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
+    while finished_trials(db) < ended and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert driver.poll() is None, "the sweep ended before it could be killed:\n" + driver.stdout.read()
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
+    return command
+
+
+@pytest.mark.parametrize("kind", ["local", "ray"])
+def test_sigkill_the_driver_then_rerun_finishes_only_the_rest(tmp_path, kind):
+    db = tmp_path / "mlflow.db"
+    command = kill_the_driver_after(tmp_path, SPEC.format(kind=kind, workdir=tmp_path / "work",
+                                                          executor=EXECUTORS[kind]), 3)
     time.sleep(2)  # the dying driver's helpers (Ray, the MLflow server) go down with it
     done_before = finished_trials(db)
     assert 3 <= done_before < TOTAL
@@ -78,3 +87,37 @@ def assert_only_the_best_models_kept(uri, sweep, records, workdir):
         holding = [r.run_id for r in runs if any(a.path == "model" for a in client.list_artifacts(r.run_id))]
         assert holding == [best.run_id], method
     assert not list(workdir.glob("trials/*/weights"))
+
+
+ASHA_SPEC = """\
+name: resume-asha
+workdir: {workdir}
+data: {{kind: synthetic, n_train: 128, n_eval: 16}}
+training: {{batch_size: 16, max_length: 40, log_every: 5}}
+evaluation: {{num_prompts: 16, max_new_tokens: 16, rungs: [0.5], rung_prompts: 8}}
+stages:
+  sft: {{grid: {{learning_rate: [3.0e-3], epochs: [1]}}}}
+  methods:
+    dpo: {{grid: {{beta: [0.01, 0.1, 0.3, 0.5], learning_rate: [3.0e-5, 3.0e-3]}}}}
+search: {{kind: grid, early_stopping: {{kind: asha}}}}
+"""
+
+
+def test_sigkill_an_early_stopping_sweep_then_rerun_neither_duplicates_nor_resumes_a_stopped_trial(tmp_path):
+    db = tmp_path / "mlflow.db"
+    command = kill_the_driver_after(tmp_path, ASHA_SPEC.format(workdir=tmp_path / "work"), 6)
+    before = {r.trial_key: r for r in SweepTracker(f"sqlite:///{db}", "resume-asha").trials()
+              if r.status in ("FINISHED", "STOPPED")}
+    rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"resuming: skipping {len(before)} trials already done" in rerun.stdout
+    records = SweepTracker(f"sqlite:///{db}", "resume-asha").trials()
+    done = [r.trial_key for r in records if r.status in ("FINISHED", "STOPPED")]
+    assert len(done) == len(set(done)) == 10  # untrained + SFT + 8 DPO, each once
+    stopped = [r for r in records if r.status == "STOPPED"]
+    assert stopped, "no trial was stopped: the test sweep no longer exercises early stopping"
+    assert not [r for r in records if r.status == "RUNNING"]
+    for record in stopped:  # a trial stopped before the kill was neither run again nor resumed
+        if record.trial_key in before:
+            assert [r.run_id for r in records if r.trial_key == record.trial_key] == [record.run_id]
+            assert record.end_time == before[record.trial_key].end_time

@@ -89,3 +89,34 @@ def test_without_restarts_the_sweep_stops_clearly_and_a_rerun_completes_it(tmp_p
     assert f"resuming: skipping {done_before} trials already done" in messages
     assert outcome.ran == TOTAL - done_before and outcome.failed == 0
     _every_key_finished_once(sqlite, "server-gone")
+
+
+def test_a_store_lost_during_an_early_stopping_decision_stops_the_sweep_cleanly_and_the_rerun_decides(
+        tmp_path, monkeypatch):
+    """The decision reads the stage's rung values from the store; a store that does not answer then is the
+    same as at any other moment: the sweep stops with nothing lost, the trial's run is left for the rerun."""
+    import requests
+
+    from orchestrator.contract import tracking
+
+    db = tmp_path / "mlflow.db"
+    sqlite = f"sqlite:///{db}"
+    yaml = noop_sweep_yaml("decision-lost", tmp_path / "work", 2, 1).replace(
+        "evaluation: {num_prompts: 16}", "evaluation: {num_prompts: 16, rungs: [0.5]}")
+    spec = parse_spec(yaml + "search: {kind: grid, early_stopping: {kind: asha}}\n")
+    trial = functools.partial(probe_trial, steps=4, prompts=8)
+
+    def unreachable(*args, **kwargs):
+        raise RuntimeError("API request failed") from requests.exceptions.ConnectionError("refused")
+
+    monkeypatch.setattr(tracking.TrialLogger, "rung_values", unreachable)
+    with pytest.raises(SweepError, match="tracking store stopped answering"):
+        run_sweep(spec, sqlite, output=QUIET, trial_fn=trial)
+    before = SweepTracker(sqlite, "decision-lost").trials()
+    assert sorted(r.stage for r in before if r.status == "FINISHED") == ["base", "sft"]  # nothing lost
+    monkeypatch.undo()
+    outcome = run_sweep(spec, sqlite, output=QUIET, trial_fn=trial)
+    assert outcome.failed == 0 and outcome.ran == TOTAL - 2
+    records = SweepTracker(sqlite, "decision-lost").trials()
+    done = [r.trial_key for r in records if r.status in ("FINISHED", "STOPPED")]
+    assert len(done) == len(set(done)) == TOTAL and not [r for r in records if r.status == "RUNNING"]

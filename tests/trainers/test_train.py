@@ -12,7 +12,7 @@ from trainers.logprobs import sequence_logps
 from trainers.models import build_task_tokenizer, build_tiny_model
 from trainers.synthetic import generate_split
 from trainers.packing import PADDED, Layout
-from trainers.train import LoopSettings, NonFiniteLoss, make_accelerator, reference_logps, train
+from trainers.train import LoopHooks, LoopSettings, NonFiniteLoss, make_accelerator, reference_logps, train
 from trainers.objectives import ObservedObjective, SFTObjective, preference_objective, sft_objective
 
 TINY = SimpleNamespace(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, max_positions=64, seed=0)
@@ -178,11 +178,12 @@ def test_a_killed_loop_resumes_from_its_checkpoint_with_the_uninterrupted_result
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        run(build_tiny_model(TINY, tokenizer), on_log=kill_at_7, checkpointing=checkpointing)
+        run(build_tiny_model(TINY, tokenizer), hooks=LoopHooks(on_log=kill_at_7), checkpointing=checkpointing)
     assert load_training_state(checkpointing)["step"] == 6
     resumed_steps = []
     model = build_tiny_model(TINY, tokenizer)  # fresh weights: everything must come from the checkpoint
-    history = run(model, on_log=lambda step, total, stats: resumed_steps.append(step), checkpointing=checkpointing)
+    history = run(model, hooks=LoopHooks(on_log=lambda step, total, stats: resumed_steps.append(step)),
+                  checkpointing=checkpointing)
     assert resumed_steps == [7, 8, 9, 10]
     assert [h["step"] for h in history] == list(range(1, 11))
     for got, want in zip(history, expected):

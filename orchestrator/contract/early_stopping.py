@@ -1,0 +1,146 @@
+"""Early stopping at rungs (ASHA), decided by each trial itself from the tracking store; torch-free.
+
+A trial with evaluation.rungs evaluates at those fractions of its steps (trainers.rungs) and hands the rung's
+metrics to its RungJudge, which logs them into the trial's run (rung/* at the training step, and the value
+ASHA compares as asha/rung_K) and, with search.early_stopping set, reads the values the stage's other trials
+logged at the same rung and applies the ASHA rule: below the (1 - 1/η) quantile of theirs, the trial stops
+(TrialStopped, which the lifecycle records as the run's STOPPED state).
+
+Why the tracking store carries the decision, not a scheduler in the driver or an Optuna study: every trial
+already reaches it, from the driver (local), a Ray worker or a Slurm node (through the MLflow server a parallel
+sweep runs), it outlives a killed driver, and it is what a rerun reads to know which keys are done; a second
+store (an Optuna journal every worker would open, a Ray scheduler's memory) could disagree with it after a
+crash. The rule only needs each trial's value at one rung, so one search of the stage's runs per rung suffices.
+As with Ray Tune's ASHAScheduler, which trials a decision compares against depends on which reached the rung
+first: on a parallel executor that is timing, so decisions are not reproducible run to run.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence
+
+from orchestrator.contract.spec import AshaSpec
+
+RUNG_PREFIX = "rung/"
+
+
+def rung_value_key(rung: int) -> str:
+    """The metric holding the value ASHA compared at `rung` (1-based), one per rung so the stage's runs can be
+    read at any rung (the rung/* curves hold only their latest point in a search)."""
+    return f"asha/rung_{rung}"
+
+
+def logged_rung_values(metrics: dict[str, float]) -> dict[int, float]:
+    """{rung: the value ASHA compared there} read back from a trial's metrics (the asha/rung_K keys)."""
+    found = {re.fullmatch(r"asha/rung_(\d+)", key): value for key, value in metrics.items()}
+    return dict(sorted((int(match.group(1)), value) for match, value in found.items() if match))
+
+
+def rung_steps(fractions: Sequence[float], total_steps: int, every: Optional[int] = None,
+               at: Sequence[int] = ()) -> dict[int, int]:
+    """{optimizer step: rung number (1-based)} of a trial of `total_steps`: rung k at round(f_k * total), at
+    least step 1 (evaluation.rungs), at step k * every (evaluation.rung_every), or at the k-th of `at`
+    (evaluation.rung_steps). A rung that would fall on the last step (the final evaluation's) or later, or on an
+    earlier rung's step (a very short trial), is not held; rung numbers stay those of the spec, so trials
+    compare like with like."""
+    if every is not None:
+        return {k * every: k for k in range(1, (total_steps - 1) // every + 1)}
+    if at:
+        return {step: k for k, step in enumerate(at, start=1) if step < total_steps}
+    steps: dict[int, int] = {}
+    for rung, fraction in enumerate(fractions, start=1):
+        step = max(1, round(fraction * total_steps))
+        if step < total_steps and step not in steps:
+            steps[step] = rung
+    return steps
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile with linear interpolation between order statistics (numpy.percentile's default)."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass(frozen=True)
+class RungDecision:
+    """What ASHA decided for one trial at one rung."""
+    rung: int
+    step: int
+    metric: str
+    value: float
+    cutoff: Optional[float]   # None: no other trial had reached the rung (the first always goes on)
+    compared: int             # other trials' finite values at this rung
+    stop: bool
+
+    def reason(self, reduction_factor: float) -> str:
+        """'rung 1 (step 13): rung/mean_score 1.204 below the cutoff 1.530, the top 1/3 of 4 other trials'."""
+        where = f"rung {self.rung} (step {self.step}): {self.metric} {self.value:.4g}"
+        if self.cutoff is None:
+            return f"{where}, the first trial at this rung"
+        side = "below" if self.stop else "at or above"
+        return (f"{where} {side} the cutoff {self.cutoff:.4g}, the top 1/{reduction_factor:g} of "
+                f"{self.compared} other trial{'s' * (self.compared != 1)}")
+
+
+def asha_decision(value: float, others: Sequence[float], reduction_factor: float, mode: str = "max"
+                  ) -> tuple[bool, Optional[float]]:
+    """(stop, cutoff) for a trial whose rung value is `value`, given the other trials' values at the rung: the
+    cutoff is their (1 - 1/η) quantile (for mode min, their 1/η quantile, lower being better); the trial stops
+    when its value is worse than the cutoff, or not a finite number. No finite other value: it goes on."""
+    finite = [v for v in others if math.isfinite(v)]
+    if not finite:
+        return (not math.isfinite(value)), None
+    better_is_higher = mode == "max"
+    cutoff = quantile(finite, 1 - 1 / reduction_factor if better_is_higher else 1 / reduction_factor)
+    if not math.isfinite(value):
+        return True, cutoff
+    return (value < cutoff if better_is_higher else value > cutoff), cutoff
+
+
+class TrialStopped(Exception):
+    """Raised by a trial's body when ASHA stops it at a rung; the lifecycle ends the run STOPPED."""
+
+    def __init__(self, decision: RungDecision, reason: str, values: dict[int, float]):
+        super().__init__(reason)
+        self.decision, self.reason = decision, reason
+        self.values = values  # rung -> the compared value at every rung the trial reached
+
+
+class RungStore(Protocol):
+    """What a judge needs of the trial's logger (orchestrator.contract.tracking.TrialLogger)."""
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None: ...
+    def rung_values(self, stage_key: str, metric: str, exclude_key: str) -> list[float]: ...
+
+
+class RungJudge:
+    """Logs a trial's rung evaluations and, under early stopping, decides at each rung whether it goes on."""
+
+    def __init__(self, store: RungStore, stage_key: str, trial_key: str, settings: Optional[AshaSpec]):
+        self.store, self.stage_key, self.trial_key, self.settings = store, stage_key, trial_key, settings
+        self.values: dict[int, float] = {}
+
+    def __call__(self, rung: int, step: int, metrics: dict[str, float]) -> Optional[RungDecision]:
+        """Log `metrics` (names without the rung/ prefix) at `step`; raise TrialStopped when ASHA stops the
+        trial here; the decision (None without early stopping)."""
+        settings = self.settings
+        logged = {f"{RUNG_PREFIX}{k}": v for k, v in metrics.items()}
+        compared_metric = settings.metric if settings else f"{RUNG_PREFIX}mean_score"
+        if compared_metric in logged:
+            logged[rung_value_key(rung)] = self.values[rung] = logged[compared_metric]
+        self.store.log_metrics(logged, step)
+        if settings is None or rung < settings.min_rung or settings.metric not in logged:
+            return None  # (a stage without the metric, e.g. rung/kl of SFT trials, is not stopped on it)
+        value = logged[settings.metric]
+        others = self.store.rung_values(self.stage_key, rung_value_key(rung), self.trial_key)
+        stop, cutoff = asha_decision(value, others, settings.reduction_factor, settings.mode)
+        decision = RungDecision(rung, step, settings.metric, value, cutoff,
+                                sum(math.isfinite(v) for v in others), stop)
+        if stop:
+            raise TrialStopped(decision, decision.reason(settings.reduction_factor), dict(self.values))
+        return decision
