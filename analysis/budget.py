@@ -22,7 +22,9 @@ TOP_FRACTION = 0.1
 def budget_curve(frame: pd.DataFrame, method: str, cost: str = "device_hours") -> pd.DataFrame:
     """One row per trial of `method` with an outcome, in the order they ended: `spent` (cumulative `cost`),
     `best` (the best final mean_score among the FINISHED ones so far; NaN before the first), `status`."""
-    runs = ran_to_an_end(frame[frame["method"] == method]).sort_values("end_time", kind="stable")
+    runs = ran_to_an_end(frame[frame["method"] == method])
+    if "end_time" in runs:  # a hand-built frame without end times keeps its row order
+        runs = runs.sort_values("end_time", kind="stable")
     finished = runs["status"] == RunStatus.FINISHED
     best = runs["mean_score"].where(finished).cummax().ffill()  # cummax leaves NaN where a trial has no score
     return pd.DataFrame({"spent": runs[cost].fillna(0.0).cumsum().to_numpy(), "best": best.to_numpy(),
