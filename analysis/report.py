@@ -1,11 +1,13 @@
 """The robustness report: one self-contained HTML (or Markdown) document built from a sweep's frames.
 
-A notice when the sweep is not complete, the paper's findings F1-F5 checked against this sweep (a verdict and
+A notice when the sweep is not complete, one when early stopping stopped trials (its statistics then cover the
+survivors only), the paper's findings F1-F5 checked against this sweep (a verdict and
 intervals per finding, analysis.findings), a short verdict per method (with the references' scores and a warning
 for each best run at the edge of its grid), then Table 1 (best runs and the SFT / untrained / chosen references),
 the head-to-head tables at the best and 75th-percentile run (the paper's Table 3; only with two methods or
 more), expected best-of-k, the distributions, top-k% per-sample length and KL, metrics against every
-hyperparameter a method's grid varies, the score-vs-KL Pareto front, the cost of reaching the top 10% (in
+hyperparameter a method's grid varies, the score-vs-KL Pareto front, the budget curve (best score found against
+device-hours, beside a full grid's with --grid: analysis.budget), the cost of reaching the top 10% (in
 trials and device-hours), and every failed run with its reason. Tables and figures are numbered in order.
 Figures are embedded as PNG data URIs: the file needs no network and no other file.
 """
