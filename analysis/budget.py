@@ -9,7 +9,7 @@ a final score. The grid's top 10% of a method is the score of its ⌈n/10⌉-th 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import pandas as pd
 
@@ -21,22 +21,34 @@ TOP_FRACTION = 0.1
 
 def budget_curve(frame: pd.DataFrame, method: str, cost: str = "device_hours") -> pd.DataFrame:
     """One row per trial of `method` with an outcome, in the order they ended: `spent` (cumulative `cost`),
-    `best` (the best final mean_score among the FINISHED ones so far; NaN before the first), `status`."""
+    `score` (its final mean_score; NaN unless FINISHED), `best` (the best score so far; NaN before the first),
+    `status` and `run_name`."""
     runs = ran_to_an_end(frame[frame["method"] == method])
     if "end_time" in runs:  # a hand-built frame without end times keeps its row order
         runs = runs.sort_values("end_time", kind="stable")
-    finished = runs["status"] == RunStatus.FINISHED
-    best = runs["mean_score"].where(finished).cummax().ffill()  # cummax leaves NaN where a trial has no score
-    return pd.DataFrame({"spent": runs[cost].fillna(0.0).cumsum().to_numpy(), "best": best.to_numpy(),
+    score = runs["mean_score"].where(runs["status"] == RunStatus.FINISHED)
+    return pd.DataFrame({"spent": runs[cost].fillna(0.0).cumsum().to_numpy(), "score": score.to_numpy(),
+                         "best": score.cummax().ffill().to_numpy(),  # cummax leaves NaN where a trial has no score
                          "status": runs["status"].to_numpy(), "run_name": runs["run_name"].to_numpy()})
+
+
+def budget_curves(sweeps: dict[str, pd.DataFrame], methods: Sequence[str], cost: str = "device_hours"
+                  ) -> dict[str, dict[str, pd.DataFrame]]:
+    """sweep name -> method -> budget_curve: what the figure draws and the table sums up."""
+    return {name: {m: budget_curve(frame, m, cost) for m in methods} for name, frame in sweeps.items()}
+
+
+def top_count(frame: pd.DataFrame, method: str, fraction: float = TOP_FRACTION) -> int:
+    """How many of the method's finished runs its top `fraction` holds: ⌈fraction·n⌉ (0 without one)."""
+    return math.ceil(fraction * int(finished_runs(frame, method)["mean_score"].notna().sum()))
 
 
 def top_threshold(frame: pd.DataFrame, method: str, fraction: float = TOP_FRACTION) -> Optional[float]:
     """The score of the method's ⌈fraction·n⌉-th best of its n finished runs (None: no finished run)."""
-    scores = finished_runs(frame, method)["mean_score"].dropna().sort_values(ascending=False)
-    if scores.empty:
+    count = top_count(frame, method, fraction)
+    if not count:
         return None
-    return float(scores.iloc[math.ceil(fraction * len(scores)) - 1])
+    return float(finished_runs(frame, method)["mean_score"].nlargest(count).iloc[-1])
 
 
 def spent_to_reach(curve: pd.DataFrame, threshold: Optional[float]) -> Optional[float]:
@@ -52,26 +64,33 @@ def rank_in(frame: pd.DataFrame, method: str, score: float) -> int:
     return 1 + int((finished_runs(frame, method)["mean_score"] > score).sum())
 
 
-def budget_table(sweeps: dict[str, pd.DataFrame], methods: list[str], grid: str,
+def _row(curve: pd.DataFrame, grid_frame: pd.DataFrame, method: str, grid_spent: float, cost: str) -> dict:
+    """One method of one sweep against the grid (budget_table's columns)."""
+    spent = float(curve["spent"].iloc[-1]) if len(curve) else 0.0
+    picked = curve["score"].idxmax() if curve["score"].notna().any() else None
+    rank = None if picked is None else rank_in(grid_frame, method, curve.loc[picked, "score"])
+    return {"trials": len(curve), "stopped": int((curve["status"] == RunStatus.STOPPED).sum()),
+            f"{cost} spent": spent, "share of the grid's": spent / grid_spent if grid_spent else float("nan"),
+            "best run": None if picked is None else curve.loc[picked, "run_name"],
+            "best score": float("nan") if picked is None else curve.loc[picked, "score"],
+            "rank in the grid": rank,
+            "in the grid's top 10%": None if rank is None else rank <= top_count(grid_frame, method),
+            f"{cost} to reach it": spent_to_reach(curve, top_threshold(grid_frame, method))}
+
+
+def budget_table(sweeps: dict[str, pd.DataFrame], curves: dict[str, dict[str, pd.DataFrame]], grid: str,
                  cost: str = "device_hours") -> pd.DataFrame:
-    """Per method and sweep (name -> frame; `grid` names the full grid among them): the cost spent, the best
-    final score found and its rank within the grid, the cost at which the grid's top 10% was first reached,
-    and the cost spent as a share of the grid's."""
+    """Per method (those of `curves`, from budget_curves) and sweep (`grid` names the full grid among `sweeps`):
+    trials and stopped ones, the cost spent and its share of the grid's, the best run found and its rank among
+    the grid's finished runs, whether that is in the grid's top 10%, and the cost spent when the grid's top 10%
+    (its score: `grid's top 10% from`) was first reached."""
     rows = []
-    for method in methods:
+    for method in next(iter(curves.values())):
+        grid_curve = curves[grid][method]
+        grid_spent = float(grid_curve["spent"].iloc[-1]) if len(grid_curve) else 0.0
         threshold = top_threshold(sweeps[grid], method)
-        grid_spent = budget_curve(sweeps[grid], method, cost)["spent"].max()
-        for name, frame in sweeps.items():
-            curve = budget_curve(frame, method, cost)
-            best = curve["best"].max() if len(curve) else float("nan")
-            rows.append({"method": method, "sweep": name, "trials": len(curve),
-                         "stopped": int((curve["status"] == RunStatus.STOPPED).sum()),
-                         f"{cost} spent": curve["spent"].max() if len(curve) else 0.0,
-                         "share of the grid's": (curve["spent"].max() / grid_spent
-                                                 if len(curve) and grid_spent else float("nan")),
-                         "best score": best,
-                         "rank in the grid": rank_in(sweeps[grid], method, best) if not pd.isna(best) else None,
-                         "grid's top 10% from": threshold,
-                         f"{cost} to reach it": spent_to_reach(curve, threshold)})
+        for name in sweeps:
+            rows.append({"method": method, "sweep": name, "grid's top 10% from": threshold,
+                         **_row(curves[name][method], sweeps[grid], method, grid_spent, cost)})
     table = pd.DataFrame(rows)
     return table.astype({"rank in the grid": "Int64"}) if len(table) else table

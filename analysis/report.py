@@ -21,7 +21,7 @@ from typing import Optional
 import pandas as pd
 
 from analysis import figures
-from analysis.budget import budget_curve, budget_table, top_threshold
+from analysis.budget import budget_curves, budget_table, top_threshold
 from analysis.findings import LENGTH_NORMALISED, RULE, check_findings, findings_table
 from analysis.robustness import (REFERENCE_METHOD, best_of_k_curve, cost_to_reach, edge_of_grid,
                                  expected_best_of_k, finished_runs, pareto_front, probability_beats, run_at_quantile, table1,
@@ -97,8 +97,6 @@ def verdicts(inputs: ReportInputs) -> list[str]:
         scores, failed = _scores(frame, method)
         n = len(scores) + failed
         still = _unfinished_text(frame[frame["method"] == method], n)
-        stopped = int(((frame["method"] == method) & (frame["status"] == RunStatus.STOPPED)).sum())
-        still += f"; {stopped} stopped early (not counted above)" if stopped else ""
         if not scores:
             lines.append(f"{method}: no run finished ({failed} failed{still}).")
             continue
@@ -124,11 +122,14 @@ def verdicts(inputs: ReportInputs) -> list[str]:
 
 
 def _unfinished_text(runs: pd.DataFrame, with_outcome_count: int) -> str:
-    """'; 1 still running; 2 interrupted (a rerun runs them)' for a method's trials without an outcome."""
+    """'; 1 still running; 2 interrupted (a rerun runs them); 3 stopped early (not counted above)' for a method's
+    trials without a final outcome."""
     running = int((runs["status"] == RunStatus.RUNNING).sum())
-    interrupted = len(runs) - with_outcome_count - running - int((runs["status"] == RunStatus.STOPPED).sum())
+    stopped = int((runs["status"] == RunStatus.STOPPED).sum())
+    interrupted = len(runs) - with_outcome_count - running - stopped
     return ((f"; {running} still running" if running else "")
-            + (f"; {interrupted} interrupted (a rerun runs them)" if interrupted else ""))
+            + (f"; {interrupted} interrupted (a rerun runs them)" if interrupted else "")
+            + (f"; {stopped} stopped early (not counted above)" if stopped else ""))
 
 
 def _swept(inputs: ReportInputs, method: str) -> list[str]:
@@ -170,12 +171,12 @@ def _early_stopping(inputs: ReportInputs, n_boot: int) -> list[Block]:
 def _budget(inputs: ReportInputs, n_boot: int) -> list[Block]:
     sweeps = {inputs.sweep: inputs.frame, **({inputs.grid[0]: inputs.grid[1]} if inputs.grid else {})}
     grid = inputs.grid[0] if inputs.grid else inputs.sweep
-    methods = [m for m in inputs.methods if top_threshold(sweeps[grid], m) is not None]
-    if not methods:
+    thresholds = {m: top_threshold(sweeps[grid], m) for m in inputs.methods}
+    thresholds = {m: t for m, t in thresholds.items() if t is not None}  # a method the grid finished no run of
+    if not thresholds:
         return []
     cost = _cost_column(pd.concat(list(sweeps.values())))
-    curves = {name: {m: budget_curve(frame, m, cost) for m in methods} for name, frame in sweeps.items()}
-    thresholds = {m: top_threshold(sweeps[grid], m) for m in methods}
+    curves = budget_curves(sweeps, list(thresholds), cost)
     against = (f"the full grid {grid!r}" if inputs.grid else "this sweep (no full grid given: "
                "`--grid SWEEP` sets an early-stopped sweep against one)")
     return [*_figure("budget curve: best score found against cost spent",
@@ -187,10 +188,11 @@ def _budget(inputs: ReportInputs, n_boot: int) -> list[Block]:
                      "in shapes a curve: a grid runs in its written order, an early-stopped sweep in a shuffled one.",
                      "Step plots, one panel per method, of best gold score found against device-hours spent, one "
                      "line per sweep, with a dashed line at the grid's top-10% score."),
-            Block("table", table=budget_table(sweeps, methods, grid, cost).round(4)),
-            Block("p", f"Per method and sweep: trials with an outcome (stopped among them), the {cost} they spent "
-                       f"and its share of the grid's, the best final score found and its rank among the grid's "
-                       f"finished runs, and the {cost} spent when the grid's top 10% was first reached (empty: never). "
+            Block("table", table=budget_table(sweeps, curves, grid, cost).round(4)),
+            Block("p", f"Per method and sweep: the grid's top-10% score, trials with an outcome (stopped among them), "
+                       f"the {cost} they spent and its share of the grid's, the best run found, its score and rank "
+                       f"among the grid's finished runs (and whether that is in the grid's top 10%), and the {cost} "
+                       "spent when the grid's top 10% was first reached (empty: never). "
                        f"{cost} are measured wall-clock hours × devices, so they carry the machine's load.")]
 
 

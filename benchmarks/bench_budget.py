@@ -17,7 +17,6 @@ same grids: rung settings are not part of a trial's key, so a configuration is t
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import subprocess
 import sys
@@ -28,10 +27,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from analysis.budget import budget_curve, rank_in, spent_to_reach, top_threshold
-from analysis.robustness import finished_runs
+from analysis.budget import budget_curves, budget_table
 from orchestrator import api
-from orchestrator.contract.runs import RunStatus
 from orchestrator.contract.spec_file import load_spec
 
 COST = "device_hours"
@@ -45,21 +42,10 @@ def run(spec: str, workdir: Path) -> float:
     return time.monotonic() - started
 
 
-def method_row(method: str, grid: pd.DataFrame, asha: pd.DataFrame) -> dict:
-    top_n = math.ceil(0.1 * len(finished_runs(grid, method)))
-    threshold = top_threshold(grid, method)
-    row = {"method": method, "grid trials": int((grid["method"] == method).sum()), "top 10% = best": top_n}
-    for name, frame in (("grid", grid), ("asha", asha)):
-        curve = budget_curve(frame, method, COST)
-        best = finished_runs(frame, method).sort_values("mean_score", ascending=False).iloc[0]
-        rank = rank_in(grid, method, best["mean_score"])
-        row.update({f"{name} device-h": curve["spent"].iloc[-1],
-                    f"{name} pick": best["run_name"], f"{name} pick rank": rank,
-                    f"{name} in top 10%": rank <= top_n,
-                    f"{name} device-h to top 10%": spent_to_reach(curve, threshold)})
-    row["asha stopped"] = int(((asha["method"] == method) & (asha["status"] == RunStatus.STOPPED)).sum())
-    row["ratio"] = row["asha device-h"] / row["grid device-h"]
-    return row
+def seed_table(grid: pd.DataFrame, asha: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
+    """analysis.budget.budget_table of the grid and one early-stopped sweep (the report's budget table)."""
+    sweeps = {"grid": grid, "asha": asha}
+    return budget_table(sweeps, budget_curves(sweeps, methods, COST), "grid", COST)
 
 
 def seeded_spec(path: Path, seed: int, workdir: Path) -> Path:
@@ -96,8 +82,8 @@ def main(argv=None) -> int:
           + ", ".join(f"{names[n]} {w:.0f}" for n, w in walls.items()))
     totals = []
     for seed in args.order_seeds:
-        table = pd.DataFrame([method_row(m, frames["grid"], frames[f"s{seed}"]) for m in methods])
-        total = {name: table[f"{name} device-h"].sum() for name in ("grid", "asha")}
+        table = seed_table(frames["grid"], frames[f"s{seed}"], methods)
+        total = table.groupby("sweep")[f"{COST} spent"].sum()
         totals.append(total["asha"] / total["grid"])
         print(f"\n== order_seed {seed} ({names[f's{seed}']}) ==")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))

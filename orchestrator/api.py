@@ -157,9 +157,9 @@ def report(source: Union[SweepSpec, str], *, tracking_uri: Optional[str] = None,
     the budget curve (for an early-stopped sweep)."""
     name, store, inputs = _inputs(source, tracking_uri, smoke, progress)
     if grid is not None:
-        if not existing_trials(store, grid):
-            raise StoreUnavailable(f"no trial of sweep {grid!r} (--grid) in {store}")
         inputs.grid = (grid, preference_frame(grid, store))
+        if inputs.grid[1].empty:
+            raise StoreUnavailable(f"no preference trial of sweep {grid!r} (--grid) in {store}")
     if not inputs.methods or not (inputs.frame["status"] == RunStatus.FINISHED).any():
         raise NothingToReport(f"sweep {name!r} has no FINISHED preference trial yet; nothing to compare")
     check_writable(store)  # the report is logged to the store: refuse before anything is rendered or written

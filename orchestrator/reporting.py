@@ -14,7 +14,7 @@ from analysis.report import ReportInputs
 from orchestrator.grid import plan_sweep, tracked_name
 from orchestrator.pipeline import latest_per_key, stage_records
 from orchestrator.contract.spec import SweepSpec, grid_fields
-from orchestrator.contract.tracking import SweepTracker
+from orchestrator.contract.tracking import SweepTracker, existing_trials
 from orchestrator.contract.methods import METHODS
 from orchestrator.contract.runs import RunStatus
 
@@ -34,17 +34,22 @@ def load_report_inputs_by_name(sweep: str, uri: str, show_progress: bool = True)
     the registry's order."""
     tracker = SweepTracker(uri, sweep, create=False)
     records = latest_per_key(tracker.trials())
+    return _inputs(sweep, tracker, records, _preference_methods(records), show_progress)
+
+
+def _preference_methods(records) -> list[str]:
+    """The preference methods the records hold, in the registry's order."""
     present = {r.stage for r in records}
-    methods = [m for m, method in METHODS.items() if method.kind == "preference" and m in present]
-    return _inputs(sweep, tracker, records, methods, show_progress)
+    return [m for m, method in METHODS.items() if method.kind == "preference" and m in present]
 
 
 def preference_frame(sweep: str, uri: str) -> pd.DataFrame:
     """The preference trials of the experiment named `sweep` as an analysis frame, without their samples (a full
-    grid the report sets an early-stopped sweep against: `sweep report NAME --grid GRID`)."""
-    records = latest_per_key(SweepTracker(uri, sweep, create=False).trials())
-    methods = [m for m, method in METHODS.items() if method.kind == "preference"]
-    frame = _frame(records, [m for m in methods if m in {r.stage for r in records}])
+    grid the report sets an early-stopped sweep against: `sweep report NAME --grid GRID`); empty when the store
+    has no such sweep."""
+    records = latest_per_key(existing_trials(uri, sweep))
+    methods = _preference_methods(records)
+    frame = _frame(records, methods)
     return frame[frame["stage"].isin(methods)].reset_index(drop=True)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from dataclasses import dataclass
 
 from orchestrator.contract import tracking
-from orchestrator.contract.early_stopping import RungJudge, rung_steps
+from orchestrator.contract.early_stopping import RungJudge, rungs_of
 from orchestrator.contract.files import write_folder_atomically
 from orchestrator.contract.lifecycle import DeviceUsage, Report, record_samples, run_trial
 from orchestrator.contract.task import TrialResult, TrialTask
@@ -29,7 +29,7 @@ NOOP_SWEEP = """\
 name: {name}
 workdir: {workdir}
 data: {{kind: synthetic, n_train: 64, n_eval: 16}}
-evaluation: {{num_prompts: 16}}
+evaluation: {{num_prompts: 16{rungs}}}
 stages:
   sft: {{grid: {{learning_rate: [1.0e-3]}}}}
   methods:
@@ -38,15 +38,21 @@ stages:
     ln_dpo: {{grid: {{beta: [{betas}], learning_rate: [{lrs}]}}}}
 executor: {executor}
 tracking: {{server_restarts: {restarts}}}
-"""
+{search}"""
+
+# With early stopping: one rung, half way, and ASHA (its defaults); a probe reports its probe_score there.
+ASHA_RUNGS, ASHA_SEARCH = ", rungs: [0.5]", "search: {kind: grid, early_stopping: {kind: asha}}\n"
 
 
 def noop_sweep_yaml(name: str, workdir, n_beta: int, n_lr: int, executor: str = "{kind: local}",
-                    restarts: int = 3) -> str:
-    """A sweep spec for probe trials at scale: base + 1 SFT + 3 methods x n_beta x n_lr preference trials."""
+                    restarts: int = 3, early_stopping: bool = False) -> str:
+    """A sweep spec for probe trials at scale: base + 1 SFT + 3 methods x n_beta x n_lr preference trials (with
+    `early_stopping`, a rung half way and ASHA)."""
     betas = ", ".join(f"{0.05 * (i + 1):.2f}" for i in range(n_beta))
     lrs = ", ".join(f"{1e-5 * (i + 1):.0e}" for i in range(n_lr))
-    return NOOP_SWEEP.format(name=name, workdir=workdir, betas=betas, lrs=lrs, executor=executor, restarts=restarts)
+    rungs, search = (ASHA_RUNGS, ASHA_SEARCH) if early_stopping else ("", "")
+    return NOOP_SWEEP.format(name=name, workdir=workdir, betas=betas, lrs=lrs, executor=executor, restarts=restarts,
+                             rungs=rungs, search=search)
 
 
 def probe_score(hparams: dict) -> float:
@@ -101,8 +107,7 @@ class ProbeBody:
         if self.die_once and not marker.exists():  # a worker lost mid-trial: the executor must retry it
             marker.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
-        e = task.trial.evaluation
-        rungs = rung_steps(e.rungs, self.steps, e.rung_every, e.rung_steps) if self.steps else {}
+        rungs = rungs_of(task.trial.evaluation, self.steps) if self.steps else {}
         judge = RungJudge(logger, task.runtime.stage_key, task.trial.trial_key, task.runtime.early_stopping)
         for step in range(1, self.steps + 1):  # `seconds` is spread over the steps, like a training loop's logging
             logger.log_metrics({"probe/step_value": float(step)}, step)

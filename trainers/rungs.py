@@ -47,9 +47,9 @@ def pair_metrics(policy: tuple[torch.Tensor, torch.Tensor], start: tuple[torch.T
 
 @dataclass
 class RungEvaluator:
-    """Evaluates a policy at rungs. `start_model` loads the checkpoint the trial started from (the SFT model of a
-    preference trial, for KL and the implicit reward), on first use; `baseline` builds the SFT baseline of a
-    preference trial (None for SFT trials), also on first use."""
+    """Evaluates a policy at rungs. `start_model` gives the checkpoint the trial started from (the SFT model of a
+    preference trial, for KL and the implicit reward) and `baseline` the SFT baseline of a preference trial (None
+    for SFT trials); both are asked for at the first rung, inside its forked random stream."""
     tokenizer: object
     pairs: list[PreferencePair]
     reward: object
@@ -57,11 +57,9 @@ class RungEvaluator:
     device: torch.device
     max_length: int
     start_model: Callable[[], torch.nn.Module]
-    baseline: Callable[[torch.nn.Module], Optional[SftBaseline]]
+    baseline: Callable[[], Optional[SftBaseline]]
     _encoded: list[EncodedPair] = field(default_factory=list)
-    _start: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-    _sft: Optional[SftBaseline] = None
-    _model: Optional[torch.nn.Module] = None
+    _start: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # the start's (chosen, rejected) log-probs, (N,) each
 
     def _logps(self, model) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._encoded:
@@ -69,11 +67,6 @@ class RungEvaluator:
         return reference_logps(model, self._encoded, self.tokenizer.pad_token_id, self.settings.batch_size,
                                self.device, self.settings.padding_free)
 
-    def _prepare(self) -> None:
-        if self._model is None:
-            self._model = self.start_model()
-            self._start = self._logps(self._model)
-            self._sft = self.baseline(self._model)
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         """The rung metrics of `model` (names without the rung/ prefix)."""
@@ -81,9 +74,10 @@ class RungEvaluator:
         cuda = [torch.cuda.current_device()] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             try:
-                self._prepare()
+                if self._start is None:
+                    self._start = self._logps(self.start_model())
                 metrics, _ = evaluate(model, self.tokenizer, self.pairs, self.reward, self.settings, self.device,
-                                      self._sft)
+                                      self.baseline())
                 metrics.update(pair_metrics(self._logps(model), self._start))
             finally:
                 model.train(was_training)

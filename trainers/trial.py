@@ -8,6 +8,7 @@ exception here names the phase it broke in (TrialPhaseError), which becomes the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import time
@@ -19,7 +20,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from orchestrator.contract import tracking
-from orchestrator.contract.early_stopping import RungJudge, TrialStopped, rung_steps
+from orchestrator.contract.early_stopping import RungJudge, TrialStopped, rungs_of
 from orchestrator.contract.errors import TrialPhaseError
 from orchestrator.contract.files import folder_problem, sidecar, verified_mismatch
 from orchestrator.contract.lifecycle import Report, checkpointing, record_samples
@@ -57,7 +58,8 @@ class TrialContext:
     tokenizer: object
     model: torch.nn.Module  # the policy (LoRA-wrapped when training.lora is set)
     _reward: Optional[object] = None
-    _start: Optional[torch.nn.Module] = None  # the starting checkpoint, once a rung evaluation has loaded it
+    _start: Optional[torch.nn.Module] = None  # the starting checkpoint, once loaded (start_model)
+    _baseline: Optional[SftBaseline] = None   # what a preference trial compares against, once built
 
     def reward(self):
         """The gold reward model, loaded once (rung evaluations and the final one share it)."""
@@ -65,10 +67,13 @@ class TrialContext:
             self._reward = load_reward_model(self.task.trial.reward)
         return self._reward
 
-    @property
-    def loaded_start(self) -> Optional[torch.nn.Module]:
-        """The starting checkpoint if a rung evaluation loaded it (None: not loaded)."""
-        return self._start
+    def sft_baseline(self, eval_pairs, held: Optional[torch.nn.Module] = None) -> Optional[SftBaseline]:
+        """The SFT baseline over all the evaluation pairs (None for a trial that is not a preference trial), built
+        once: the rung evaluations and the final one share it (the selected SFT trial's samples read and checked
+        once; with shared work off, the SFT model's generations made once)."""
+        if self._baseline is None:
+            self._baseline = _sft_baseline(self, eval_pairs, self.reward(), eval_settings(self.task.trial), held)
+        return self._baseline
 
     def start_model(self, held: Optional[torch.nn.Module] = None) -> torch.nn.Module:
         """The starting checkpoint, frozen (the SFT model of a preference trial): `held` when training already
@@ -153,7 +158,7 @@ def _sft_baseline(ctx: TrialContext, eval_pairs, reward, settings: EvalSettings,
     scored again by this trial."""
     if ctx.method.kind != "preference":
         return None
-    sft_model = sft_model if sft_model is not None else ctx.reference_model()
+    sft_model = ctx.start_model(sft_model)
     if ctx.shared:
         if not ctx.task.runtime.sft_samples:
             raise ValueError("a preference trial needs the selected SFT trial's samples (runtime.sft_samples)")
@@ -290,12 +295,12 @@ def _rung_hook(ctx: TrialContext, eval_data: LoadedPairs, frozen_reference,
     settings = eval_settings(trial, len(subset))
     evaluator = RungEvaluator(ctx.tokenizer, subset, ctx.reward(), settings, ctx.device, trial.training.max_length,
                               lambda: ctx.start_model(frozen_reference),
-                              lambda model: _sft_baseline(ctx, subset, ctx.reward(), settings, model))
+                              lambda: ctx.sft_baseline(eval_data.pairs, frozen_reference))
     judge = RungJudge(ctx.logger, ctx.task.runtime.stage_key, trial.trial_key, ctx.task.runtime.early_stopping)
-    steps: dict[int, dict[int, int]] = {}
+    placement = functools.cache(lambda total: rungs_of(e, total))  # {step: rung}; a trial's total never changes
 
     def after_step(step: int, total: int, model: torch.nn.Module) -> None:
-        rung = steps.setdefault(total, rung_steps(e.rungs, total, e.rung_every, e.rung_steps)).get(step)
+        rung = placement(total).get(step)
         if rung is None:
             return
         with failing_phase(f"the evaluation at rung {rung} (training step {step})"), timed(timings, "rungs"):
@@ -316,10 +321,9 @@ def _evaluate(ctx: TrialContext, eval_data: LoadedPairs, steps: int, frozen_refe
         ctx.logger.set_tags({tracking.TAG_CHECKPOINT: str(checkpoint)})
     settings = eval_settings(trial)
     with failing_phase(f"evaluation (after training step {steps})"), timed(timings, "eval"):
-        reward = ctx.reward()
-        held = frozen_reference if frozen_reference is not None else ctx.loaded_start
-        sft = _sft_baseline(ctx, eval_data.pairs, reward, settings, held)
-        metrics, samples = evaluate(ctx.model, ctx.tokenizer, eval_data.pairs, reward, settings, ctx.device, sft)
+        sft = ctx.sft_baseline(eval_data.pairs, frozen_reference)
+        metrics, samples = evaluate(ctx.model, ctx.tokenizer, eval_data.pairs, ctx.reward(), settings, ctx.device,
+                                    sft)
     with failing_phase("writing samples.json"):
         record_samples(ctx.task, ctx.logger, samples)
     if ctx.task.runtime.keep_models and ctx.method.kind == "preference":

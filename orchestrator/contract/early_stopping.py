@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
-from orchestrator.contract.spec import AshaSpec
+from orchestrator.contract.spec import AshaSpec, EvaluationSpec
 
 RUNG_PREFIX = "rung/"
 
@@ -56,6 +56,12 @@ def rung_steps(fractions: Sequence[float], total_steps: int, every: Optional[int
         if step < total_steps and step not in steps:
             steps[step] = rung
     return steps
+
+
+def rungs_of(evaluation: EvaluationSpec, total_steps: int) -> dict[int, int]:
+    """{optimizer step: rung number} of a trial of `total_steps` under the spec's evaluation section, however it
+    places its rungs (rungs, rung_every or rung_steps)."""
+    return rung_steps(evaluation.rungs, total_steps, evaluation.rung_every, evaluation.rung_steps)
 
 
 def quantile(values: Sequence[float], q: float) -> float:

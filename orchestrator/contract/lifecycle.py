@@ -189,18 +189,24 @@ def _record_failure(task: TrialTask, logger: tracking.TrialLogger, run_id: str, 
                        metrics=cost, wall_seconds=cost["wall_seconds"])
 
 
+def _drop_training_state(task: TrialTask) -> None:
+    """Delete the trial's saved training state once its run has ended (finished or stopped): its outcome is
+    logged, and neither is ever resumed."""
+    saving = checkpointing(task)
+    if saving is not None:
+        shutil.rmtree(saving.folder, ignore_errors=True)
+
+
 def _record_stop(task: TrialTask, logger: tracking.TrialLogger, run_id: str, stopped: TrialStopped,
                  cost: dict[str, float]) -> TrialResult:
     """End a run early stopping stopped: its cost, where and why it stopped, MLflow status FINISHED (it ended as
-    planned; tracking.run_status reads it back STOPPED). Its checkpoint goes: a stopped trial is never resumed."""
+    planned; tracking.run_status reads it back STOPPED)."""
     decision = stopped.decision
     logger.log_metrics(cost)
     logger.set_tags({tracking.TAG_STOPPED_AT_STEP: str(decision.step),
                      tracking.TAG_STOPPED_AT_RUNG: str(decision.rung), tracking.TAG_STOP_REASON: stopped.reason[:5000]})
     logger.finish(RunStatus.FINISHED)
-    saving = checkpointing(task)
-    if saving is not None:
-        shutil.rmtree(saving.folder, ignore_errors=True)
+    _drop_training_state(task)
     return TrialResult(trial_key=task.trial.trial_key, run_id=run_id, status=RunStatus.STOPPED,
                        error=stopped.reason, metrics={**cost, "stopped_at_step": float(decision.step),
                                                       **{rung_value_key(k): v for k, v in stopped.values.items()}},
@@ -233,9 +239,7 @@ def _run_locked(task: TrialTask, report: Optional[Report], body: TrialBody) -> T
     metrics.update(cost_metrics(usage.device, usage.count, time.monotonic() - started))
     logger.log_metrics(metrics)
     logger.finish(RunStatus.FINISHED)
-    saving = checkpointing(task)
-    if saving is not None:  # the result is logged; the training state is only disk now
-        shutil.rmtree(saving.folder, ignore_errors=True)
+    _drop_training_state(task)
     _keep_models(task)
     return TrialResult(trial_key=task.trial.trial_key, run_id=run_id, status=RunStatus.FINISHED, metrics=metrics,
                        wall_seconds=metrics["wall_seconds"])

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from analysis.budget import budget_curve, budget_table, rank_in, spent_to_reach, top_threshold
+from analysis.budget import budget_curve, budget_curves, budget_table, rank_in, spent_to_reach, top_threshold
 
 
 def frame(rows):
@@ -46,7 +46,8 @@ def test_cost_to_reach_and_rank():
 
 
 def test_the_table_sets_each_sweep_against_the_grid():
-    table = budget_table({"asha": ASHA, "grid": GRID}, ["dpo"], grid="grid").set_index("sweep")
+    sweeps = {"asha": ASHA, "grid": GRID}
+    table = budget_table(sweeps, budget_curves(sweeps, ["dpo"]), grid="grid").set_index("sweep")
     assert table.loc["asha", "device_hours spent"] == 2.5 and table.loc["grid", "device_hours spent"] == 4.5
     assert table.loc["asha", "share of the grid's"] == pytest.approx(2.5 / 4.5)
     assert table.loc["asha", "stopped"] == 2 and table.loc["asha", "trials"] == 4

@@ -11,14 +11,16 @@ from orchestrator.contract.tracking import (TAG_KEY, TAG_STOP_REASON, TAG_STOPPE
 from trainers.probe import noop_sweep_yaml
 
 
-def make_tasks(tmp_path, uri: str, name: str, n: int, checkpoint_every=None) -> list[TrialTask]:
-    """n DPO trial tasks of one sweep (distinct keys), wired to a stage run in `uri`."""
-    spec = parse_spec(noop_sweep_yaml(name, tmp_path / "work", n_beta=8, n_lr=1))
+def make_tasks(tmp_path, uri: str, name: str, n: int, checkpoint_every=None, n_beta: int = 8,
+               early_stopping: bool = False) -> list[TrialTask]:
+    """n DPO trial tasks of one sweep (distinct keys, beta ascending), wired to a stage run in `uri`."""
+    spec = parse_spec(noop_sweep_yaml(name, tmp_path / "work", n_beta=n_beta, n_lr=1, early_stopping=early_stopping))
     dpo = next(s for s in plan_sweep(spec) if s.stage == "dpo")
     tracker = SweepTracker(uri, name)
     runtime = TrialRuntime(sweep=name, tracking_uri=uri, experiment_id=tracker.experiment_id,
                            parent_run_id=tracker.stage_run("dpo"), workdir=str(tmp_path / "work"),
-                           checkpoint_every=checkpoint_every, stage_key=dpo.stage_key)
+                           checkpoint_every=checkpoint_every, stage_key=dpo.stage_key,
+                           early_stopping=spec.search.early_stopping)
     return [TrialTask(trial=t, runtime=runtime) for t in dpo.trials[:n]]
 
 
@@ -34,23 +36,13 @@ def worse_trial_stops():
     return check_the_worse_trial_stops
 
 
-ASHA = {"kind": "asha", "reduction_factor": 3}
-
-
 def make_asha_tasks(tmp_path, uri: str, name: str) -> tuple[TrialTask, TrialTask]:
     """(better, worse): two DPO probe tasks of a sweep with one rung (half way) under ASHA. A probe reports its
     probe_score at the rung, which grows with beta: the worse one, reaching the rung after the better one, is
     below the cutoff (the better one's value) and must stop."""
-    yaml = noop_sweep_yaml(name, tmp_path / "work", n_beta=2, n_lr=1).replace(
-        "evaluation: {num_prompts: 16}", "evaluation: {num_prompts: 16, rungs: [0.5]}")
-    spec = parse_spec(yaml + "search: {kind: grid, early_stopping: {kind: asha}}\n")
-    dpo = next(s for s in plan_sweep(spec) if s.stage == "dpo")
-    tracker = SweepTracker(uri, name)
-    runtime = TrialRuntime(sweep=name, tracking_uri=uri, experiment_id=tracker.experiment_id,
-                           parent_run_id=tracker.stage_run("dpo"), workdir=str(tmp_path / "work"),
-                           stage_key=dpo.stage_key, early_stopping=spec.search.early_stopping)
-    worse, better = sorted(dpo.trials, key=lambda t: t.hparams["beta"])
-    return TrialTask(trial=better, runtime=runtime), TrialTask(trial=worse, runtime=runtime)
+    worse, better = sorted(make_tasks(tmp_path, uri, name, 2, n_beta=2, early_stopping=True),
+                           key=lambda t: t.trial.hparams["beta"])
+    return better, worse
 
 
 def check_the_worse_trial_stops(executor, tmp_path, uri: str, name: str, run) -> None:

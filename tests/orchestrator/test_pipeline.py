@@ -238,10 +238,9 @@ def test_an_early_stopping_sweep_skips_its_stopped_trials_until_early_stopping_i
     from trainers.probe import noop_sweep_yaml, probe_trial
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    base = noop_sweep_yaml("asha-rerun", tmp_path / "work", n_beta=4, n_lr=3).replace(
-        "evaluation: {num_prompts: 16}", "evaluation: {num_prompts: 16, rungs: [0.5]}")
+    sweep = functools.partial(noop_sweep_yaml, "asha-rerun", tmp_path / "work", n_beta=4, n_lr=3)
     trial_fn = functools.partial(probe_trial, steps=4, prompts=16)
-    asha = parse_spec(base + "search: {kind: grid, early_stopping: {kind: asha}}\n")
+    asha = parse_spec(sweep(early_stopping=True))
     first = run_sweep(asha, uri, output=QUIET, trial_fn=trial_fn)
     records = SweepTracker(uri, "asha-rerun").trials()
     stopped = {r.trial_key for r in records if r.status == "STOPPED"}
@@ -252,7 +251,7 @@ def test_an_early_stopping_sweep_skips_its_stopped_trials_until_early_stopping_i
     again = run_sweep(asha, uri, output=QUIET, trial_fn=trial_fn)
     assert (again.ran, again.skipped) == (0, first.ran)
 
-    plain = run_sweep(parse_spec(base), uri, output=QUIET, trial_fn=trial_fn)
+    plain = run_sweep(parse_spec(sweep()), uri, output=QUIET, trial_fn=trial_fn)
     assert plain.ran == len(stopped) and plain.stopped == 0
     records = SweepTracker(uri, "asha-rerun").trials()
     assert {r.trial_key for r in records if r.status == "FINISHED"} >= stopped

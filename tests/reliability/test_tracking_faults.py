@@ -101,9 +101,7 @@ def test_a_store_lost_during_an_early_stopping_decision_stops_the_sweep_cleanly_
 
     db = tmp_path / "mlflow.db"
     sqlite = f"sqlite:///{db}"
-    yaml = noop_sweep_yaml("decision-lost", tmp_path / "work", 2, 1).replace(
-        "evaluation: {num_prompts: 16}", "evaluation: {num_prompts: 16, rungs: [0.5]}")
-    spec = parse_spec(yaml + "search: {kind: grid, early_stopping: {kind: asha}}\n")
+    spec = parse_spec(noop_sweep_yaml("decision-lost", tmp_path / "work", 2, 1, early_stopping=True))
     trial = functools.partial(probe_trial, steps=4, prompts=8)
 
     def unreachable(*args, **kwargs):
