@@ -10,10 +10,11 @@ from typing import Iterable
 
 import pandas as pd
 
-from orchestrator.contract.runs import TRIAL_METRICS
+from orchestrator.contract.runs import TRIAL_METRICS, USAGE_METRICS
 
 METRIC_COLUMNS = list(TRIAL_METRICS)
 COST_COLUMNS = ["wall_seconds", "gpu_hours", "device_hours"]
+USAGE_COLUMNS = list(USAGE_METRICS)
 SAMPLE_COLUMNS = ["prompt_id", "score", "length", "kl", "sft_score", "chosen_score"]
 
 
@@ -29,8 +30,8 @@ def _number(text):
 
 def sweep_frame(records: Iterable[dict], hyperparameters: Iterable[str]) -> pd.DataFrame:
     """One row per trial: stage, method, run_name, status, trial_key, each of `hyperparameters` as a number
-    (NaN where a method does not have it), the evaluation metrics, the cost metrics, the failure reason and
-    when the run ended (ms since the epoch; None while it runs).
+    (NaN where a method does not have it), the evaluation metrics, the cost metrics, where its time went (usage),
+    the failure reason and when the run ended (ms since the epoch; None while it runs).
     Failed trials keep their row (metrics NaN), so counts and denominators include them."""
     hp = list(hyperparameters)
     rows = []
@@ -39,10 +40,10 @@ def sweep_frame(records: Iterable[dict], hyperparameters: Iterable[str]) -> pd.D
         rows.append({"stage": r["stage"], "method": r["method"], "run_name": r["run_name"], "status": r["status"],
                      "trial_key": r["trial_key"],
                      **{k: _number(params[k]) if k in params else float("nan") for k in hp},
-                     **{m: metrics.get(m, float("nan")) for m in METRIC_COLUMNS + COST_COLUMNS},
+                     **{m: metrics.get(m, float("nan")) for m in METRIC_COLUMNS + COST_COLUMNS + USAGE_COLUMNS},
                      "failure": tags.get("posweep.failure"), "end_time": r.get("end_time")})
-    columns = ["stage", "method", "run_name", "status", "trial_key", *hp, *METRIC_COLUMNS, *COST_COLUMNS, "failure",
-               "end_time"]
+    columns = ["stage", "method", "run_name", "status", "trial_key", *hp, *METRIC_COLUMNS, *COST_COLUMNS,
+               *USAGE_COLUMNS, "failure", "end_time"]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -26,6 +26,7 @@ from analysis.findings import LENGTH_NORMALISED, RULE, check_findings, findings_
 from analysis.robustness import (REFERENCE_METHOD, best_of_k_curve, cost_to_reach, edge_of_grid,
                                  expected_best_of_k, finished_runs, pareto_front, probability_beats, run_at_quantile, table1,
                                  ran_to_an_end, table3, trials_to_reach, with_outcome)
+from analysis.summary import time_split
 from orchestrator.contract.runs import RunStatus
 
 TOP_PERCENTS = (1, 10, 25)
@@ -334,6 +335,14 @@ def _cost_and_failures(inputs: ReportInputs, n_boot: int) -> list[Block]:
                               "so they carry the machine's load while each trial ran (on a shared machine a "
                               "method that ran on an idle machine looks cheaper): compare methods by trials, and "
                               f"read {cost} as this sweep's bill.")]
+    split = time_split(frame, "method")
+    if not split.empty:
+        blocks += [Block("h2", "Where a trial's time goes"),
+                   Block("table", table=split.round(2)),
+                   Block("p", "Mean seconds per finished trial of each method, by phase: loading, reference log-probs, "
+                              "training, rung evaluations (early stopping), and the final evaluation, which is "
+                              "sampling (generate) + the gold reward + the SFT model's KL pass + the rest; generated "
+                              "tokens/s is the method's sampled tokens over its sampling seconds.")]
     failed = frame[frame["status"] == RunStatus.FAILED][["method", "run_name", "failure"]]
     blocks += [Block("h2", f"Failed runs ({len(failed)})"),
                Block("table", table=failed) if len(failed) else Block("p", "None.")]

@@ -10,7 +10,7 @@ from typing import Iterable, Optional
 import pandas as pd
 
 from analysis.frames import METRIC_COLUMNS, sweep_frame
-from orchestrator.contract.runs import RunStatus
+from orchestrator.contract.runs import PHASE_SECONDS, RunStatus
 
 
 def trials_frame(records: Iterable[dict]) -> pd.DataFrame:
@@ -47,3 +47,20 @@ def best_per_stage(frame: pd.DataFrame, stage_order: list[str], by: str = "mean_
 def format_summary(table: pd.DataFrame) -> str:
     """Fixed-width text; metrics a trial does not have (win_vs_sft of the SFT stage itself) show as '-'."""
     return table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}")
+
+
+def time_split(frame: pd.DataFrame, by: str = "stage") -> pd.DataFrame:
+    """Where a finished trial's time goes, per `by` group (stage or method): the mean seconds of each phase
+    (load, reference, train, rungs, eval; eval = generate + reward + KL + the rest) over its finished trials, and
+    the tokens it sampled per second of sampling (all its finished trials together). Phases no trial logged are
+    left out; a group without a finished trial is left out."""
+    done = frame[frame["status"] == RunStatus.FINISHED]
+    phases = [p for p in PHASE_SECONDS if p in done.columns and done[p].notna().any()]
+    rows = []
+    for group, trials in done.groupby(by, sort=False):
+        row = {by: group, "trials": len(trials),
+               **{p.removeprefix("time_").removesuffix("_s") + " s": trials[p].mean() for p in phases}}
+        if "generated_tokens" in trials and trials["time_generate_s"].sum() > 0:
+            row["generated tokens/s"] = trials["generated_tokens"].sum() / trials["time_generate_s"].sum()
+        rows.append(row)
+    return pd.DataFrame(rows)

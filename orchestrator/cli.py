@@ -17,7 +17,8 @@ from typing import Optional
 
 import pandas as pd
 
-from analysis.summary import format_summary
+from analysis.frames import sweep_frame
+from analysis.summary import format_summary, time_split
 from orchestrator import api
 from orchestrator.contract.errors import first_line
 from orchestrator.contract.spec import Choice, IntRange, SweepSpec
@@ -215,7 +216,16 @@ def cmd_status(args) -> int:
     elapsed = elapsed_seconds(records, int(time.time() * 1000))
     print(f"\nelapsed: {'-' if elapsed is None else f'{elapsed / 60:.1f} min'} (first trial start to last end); "
           f"trial-h sums every attempt's wall time, GPU-h its wall time x GPUs held")
+    _print_time_split(time_split(sweep_frame([r.model_dump() for r in records], []), "stage"))
     return EXIT_OK
+
+
+def _print_time_split(table: pd.DataFrame) -> None:
+    if table.empty:
+        return
+    print("\nwhere a finished trial's time goes (mean seconds; eval = generate + reward + KL + the rest):")
+    text = table.to_string(index=False, float_format=lambda v: f"{v:.1f}", na_rep="-")
+    print("\n".join("  " + line for line in text.splitlines()))
 
 
 def cmd_run(args) -> int:

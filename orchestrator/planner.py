@@ -25,7 +25,8 @@ forward/backward to `training.precision`; AdamW keeps two fp32 moments):
 Compute: 6N FLOPs per trained token (LoRA: 4N, no weight gradients), +2N per token for a reference forward
 each step (methods needing reference logits), the cached reference log-probs once per SFT checkpoint (2N per
 token of every pair; shared by all preference trials), and evaluation: 2N per generated token for the policy
-plus a KL forward of policy and SFT model (4N per token). GPU-seconds = FLOPs / (peak × utilisation).
+(its log-probs for KL come with its samples) plus the SFT model's KL forward (2N per token) for preference
+trials. GPU-seconds = FLOPs / (peak × utilisation).
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ def plan_trial(trial: TrialSpec, shape: ModelShape, cost: CostSpec, pairs: Optio
     trained_tokens = (pairs or 0) * sequences * s * epochs if method.trains else 0
     per_token = (4 if lora else 6) * n + (2 * n if method.needs_reference_logits else 0)
     generated = trial.evaluation.num_prompts * trial.evaluation.max_new_tokens
-    eval_flops = generated * (2 * n + (4 * n if method.kind == "preference" else 0))
+    eval_flops = generated * (2 * n + (2 * n if method.kind == "preference" else 0))
     return TrialPlan(**dataclasses.asdict(memory), parameters=n, gpus=gpus, train_flops=trained_tokens * per_token,
                      eval_flops=eval_flops)
 

@@ -9,24 +9,30 @@ Metrics (DESIGN.md, paper §5), per trial:
   length         generated tokens before the response ends, in the policy's tokenizer: exactly the tokens
                  whose text the gold reward scores
 
-Sampling never emits a token that is not text: pad, BOS and unknown are suppressed (their probability set to
-0, the rest renormalized), and any other special token (EOS, a chat template's end-of-turn) ends the response.
-Before, a sampled `<pad>` mid-response counted in `length` but was dropped from the scored text, so the
-reward's length penalty never saw it (issue 17: 11.5% of SimPO's samples on sweeps/paper_mini.yaml).
+How (trainers.generation): every prompt is cut to evaluation.max_prompt_length tokens (keeping its end, as
+training does) and sampled from its own random stream, in batches of similar length under a token budget; the
+policy's log-probs of its samples come with them, so the KL needs one more pass, the SFT model's, in
+length-sorted batches too. Sampling never emits a token that is not text (pad, BOS, unknown) and ends at any
+other special token (EOS, a chat template's end-of-turn). The reward model cuts prompts, never responses
+(trainers.reward). Where the time goes is measured per phase (EvalUsage: time_generate_s, time_reward_s,
+time_kl_s, generated tokens and tokens/s).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from trainers.data import EncodedSequence, encode_prompt
+from trainers.generation import ENGINES, Request, Sample, SamplingParams, length_batches, stream_seed
 from trainers.logprobs import choose_layout, sequence_logps
-from trainers.reward import RewardModel
 from trainers.pairs import PreferencePair
+from trainers.reward import RewardModel
+from trainers.train import autocast
 
 
 @dataclass(frozen=True)
@@ -36,14 +42,23 @@ class EvalSettings:
     max_new_tokens: int
     num_prompts: int
     seed: int
-    batch_size: int
-    padding_free: bool = True  # the KL pass in packed rows where the model can (training.padding_free)
+    batch_size: int                      # rows of a generation, KL or reward batch at most
+    batch_tokens: int = 32768            # a generation batch's rows x (longest prompt + max_new_tokens) at most
+    max_prompt_length: int = 2 ** 31     # prompts keep their last this-many tokens
+    precision: str = "fp32"              # fp32 | bf16: autocast of the policy's and SFT model's forward passes
+    engine: str = "transformers"         # trainers.generation.ENGINES
+    padding_free: bool = True            # the KL pass in packed rows where the model can (training.padding_free)
+
+    def sampling(self, vocabulary: "SamplingVocabulary") -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.max_new_tokens, vocabulary.suppressed,
+                              vocabulary.stops)
 
 
 @dataclass(frozen=True)
 class Generation:
     ids: list[int]     # sampled tokens, the token that ended the response included when one was sampled
     length: int        # tokens before that end: the ones the reward's text is made of
+    logp: float = 0.0  # Σ log π(y_t|·) over ids under the model that sampled them (temperature 1)
 
 
 @dataclass(frozen=True)
@@ -59,50 +74,89 @@ class SamplingVocabulary:
         others = sorted(set(tokenizer.all_special_ids) - suppressed - {eos})
         return cls(tuple(sorted(suppressed)), (eos, *others))
 
-    def generation(self, row: list[int]) -> Generation:
-        """One row of generate's output (right-padded after its end) cut at its first stop."""
-        end = next((i for i, token in enumerate(row) if token in self.stops), None)
-        return Generation(row, len(row)) if end is None else Generation(row[:end + 1], end)
+    def generation(self, sample: Sample) -> Generation:
+        """A sample (which ends at its first stop token, if it sampled one) with its text length."""
+        ended = bool(sample.ids) and sample.ids[-1] in self.stops
+        return Generation(sample.ids, len(sample.ids) - ended, sample.logp)
 
 
-@torch.no_grad()
-def generate(model, tokenizer, pairs: Sequence[PreferencePair], settings: EvalSettings,
-             device: torch.device) -> list[Generation]:
-    model.eval()
-    torch.manual_seed(settings.seed)
+@dataclass(frozen=True)
+class EncodedPrompts:
+    ids: list[list[int]]   # each prompt's ids, cut to max_prompt_length
+    cut: int               # how many were longer (their start dropped)
+
+
+def encode_prompts(tokenizer, pairs: Sequence[PreferencePair], max_prompt_length: int) -> EncodedPrompts:
+    whole = [encode_prompt(tokenizer, p.prompt, p.messages) for p in pairs]
+    return EncodedPrompts([ids[-max_prompt_length:] for ids in whole],
+                          sum(len(ids) > max_prompt_length for ids in whole))
+
+
+@dataclass
+class EvalUsage:
+    """Where one evaluation's time went, and its sizes. `metrics()` is what a trial logs."""
+    time_generate_s: float = 0.0
+    time_reward_s: float = 0.0
+    time_kl_s: float = 0.0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0        # real prompt tokens generated from (after the cut)
+    prefill_positions: int = 0    # positions the prefill computed, padding included
+    prompts_cut: int = 0          # prompts longer than max_prompt_length
+    reward_prompts_cut: int = 0   # prompts the reward model read cut (their start) to fit the response
+    reward_responses_cut: int = 0  # responses too long for the reward model (their end unread)
+
+    def metrics(self) -> dict[str, float]:
+        rate = self.generated_tokens / self.time_generate_s if self.time_generate_s > 0 else 0.0
+        return {"time_generate_s": self.time_generate_s, "time_reward_s": self.time_reward_s,
+                "time_kl_s": self.time_kl_s, "generated_tokens": float(self.generated_tokens),
+                "generated_tokens_per_s": rate}
+
+    def cuts(self) -> dict[str, int]:
+        return {"prompts": self.prompts_cut, "reward_prompts": self.reward_prompts_cut,
+                "reward_responses": self.reward_responses_cut}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict[str, float]   # summarize_samples
+    samples: list[dict]         # one record per prompt
+    usage: EvalUsage
+
+
+def generate(model, tokenizer, pairs: Sequence[PreferencePair], settings: EvalSettings, device: torch.device,
+             prompts: Optional[EncodedPrompts] = None, usage: Optional[EvalUsage] = None) -> list[Generation]:
+    """One generation per pair, each from the prompt's own random stream (trainers.generation)."""
+    prompts = prompts or encode_prompts(tokenizer, pairs, settings.max_prompt_length)
     vocabulary = SamplingVocabulary.of(tokenizer)
-    pad = tokenizer.pad_token_id
-    out: list[Generation] = []
-    for start in range(0, len(pairs), settings.batch_size):
-        encoded = [encode_prompt(tokenizer, p.prompt, p.messages) for p in pairs[start:start + settings.batch_size]]
-        width = max(len(e) for e in encoded)
-        input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)  # (B, P)
-        attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-        sampled = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
-                                 temperature=settings.temperature, top_p=settings.top_p, top_k=0,
-                                 max_new_tokens=settings.max_new_tokens, pad_token_id=pad,
-                                 eos_token_id=list(vocabulary.stops),
-                                 suppress_tokens=list(vocabulary.suppressed) or None)[:, width:].tolist()  # (B, <=N)
-        out += [vocabulary.generation(row) for row in sampled]
-    return out
+    engine = ENGINES[settings.engine](model, tokenizer.pad_token_id, device, settings.batch_size,
+                                      settings.batch_tokens, lambda: autocast(device, settings.precision))
+    requests = [Request(ids, stream_seed(settings.seed, p.prompt_id)) for p, ids in zip(pairs, prompts.ids)]
+    started = time.perf_counter()
+    samples, counts = engine.generate(requests, settings.sampling(vocabulary))
+    if usage is not None:
+        usage.time_generate_s += time.perf_counter() - started
+        usage.generated_tokens += counts.generated_tokens
+        usage.prompt_tokens += counts.prompt_tokens
+        usage.prefill_positions += counts.prefill_positions
+    return [vocabulary.generation(s) for s in samples]
 
 
 @torch.no_grad()
-def generation_logps(model, tokenizer, pairs: Sequence[PreferencePair], generations: Sequence[Generation],
-                     device: torch.device, batch_size: int, padding_free: bool = True) -> list[float]:
-    """Summed log-prob (temperature 1) of each generation given its prompt, in packed rows where the model can
-    (no left or right padding) and through the chunked output layer (trainers.logprobs)."""
+def sequences_logps(model, seqs: Sequence[EncodedSequence], pad_id: int, device: torch.device,
+                    settings: EvalSettings) -> list[float]:
+    """Summed log-prob (temperature 1) of each sequence's tokens after its prompt, in order: sequences sorted by
+    length into batches under the token budget, packed rows where the model can (no padding), the chunked
+    output layer (trainers.logprobs), autocast at evaluation.precision."""
     model.eval()
-    seqs = []
-    for pair, gen in zip(pairs, generations):
-        prompt_ids = encode_prompt(tokenizer, pair.prompt, pair.messages)
-        seqs.append(EncodedSequence(prompt_ids + gen.ids, len(prompt_ids)))
-    layout = choose_layout(model, padding_free, max(len(s.ids) for s in seqs))
-    logps: list[float] = []
-    for start in range(0, len(seqs), batch_size):
-        batch = layout.sequences(seqs[start:start + batch_size], tokenizer.pad_token_id)
-        values, _ = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
-        logps += values.cpu().tolist()
+    layout = choose_layout(model, settings.padding_free, max(len(s.ids) for s in seqs))
+    logps = [0.0] * len(seqs)
+    lengths = [len(s.ids) for s in seqs]
+    for batch in length_batches(lengths, settings.batch_size, settings.batch_tokens):
+        rows = layout.sequences([seqs[i] for i in batch], pad_id)
+        with autocast(device, settings.precision):
+            values, _ = sequence_logps(model, {k: v.to(device) for k, v in rows.items()})
+        for i, value in zip(batch, values.float().cpu().tolist()):
+            logps[i] = value
     return logps
 
 
@@ -136,16 +190,27 @@ class SftBaseline:
     chosen_scores: dict[str, float]
 
 
+def _scored(reward: RewardModel, prompts: list[str], responses: list[str], usage: EvalUsage) -> list[float]:
+    started = time.perf_counter()
+    scores = reward.score(prompts, responses)
+    usage.time_reward_s += time.perf_counter() - started
+    usage.reward_prompts_cut += scores.prompts_cut
+    usage.reward_responses_cut += scores.responses_cut
+    return scores.values
+
+
 def evaluate(model, tokenizer, pairs: list[PreferencePair], reward: RewardModel, settings: EvalSettings,
-             device: torch.device, sft: Optional[SftBaseline] = None) -> tuple[dict[str, float], list[dict]]:
-    """Returns (metrics, per-sample records) over the first `settings.num_prompts` evaluation pairs."""
+             device: torch.device, sft: Optional[SftBaseline] = None) -> Evaluation:
+    """Metrics, per-sample records and usage over the first `settings.num_prompts` evaluation pairs."""
     pairs = pairs[:settings.num_prompts]
     prompts = [p.prompt for p in pairs]
-    generations = generate(model, tokenizer, pairs, settings, device)
+    encoded = encode_prompts(tokenizer, pairs, settings.max_prompt_length)
+    usage = EvalUsage(prompts_cut=encoded.cut)
+    generations = generate(model, tokenizer, pairs, settings, device, encoded, usage)
     texts = [tokenizer.decode(g.ids, skip_special_tokens=True) for g in generations]
-    scores = reward.score(prompts, texts)
+    scores = _scored(reward, prompts, texts, usage)
     chosen_scores = ([sft.chosen_scores[p.prompt_id] for p in pairs] if sft is not None
-                     else reward.score(prompts, [p.chosen for p in pairs]))  # scored once, by the SFT trial
+                     else _scored(reward, prompts, [p.chosen for p in pairs], usage))  # once, by the SFT trial
     samples = [{"prompt_id": p.prompt_id, "prompt": p.prompt, "generation": text, "length": g.length,
                 "score": score, "chosen_score": chosen}
                for p, g, text, score, chosen in zip(pairs, generations, texts, scores, chosen_scores)]
@@ -153,14 +218,14 @@ def evaluate(model, tokenizer, pairs: list[PreferencePair], reward: RewardModel,
         for sample in samples:
             sample["sft_score"] = sft.scores[sample["prompt_id"]]
         if sft.model is not None:
-            own = generation_logps(model, tokenizer, pairs, generations, device, settings.batch_size,
-                                   settings.padding_free)
-            ref = generation_logps(sft.model, tokenizer, pairs, generations, device, settings.batch_size,
-                                   settings.padding_free)
-            for sample, lp, lq in zip(samples, own, ref):
-                sample["kl"] = lp - lq
+            started = time.perf_counter()
+            seqs = [EncodedSequence(ids + g.ids, len(ids)) for ids, g in zip(encoded.ids, generations)]
+            reference = sequences_logps(sft.model, seqs, tokenizer.pad_token_id, device, settings)
+            usage.time_kl_s += time.perf_counter() - started
+            for sample, g, lq in zip(samples, generations, reference):
+                sample["kl"] = g.logp - lq
     metrics = summarize_samples(samples)
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:
         raise FloatingPointError(f"non-finite evaluation metrics: {', '.join(bad)}")
-    return metrics, samples
+    return Evaluation(metrics, samples, usage)

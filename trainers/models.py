@@ -6,20 +6,63 @@ with `AutoModelForCausalLM.from_pretrained(folder)`, so the tiny model and a rea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
+from transformers.utils import logging as hf_logging
 
 from trainers import synthetic
 from orchestrator.contract.files import write_folder_atomically
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+
+
+class WithoutProgressFrames(io.TextIOBase):
+    """A text stream that passes writes on to `target` except progress-bar frames: a write holding a carriage
+    return (how tqdm redraws its bar) and the line end that closes a run of them."""
+
+    def __init__(self, target):
+        self.target, self._in_bar = target, False
+
+    def write(self, text: str) -> int:
+        if "\r" in text:
+            self._in_bar = True
+        elif not (self._in_bar and text == "\n"):
+            self._in_bar = False
+            self.target.write(text)
+        else:
+            self._in_bar = False
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+
+@contextlib.contextmanager
+def progress_frames_off():
+    """While the block runs, and stderr is not a terminal (a log file, a pipe): transformers' progress bars off and
+    any other library's (the GGUF conversion's tqdm) kept out of stderr, so a log holds no carriage-return frames.
+    On a terminal, bars show as they are."""
+    if sys.stderr.isatty():
+        yield
+        return
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with contextlib.redirect_stderr(WithoutProgressFrames(sys.stderr)):
+            yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def build_task_tokenizer() -> PreTrainedTokenizerFast:
@@ -82,14 +125,15 @@ def dequantize_gguf(source: Path, gguf_file: str, target: Path) -> Path:
     """A GGUF load is quantized and cannot be trained or saved: rebuild a plain model of the same config
     from its (dequantized) state dict, once, into `target`."""
     def write(folder: Path) -> None:
-        loaded = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=gguf_file, dtype=torch.float32)
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(loaded.state_dict())
-        plain.save_pretrained(folder)
-        AutoTokenizer.from_pretrained(str(source), gguf_file=gguf_file).save_pretrained(folder)
+        with progress_frames_off():
+            loaded = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=gguf_file, dtype=torch.float32)
+            config = loaded.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            plain.load_state_dict(loaded.state_dict())
+            plain.save_pretrained(folder)
+            AutoTokenizer.from_pretrained(str(source), gguf_file=gguf_file).save_pretrained(folder)
 
     return write_folder_atomically(target, write)
 
@@ -127,14 +171,16 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
 def load_causal_lm(folder: Path, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:
     if trust_remote_code:
         logging.getLogger(__name__).warning("loading %s with trust_remote_code=True (the spec asked for it)", folder)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code)
+    with progress_frames_off():
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code)
     return model.to(device)
 
 
 def save_model(model, tokenizer, target: Path) -> Path:
     """A trial's checkpoint: always written (its own weights, even where an earlier attempt left a folder)."""
     def write(folder: Path) -> None:
-        model.save_pretrained(folder)
+        with progress_frames_off():
+            model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     return write_folder_atomically(target, write, reuse=False)

@@ -76,9 +76,10 @@ class RungEvaluator:
             try:
                 if self._start is None:
                     self._start = self._logps(self.start_model())
-                metrics, _ = evaluate(model, self.tokenizer, self.pairs, self.reward, self.settings, self.device,
+                evaluation = evaluate(model, self.tokenizer, self.pairs, self.reward, self.settings, self.device,
                                       self.baseline())
-                metrics.update(pair_metrics(self._logps(model), self._start))
+                metrics = {**evaluation.metrics, **evaluation.usage.metrics(),
+                           **pair_metrics(self._logps(model), self._start)}
             finally:
                 model.train(was_training)
         return metrics

@@ -74,7 +74,8 @@ class LoopSettings:
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str):
+    """The forward passes' autocast context for a precision (training.precision, evaluation.precision)."""
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "fp16" and device.type != "cuda":
@@ -341,7 +342,7 @@ def _build_loop(model, pairs: list[EncodedPair], objective: Objective, settings:
     model.train()
     return _Loop(model, objective, settings, accelerator, optimizer, scheduler, trainable,
                  layout.pairs if objective.reads == "pairs" else layout.chosen,
-                 _autocast(accelerator.device, settings.precision),
+                 autocast(accelerator.device, settings.precision),
                  torch.amp.GradScaler("cuda") if settings.precision == "fp16" else None)
 
 

@@ -167,7 +167,7 @@ def _sft_baseline(ctx: TrialContext, eval_pairs, reward, settings: EvalSettings,
             raise ValueError(f"the selected SFT trial's samples cannot be trusted: {problem}")
         samples = json.loads(Path(ctx.task.runtime.sft_samples).read_text())
     else:
-        _, samples = evaluate(sft_model, ctx.tokenizer, eval_pairs, reward, settings, ctx.device)
+        samples = evaluate(sft_model, ctx.tokenizer, eval_pairs, reward, settings, ctx.device).samples
     return SftBaseline(sft_model, scores={s["prompt_id"]: s["score"] for s in samples},
                        chosen_scores={s["prompt_id"]: s["chosen_score"] for s in samples})
 
@@ -280,7 +280,8 @@ def eval_settings(trial, num_prompts: Optional[int] = None) -> EvalSettings:
     """The trial's evaluation settings (spec: evaluation), over `num_prompts` prompts if given."""
     e = trial.evaluation
     return EvalSettings(e.temperature, e.top_p, e.max_new_tokens, num_prompts or e.num_prompts, e.seed,
-                        e.batch_size, trial.training.padding_free)
+                        e.batch_size, e.batch_tokens, e.max_prompt_length or trial.training.max_length,
+                        e.precision, e.engine, trial.training.padding_free)
 
 
 def _rung_hook(ctx: TrialContext, eval_data: LoadedPairs, frozen_reference,
@@ -322,14 +323,14 @@ def _evaluate(ctx: TrialContext, eval_data: LoadedPairs, steps: int, frozen_refe
     settings = eval_settings(trial)
     with failing_phase(f"evaluation (after training step {steps})"), timed(timings, "eval"):
         sft = ctx.sft_baseline(eval_data.pairs, frozen_reference)
-        metrics, samples = evaluate(ctx.model, ctx.tokenizer, eval_data.pairs, ctx.reward(), settings, ctx.device,
-                                    sft)
+        evaluation = evaluate(ctx.model, ctx.tokenizer, eval_data.pairs, ctx.reward(), settings, ctx.device, sft)
+    ctx.logger.set_tags({tracking.TAG_EVAL_CUTS: ", ".join(f"{k} {v}" for k, v in evaluation.usage.cuts().items())})
     with failing_phase("writing samples.json"):
-        record_samples(ctx.task, ctx.logger, samples)
+        record_samples(ctx.task, ctx.logger, evaluation.samples)
     if ctx.task.runtime.keep_models and ctx.method.kind == "preference":
         with failing_phase("keeping the trained weights (run artifacts model/)"), timed(timings, "checkpoint"):
             _log_weights(ctx)
-    return metrics
+    return {**evaluation.metrics, **evaluation.usage.metrics()}
 
 
 def _log_weights(ctx: TrialContext) -> None:

@@ -34,3 +34,10 @@ def done_statuses(early_stopping: bool) -> tuple[RunStatus, ...]:
 SELECTION_METRIC = "mean_score"
 # What every evaluated trial logs (trainers.evaluate), in the order tables and the MLflow runs view show them.
 TRIAL_METRICS = ("mean_score", "win_vs_chosen", "win_vs_sft", "kl", "length")
+# Where a trial's wall time went (trainers.trial: load, reference log-probs, training, rung evaluations, the final
+# evaluation; and inside that evaluation, trainers.evaluate: sampling, the gold reward, the SFT model's KL pass) and
+# how fast it sampled: what `sweep status` and the report's cost section show per stage and method.
+TRIAL_PHASES = ("time_load_s", "time_reference_s", "time_train_s", "time_rungs_s", "time_checkpoint_s", "time_eval_s")
+EVAL_PHASES = ("time_generate_s", "time_reward_s", "time_kl_s")   # parts of time_eval_s
+PHASE_SECONDS = (*TRIAL_PHASES, *EVAL_PHASES)
+USAGE_METRICS = (*PHASE_SECONDS, "generated_tokens", "generated_tokens_per_s")

@@ -198,8 +198,21 @@ class EvaluationSpec(Strict):
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(24, gt=0)
     num_prompts: int = Field(64, gt=0)
-    seed: int = 0
-    batch_size: int = Field(64, gt=0)
+    seed: int = Field(0, description="with each prompt's id, the seed of that prompt's own random stream: a sample "
+                                     "depends on its prompt, this seed and the weights only")
+    batch_size: int = Field(128, gt=0, description="prompts per generation batch at most (and sequences per KL "
+                                                   "batch); sampling does not depend on it")
+    batch_tokens: int = Field(32768, gt=0, description="token budget of a generation batch: prompts are sorted by "
+                              "length and a batch holds as many as keep rows x (its longest prompt + max_new_tokens) "
+                              "within it; sampling does not depend on it. Raise it on GPUs")
+    max_prompt_length: Optional[int] = Field(None, gt=0, description="evaluation prompts longer than this many "
+                                             "tokens keep their end, as training does (default: training.max_length)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="autocast precision of the policy's and SFT "
+                                               "model's passes (sampling and KL); bf16 is fast on GPUs and on CPUs "
+                                               "with AVX512-BF16 or AMX. The gold reward always scores in fp32")
+    engine: Literal["transformers"] = Field("transformers", description="what samples (trainers.generation.ENGINES)")
+    sampler_version: Literal[2] = Field(2, description="the sampling scheme, part of every trial key: 2 = a random "
+                                        "stream per prompt (version 1, one stream per batch, is gone)")
     rungs: list[float] = Field(default_factory=list, description="intermediate evaluations during training, as "
                                "fractions of the trial's optimizer steps (e.g. [0.2, 0.5]): the same metrics on "
                                "rung_prompts of the evaluation prompts plus the held-out pairs' implicit-reward "

@@ -47,6 +47,8 @@ TAG_STAGE_KEY = "posweep.stage_key"
 TAG_RESUMED = "posweep.resumed_from_step"
 TAG_DEVICE = "posweep.device"        # e.g. "cpu" or "cuda:NVIDIA H100 80GB HBM3"
 TAG_LAYOUT = "posweep.layout"        # how training rows were laid out and log-probs computed (trainers.logprobs)
+# What the final evaluation had to cut: "prompts 3, reward_prompts 1, reward_responses 0" (trainers.evaluate)
+TAG_EVAL_CUTS = "posweep.eval_cuts"
 TAG_STOPPED_AT_STEP = "posweep.stopped_at_step"  # early stopping ended the trial after this optimizer step
 TAG_STOPPED_AT_RUNG = "posweep.stopped_at_rung"
 TAG_STOP_REASON = "posweep.stop_reason"  # the ASHA decision: its value, the cutoff, how many trials it was among

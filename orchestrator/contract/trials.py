@@ -20,10 +20,11 @@ KEY_VERSION = "posweep-trial-v1"  # bump when the meaning of a config field chan
 # Settings that cannot change a trial's result beyond float summation order (memory only): never part of its
 # key, so a rerun that changes them to fit memory skips the trials already done. Rung evaluations run outside
 # the training's random stream and leave the final result as it is (tests/trainers/test_rungs.py), so a
-# trial that ran to the end under early stopping is the grid's trial of the same key.
+# trial that ran to the end under early stopping is the grid's trial of the same key. Each prompt samples from
+# its own random stream, so evaluation batches are free too (tests/trainers/test_generation.py).
 KEY_NEUTRAL = {"model": {"require_chat_template"},
                "training": {"gradient_checkpointing", "micro_batch_size", "padding_free"},
-               "evaluation": {"rungs", "rung_every", "rung_steps", "rung_prompts"}}
+               "evaluation": {"rungs", "rung_every", "rung_steps", "rung_prompts", "batch_size", "batch_tokens"}}
 # Settings added after KEY_VERSION v1, by path: at their default they are left out, so trials run before they
 # existed keep their keys; set to anything else, they make a new key.
 KEY_ADDED_DEFAULTS = {("training", "precision"): "fp32", ("training", "lora"): None,

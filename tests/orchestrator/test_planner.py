@@ -66,8 +66,8 @@ def test_full_fine_tuning_memory_and_flops_by_hand():
     assert (dpo.weights, dpo.gradients, dpo.optimizer, dpo.reference) == (5600, 5600, 11200, 0)  # 4N, 4N, 8N
     # 8 sequences (4 pairs x chosen and rejected) of 10 tokens: 2 layers x 87*10*8*8 (fp32) + logits 16*10*8*10
     assert dpo.activations == 2 * 87 * 10 * 8 * 8 + 16 * 10 * 8 * 10 == 124_160
-    # 100 pairs x 2 sequences x 10 tokens x 1 epoch x 6N; evaluation 16*8 tokens x (2N + 4N for KL)
-    assert dpo.train_flops == 2000 * 6 * 1400 and dpo.eval_flops == 128 * 6 * 1400
+    # 100 pairs x 2 sequences x 10 tokens x 1 epoch x 6N; evaluation 16*8 tokens x (2N sampling + 2N SFT KL pass)
+    assert dpo.train_flops == 2000 * 6 * 1400 and dpo.eval_flops == 128 * 4 * 1400  # sampling + the SFT KL pass
     sft = _trial("sft")  # chosen only: 4 sequences, half the tokens
     assert sft.activations == 2 * 87 * 10 * 4 * 8 + 16 * 10 * 4 * 10 == 62_080
     assert sft.train_flops == 1000 * 6 * 1400 and sft.eval_flops == 128 * 2 * 1400
