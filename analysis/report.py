@@ -335,7 +335,7 @@ def _cost_and_failures(inputs: ReportInputs, n_boot: int) -> list[Block]:
                               "so they carry the machine's load while each trial ran (on a shared machine a "
                               "method that ran on an idle machine looks cheaper): compare methods by trials, and "
                               f"read {cost} as this sweep's bill.")]
-    split = time_split(frame, "method")
+    split = time_split(frame, "method", list(inputs.methods))
     if not split.empty:
         blocks += [Block("h2", "Where a trial's time goes"),
                    Block("table", table=split.round(2)),

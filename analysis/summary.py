@@ -49,15 +49,17 @@ def format_summary(table: pd.DataFrame) -> str:
     return table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}")
 
 
-def time_split(frame: pd.DataFrame, by: str = "stage") -> pd.DataFrame:
-    """Where a finished trial's time goes, per `by` group (stage or method): the mean seconds of each phase
-    (load, reference, train, rungs, eval; eval = generate + reward + KL + the rest) over its finished trials, and
-    the tokens it sampled per second of sampling (all its finished trials together). Phases no trial logged are
-    left out; a group without a finished trial is left out."""
+def time_split(frame: pd.DataFrame, by: str = "stage", order: Optional[list[str]] = None) -> pd.DataFrame:
+    """Where a finished trial's time goes, per `by` group (stage or method, in `order` when given): the mean seconds
+    of each phase (load, reference, train, rungs, eval; eval = generate + reward + KL + the rest) over its
+    finished trials, and the tokens it sampled per second of sampling (all its finished trials together). Phases
+    no trial logged are left out; a group without a finished trial is left out."""
     done = frame[frame["status"] == RunStatus.FINISHED]
     phases = [p for p in PHASE_SECONDS if p in done.columns and done[p].notna().any()]
+    groups = dict(tuple(done.groupby(by, sort=False)))
     rows = []
-    for group, trials in done.groupby(by, sort=False):
+    for group in [g for g in (order or []) if g in groups] + [g for g in groups if g not in (order or [])]:
+        trials = groups[group]
         row = {by: group, "trials": len(trials),
                **{p.removeprefix("time_").removesuffix("_s") + " s": trials[p].mean() for p in phases}}
         if "generated_tokens" in trials and trials["time_generate_s"].sum() > 0:

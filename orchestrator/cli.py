@@ -216,7 +216,8 @@ def cmd_status(args) -> int:
     elapsed = elapsed_seconds(records, int(time.time() * 1000))
     print(f"\nelapsed: {'-' if elapsed is None else f'{elapsed / 60:.1f} min'} (first trial start to last end); "
           f"trial-h sums every attempt's wall time, GPU-h its wall time x GPUs held")
-    _print_time_split(time_split(sweep_frame([r.model_dump() for r in records], []), "stage"))
+    _print_time_split(time_split(sweep_frame([r.model_dump() for r in records], []), "stage",
+                                 [s.stage for s in stages]))
     return EXIT_OK
 
 
@@ -224,7 +225,8 @@ def _print_time_split(table: pd.DataFrame) -> None:
     if table.empty:
         return
     print("\nwhere a finished trial's time goes (mean seconds; eval = generate + reward + KL + the rest):")
-    text = table.to_string(index=False, float_format=lambda v: f"{v:.1f}", na_rep="-")
+    text = table.to_string(index=False, float_format=lambda v: f"{v:.2f}" if abs(v) < 100 else f"{v:,.0f}",
+                           na_rep="-")
     print("\n".join("  " + line for line in text.splitlines()))
 
 
