@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.frames import METRIC_COLUMNS
-from orchestrator.contract.runs import OUTCOMES, RunStatus
+from orchestrator.contract.runs import OUTCOMES, RunStatus, best_first
 
 REFERENCE_METHOD = "dpo"  # the paper normalizes by DPO's best run
 
@@ -112,7 +112,7 @@ def table1(frame: pd.DataFrame, methods: Sequence[str], reference: str = REFEREN
         if runs.empty:
             rows.append({"method": method, "run_name": None, "finished": 0, "failed": failed})
             continue
-        best = runs.loc[runs["mean_score"].idxmax()]
+        best = best_first_order(runs).iloc[0]
         rows.append({"method": method, "run_name": best["run_name"], "finished": len(runs), "failed": failed,
                      **{m: best[m] for m in METRIC_COLUMNS}})
     for name, metrics in (baselines or {}).items():
@@ -127,14 +127,20 @@ def table1(frame: pd.DataFrame, methods: Sequence[str], reference: str = REFEREN
     return table.reset_index()
 
 
+def best_first_order(runs: pd.DataFrame, by: str = "mean_score") -> pd.DataFrame:
+    """`runs` best first (runs.best_first: higher `by` first, NaN last, equal values by smaller trial key)."""
+    order = sorted(range(len(runs)), key=lambda i: best_first(runs[by].iloc[i], runs["trial_key"].iloc[i]))
+    return runs.iloc[order]
+
+
 def run_at_quantile(frame: pd.DataFrame, method: str, q: float, by: str = "mean_score") -> Optional[pd.Series]:
     """The method's FINISHED run at quantile `q` of `by` (nearest rank: q=1 the best run, q=0.75 the run a
-    quarter of the way down from the top), or None when none finished."""
-    runs = finished_runs(frame, method).sort_values(by, kind="stable")
+    quarter of the way down from the top; equal values ordered by runs.best_first), or None when none finished."""
+    runs = best_first_order(finished_runs(frame, method), by)
     if runs.empty:
         return None
     rank = max(int(np.ceil(q * len(runs))), 1)
-    return runs.iloc[rank - 1]
+    return runs.iloc[len(runs) - rank]
 
 
 def head_to_head(scores_a: pd.Series, scores_b: pd.Series, n_boot: int = 2000, seed: int = 0,

@@ -10,6 +10,7 @@ from typing import Iterable, Optional
 import pandas as pd
 
 from analysis.frames import METRIC_COLUMNS, sweep_frame
+from analysis.robustness import best_first_order
 from orchestrator.contract.runs import PHASE_SECONDS, RunStatus
 
 
@@ -19,9 +20,9 @@ def trials_frame(records: Iterable[dict]) -> pd.DataFrame:
 
 
 def best_of_stage(frame: pd.DataFrame, stage: str, by: str = "mean_score") -> Optional[pd.Series]:
-    """The stage's best FINISHED trial by `by` (None when none finished with a value)."""
+    """The stage's best FINISHED trial by `by`, ties by runs.best_first (None when none finished with a value)."""
     done = frame[(frame["stage"] == stage) & (frame["status"] == RunStatus.FINISHED)].dropna(subset=[by])
-    return done.loc[done[by].idxmax()] if len(done) else None
+    return best_first_order(done, by).iloc[0] if len(done) else None
 
 
 def best_per_stage(frame: pd.DataFrame, stage_order: list[str], by: str = "mean_score") -> pd.DataFrame:

@@ -9,16 +9,17 @@
     samples = api.samples(spec, tracking_uri="sqlite:///mlflow.db")  # one row per trial and prompt
     api.report(spec, tracking_uri="sqlite:///mlflow.db", out="report.html")
 
-Errors are exceptions that say what is wrong in one line: SpecError (the spec), InputError (what it points at),
-PlanError (its grids), StoreUnavailable (the tracking store), SweepError (a sweep that cannot go on),
-NothingToReport.
+Errors are exceptions that say what is wrong in one line: SpecError (the spec, or an argument), InputError (what it
+points at), PlanError (its grids), BadTrackingUri (a tracking URI that can name no store), StoreUnavailable (the
+tracking store), SweepError (a sweep that cannot go on), NothingToReport.
 """
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Optional, Union
 
 import pandas as pd
@@ -29,7 +30,7 @@ from analysis.report import ReportInputs, render
 from cluster import EXECUTORS
 from orchestrator.contract.registry import unknown_name_message
 from orchestrator.contract.runs import RunStatus
-from orchestrator.contract.spec import ExecutorSpec, SweepSpec
+from orchestrator.contract.spec import SMOKE_SUFFIX, ExecutorSpec, SweepSpec
 from orchestrator.contract.spec_file import SpecError, load_spec, parse_spec
 from orchestrator.contract.tracking import (StoreUnavailable, SweepTracker, check_reachable, check_writable,
                                            existing_trials, resolve_tracking_uri)
@@ -40,6 +41,7 @@ from orchestrator.reporting import load_report_inputs, load_report_inputs_by_nam
 from trainers.preflight import Preflight, preflight
 
 SpecSource = Union[str, Path, dict, SweepSpec]
+REPORT_FORMATS = ("html", "md")
 
 
 class NothingToReport(ValueError):
@@ -72,6 +74,27 @@ def spec_path(source: Optional[str]) -> Path:
                                      f"{', '.join(builtin_spec_names())}")
 
 
+def plain(value, where: str = "<dict>", path: str = ""):
+    """A spec value as YAML holds it: numpy and other scalars with .item() become Python numbers, paths strings,
+    tuples and sets lists, mapping keys strings; anything else is a SpecError naming where it is."""
+    if value is None:
+        return value
+    for kind in (bool, int, float, str):  # builtins, also from their subclasses (numpy's float64 is a float)
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): plain(v, where, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+        return [plain(v, where, f"{path}[{i}]") for i, v in enumerate(items)]
+    if callable(getattr(value, "tolist", None)):  # numpy (and torch) scalars and arrays
+        return plain(value.tolist(), where, path)
+    raise SpecError(where, path, f"{type(value).__name__} is not a spec value (strings, numbers, booleans, lists "
+                                 "and mappings of those)")
+
+
 def load(source: SpecSource = None, *, max_trials: Optional[int] = None, executor: Optional[str] = None,
          smoke: bool = False) -> SweepSpec:
     """A validated spec from a YAML path, a built-in name, a dict or a spec; `max_trials` lifts the cap on the
@@ -79,11 +102,14 @@ def load(source: SpecSource = None, *, max_trials: Optional[int] = None, executo
     spec itself (check() reads what it points at)."""
     if isinstance(source, SweepSpec):
         spec, where = source, "<spec>"
-    elif isinstance(source, dict):
-        spec, where = parse_spec(yaml.safe_dump(source), "<dict>"), "<dict>"
-    else:
-        where = spec_path(source)
+    elif isinstance(source, Mapping):
+        spec, where = parse_spec(yaml.safe_dump(plain(source), sort_keys=False), "<dict>"), "<dict>"
+    elif isinstance(source, (str, PurePath)) or source is None:
+        where = spec_path(None if source is None else str(source))
         spec = load_spec(where)
+    else:
+        raise SpecError("<spec>", "", f"a spec is a YAML path, a built-in name, a dict or a SweepSpec; got "
+                                      f"{type(source).__name__}")
     if max_trials:
         spec = spec.model_copy(update={"max_trials": max_trials})
     if executor:
@@ -97,13 +123,13 @@ def load(source: SpecSource = None, *, max_trials: Optional[int] = None, executo
 
 def plan(spec: SweepSpec, *, smoke: bool = False) -> list[StagePlan]:
     """The sweep's stages and trials, in run order; nothing runs."""
-    return plan_sweep(spec, smoke)
+    return plan_sweep(_a_spec(spec, "plan"), smoke)
 
 
 def check(spec: SweepSpec) -> Preflight:
     """What the spec points at (data rows, model and reward folders, the workdir), read as the trials will read
     it; InputError names the field. Returns every input resolved and the warnings."""
-    return preflight(spec)
+    return preflight(_a_spec(spec, "check"))
 
 
 def tracking_uri(spec: Optional[SweepSpec] = None, uri: Optional[str] = None) -> str:
@@ -111,9 +137,18 @@ def tracking_uri(spec: Optional[SweepSpec] = None, uri: Optional[str] = None) ->
     return resolve_tracking_uri(uri, spec.tracking.uri if spec is not None else None)
 
 
+def _a_spec(spec, call: str) -> SweepSpec:
+    """`spec` when it is a loaded SweepSpec; else a SpecError that says to load it first."""
+    if not isinstance(spec, SweepSpec):
+        raise SpecError("<spec>", "", f"api.{call} takes a loaded spec, not a {type(spec).__name__}: "
+                                      f"api.{call}(api.load(...))")
+    return spec
+
+
 def run(spec: SweepSpec, *, tracking_uri: Optional[str] = None, executor=None, smoke: bool = False,
         output: Output = Output(), share_work: bool = True) -> SweepOutcome:
     """Run or resume the sweep (trials already FINISHED are skipped) after checking its inputs; its outcome."""
+    spec = _a_spec(spec, "run")
     uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri)
     check_reachable(uri)
     check_writable(uri)
@@ -126,8 +161,11 @@ def _inputs(source: Union[SweepSpec, str], uri: Optional[str], smoke: bool, prog
     """(sweep name, store, report inputs) of a spec, or of a sweep name without its spec."""
     if isinstance(source, SweepSpec):
         name, store = tracked_name(source, smoke), resolve_tracking_uri(uri, source.tracking.uri)
+    elif isinstance(source, str):
+        name, store = f"{source}{SMOKE_SUFFIX}" if smoke else source, resolve_tracking_uri(uri, None)
     else:
-        name, store = source, resolve_tracking_uri(uri, None)
+        raise SpecError("<spec>", "", f"a report reads a loaded spec or a sweep's name, not a {type(source).__name__}: "
+                                      "api.load(...) first")
     check_reachable(store)
     if not existing_trials(store, name):
         raise StoreUnavailable(f"no trial of sweep {name!r} in {store}; run it first (sweep run), or give its spec or "
@@ -155,6 +193,8 @@ def report(source: Union[SweepSpec, str], *, tracking_uri: Optional[str] = None,
     """Write the robustness report of a spec or a sweep name and log it to the sweep's `sweep NAME` run;
     (the file, that run's id). `grid`: the name of a full-grid sweep in the same store, drawn beside this one in
     the budget curve (for an early-stopped sweep)."""
+    if fmt not in REPORT_FORMATS:
+        raise SpecError("fmt", "", unknown_name_message("report format", str(fmt), list(REPORT_FORMATS)))
     name, store, inputs = _inputs(source, tracking_uri, smoke, progress)
     if grid is not None:
         inputs.grid = (grid, preference_frame(grid, store))

@@ -23,10 +23,11 @@ from orchestrator import api
 from orchestrator.contract.errors import first_line
 from orchestrator.contract.spec import Choice, IntRange, SweepSpec
 from orchestrator.contract.spec_file import SpecError, field_line
-from orchestrator.contract.tracking import (CorruptArtifact, StoreUnavailable, check_reachable, existing_trials,
-                                           is_unreachable, resolve_tracking_uri, runs_view_url, store_exists,
-                                           sweep_experiments)
-from orchestrator.grid import PlanError, tracked_name
+from orchestrator.contract.tracking import (BadTrackingUri, CorruptArtifact, StoreUnavailable, check_reachable,
+                                           existing_trials, is_unreachable, resolve_tracking_uri, runs_view_url,
+                                           sqlite_path, store_exists, sweep_experiments)
+from orchestrator.contract.kept_models import verify_kept_best
+from orchestrator.grid import PlanError, preference_stages, tracked_name
 from orchestrator.pipeline import SweepError
 from orchestrator.planner import plan_stages, sequence_tokens
 from orchestrator.progress import Output
@@ -38,10 +39,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 UI_LISTED_SWEEPS = 20  # `sweep ui` links the runs view of the most recent sweeps
 
 
-def _checked(args) -> SweepSpec:
-    """The spec, with the inputs it points at checked (api.check: trainers.preflight) and reported with resolved
-    paths; an unusable input is a SpecError naming the spec's file, line and field."""
-    spec = _load(args)
+def _checked(args, spec: Optional[SweepSpec] = None) -> SweepSpec:
+    """The spec (loaded, unless given), with the inputs it points at checked (api.check: trainers.preflight) and
+    reported with resolved paths; an unusable input is a SpecError naming the spec's file, line and field."""
+    spec = spec or _load(args)
     try:
         checked = api.check(spec)
     except InputError as exc:
@@ -82,6 +83,8 @@ def _print_stage(stage) -> None:
             print(f"    {key}: {_describe_range(search_range)}")
         for key, value in s.fixed.items():
             print(f"    {key}: {value} (fixed)")
+        if s.capped():
+            print(f"  note: {s.capped()}")
         return
     print(f"  {'key':<12}  {'method':<10}  hyperparameters")
     for trial in stage.trials:
@@ -149,7 +152,7 @@ def _print_plan(spec, plan, source: str) -> None:
 def _print_cost(spec, stages, records, estimates=None) -> None:
 
 
-    table = cost_estimate(stages, records, spec.cost, estimates)
+    table = cost_estimate(stages, records, spec, estimates)
     print("\ncost estimate (per trial: the mean of this sweep's measured trials, else the spec's `cost`)")
     print(f"  {'stage':<12} {'trials':>6} {'to run':>6} {'s/trial':>8}  {'source':<17} {'trial-h':>8} "
           f"{'to run':>8} {'GPU-h':>8} {'to run':>8}")
@@ -168,7 +171,9 @@ def _print_cost(spec, stages, records, estimates=None) -> None:
 
 
 def cmd_plan(args) -> int:
-    spec = _checked(args)
+    spec = _load(args)
+    uri = resolve_tracking_uri(args.tracking_uri, spec.tracking.uri)  # a bad URI is refused before anything prints
+    spec = _checked(args, spec)
     stages = api.plan(spec, smoke=args.smoke)
     print(f"sweep {spec.name!r}{' (smoke)' if args.smoke else ''}: nothing is run by `plan`")
     for stage in stages:
@@ -179,8 +184,7 @@ def cmd_plan(args) -> int:
     plan, source = plan_stages(spec, stages)
     flops = {e.stage: TrialCost(e.seconds_per_trial, e.gpu_hours / e.trials, "FLOPs estimate")
              for e in (plan.stages if plan else []) if spec.cost.gpus_per_trial > 0}
-    _print_cost(spec, stages, _measured_trials(resolve_tracking_uri(args.tracking_uri, spec.tracking.uri),
-                                               tracked_name(spec, args.smoke)), flops)
+    _print_cost(spec, stages, _measured_trials(uri, tracked_name(spec, args.smoke)), flops)
     _print_plan(spec, plan, source)
     return EXIT_OK
 
@@ -205,7 +209,7 @@ def cmd_status(args) -> int:
     stages = api.plan(spec, smoke=args.smoke)
     name = tracked_name(spec, args.smoke)
     records = existing_trials(uri, name)
-    table = status_table(stages, records)
+    table = status_table(stages, records, spec)
     print(f"sweep {name!r} in {uri}")
     print(f"  {'stage':<12} {'planned':>7} {'done':>5} {'running':>7} {'failed':>6} {'stopped':>7} {'pending':>7} "
           f"{'trial-h':>8} {'GPU-h':>8}")
@@ -218,6 +222,11 @@ def cmd_status(args) -> int:
           f"trial-h sums every attempt's wall time, GPU-h its wall time x GPUs held")
     _print_time_split(time_split(sweep_frame([r.model_dump() for r in records], []), "stage",
                                  [s.stage for s in stages]))
+    if records:
+        for stage in preference_stages(stages):
+            problem = verify_kept_best(uri, name, stage.stage, spec.checkpoints.keep, spec.workdir, repair=False)
+            if problem:
+                print(f"warning: {problem}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -231,8 +240,12 @@ def _print_time_split(table: pd.DataFrame) -> None:
 
 
 def cmd_run(args) -> int:
-    spec = _checked(args)
-    uri = api.tracking_uri(spec, args.tracking_uri)
+    spec = _load(args)
+    uri = api.tracking_uri(spec, args.tracking_uri)  # a bad URI is refused before anything prints or is created
+    spec = _checked(args, spec)
+    if not store_exists(uri):
+        print(f"new tracking store at {sqlite_path(uri)}: no sweep has run there yet (to resume a sweep, pass the "
+              "--tracking-uri that holds it)")
     try:
         outcome = api.run(spec, tracking_uri=uri, smoke=args.smoke, output=Output(bar=not args.no_progress),
                           share_work=not args.no_shared_work)
@@ -378,7 +391,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupted)
     try:
         return args.func(args)
-    except (SpecError, PlanError) as exc:
+    except (SpecError, PlanError, BadTrackingUri) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (StoreUnavailable, CorruptArtifact, api.NothingToReport) as exc:  # not the input: one line, exit 1

@@ -10,15 +10,15 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from orchestrator.contract.early_stopping import stop_signature
 from orchestrator.contract.methods import METHODS
 from orchestrator.contract.runs import SELECTION_METRIC
-from orchestrator.contract.spec import (GridSpec, OptunaSearchSpec, Scalar, SearchRange, SweepSpec, TrainHParams,
-                                        coerce_hparam)
+from orchestrator.contract.spec import (SMOKE_SUFFIX, AshaSpec, Choice, EvaluationSpec, FloatRange, GridSpec, IntRange,
+                                        OptunaSearchSpec, Scalar, SearchRange, SweepSpec, TrainHParams, coerce_hparam)
 from orchestrator.contract.trials import InitFromStage, TrialSpec
 
 SMOKE_MAX_STEPS = 30
 SMOKE_NUM_PROMPTS = 16
-SMOKE_SUFFIX = "-smoke"  # a --smoke run is tracked apart: experiment SWEEP-smoke
 
 
 @dataclass(frozen=True)
@@ -28,16 +28,26 @@ class StageSearch:
     fixed: dict[str, Scalar]            # one-value grid keys
     space: dict[str, SearchRange]
     settings: OptunaSearchSpec
-    n_trials: int
+    n_trials: int                       # the budget: search.n_trials, or fewer when the space has fewer points
+    points: Optional[int] = None        # distinct points of a finite space (choices, int ranges); None: infinite
 
     def trial(self, point: dict[str, Scalar]) -> TrialSpec:
         hparams = resolve_hparams(self.template.method, {**self.fixed, **point})
         return self.template.model_copy(update={"hparams": hparams})
 
+    def capped(self) -> Optional[str]:
+        """One line when the space has fewer distinct points than search.n_trials (the budget is capped to them)."""
+        if self.points is None or self.points >= self.settings.n_trials:
+            return None
+        return (f"stage {self.template.stage}: its space holds {self.points} distinct points, fewer than "
+                f"search.n_trials {self.settings.n_trials}; the search runs each once")
+
     def identity(self) -> str:
         space = {k: v.model_dump(mode="json") for k, v in self.space.items()}
-        # not n_trials: raising the budget continues the same search (its finished trials are replayed)
-        settings = self.settings.model_dump(mode="json", exclude={"n_trials"})
+        # not n_trials: raising the budget continues the same search (its finished trials are replayed); not early
+        # stopping: it decides which trials stop, not which points are searched, so a rerun with another η or
+        # without it continues the same study (a stop decided under other settings is part of its history)
+        settings = self.settings.model_dump(mode="json", exclude={"n_trials", "early_stopping"})
         return json.dumps({"template": self.template.canonical_json(), "fixed": self.fixed, "space": space,
                            "search": settings}, sort_keys=True)
 
@@ -58,6 +68,21 @@ class StagePlan:
     def size(self) -> int:
         """Trials the stage will run in all (planned, or the search budget)."""
         return self.search.n_trials if self.search else len(self.trials)
+
+    @property
+    def evaluation(self) -> EvaluationSpec:
+        """How the stage's trials evaluate (one section, shared by all of them)."""
+        return (self.search.template if self.search else self.trials[0]).evaluation
+
+    def early_stopping(self, spec: SweepSpec) -> Optional[AshaSpec]:
+        """The early stopping its trials run under: the spec's, in the preference stages only (the SFT stage picks
+        the checkpoint every method starts from: its trials evaluate at rungs, for the curves, and are never
+        stopped, which would change that pick)."""
+        return spec.search.early_stopping if self.stage not in ("base", "sft") else None
+
+    def stop_signature(self, spec: SweepSpec) -> Optional[str]:
+        """The early-stopping rule its trials are stopped under now (early_stopping.stop_signature)."""
+        return stop_signature(self.evaluation, self.early_stopping(spec))
 
 
 def expand_grid(grid: GridSpec) -> list[dict[str, Scalar]]:
@@ -131,8 +156,31 @@ def _stage(spec: SweepSpec, stage: str, method: str, grid: GridSpec, smoke: bool
     template = TrialSpec(stage=stage, method=method, hparams={}, model=spec.model, data=spec.data,
                          reward=spec.reward, training=spec.training, evaluation=spec.evaluation, init=init)
     fixed = {k: v[0] for k, v in grid.grid.items()}
-    n_trials = min(spec.search.n_trials, 2) if smoke else spec.search.n_trials
-    return StagePlan(stage, [], StageSearch(template, fixed, dict(grid.space), spec.search, n_trials))
+    points = space_size(method, grid.space)
+    n_trials = search_budget(spec, grid, smoke)
+    return StagePlan(stage, [], StageSearch(template, fixed, dict(grid.space), spec.search, n_trials, points))
+
+
+def space_size(method: str, space: dict[str, SearchRange]) -> Optional[int]:
+    """Distinct points of a space of choices and integer ranges (choices that resolve to one value count once);
+    None when a float range makes it infinite."""
+    if any(isinstance(r, FloatRange) for r in space.values()):
+        return None
+    sizes = [r.int_high - r.int_low + 1 if isinstance(r, IntRange) else
+             len({json.dumps(coerce_hparam(METHODS[method], k, c)) for c in r.choices}) for k, r in space.items()]
+    return math.prod(sizes)
+
+
+def search_budget(spec: SweepSpec, grid: GridSpec, smoke: bool) -> int:
+    """Trials a searched stage runs: search.n_trials (2 under --smoke), at most the space's distinct points."""
+    budget = min(spec.search.n_trials, 2) if smoke else spec.search.n_trials
+    points = space_size(grid_method(spec, grid), grid.space)
+    return budget if points is None else min(budget, points)
+
+
+def grid_method(spec: SweepSpec, grid: GridSpec) -> str:
+    """The method a stage's grid belongs to (sft, or a preference method's name)."""
+    return "sft" if grid is spec.stages.sft else next(m for m, g in spec.stages.methods.items() if g is grid)
 
 
 class PlanError(ValueError):
@@ -146,7 +194,7 @@ class PlanTooLarge(PlanError):
 def grid_size(grid: GridSpec, spec: SweepSpec, smoke: bool) -> int:
     """Trials a stage plans, counted without expanding it."""
     if grid.space:
-        return min(spec.search.n_trials, 2) if smoke else spec.search.n_trials
+        return search_budget(spec, grid, smoke)
     size = math.prod(len(v) for v in grid.grid.values()) * max(1, len(next(iter(grid.zip.values()), [])))
     return min(size, 2) if smoke else size
 
@@ -158,6 +206,11 @@ def check_plan_size(spec: SweepSpec, smoke: bool = False) -> int:
         raise PlanTooLarge(f"the grids plan {total:,} trials, more than max_trials ({spec.max_trials:,}); "
                            "raise max_trials in the spec (or --max-trials) if that many is meant")
     return total
+
+
+def preference_stages(stages: list[StagePlan]) -> list[StagePlan]:
+    """The stages of preference methods (a preference stage is named after its method)."""
+    return [s for s in stages if s.stage not in ("base", "sft")]
 
 
 def plan_sweep(spec: SweepSpec, smoke: bool = False) -> list[StagePlan]:

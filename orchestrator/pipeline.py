@@ -16,18 +16,18 @@ import pandas as pd
 
 from analysis.summary import best_per_stage, trials_frame
 from cluster import make_executor
-from orchestrator.contract.files import folder_problem, verified_mismatch
-from orchestrator.contract.kept_models import keep_models, registered_model_name
+from orchestrator.contract.files import exclusive_lock, folder_problem, verified_mismatch
+from orchestrator.contract.kept_models import keep_models, registered_model_name, verify_kept_best
 from orchestrator.contract.lifecycle import run_trial
-from orchestrator.grid import StagePlan, plan_sweep, tracked_name
+from orchestrator.grid import StagePlan, plan_sweep, preference_stages, tracked_name
 from orchestrator.progress import Output, TrialProgress
 from orchestrator.search import run_search, study_name, study_storage
 from orchestrator.contract.spec import SweepSpec
 from orchestrator.contract.task import TrialResult, TrialTask, TrialRuntime
-from orchestrator.contract.tracking import (TAG_CHECKPOINT, TAG_SAMPLES, TAG_STAGE_KEY, SweepTracker, TrialRecord,
-                                           prepare_store)
+from orchestrator.contract.tracking import (TAG_CHECKPOINT, TAG_SAMPLES, TAG_STAGE_KEY, TAG_STOPPED_UNDER, TAG_WEIGHTS,
+                                           SweepTracker, TrialRecord, prepare_store)
 from orchestrator.tracking_server import store_for_workers
-from orchestrator.contract.runs import OUTCOMES, SELECTION_METRIC, RunStatus, done_statuses
+from orchestrator.contract.runs import OUTCOMES, SELECTION_METRIC, RunStatus, best_first, resume_done
 
 
 class SweepError(RuntimeError):
@@ -87,11 +87,35 @@ def completed(records: list[TrialRecord]) -> list[TrialRecord]:
     return [r for r in latest_per_key(records) if r.status in OUTCOMES]
 
 
-def done_count(records: list[TrialRecord], stage: StagePlan, early_stopping: bool = False) -> int:
-    """Trials a rerun skips: a grid stage's FINISHED keys (and STOPPED ones, under early stopping); a search's
-    completed runs (its budget counts FAILED and STOPPED ones too, as Optuna was told of them)."""
-    done = completed(stage_records(records, stage))
-    return len(done) if stage.search else sum(r.status in done_statuses(early_stopping) for r in done)
+def is_done(record: TrialRecord, stopping: Optional[str]) -> bool:
+    """Whether a rerun skips the run's key (runs.resume_done): FINISHED, or STOPPED under the rule `stopping`."""
+    return resume_done(record.status, record.tags.get(TAG_STOPPED_UNDER), stopping)
+
+
+def done_keys(records: list[TrialRecord], stage: StagePlan, spec: SweepSpec) -> set[str]:
+    """The stage's keys a rerun does not run again: a grid stage's done keys (is_done); a search's completed runs
+    (its budget counts FAILED and STOPPED ones too, as Optuna was told of them)."""
+    runs = stage_records(records, stage)
+    if stage.search:
+        return {r.trial_key for r in completed(runs)}
+    stopping = stage.stop_signature(spec)
+    return {r.trial_key for r in runs if is_done(r, stopping)}
+
+
+def to_run(records: list[TrialRecord], stage: StagePlan, spec: SweepSpec) -> int:
+    """How many of the stage's trials `sweep run` would run now: the planned ones (the search budget) that are
+    neither done (done_keys) nor running. One count for `run`, `status` and `plan`."""
+    running = {r.trial_key for r in latest_per_key(stage_records(records, stage)) if r.status == RunStatus.RUNNING}
+    done = done_keys(records, stage, spec)
+    return max(stage.size - len(done) - len(running - done), 0)
+
+
+def stale_stops(records: list[TrialRecord], stage: StagePlan, spec: SweepSpec) -> int:
+    """The stage's keys whose only outcome is a stop decided under another early-stopping rule than the spec's now
+    (other rungs, η, metric, or early stopping since turned off): a grid runs them again, a search keeps them."""
+    stopping = stage.stop_signature(spec)
+    runs = latest_per_key(stage_records(records, stage))
+    return sum(r.status == RunStatus.STOPPED and not is_done(r, stopping) for r in runs)
 
 
 def start_order(tasks: list[TrialTask], seed: Optional[int]) -> list[TrialTask]:
@@ -110,7 +134,7 @@ def select_init(records: list[TrialRecord], stage: StagePlan) -> dict[str, str]:
     if not finished:
         raise SweepError(f"no trial of stage {stage.stage!r} finished, so there is no checkpoint to start the "
                          "preference stages from; see the FAILED runs' posweep.failure tag")
-    best = max(finished, key=lambda r: r.metrics.get(SELECTION_METRIC, float("-inf")))
+    best = min(finished, key=lambda r: best_first(r.metrics.get(SELECTION_METRIC, float("nan")), r.trial_key))
     checkpoint, samples = best.tags.get(TAG_CHECKPOINT), best.tags.get(TAG_SAMPLES)
     if not checkpoint or not Path(checkpoint).is_dir() or not samples or not Path(samples).is_file():
         raise SweepError(f"the selected {stage.stage} trial {best.run_name!r} (run {best.run_id}) has no "
@@ -150,11 +174,8 @@ class _StageRunner:
         self.results: list[TrialResult] = []
 
     def _runtime(self, stage: StagePlan, parent: str, init: dict[str, str]) -> TrialRuntime:
-        # Early stopping decides in the preference stages only: the SFT stage picks the checkpoint every method
-        # starts from (its trials still evaluate at rungs, for the curves), and stopping one would change it.
-        stopping = self.spec.search.early_stopping if stage.stage not in ("base", "sft") else None
-        return TrialRuntime(**{**self.runtime, "early_stopping": stopping}, parent_run_id=parent,
-                            stage_key=stage.stage_key, **init)
+        return TrialRuntime(**{**self.runtime, "early_stopping": stage.early_stopping(self.spec)},
+                            parent_run_id=parent, stage_key=stage.stage_key, **init)
 
     def _run(self, tasks: list[TrialTask]) -> list[TrialResult]:
         self.progress.expect(tasks)
@@ -167,7 +188,7 @@ class _StageRunner:
                              "rerun the same command to run the missing ones")
         return results
 
-    def run_phase(self, phase: list[StagePlan], finished: set[str], init: dict[str, str]) -> None:
+    def run_phase(self, phase: list[StagePlan], finished: dict[str, set[str]], init: dict[str, str]) -> None:
         parents = {s.stage: self.tracker.stage_run(s.stage, _stage_description(s, self.tracker.sweep)) for s in phase}
         try:
             self._run_stages(phase, parents, finished, init)
@@ -183,25 +204,33 @@ class _StageRunner:
             self.progress.stage_done(stage.stage, stage.size, *(sum(r.status == s for r in runs) for s in (
                 RunStatus.FINISHED, RunStatus.FAILED, RunStatus.STOPPED)))
 
-    def _run_stages(self, phase: list[StagePlan], parents: dict[str, str], finished: set[str],
+    def _run_stages(self, phase: list[StagePlan], parents: dict[str, str], finished: dict[str, set[str]],
                     init: dict[str, str]) -> None:
         grid_tasks = []
         for stage in phase:
             if stage.search is None:
                 runtime = self._runtime(stage, parents[stage.stage], init)
                 grid_tasks += [TrialTask(trial=t, runtime=runtime) for t in stage.trials
-                               if t.trial_key not in finished]
+                               if t.trial_key not in finished[stage.stage]]
         self.tracker.close_stale(t.trial.trial_key for t in grid_tasks)  # one search for the whole phase
         stopping = self.spec.search.early_stopping
         self._run(start_order(grid_tasks, stopping.order_seed if stopping else None))
         for stage in phase:
             if stage.search is not None:
-                runtime = self._runtime(stage, parents[stage.stage], init)
-                previous = completed(stage_records(self.tracker.trials(stage.stage), stage))
-                run_search(stage.search, previous,
-                           lambda trials: self._run([TrialTask(trial=t, runtime=runtime) for t in trials]),
-                           self.executor.slots, study_storage(Path(self.spec.workdir)),
-                           study_name(self.tracker.sweep, stage.stage, stage.stage_key))
+                self._search(stage, self._runtime(stage, parents[stage.stage], init))
+
+    def _search(self, stage: StagePlan, runtime: TrialRuntime) -> None:
+        """A searched stage, by one driver at a time: a second driver of the sweep waits for the first's search of
+        the stage to end (its study would be rebuilt under the other's feet), then runs what is left of it."""
+        workdir, echo = Path(self.spec.workdir), self.progress.output.echo
+        name = study_name(self.tracker.sweep, stage.stage, stage.stage_key)
+        lock = workdir / "locks" / f"search-{self.tracker.sweep}-{stage.stage}.lock"
+        with exclusive_lock(lock, on_wait=lambda: echo(f"stage {stage.stage}: another driver is running its "
+                                                       "search; waiting for it to end")):
+            previous = completed(stage_records(self.tracker.trials(stage.stage), stage))
+            run_search(stage.search, previous,
+                       lambda trials: self._run([TrialTask(trial=t, runtime=runtime) for t in trials]),
+                       self.executor.slots, study_storage(workdir, echo), name, echo)
 
 
 def run_sweep(spec: SweepSpec, tracking_uri: str, *, smoke: bool = False, executor=None, output: Output = Output(),
@@ -222,14 +251,26 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, *, smoke: bool = False, execut
             echo(f"trials run in parallel: serving {tracking_uri} through an MLflow server at {uri}")
         tracker = SweepTracker(uri, name)
         tracker.show_trials(hyperparameter_names(stages))
+        for stage in preference_stages(stages):  # each keeps its method's best model
+            problem = verify_kept_best(uri, name, stage.stage, spec.checkpoints.keep, Path(spec.workdir).resolve())
+            if problem:
+                echo(problem)
         before = tracker.trials()
-        stopping = spec.search.early_stopping is not None
-        finished = {r.trial_key for r in before if r.status in done_statuses(stopping)}
-        skipped = sum(done_count(before, s, stopping) for s in stages)
+        finished = {s.stage: done_keys(before, s, spec) for s in stages}
+        skipped = sum(len(keys) for keys in finished.values())
         echo(f"sweep {name!r}: {sum(s.size for s in stages)} trials in {len(stages)} stages; tracking "
              f"{tracking_uri} (experiment {tracker.experiment_id}); executor {spec.executor.kind}")
         if skipped:
             echo(f"resuming: skipping {skipped} trials already done")
+        for stage in stages:
+            if stage.search and stage.search.capped():
+                echo(stage.search.capped())
+            stale = stale_stops(before, stage, spec)
+            if stale:
+                echo(f"stage {stage.stage}: {stale} trial(s) were stopped under other early-stopping settings than "
+                     "the spec's now (rungs, η, metric, or early stopping off): "
+                     + ("the search keeps them as stopped (they are its history)" if stage.search else
+                        "they run again"))
         progress = TrialProgress(sum(s.size for s in stages), skipped, output)
         runner = _StageRunner(spec, tracker, executor, uri, share_work, progress, trial_fn or run_trial)
         init: dict[str, str] = {}
@@ -245,7 +286,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, *, smoke: bool = False, execut
             if close:
                 close()
         records = tracker.trials()
-        models = keep_best_models(spec, uri, name, stages)
+        models = keep_best_models(spec, uri, name, stages, records, echo)
     ran = runner.results
     return SweepOutcome(stages, latest_per_key([r for s in stages for r in stage_records(records, s)]), skipped,
                         len(ran), sum(r.status == RunStatus.FAILED for r in ran), time.monotonic() - started,
@@ -259,17 +300,23 @@ def hyperparameter_names(stages: list[StagePlan]) -> list[str]:
     return sorted(names)
 
 
-def keep_best_models(spec: SweepSpec, uri: str, name: str, stages: list[StagePlan]) -> dict[str, str]:
+def keep_best_models(spec: SweepSpec, uri: str, name: str, stages: list[StagePlan], records: list[TrialRecord],
+                     echo=lambda line: None) -> dict[str, str]:
     """checkpoints.keep applied to every preference method once more, now that no trial of this run is writing
     (trials apply it as they finish; this completes what a killed process left half done); registered model
-    name -> the version its alias `best` points at."""
+    name -> the version its alias `best` points at. A method whose finished trials kept no weights (they ran
+    under keep: none) gets a line saying nothing is kept for it."""
     keep = spec.checkpoints.keep
     if keep == "none":
         return {}
-    methods = [s.stage for s in stages if s.stage not in ("base", "sft")]  # a preference stage is its method
     registered = {}
-    for method in methods:
+    for stage in preference_stages(stages):
+        method = stage.stage
         version = keep_models(uri, name, method, keep, spec.checkpoints.registry, Path(spec.workdir).resolve())
         if version is not None:
             registered[registered_model_name(name, method)] = version
+        finished = [r for r in latest_per_key(stage_records(records, stage)) if r.status == RunStatus.FINISHED]
+        if finished and not any(r.tags.get(TAG_WEIGHTS) == "logged" for r in finished):
+            echo(f"checkpoints.keep {keep}: none of the {len(finished)} finished {method} trials kept its weights "
+                 "(they ran under keep: none), so none is kept or registered; trials run from now on keep theirs")
     return registered

@@ -14,6 +14,8 @@ killed driver left RUNNING in the journal, or runs deleted from MLflow, disappea
 
 from __future__ import annotations
 
+import itertools
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,6 +25,7 @@ from orchestrator.grid import StageSearch
 from orchestrator.contract.spec import Choice, FloatRange, IntRange, SearchRange, coerce_hparam
 from orchestrator.contract.task import TrialResult
 from orchestrator.contract.early_stopping import logged_rung_values
+from orchestrator.contract.errors import first_line
 from orchestrator.contract.tracking import TrialRecord
 from orchestrator.contract.methods import METHODS
 from orchestrator.contract.runs import RunStatus
@@ -75,11 +78,39 @@ def _told_state(metrics: dict[str, float], status: str, metric: str) -> tuple[op
     return optuna.trial.TrialState.FAIL, None
 
 
-def study_storage(workdir: Path) -> optuna.storages.JournalStorage:
-    """The sweep's Optuna journal (WORKDIR/optuna/studies.log): what optuna-dashboard and load_study open."""
-    path = Path(workdir) / "optuna" / "studies.log"
+Notice = Callable[[str], None]  # one line to the sweep's output
+
+
+def journal_path(workdir: Path) -> Path:
+    return Path(workdir) / "optuna" / "studies.log"
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1)
+
+
+def study_storage(workdir: Path, notice: Notice = lambda line: None) -> optuna.storages.JournalStorage:
+    """The sweep's Optuna journal (WORKDIR/optuna/studies.log): what optuna-dashboard and load_study open. A journal
+    that cannot be read (its last line cut by a kill or a full disk, a folder in its place) is set aside, renamed
+    studies.log.damaged-TIME, and a new one started: MLflow is the source of truth, and each searched stage's study
+    is rebuilt from it (replay) anyway."""
+    path = journal_path(workdir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    try:
+        if path.is_file() and path.stat().st_size and _last_byte(path) != b"\n":
+            # Optuna skips a cut last line when reading, then appends after it: the next read fails for good
+            raise ValueError("its last line is cut")
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+        optuna.get_all_study_summaries(storage)  # reads the whole journal now, not halfway through a search
+        return storage
+    except Exception as exc:  # noqa: BLE001 - whatever the damage, the journal is rebuilt from MLflow
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.rename(aside)
+        notice(f"the Optuna journal {path} could not be read ({type(exc).__name__}: {first_line(exc)}); set aside "
+               f"as {aside.name}, the studies are rebuilt from MLflow")
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
 def study_name(sweep: str, stage: str, stage_key: str) -> str:
@@ -114,17 +145,63 @@ def _links(trial_key: str, run_id: Optional[str]) -> dict[str, str]:
     return {"posweep_trial_key": trial_key, "mlflow_run_id": run_id or ""}
 
 
+def _unexplored(search: StageSearch, seen: set[str]) -> Optional[dict]:
+    """The first point of a finite space (in the order of its choices and ranges) whose trial has not run, or None
+    (also for a space with a float range)."""
+    if search.points is None:
+        return None
+    axes = [[(k, v) for v in (r.choices if isinstance(r, Choice) else range(r.int_low, r.int_high + 1))]
+            for k, r in search.space.items()]
+    return next((dict(c) for c in itertools.product(*axes) if search.trial(dict(c)).trial_key not in seen), None)
+
+
+# Proposals in a row that repeat a trial already run, after which a search of a continuous space gives up
+MAX_REPEATS = 20
+
+
+def _ask_new(study: optuna.Study, search: StageSearch, dists: dict, seen: set[str]) -> Optional[optuna.Trial]:
+    """An asked trial whose point has not run in this stage, or None when no such point is left (or a continuous
+    space's sampler keeps proposing run ones). A proposal that repeats a run point is told FAIL (user attribute
+    posweep_repeat_of: its key), and in a finite space an unexplored point is enqueued for the next ask."""
+    for _ in range(MAX_REPEATS):
+        trial = study.ask(dists)
+        key = search.trial(trial.params).trial_key
+        if key not in seen:
+            seen.add(key)
+            return trial
+        trial.set_user_attr("posweep_repeat_of", key)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        if search.points is not None:
+            point = _unexplored(search, seen)
+            if point is None:
+                return None
+            study.enqueue_trial(point)
+    return None
+
+
 def run_search(search: StageSearch, previous: list[TrialRecord], run_batch: RunBatch, batch_size: int,
-               storage=None, name: Optional[str] = None) -> list[TrialResult]:
-    """Run the rest of the stage's budget (n_trials minus its completed runs) in batches of `batch_size`; the
-    study lives in `storage` under `name` when given (study_storage, study_name), else in memory."""
+               storage=None, name: Optional[str] = None, notice: Notice = lambda line: None) -> list[TrialResult]:
+    """Run the rest of the stage's budget (n_trials minus its completed runs; the plan caps it at a finite space's
+    distinct points) in batches of `batch_size`, each point once. The study lives in `storage` under `name` when
+    given (study_storage, study_name), else in memory."""
     study = new_study(search, len(previous), storage, name)
     replay(study, search, previous)
     dists = {k: distribution(v) for k, v in search.space.items()}
+    seen = {r.trial_key for r in previous}
     results: list[TrialResult] = []
     remaining = search.n_trials - len(previous)
     while remaining > 0:
-        asked = [study.ask(dists) for _ in range(min(batch_size, remaining))]
+        asked = []
+        for _ in range(min(batch_size, remaining)):
+            trial = _ask_new(study, search, dists, seen)
+            if trial is None:
+                break
+            asked.append(trial)
+        if not asked:
+            notice(f"stage {search.template.stage}: the search stops after {len(seen)} trials, under its budget of "
+                   f"{search.n_trials}: the sampler proposed only points that have run, {MAX_REPEATS} times in a "
+                   "row")
+            break
         batch = run_batch([search.trial(t.params) for t in asked])
         for trial, result in zip(asked, batch):
             for attr, value in _links(result.trial_key, result.run_id).items():

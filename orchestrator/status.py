@@ -13,8 +13,8 @@ from typing import Optional
 import pandas as pd
 
 from orchestrator.grid import StagePlan
-from orchestrator.pipeline import latest_per_key, stage_records
-from orchestrator.contract.spec import CostSpec
+from orchestrator.pipeline import latest_per_key, stage_records, to_run
+from orchestrator.contract.spec import CostSpec, SweepSpec
 from orchestrator.contract.tracking import TrialRecord
 from orchestrator.contract.runs import OUTCOMES, RunStatus
 
@@ -26,9 +26,10 @@ def _stage_runs(records: list[TrialRecord], stage: StagePlan) -> list[TrialRecor
     return latest_per_key(stage_records(records, stage))
 
 
-def status_table(stages: list[StagePlan], records: list[TrialRecord]) -> pd.DataFrame:
-    """One row per stage: planned, done, running, failed, stopped (early, at a rung), pending, trial-hours and
-    GPU-hours spent."""
+def status_table(stages: list[StagePlan], records: list[TrialRecord], spec: SweepSpec) -> pd.DataFrame:
+    """One row per stage: planned, done (finished), running, failed, stopped (early, at a rung), pending (what
+    `sweep run` would run now: pipeline.to_run, failed and killed trials and stops the spec's early stopping no
+    longer stands by included), trial-hours and GPU-hours spent."""
     rows = []
     for stage in stages:
         runs = _stage_runs(records, stage)
@@ -36,9 +37,7 @@ def status_table(stages: list[StagePlan], records: list[TrialRecord]) -> pd.Data
         spent = stage_records(records, stage)  # every attempt costs, retried or not
         rows.append({
             "stage": stage.stage, "planned": stage.size, "done": counts["FINISHED"], "running": counts["RUNNING"],
-            "failed": counts["FAILED"], "stopped": counts["STOPPED"],
-            "pending": max(stage.size - counts["FINISHED"] - counts["FAILED"] - counts["RUNNING"]
-                           - counts["STOPPED"], 0),
+            "failed": counts["FAILED"], "stopped": counts["STOPPED"], "pending": to_run(records, stage, spec),
             "trial_hours": sum(r.metrics.get("wall_seconds", 0.0) for r in spent) / 3600,
             "gpu_hours": sum(r.metrics.get("gpu_hours", 0.0) for r in spent)})
     return pd.DataFrame(rows)
@@ -79,15 +78,14 @@ def trial_cost(stage: StagePlan, records: list[TrialRecord], stages: list[StageP
     return estimate or TrialCost(None, None, "unknown")
 
 
-def cost_estimate(stages: list[StagePlan], records: list[TrialRecord], spec_cost: CostSpec,
+def cost_estimate(stages: list[StagePlan], records: list[TrialRecord], spec: SweepSpec,
                   estimates: Optional[dict[str, TrialCost]] = None) -> pd.DataFrame:
     """Per stage: trials, cost per trial and its source, estimated trial-hours and GPU-hours for the whole
     stage and for what is still to run. `estimates`: the planner's per-stage FLOPs estimates, used last."""
     rows = []
     for stage in stages:
-        cost = trial_cost(stage, records, stages, spec_cost, (estimates or {}).get(stage.stage))
-        runs = _stage_runs(records, stage)
-        left = max(stage.size - sum(r.status in OUTCOMES for r in runs), 0)
+        cost = trial_cost(stage, records, stages, spec.cost, (estimates or {}).get(stage.stage))
+        left = to_run(records, stage, spec)
         hours = (lambda n: n * cost.seconds / 3600) if cost.seconds is not None else (lambda n: None)  # noqa: E731
         gpu = (lambda n: n * cost.gpu_hours) if cost.gpu_hours is not None else (lambda n: None)  # noqa: E731
         rows.append({"stage": stage.stage, "trials": stage.size, "to_run": left, "seconds_per_trial": cost.seconds,

@@ -12,11 +12,15 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from orchestrator.contract.errors import first_line
+from orchestrator.contract.early_stopping import rungs_of
+from orchestrator.contract.spec import range_bounds
 from trainers.sources import DataError, load_splits
 from trainers.synthetic import generate_split
 
@@ -164,12 +168,27 @@ def check_reward(reward_spec, report: Preflight) -> None:
     report.inputs.append(f"reward: {folder}")
 
 
+def workdir_problem(workdir: Path) -> Optional[str]:
+    """Why `workdir` cannot be used (created, or written), or None; creates nothing. Permissions are asked of the
+    OS (os.access), so a read-only mount is seen even by root."""
+    if workdir.exists():
+        if not workdir.is_dir():
+            return f"{workdir} is a file; workdir is the folder that holds checkpoints, samples and caches"
+        return None if os.access(workdir, os.W_OK | os.X_OK) else f"{workdir} is not writable by this user"
+    above = next(parent for parent in workdir.parents if parent.exists())
+    if not above.is_dir():
+        return f"{workdir} cannot be created: {above} is a file"
+    if not os.access(above, os.W_OK | os.X_OK):
+        return f"{workdir} cannot be created: {above} is not writable by this user (or a read-only file system)"
+    return None
+
+
 def check_workdir(spec, report: Preflight) -> None:
-    workdir = Path(spec.workdir).expanduser()
-    if workdir.exists() and not workdir.is_dir():
-        raise InputError("workdir", f"{spec.workdir} is a file; workdir is the folder that holds checkpoints, "
-                                    "samples and caches")
-    report.inputs.append(f"workdir: {_resolved(spec.workdir)}")
+    workdir = _resolved(spec.workdir)
+    problem = workdir_problem(workdir)
+    if problem:
+        raise InputError("workdir", problem)
+    report.inputs.append(f"workdir: {workdir}")
 
 
 def check_model_reads_the_data(spec, report: Preflight) -> None:
@@ -222,9 +241,43 @@ def check_truncation(spec, report: Preflight) -> None:
     report.warnings.append(message)
 
 
+def _epoch_values(grid) -> list[int]:
+    """The epochs a stage's trials train for (its grid, zip or space; 1 when it sets none)."""
+    values = list(grid.grid.get("epochs", [])) + list(grid.zip.get("epochs", []))
+    space = grid.space.get("epochs")
+    if space is not None:
+        values += list(getattr(space, "choices", None) or range_bounds(space))
+    return [int(v) for v in values] or [1]
+
+
+def check_rungs_act(spec, report: Preflight) -> None:
+    """Rung settings that can never act: no preference trial's steps reach a rung (rung_steps past every trial's
+    last step) or, under early stopping, the min_rung (rung_every placing fewer rungs). Refused under early stopping
+    (it would stop nothing, silently); a warning for rungs without it (the rung/* curves stay empty)."""
+    e = spec.evaluation
+    pairs = len(report.train_pairs) if report.train_pairs is not None else getattr(spec.data, "n_train", None)
+    if not e.has_rungs or pairs is None:
+        return
+    per_epoch = math.ceil(pairs / spec.training.batch_size)
+    totals = {min(per_epoch * epochs, spec.training.max_steps or per_epoch * epochs)
+              for grid in spec.stages.methods.values() for epochs in _epoch_values(grid)}
+    reached = max((max(rungs_of(e, total).values(), default=0) for total in totals), default=0)
+    stopping = spec.search.early_stopping
+    where = "evaluation.rung_steps" if e.rung_steps else "evaluation.rung_every" if e.rung_every else "evaluation.rungs"
+    steps = f"{min(totals)}" if len(totals) == 1 else f"{min(totals)} to {max(totals)}"
+    if stopping is not None and reached < stopping.min_rung:
+        raise InputError("search.early_stopping.min_rung" if reached else where,
+                         f"early stopping can never stop a trial: the preference trials train {steps} steps, which "
+                         f"reach {reached} rung(s) of {where}, below min_rung {stopping.min_rung}")
+    if reached == 0:
+        report.warnings.append(f"no preference trial reaches a rung of {where}: the trials train {steps} steps "
+                               "(a rung on the last step is the final evaluation itself)")
+
+
 # Each section's own check (what it points at), then the checks across sections.
 CHECKS: dict[str, Callable] = {"model": check_model, "data": check_data, "reward": check_reward}
-SPEC_CHECKS: list[Callable] = [check_workdir, check_model_reads_the_data, check_eval_size, check_truncation]
+SPEC_CHECKS: list[Callable] = [check_workdir, check_model_reads_the_data, check_eval_size, check_truncation,
+                               check_rungs_act]
 
 
 def preflight(spec) -> Preflight:

@@ -108,7 +108,7 @@ class ProbeBody:
             marker.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
         rungs = rungs_of(task.trial.evaluation, self.steps) if self.steps else {}
-        judge = RungJudge(logger, task.runtime.stage_key, task.trial.trial_key, task.runtime.early_stopping)
+        judge = RungJudge.for_trial(logger, task)
         for step in range(1, self.steps + 1):  # `seconds` is spread over the steps, like a training loop's logging
             logger.log_metrics({"probe/step_value": float(step)}, step)
             if step in rungs:  # the score it will finish with, as every rung's (ASHA's decisions are then known)

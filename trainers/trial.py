@@ -297,7 +297,7 @@ def _rung_hook(ctx: TrialContext, eval_data: LoadedPairs, frozen_reference,
     evaluator = RungEvaluator(ctx.tokenizer, subset, ctx.reward(), settings, ctx.device, trial.training.max_length,
                               lambda: ctx.start_model(frozen_reference),
                               lambda: ctx.sft_baseline(eval_data.pairs, frozen_reference))
-    judge = RungJudge(ctx.logger, ctx.task.runtime.stage_key, trial.trial_key, ctx.task.runtime.early_stopping)
+    judge = RungJudge.for_trial(ctx.logger, ctx.task)
     placement = functools.cache(lambda total: rungs_of(e, total))  # {step: rung}; a trial's total never changes
 
     def after_step(step: int, total: int, model: torch.nn.Module) -> None:

@@ -17,14 +17,43 @@ first: on a parallel executor that is timing, so decisions are not reproducible 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
 from orchestrator.contract.spec import AshaSpec, EvaluationSpec
+from orchestrator.contract.task import TrialTask
 
 RUNG_PREFIX = "rung/"
+DEFAULT_RUNG_METRIC = f"{RUNG_PREFIX}mean_score"  # what asha/rung_K holds without early stopping
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def rung_signature(evaluation: EvaluationSpec, settings: Optional[AshaSpec]) -> str:
+    """What makes two trials' rung values comparable: where the rungs fall (rungs, rung_every or rung_steps),
+    which prompts a rung evaluates (rung_prompts of the first num_prompts, drawn with seed) and which metric is
+    compared. Tagged on every trial run with rungs; a decision reads only values of runs with the same one, so a
+    rerun with other rung settings never compares a value taken at step 10 with one taken at step 2."""
+    return _digest({"rungs": evaluation.rungs, "rung_every": evaluation.rung_every,
+                    "rung_steps": evaluation.rung_steps, "rung_prompts": evaluation.rung_prompts,
+                    "num_prompts": evaluation.num_prompts, "seed": evaluation.seed,
+                    "metric": settings.metric if settings else DEFAULT_RUNG_METRIC})
+
+
+def stop_signature(evaluation: EvaluationSpec, settings: Optional[AshaSpec]) -> Optional[str]:
+    """The early-stopping rule a stop was decided under: the rung signature and ASHA's η, mode and min_rung (None
+    without early stopping). Tagged on every STOPPED run: a stop holds (the trial counts as done) only while the
+    sweep stops early under the same rule (runs.resume_done)."""
+    if settings is None:
+        return None
+    return _digest({"rungs": rung_signature(evaluation, settings), "reduction_factor": settings.reduction_factor,
+                    "mode": settings.mode, "min_rung": settings.min_rung})
 
 
 def rung_value_key(rung: int) -> str:
@@ -121,29 +150,39 @@ class TrialStopped(Exception):
 class RungStore(Protocol):
     """What a judge needs of the trial's logger (orchestrator.contract.tracking.TrialLogger)."""
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None: ...
-    def rung_values(self, stage_key: str, metric: str, exclude_key: str) -> list[float]: ...
+    def rung_values(self, stage_key: str, metric: str, exclude_key: str, signature: str) -> list[float]: ...
 
 
 class RungJudge:
-    """Logs a trial's rung evaluations and, under early stopping, decides at each rung whether it goes on."""
+    """Logs a trial's rung evaluations and, under early stopping, decides at each rung whether it goes on,
+    against the values of the stage's other trials with the same rung signature."""
 
-    def __init__(self, store: RungStore, stage_key: str, trial_key: str, settings: Optional[AshaSpec]):
+    def __init__(self, store: RungStore, stage_key: str, trial_key: str, settings: Optional[AshaSpec],
+                 signature: str):
         self.store, self.stage_key, self.trial_key, self.settings = store, stage_key, trial_key, settings
+        self.signature = signature
         self.values: dict[int, float] = {}
+
+    @classmethod
+    def for_trial(cls, store: RungStore, task: TrialTask) -> "RungJudge":
+        """The judge of one trial: its stage, key, the sweep's early stopping and its rung signature."""
+        stopping = task.runtime.early_stopping
+        return cls(store, task.runtime.stage_key, task.trial.trial_key, stopping,
+                   rung_signature(task.trial.evaluation, stopping))
 
     def __call__(self, rung: int, step: int, metrics: dict[str, float]) -> Optional[RungDecision]:
         """Log `metrics` (names without the rung/ prefix) at `step`; raise TrialStopped when ASHA stops the
         trial here; the decision (None without early stopping)."""
         settings = self.settings
         logged = {f"{RUNG_PREFIX}{k}": v for k, v in metrics.items()}
-        compared_metric = settings.metric if settings else f"{RUNG_PREFIX}mean_score"
+        compared_metric = settings.metric if settings else DEFAULT_RUNG_METRIC
         if compared_metric in logged:
             logged[rung_value_key(rung)] = self.values[rung] = logged[compared_metric]
         self.store.log_metrics(logged, step)
         if settings is None or rung < settings.min_rung or settings.metric not in logged:
             return None  # (a stage without the metric, e.g. rung/kl of SFT trials, is not stopped on it)
         value = logged[settings.metric]
-        others = self.store.rung_values(self.stage_key, rung_value_key(rung), self.trial_key)
+        others = self.store.rung_values(self.stage_key, rung_value_key(rung), self.trial_key, self.signature)
         stop, cutoff = asha_decision(value, others, settings.reduction_factor, settings.mode)
         decision = RungDecision(rung, step, settings.metric, value, cutoff,
                                 sum(math.isfinite(v) for v in others), stop)

@@ -17,12 +17,21 @@ from orchestrator.contract.errors import caused_by
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path, shared: bool = False):
+def exclusive_lock(path: Path, shared: bool = False, on_wait: Optional[Callable[[], None]] = None):
     """Hold an flock on `path` (created if needed) for the block, exclusive, or `shared` with other shared
-    holders; the OS drops it when its process dies, so a crashed holder never leaves a stale lock."""
+    holders; the OS drops it when its process dies, so a crashed holder never leaves a stale lock. `on_wait` is
+    called once before waiting, when another process holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        if on_wait is not None:
+            try:
+                fcntl.flock(handle, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                on_wait()
+                fcntl.flock(handle, mode)
+        else:
+            fcntl.flock(handle, mode)
         try:
             yield
         finally:

@@ -12,13 +12,13 @@ state after a crash anywhere, then a rerun, is the state of an uninterrupted swe
 
 from __future__ import annotations
 
-import math
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from orchestrator.contract.files import exclusive_lock
-from orchestrator.contract.runs import SELECTION_METRIC, RunStatus
+from orchestrator.contract.runs import SELECTION_METRIC, RunStatus, best_first
 from orchestrator.contract.tracking import TAG_WEIGHTS, KeptModels, SweepTracker, TrialRecord
 
 KEEP_POLICIES = ("best_per_method", "all", "none")
@@ -28,9 +28,8 @@ def registered_model_name(sweep: str, method: str) -> str:
     return f"{sweep}-{method}"
 
 
-def _score(record: TrialRecord) -> tuple[float, str]:
-    value = record.metrics.get(SELECTION_METRIC, float("nan"))
-    return (value if math.isfinite(value) else float("-inf"), record.trial_key)  # ties: the same pick every time
+def _rank(record: TrialRecord) -> tuple[float, str]:
+    return best_first(record.metrics.get(SELECTION_METRIC, float("nan")), record.trial_key)
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ def decide(with_weights: list[TrialRecord], keep: str) -> KeepDecision:
     if keep not in KEEP_POLICIES:
         raise ValueError(f"unknown checkpoints.keep {keep!r}; one of {', '.join(KEEP_POLICIES)}")
     finished = [r for r in with_weights if r.status == RunStatus.FINISHED and r.tags.get(TAG_WEIGHTS) == "logged"]
-    best = max(finished, key=_score) if finished else None
+    best = min(finished, key=_rank) if finished else None
     ended = [r for r in with_weights if r.status != RunStatus.RUNNING]
     if keep == "best_per_method":
         delete = [r for r in ended if best is None or r.run_id != best.run_id]
@@ -78,3 +77,26 @@ def keep_models(uri: str, sweep: str, method: str, keep: str, register: bool, wo
             kept.delete_weights(record, _why(record, decision.best))
     return version
 
+
+
+def verify_kept_best(uri: str, sweep: str, method: str, keep: str, workdir: str | Path, repair: bool = True
+                     ) -> Optional[str]:
+    """Check that the weights of a method's kept best run are still the ones its trial wrote (every file against
+    the sha256 its ready marker recorded). When they are not: with `repair`, the run is marked FAILED so its trial
+    runs again and the registry moves to the best run whose weights hold (`sweep run`); either way, one line
+    saying so (None when they hold, or nothing is kept)."""
+    if keep == "none":
+        return None
+    tracker = SweepTracker(uri, sweep, create=False)
+    kept = KeptModels(tracker)
+    lock = exclusive_lock(Path(workdir) / "locks" / f"models-{sweep}.lock") if repair else contextlib.nullcontext()
+    with lock:  # (reading only, `sweep status` takes no lock: it creates nothing)
+        best = decide(kept.with_weights(method), keep).best
+        problem = kept.weights_problem(best) if best is not None else None
+        if problem is None:
+            return None
+        if repair:
+            kept.invalidate(best, problem)
+    what = "runs again" if repair else "runs again on the next `sweep run`"
+    return (f"kept {method} model of run {best.run_id} ({best.run_name}): {problem}; the trial {what}, and "
+            f"{registered_model_name(sweep, method)}@best moves to the best run whose weights hold")

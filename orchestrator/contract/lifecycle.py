@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Callable, Optional, Protocol
 
 from orchestrator.contract import tracking
-from orchestrator.contract.early_stopping import TrialStopped, rung_value_key
+from orchestrator.contract.early_stopping import TrialStopped, rung_signature, rung_value_key, stop_signature
 from orchestrator.contract.errors import failure_reason, first_line
 from orchestrator.contract.files import exclusive_lock, write_file_atomically, write_verified
 from orchestrator.contract.kept_models import keep_models
 from orchestrator.contract.methods import METHODS
 from orchestrator.contract.registry import load_reference
-from orchestrator.contract.runs import RunStatus, done_statuses
+from orchestrator.contract.runs import RunStatus, resume_done
 from orchestrator.contract.task import TrialResult, TrialTask
 
 Report = Callable[[int, int], None]  # (step, total_steps)
@@ -117,6 +117,8 @@ def _trial_tags(task: TrialTask) -> dict[str, str]:
             tracking.TAG_KEY: trial.trial_key, tracking.TAG_STAGE_KEY: runtime.stage_key}
     if runtime.init_trial_key:
         tags[tracking.TAG_INIT_KEY] = runtime.init_trial_key
+    if trial.evaluation.has_rungs:
+        tags[tracking.TAG_RUNG_SIGNATURE] = rung_signature(trial.evaluation, runtime.early_stopping)
     return tags
 
 
@@ -148,10 +150,11 @@ def _open_run(task: TrialTask, logger: tracking.TrialLogger, earlier: list[track
 
 
 def _finished_result(task: TrialTask, runs: list[tracking.TrialRecord]) -> Optional[TrialResult]:
-    """The result of the key's done run among `runs` (FINISHED; or STOPPED, under early stopping), if any."""
-    done = done_statuses(task.runtime.early_stopping is not None)
-    finished = next((r for r in runs if r.status == RunStatus.FINISHED), None) or next(
-        (r for r in runs if r.status in done), None)
+    """The result of the key's done run among `runs` (FINISHED; or STOPPED under the sweep's early-stopping rule:
+    runs.resume_done), if any."""
+    stopping = stop_signature(task.trial.evaluation, task.runtime.early_stopping)
+    done = [r for r in runs if resume_done(r.status, r.tags.get(tracking.TAG_STOPPED_UNDER), stopping)]
+    finished = next((r for r in done if r.status == RunStatus.FINISHED), None) or next(iter(done), None)
     if finished is None:
         return None
     return TrialResult(trial_key=finished.trial_key, run_id=finished.run_id, status=finished.status,
@@ -204,7 +207,8 @@ def _record_stop(task: TrialTask, logger: tracking.TrialLogger, run_id: str, sto
     decision = stopped.decision
     logger.log_metrics(cost)
     logger.set_tags({tracking.TAG_STOPPED_AT_STEP: str(decision.step),
-                     tracking.TAG_STOPPED_AT_RUNG: str(decision.rung), tracking.TAG_STOP_REASON: stopped.reason[:5000]})
+                     tracking.TAG_STOPPED_AT_RUNG: str(decision.rung), tracking.TAG_STOP_REASON: stopped.reason[:5000],
+                     tracking.TAG_STOPPED_UNDER: stop_signature(task.trial.evaluation, task.runtime.early_stopping)})
     logger.finish(RunStatus.FINISHED)
     _drop_training_state(task)
     return TrialResult(trial_key=task.trial.trial_key, run_id=run_id, status=RunStatus.STOPPED,

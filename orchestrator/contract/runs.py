@@ -3,7 +3,9 @@ back from MLflow or from a frame's status column compare with it directly."""
 
 from __future__ import annotations
 
+import math
 from enum import Enum
+from typing import Optional
 
 
 class RunStatus(str, Enum):
@@ -24,14 +26,24 @@ class RunStatus(str, Enum):
 OUTCOMES = (RunStatus.FINISHED, RunStatus.FAILED, RunStatus.STOPPED)
 
 
-def done_statuses(early_stopping: bool) -> tuple[RunStatus, ...]:
-    """The states whose key a run of the sweep skips: FINISHED, and STOPPED while the sweep stops early (with
-    early stopping turned off, a stopped trial runs again, to the end)."""
-    return (RunStatus.FINISHED, RunStatus.STOPPED) if early_stopping else (RunStatus.FINISHED,)
+def resume_done(status: RunStatus, stopped_under: Optional[str], stopping: Optional[str]) -> bool:
+    """Whether a run makes its key done, so a rerun of the sweep skips it: FINISHED; or STOPPED under the early-
+    stopping rule the sweep stops by now (`stopping`: early_stopping.stop_signature of the spec, None without
+    early stopping). A trial stopped under other rung settings, another η, or before early stopping was turned off
+    runs again, to the end or to its own stop."""
+    return status == RunStatus.FINISHED or (
+        status == RunStatus.STOPPED and stopping is not None and stopped_under == stopping)
 
 # The metric every stage's best trial is chosen by, higher is better: the SFT checkpoint preference stages start
 # from, the best trial per stage in the summary, the model each method keeps and registers.
 SELECTION_METRIC = "mean_score"
+
+
+def best_first(value: float, trial_key: str) -> tuple[float, str]:
+    """Sort key that puts the best trial first: the higher SELECTION_METRIC value, a missing or non-finite one
+    last, and between equal values the smaller trial key. The one rule for every "best": the SFT checkpoint
+    preference stages start from, the end-of-run summary, the registry's @best and the report."""
+    return (-value if value is not None and math.isfinite(value) else math.inf, trial_key)
 # What every evaluated trial logs (trainers.evaluate), in the order tables and the MLflow runs view show them.
 TRIAL_METRICS = ("mean_score", "win_vs_chosen", "win_vs_sft", "kl", "length")
 # Where a trial's wall time went (trainers.trial: load, reference log-probs, training, rung evaluations, the final

@@ -27,6 +27,11 @@ def _finite(value):
 
 
 GridValue = Annotated[Scalar, BeforeValidator(_finite)]
+# A seed every consumer takes (torch.manual_seed, torch.Generator, random.Random, Optuna's samplers): 63 bits
+Seed = Annotated[int, Field(ge=0, lt=2 ** 63, description="a seed: 0 <= seed < 2**63")]
+# `--smoke` runs are tracked as NAME-smoke; a spec name cannot end so, or it would share that experiment
+SMOKE_SUFFIX = "-smoke"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 class Strict(BaseModel):
@@ -43,7 +48,7 @@ class TinyModelSpec(Strict):
     num_layers: int = Field(2, gt=0)
     num_heads: int = Field(4, gt=0)
     max_positions: int = Field(128, gt=0)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self):
@@ -82,7 +87,7 @@ ModelSpec = Annotated[Union[TinyModelSpec, HFModelSpec], Field(discriminator="ki
 class SyntheticDataSpec(Strict):
     """The built-in synthetic preference task (trainers/synthetic.py)."""
     kind: Literal["synthetic"] = "synthetic"
-    seed: int = 0
+    seed: Seed = 0
     n_train: int = Field(2000, ge=8)
     n_eval: int = Field(64, ge=1)
     label_noise: float = Field(0.1, ge=0, lt=0.5)
@@ -175,7 +180,7 @@ class TrainingSpec(Strict):
                                 "in micro-batches whose gradients accumulate into one optimizer step, so memory "
                                 "follows this size while the batch stays batch_size (None: the whole share)")
     max_length: int = Field(48, gt=1)
-    seed: int = 0
+    seed: Seed = 0
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
@@ -194,11 +199,12 @@ class TrainingSpec(Strict):
 
 
 class EvaluationSpec(Strict):
-    temperature: float = Field(0.7, gt=0)
+    temperature: float = Field(0.7, ge=0.01, le=100, description="sampling temperature; below 0.01 the tempered "
+                               "logits leave float range")
     top_p: float = Field(0.95, gt=0, le=1)
-    max_new_tokens: int = Field(24, gt=0)
+    max_new_tokens: int = Field(24, gt=0, le=32768)
     num_prompts: int = Field(64, gt=0)
-    seed: int = Field(0, description="with each prompt's id, the seed of that prompt's own random stream: a sample "
+    seed: Seed = Field(0, description="with each prompt's id, the seed of that prompt's own random stream: a sample "
                                      "depends on its prompt, this seed and the weights only")
     batch_size: int = Field(128, gt=0, description="prompts per generation batch at most (and sequences per KL "
                                                    "batch); sampling does not depend on it")
@@ -367,7 +373,7 @@ class SlurmExecutorSpec(ExecutorBase):
         10.0, gt=0, description="a job pending because no node can take it (drained/down nodes, partition down) "
                                 "this long is cancelled and recorded FAILED instead of waited on")
     max_requeues: int = Field(3, ge=0, description="requeues after preemption or time-out")
-    poll_seconds: float = Field(2.0, gt=0)
+    poll_seconds: float = Field(2.0, gt=0, le=600)
     folder: Optional[str] = Field(None, description="submitit logs and pickles; default WORKDIR/slurm")
     sbatch_options: dict[str, str] = Field(default_factory=dict, description="extra #SBATCH options "
                                            "(e.g. account, qos, constraint)")
@@ -435,7 +441,7 @@ class AshaSpec(Strict):
                                                            "1/η of the trials that reached the rung")
     min_rung: int = Field(1, ge=1, description="the first rung (1-based) at which trials may be stopped; earlier "
                                                "rungs are evaluated and logged only")
-    order_seed: int = Field(0, description="grid trials start in an order shuffled with this seed, not the grid's "
+    order_seed: Seed = Field(0, description="grid trials start in an order shuffled with this seed, not the grid's "
                                            "written order, whose first trials (one learning rate, one beta) would "
                                            "set every rung's bar")
 
@@ -454,7 +460,7 @@ class OptunaSearchSpec(Strict):
     kind: Literal["optuna"]
     n_trials: int = Field(gt=0, description="trials per searched stage")
     sampler: Literal["tpe", "random"] = "tpe"
-    seed: int = 0
+    seed: Seed = 0
     metric: Literal["mean_score", "win_vs_chosen", "win_vs_sft"] = "mean_score"
     early_stopping: Optional[EarlyStoppingSpec] = Field(None, description="stop trials at rungs (ASHA); a stopped "
                                                         "trial is told to Optuna as PRUNED with its rung values")
@@ -498,7 +504,7 @@ class TrackingSpec(Strict):
     uri: Optional[str] = Field(None, description="MLflow tracking URI; default sqlite:///mlflow.db")
     system_metrics: bool = Field(True, description="log CPU, memory, disk, network (and GPU, where pynvml is "
                                  "installed) utilisation into every trial run, as MLflow's system metrics")
-    system_metrics_interval: float = Field(10.0, ge=0.5, description="seconds between system-metric samples; "
+    system_metrics_interval: float = Field(10.0, ge=0.5, le=3600, description="seconds between system-metric samples; "
                                            "every trial logs at least one, when it ends")
     server_host: str = Field("127.0.0.1", description="where the MLflow server that `sweep run` starts for "
                              "parallel trials on a SQLite store listens; only widen it on a trusted network")
@@ -517,7 +523,8 @@ class CheckpointsSpec(Strict):
 
 
 class SweepSpec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=NAME_PATTERN, max_length=100, description="the MLflow experiment, and part of file, "
+                      "study and registered-model names; letters, digits, _ . -, not ending in -smoke")
     workdir: str = Field("posweep_runs", description="checkpoints, samples and caches go here")
     model: ModelSpec = Field(default_factory=TinyModelSpec)
     data: DataSpec = Field(default_factory=SyntheticDataSpec)
@@ -532,6 +539,14 @@ class SweepSpec(Strict):
     checkpoints: CheckpointsSpec = Field(default_factory=CheckpointsSpec)
     max_trials: int = Field(10_000, gt=0, description="the most trials the grids may plan: a guard against a grid "
                                                       "of a million points by mistake; raise it for a bigger sweep")
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_a_smoke_name(cls, value: str) -> str:
+        if value.endswith(SMOKE_SUFFIX):
+            raise ValueError(f"a sweep name cannot end in {SMOKE_SUFFIX!r}: `--smoke` runs of sweep "
+                             f"{value.removesuffix(SMOKE_SUFFIX)!r} are tracked under that name")
+        return value
 
     @model_validator(mode="after")
     def _search_has_a_space(self):

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict
 
 from orchestrator.contract.errors import caused_by, first_line
-from orchestrator.contract.files import exclusive_lock
+from orchestrator.contract.files import exclusive_lock, folder_problem
 from orchestrator.contract.runs import SELECTION_METRIC, TRIAL_METRICS, RunStatus
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -52,6 +52,8 @@ TAG_EVAL_CUTS = "posweep.eval_cuts"
 TAG_STOPPED_AT_STEP = "posweep.stopped_at_step"  # early stopping ended the trial after this optimizer step
 TAG_STOPPED_AT_RUNG = "posweep.stopped_at_rung"
 TAG_STOP_REASON = "posweep.stop_reason"  # the ASHA decision: its value, the cutoff, how many trials it was among
+TAG_RUNG_SIGNATURE = "posweep.rung_signature"  # where its rungs fall and what they measure (early_stopping)
+TAG_STOPPED_UNDER = "posweep.stopped_under"  # the early-stopping rule a STOPPED run was stopped under
 TAG_WEIGHTS = "posweep.weights"      # "uploading", then "logged" once model/ is whole; "deleted: why" after
 WEIGHTS_HELD = ("uploading", "logged")  # states in which a run's artifacts may hold weights
 TAG_PARENT = "mlflow.parentRunId"
@@ -65,9 +67,59 @@ RUNS_VIEW_KEY = "posweep"
 TAG_RUNS_VIEW = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
 
 
+# Tracking stores a sweep can use: a local SQLite file, an MLflow server, or a database MLflow's SQL store takes
+SERVER_SCHEMES = ("http", "https")
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+class BadTrackingUri(ValueError):
+    """A tracking URI that can never name a usable store (a file-store path, an unknown scheme, a SQLite URI naming
+    a folder or a file that is not a database). Its message is the one line a command prints; exit code 2."""
+
+
+def _suggested_store(path: Path) -> str:
+    return f"sqlite:///{(path if path.suffix == '.db' else path / 'mlflow.db').expanduser().resolve()}"
+
+
+def tracking_uri_problem(uri: str) -> Optional[str]:
+    """Why `uri` cannot name a tracking store, or None. Reads at most the first bytes of a local file; creates
+    nothing."""
+    scheme = urlparse(uri).scheme.split("+")[0]  # postgresql+psycopg2://...
+    if scheme in ("", "file") or (len(scheme) == 1 and uri[1:3] in (":\\", ":/")):  # a path (or a drive letter)
+        path = Path(uri.removeprefix("file://") if scheme == "file" else uri)
+        return (f"tracking URI {uri!r} is a folder path: MLflow's file store, which MLflow 3 no longer opens; use a "
+                f"SQLite store such as {_suggested_store(path)}")
+    if scheme not in (*SERVER_SCHEMES, *DATABASE_SCHEMES):
+        return (f"unknown tracking URI scheme {scheme!r} in {uri!r}; use sqlite:///PATH/mlflow.db, an MLflow server "
+                "http(s)://HOST:PORT, or a database such as postgresql://USER@HOST/DB")
+    if scheme != "sqlite":
+        return None
+    if not uri.startswith("sqlite:///"):
+        return f"a SQLite tracking URI is sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db; got {uri!r}"
+    path = sqlite_path(uri)
+    if path.is_dir():
+        return f"tracking URI {uri!r} names a folder, not a database file; use {_suggested_store(path)}"
+    if path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+        if head and head != SQLITE_HEADER:
+            return f"{path} is not a SQLite database (tracking URI {uri!r}); pass the URI of the sweep's store"
+        return None
+    above = next(parent for parent in path.parents if parent.exists())
+    if not above.is_dir():
+        return f"tracking URI {uri!r}: {above} is a file, so {path} cannot be created below it"
+    return None
+
+
 def resolve_tracking_uri(cli_uri: Optional[str] = None, spec_uri: Optional[str] = None) -> str:
-    """--tracking-uri, then the spec's tracking.uri, then MLFLOW_TRACKING_URI, then ./mlflow.db."""
-    return cli_uri or spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """--tracking-uri, then the spec's tracking.uri, then MLFLOW_TRACKING_URI, then ./mlflow.db; BadTrackingUri when
+    that can never name a store."""
+    uri = cli_uri or spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    problem = tracking_uri_problem(uri)
+    if problem:
+        raise BadTrackingUri(problem)
+    return uri
 
 
 def is_unreachable(exc: BaseException) -> bool:
@@ -76,6 +128,12 @@ def is_unreachable(exc: BaseException) -> bool:
     import requests
 
     return caused_by(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)) is not None
+
+
+def _tag(key: str, value: str):
+    from mlflow.entities import RunTag
+
+    return RunTag(key, value[:5000])
 
 
 def sqlite_path(uri: str) -> Path:
@@ -397,14 +455,35 @@ class KeptModels:
                 self.client.delete_model_version(name, other.version)
         return str(version.version)
 
-    def best_version(self, name: str):
-        """The ModelVersion the alias `best` of `name` points at, or None."""
-        from mlflow.exceptions import MlflowException
+    def weights_problem(self, record: TrialRecord) -> Optional[str]:
+        """Why a run's kept weights (model/) cannot be served as what its trial wrote, or None: missing, or a file
+        other than the sha256 the folder's ready marker recorded (files.folder_problem). Read in place from a local
+        artifact store; downloaded to a temporary folder from a server."""
+        artifact_uri = self.client.get_run(record.run_id).info.artifact_uri
+        if urlparse(artifact_uri).scheme == "file":
+            folder = Path(urlparse(artifact_uri).path) / WEIGHTS_ARTIFACT
+            return self._folder_problem(folder) if folder.is_dir() else f"its {WEIGHTS_ARTIFACT}/ artifacts are gone"
+        import mlflow
 
-        try:
-            return self.client.get_model_version_by_alias(name, "best")
-        except MlflowException:
-            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                folder = Path(mlflow.artifacts.download_artifacts(run_id=record.run_id, artifact_path=WEIGHTS_ARTIFACT,
+                                                                  dst_path=tmp, tracking_uri=self.tracker.uri))
+            except Exception as exc:  # noqa: BLE001 - any failure to read them back: not servable
+                return f"its {WEIGHTS_ARTIFACT}/ artifacts cannot be read back ({first_line(exc)})"
+            return self._folder_problem(folder)
+
+    @staticmethod
+    def _folder_problem(folder: Path) -> Optional[str]:
+        problem = folder_problem(folder)
+        return None if problem is None else problem.replace(str(folder), WEIGHTS_ARTIFACT)
+
+    def invalidate(self, record: TrialRecord, problem: str) -> None:
+        """A FINISHED run whose kept weights are gone or altered: FAILED (reason in posweep.failure), so its trial
+        runs again and writes them anew; its weights no longer count as kept."""
+        reason = f"its kept weights are no longer what the trial wrote ({problem}); the trial runs again"
+        self.client.log_batch(record.run_id, tags=[_tag(TAG_FAILURE, reason), _tag(TAG_WEIGHTS, f"lost: {problem}")])
+        self.client.set_terminated(record.run_id, RunStatus.FAILED.value)
 
 
 class SystemMetrics:
@@ -516,11 +595,12 @@ class TrialLogger:
                                        max_results=1000)
         return [_record(r) for r in runs]
 
-    def rung_values(self, stage_key: str, metric: str, exclude_key: str) -> list[float]:
-        """The value of `metric` (asha/rung_K) of every other trial key of the stage that logged it, one per key
-        (a key run again after its process died logs the same value again)."""
+    def rung_values(self, stage_key: str, metric: str, exclude_key: str, signature: str) -> list[float]:
+        """The value of `metric` (asha/rung_K) of every other trial key of the stage that logged it under the same
+        rung signature, one per key (a key run again after its process died logs the same value again)."""
         values: dict[str, float] = {}
-        for run in _all_runs(self.client, self.experiment_id, f"tags.`{TAG_STAGE_KEY}` = '{stage_key}'"):
+        query = f"tags.`{TAG_STAGE_KEY}` = '{stage_key}' and tags.`{TAG_RUNG_SIGNATURE}` = '{signature}'"
+        for run in _all_runs(self.client, self.experiment_id, query):
             key = run.data.tags.get(TAG_KEY)
             if key != exclude_key and metric in run.data.metrics:
                 values.setdefault(key, run.data.metrics[metric])

@@ -61,14 +61,14 @@ class Store:
     def log_metrics(self, metrics, step=0):
         self.logged.append((step, metrics))
 
-    def rung_values(self, stage_key, metric, exclude_key):
-        assert (stage_key, exclude_key) == ("stage", "me")
+    def rung_values(self, stage_key, metric, exclude_key, signature):
+        assert (stage_key, exclude_key, signature) == ("stage", "me", "sig")
         return self.others.get(metric, [])
 
 
 def test_the_judge_logs_every_rung_and_stops_below_the_cutoff():
     store = Store({rung_value_key(1): [0.0, 5.0], rung_value_key(2): [1.0, 2.0, 3.0, 9.0]})
-    judge = RungJudge(store, "stage", "me", AshaSpec(kind="asha", min_rung=1))
+    judge = RungJudge(store, "stage", "me", AshaSpec(kind="asha", min_rung=1), "sig")
     decision = judge(1, 10, {"mean_score": 4.0, "kl": 0.5})  # cutoff: 0 + 2/3 * 5 = 3.33; 4.0 goes on
     assert not decision.stop and decision.cutoff == pytest.approx(10 / 3) and decision.compared == 2
     assert store.logged[0] == (10, {"rung/mean_score": 4.0, "rung/kl": 0.5, "asha/rung_1": 4.0})
@@ -81,10 +81,10 @@ def test_the_judge_logs_every_rung_and_stops_below_the_cutoff():
 
 def test_without_early_stopping_or_before_min_rung_the_judge_only_logs():
     store = Store({rung_value_key(1): [100.0]})
-    assert RungJudge(store, "stage", "me", None)(1, 5, {"mean_score": 0.0}) is None
-    assert RungJudge(store, "stage", "me", AshaSpec(kind="asha", min_rung=2))(1, 5, {"mean_score": 0.0}) is None
+    assert RungJudge(store, "stage", "me", None, "sig")(1, 5, {"mean_score": 0.0}) is None
+    assert RungJudge(store, "stage", "me", AshaSpec(kind="asha", min_rung=2), "sig")(1, 5, {"mean_score": 0.0}) is None
     # a stage without the compared metric (SFT has no KL) is never stopped on it
-    assert RungJudge(store, "stage", "me", AshaSpec(kind="asha", metric="rung/kl", mode="min"))(
+    assert RungJudge(store, "stage", "me", AshaSpec(kind="asha", metric="rung/kl", mode="min"), "sig")(
         1, 5, {"mean_score": 0.0}) is None
     assert len(store.logged) == 3
 
@@ -93,3 +93,17 @@ def test_rung_values_read_back_from_a_runs_metrics_in_rung_order_with_gaps():
     metrics = {"asha/rung_3": 0.5, "asha/rung_1": 0.25, "rung/mean_score": 0.5, "asha/rung_x": 9.0, "wall_seconds": 1}
     assert logged_rung_values(metrics) == {1: 0.25, 3: 0.5}
     assert list(logged_rung_values(metrics)) == [1, 3]
+
+
+def test_rung_and_stop_signatures_follow_the_settings_that_make_values_and_stops_comparable():
+    from orchestrator.contract.early_stopping import rung_signature, stop_signature
+    from orchestrator.contract.spec import EvaluationSpec
+
+    at_2, at_10 = EvaluationSpec(rung_steps=[2]), EvaluationSpec(rung_steps=[10])
+    asha, eta_2 = AshaSpec(kind="asha"), AshaSpec(kind="asha", reduction_factor=2)
+    assert rung_signature(at_2, asha) != rung_signature(at_10, asha)          # another step
+    assert rung_signature(at_2, asha) != rung_signature(EvaluationSpec(rung_steps=[2], rung_prompts=8), asha)
+    assert rung_signature(at_2, asha) == rung_signature(at_2, eta_2)          # η decides, it does not measure
+    assert rung_signature(at_2, asha) != rung_signature(at_2, AshaSpec(kind="asha", metric="rung/kl", mode="min"))
+    assert stop_signature(at_2, asha) != stop_signature(at_2, eta_2) and stop_signature(at_2, None) is None
+    assert rung_signature(EvaluationSpec(rung_steps=[2], temperature=0.5), asha) == rung_signature(at_2, asha)

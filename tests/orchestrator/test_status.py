@@ -32,36 +32,43 @@ def record(trial, status, seconds, gpu_hours=0.0, start=0, end=None, run_id="r")
 
 
 @pytest.fixture
-def stages(tmp_path):
-    return plan_sweep(parse_spec(SPEC.format(workdir=tmp_path, cost="")))
+def spec(tmp_path):
+    return parse_spec(SPEC.format(workdir=tmp_path, cost=""))
 
 
-def test_status_counts_each_key_once_and_costs_every_attempt(stages):
+@pytest.fixture
+def stages(spec):
+    return plan_sweep(spec)
+
+
+def test_status_counts_each_key_once_and_costs_every_attempt(stages, spec):
     base, sft, dpo = stages
     records = [record(dpo.trials[0], "FINISHED", 360, 0.2, 0, 400_000),
                record(dpo.trials[0], "KILLED", 36, 0.02, 0, 40_000),         # an earlier attempt: costs, not counted
                record(dpo.trials[1], "FAILED", 72, 0.04, 1000, 80_000),
                record(dpo.trials[2], "RUNNING", 0, 0.0, 2000, None),
                record(sft.trials[0], "FINISHED", 720, 0.4, 0, 720_000)]
-    table = status_table(stages, records).set_index("stage")
-    assert table.loc["dpo", ["planned", "done", "running", "failed", "pending"]].tolist() == [4, 1, 1, 1, 1]
+    table = status_table(stages, records, spec).set_index("stage")
+    # pending: what `sweep run` runs now, the failed trial included (it runs again)
+    assert table.loc["dpo", ["planned", "done", "running", "failed", "pending"]].tolist() == [4, 1, 1, 1, 2]
     assert table.loc["dpo", "trial_hours"] == pytest.approx((360 + 36 + 72) / 3600)
     assert table.loc["dpo", "gpu_hours"] == pytest.approx(0.26)
     assert table.loc["base", "pending"] == 1 and table.loc["sft", "done"] == 1
     assert elapsed_seconds(records, now_ms=900_000) == 900.0  # a trial still runs: up to now
 
 
-def test_plan_estimates_from_measured_trials_then_from_the_spec(stages):
+def test_plan_estimates_from_measured_trials_then_from_the_spec(stages, spec):
     base, sft, dpo = stages
     measured = [record(dpo.trials[0], "FINISHED", 100, 0.5), record(dpo.trials[1], "FINISHED", 300, 1.5)]
-    table = cost_estimate(stages, measured, CostSpec()).set_index("stage")
+    table = cost_estimate(stages, measured, spec).set_index("stage")
     assert table.loc["dpo", "seconds_per_trial"] == 200 and table.loc["dpo", "source"] == "measured (stage)"
     assert table.loc["dpo", "gpu_hours"] == pytest.approx(4 * 1.0) and table.loc["dpo", "to_run"] == 2
     assert table.loc["dpo", "gpu_hours_to_run"] == pytest.approx(2 * 1.0)
     assert table.loc["sft", "source"] == "measured (sweep)" and table.loc["sft", "seconds_per_trial"] == 200
-    spec_only = cost_estimate(stages, [], CostSpec(trial_seconds=3600, gpus_per_trial=8)).set_index("stage")
+    costed = spec.model_copy(update={"cost": CostSpec(trial_seconds=3600, gpus_per_trial=8)})
+    spec_only = cost_estimate(stages, [], costed).set_index("stage")
     assert spec_only.loc["dpo", "gpu_hours"] == pytest.approx(4 * 8) and spec_only.loc["dpo", "source"] == "spec"
-    unknown = cost_estimate(stages, [], CostSpec()).set_index("stage")
+    unknown = cost_estimate(stages, [], spec).set_index("stage")
     assert unknown.loc["dpo", "source"] == "unknown" and unknown.loc["dpo", "gpu_hours"] is None
 
 
