@@ -24,7 +24,7 @@ from orchestrator.contract.errors import first_line
 from orchestrator.contract.spec import Choice, IntRange, SweepSpec
 from orchestrator.contract.spec_file import SpecError, field_line
 from orchestrator.contract.tracking import (BadTrackingUri, CorruptArtifact, StoreUnavailable, check_reachable,
-                                           existing_trials, is_unreachable, resolve_tracking_uri, runs_view_url,
+                                           check_writable, existing_trials, is_unreachable, resolve_tracking_uri, runs_view_url,
                                            sqlite_path, store_exists, sweep_experiments)
 from orchestrator.contract.kept_models import verify_kept_best
 from orchestrator.grid import PlanError, preference_stages, tracked_name
@@ -242,6 +242,8 @@ def _print_time_split(table: pd.DataFrame) -> None:
 def cmd_run(args) -> int:
     spec = _load(args)
     uri = api.tracking_uri(spec, args.tracking_uri)  # a bad URI is refused before anything prints or is created
+    check_reachable(uri)  # the store's problems first (exit 1), then the inputs' (exit 2)
+    check_writable(uri)
     spec = _checked(args, spec)
     if not store_exists(uri):
         print(f"new tracking store at {sqlite_path(uri)}: no sweep has run there yet (to resume a sweep, pass the "

@@ -23,7 +23,7 @@ def test_html_report_has_every_section_and_only_embedded_figures(toy_sweep):
                         "Figure 5: simpo against beta", "Figure 6: expected best-of-k",
                         "Figure 7: score against KL: the Pareto front",
                         "Figure 8: budget curve: best score found against cost spent", "Cost of reaching the top 10%",
-                        "Failed runs (2)"]
+                        "Where a trial&#x27;s time goes", "Failed runs (2)"]
     images = re.findall(r"<img src='([^']*)' alt='([^']*)'>", page)
     assert len(images) == 8 and all(uri.startswith("data:image/png;base64,") for uri, _ in images)
     assert all(len(alt) > 40 for _, alt in images)  # each figure says what it shows, not its caption's start

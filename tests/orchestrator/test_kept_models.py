@@ -39,8 +39,9 @@ def test_all_keeps_every_finished_run_and_drops_those_that_did_not_finish():
 def test_ties_and_missing_scores_give_the_same_pick_every_time():
     tied = [record("x", "FINISHED", 1.0, key="k2"), record("y", "FINISHED", 1.0, key="k1"),
             record("z", "FINISHED", float("nan"))]
-    assert decide(tied, "best_per_method").best.run_id == "x"
-    assert decide(list(reversed(tied)), "best_per_method").best.run_id == "x"
+    # one rule for every "best" (runs.best_first): equal scores, the smaller trial key
+    assert decide(tied, "best_per_method").best.run_id == "y"
+    assert decide(list(reversed(tied)), "best_per_method").best.run_id == "y"
     assert decide([], "best_per_method") == decide([], "all")
     with pytest.raises(ValueError, match="unknown checkpoints.keep 'best'"):
         decide(tied, "best")

@@ -99,7 +99,7 @@ def test_fit_and_gpu_hours():
     dpo = _trial("dpo")
     assert dpo.fits(80) and not dpo.fits(1e-4)  # 146,560 bytes vs 0.9 * 1e-4 GiB = 96,637 bytes
     cost = CostSpec(peak_tflops=1e-6, utilization=0.5)  # 5e5 FLOP/s
-    assert dpo.gpu_hours(cost) == pytest.approx((16_800_000 + 1_075_200) / 5e5 / 3600)
+    assert dpo.gpu_hours(cost) == pytest.approx((16_800_000 + 716_800) / 5e5 / 3600)  # eval: 128 x 4N
 
 
 def test_unknown_shape_is_said_not_guessed():
