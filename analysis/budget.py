@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from analysis.robustness import finished_runs, ran_to_an_end
-from orchestrator.contract.runs import RunStatus
+from orchestrator.core.runs import RunStatus
 
 TOP_FRACTION = 0.1
 

@@ -26,8 +26,8 @@ import pandas as pd  # noqa: E402
 
 from analysis.frames import METRIC_COLUMNS  # noqa: E402
 from analysis.robustness import finished_runs, top_runs, with_outcome  # noqa: E402
-from orchestrator.contract.runs import RunStatus
-from orchestrator.contract.spec import TrainHParams
+from orchestrator.core.runs import RunStatus
+from orchestrator.core.spec import TrainHParams
 
 METRIC_LABELS = {"mean_score": "gold score", "win_vs_chosen": "win rate vs chosen", "win_vs_sft": "win rate vs SFT",
                  "kl": "KL to SFT", "length": "length (tokens)"}

@@ -1,6 +1,6 @@
 """Typed frames of a sweep for analysis: one row per trial, and one row per (trial, evaluation prompt).
 
-Pure pandas over the plain records tracking returns (orchestrator.contract.tracking.TrialRecord dumps and the per-sample
+Pure pandas over the plain records tracking returns (orchestrator.core.runs.TrialRecord dumps and the per-sample
 dicts of each run's samples.json); nothing here talks to MLflow.
 """
 
@@ -10,7 +10,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from orchestrator.contract.runs import TRIAL_METRICS, USAGE_METRICS
+from orchestrator.core.runs import TRIAL_METRICS, USAGE_METRICS
 
 METRIC_COLUMNS = list(TRIAL_METRICS)
 COST_COLUMNS = ["wall_seconds", "gpu_hours", "device_hours"]

@@ -27,7 +27,7 @@ from analysis.robustness import (REFERENCE_METHOD, best_of_k_curve, cost_to_reac
                                  expected_best_of_k, finished_runs, pareto_front, probability_beats, run_at_quantile, table1,
                                  ran_to_an_end, table3, trials_to_reach, with_outcome)
 from analysis.summary import time_split
-from orchestrator.contract.runs import RunStatus
+from orchestrator.core.runs import RunStatus
 
 TOP_PERCENTS = (1, 10, 25)
 BEST_OF_K_SHOWN = 5

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.frames import METRIC_COLUMNS
-from orchestrator.contract.runs import OUTCOMES, RunStatus, best_first
+from orchestrator.core.runs import OUTCOMES, RunStatus, best_first
 
 REFERENCE_METHOD = "dpo"  # the paper normalizes by DPO's best run
 

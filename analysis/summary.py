@@ -1,6 +1,6 @@
 """End-of-sweep summary: the untrained model, the best SFT trial and the best trial of each method.
 
-Pure pandas over plain records (what orchestrator.contract.tracking reads back); no MLflow here.
+Pure pandas over plain records (what orchestrator.runtime (the MLflow adapter) reads back); no MLflow here.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pandas as pd
 
 from analysis.frames import METRIC_COLUMNS, sweep_frame
 from analysis.robustness import best_first_order
-from orchestrator.contract.runs import PHASE_SECONDS, RunStatus
+from orchestrator.core.runs import PHASE_SECONDS, RunStatus
 
 
 def trials_frame(records: Iterable[dict]) -> pd.DataFrame:

@@ -29,7 +29,7 @@ import yaml
 
 from analysis.budget import budget_curves, budget_table
 from orchestrator import api
-from orchestrator.contract.spec_file import load_spec
+from orchestrator.core.spec_file import load_spec
 
 COST = "device_hours"
 

@@ -33,11 +33,11 @@ from orchestrator.api import builtin_spec_path  # noqa: E402
 from orchestrator.grid import plan_sweep  # noqa: E402
 from orchestrator.pipeline import run_sweep  # noqa: E402
 from orchestrator.progress import QUIET
-from orchestrator.contract.spec import LocalExecutorSpec, RayExecutorSpec, SlurmExecutorSpec  # noqa: E402
-from orchestrator.contract.spec_file import load_spec, parse_spec  # noqa: E402
-from orchestrator.contract.task import TrialRuntime, TrialTask  # noqa: E402
-from orchestrator.contract.tracking import SweepTracker  # noqa: E402
-from orchestrator.tracking_server import store_for_workers  # noqa: E402
+from orchestrator.core.spec import LocalExecutorSpec, RayExecutorSpec, SlurmExecutorSpec  # noqa: E402
+from orchestrator.core.spec_file import load_spec, parse_spec  # noqa: E402
+from orchestrator.core.task import TrialRuntime, TrialTask  # noqa: E402
+from orchestrator.runtime.sweep_runs import SweepTracker  # noqa: E402
+from orchestrator.runtime.server import store_for_workers  # noqa: E402
 from trainers.probe import probe_trial  # noqa: E402
 
 GRID_SPEC = """\

@@ -99,7 +99,7 @@ def matmul_rate(precision: str) -> float:
 
 
 def load_prompts(args, split: str):
-    from orchestrator.contract.spec import HHRLHFDataSpec
+    from orchestrator.core.spec import HHRLHFDataSpec
     from trainers.sources import load_split
 
     # the first --prompts usable rows are evaluated (the eval split holds them), the next 32 train the policy
@@ -132,7 +132,7 @@ def run_new(args, workdir: Path, precision: str, fixed_length: bool) -> dict:
     import torch
 
     import trainers.evaluate as evaluate_module
-    from orchestrator.contract.spec import EvaluationSpec
+    from orchestrator.core.spec import EvaluationSpec
     from trainers.evaluate import EvalSettings, SftBaseline, evaluate
 
     tokenizer, policy, sft = _models(workdir)
@@ -167,7 +167,7 @@ def run_before(args, workdir: Path, fixed_length: bool) -> dict:
     pairs, reward = load_prompts(args, "eval"), _reward(args)
     vocabulary = SamplingVocabulary.of(tokenizer)
     stops = [] if fixed_length else list(vocabulary.stops)
-    pad, device = tokenizer.pad_token_id, torch.device("cpu")
+    pad = tokenizer.pad_token_id
     started = time.perf_counter()
     torch.manual_seed(0)
     prompt_ids = [encode_prompt(tokenizer, p.prompt, p.messages) for p in pairs]

@@ -117,7 +117,7 @@ stages:
 def sweep_seconds(share_work: bool) -> float:
     from orchestrator.pipeline import run_sweep
     from orchestrator.progress import QUIET
-    from orchestrator.contract.spec_file import parse_spec
+    from orchestrator.core.spec_file import parse_spec
 
     root = Path(tempfile.mkdtemp())
     spec = parse_spec(SWEEP.format(workdir=root / "work"))

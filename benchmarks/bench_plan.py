@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.contract.spec_file import parse_spec  # noqa: E402
+from orchestrator.core.spec_file import parse_spec  # noqa: E402
 from orchestrator.grid import plan_sweep  # noqa: E402
 
 SPEC = """\

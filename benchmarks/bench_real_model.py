@@ -68,7 +68,7 @@ OURS_DPO, OURS_SIMPO = "ours DPO (reference cache)", "ours SimPO"
 def setup(args, workdir: Path) -> None:
     import torch
 
-    from orchestrator.contract.spec import HHRLHFDataSpec
+    from orchestrator.core.spec import HHRLHFDataSpec
     from trainers.data import encode_pairs
     from trainers.models import dequantize_gguf, load_causal_lm, load_tokenizer
     from trainers.sources import load_split

@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.report import render  # noqa: E402
 from orchestrator.grid import plan_sweep  # noqa: E402
 from orchestrator.reporting import load_report_inputs  # noqa: E402
-from orchestrator.contract.spec_file import parse_spec  # noqa: E402
-from orchestrator.contract.task import TrialRuntime, TrialTask  # noqa: E402
-from orchestrator.contract.tracking import SweepTracker  # noqa: E402
-from orchestrator.tracking_server import store_for_workers  # noqa: E402
+from orchestrator.core.spec_file import parse_spec  # noqa: E402
+from orchestrator.core.task import TrialRuntime, TrialTask  # noqa: E402
+from orchestrator.runtime.sweep_runs import SweepTracker  # noqa: E402
+from orchestrator.runtime.server import store_for_workers  # noqa: E402
 from trainers.probe import noop_sweep_yaml, probe_trial  # noqa: E402
 
 def build(root: Path, runs: int, prompts: int):

@@ -72,8 +72,9 @@ def timed_ms(call, repeats: int = 30) -> float:
 def direct_costs() -> tuple[float, float, float]:
     """(system-metrics ms per trial, kept-models pass ms, weights upload s summed over a quickstart's 18
     preference trials)."""
-    from orchestrator.contract.kept_models import keep_models
-    from orchestrator.contract.tracking import SweepTracker, SystemMetrics, TrialLogger
+    from orchestrator.runtime.kept_models import keep_models
+    from orchestrator.runtime.sweep_runs import SweepTracker
+    from orchestrator.runtime.trial_log import SystemMetrics, TrialLogger
 
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"

@@ -2,7 +2,7 @@
 
 An executor takes a batch of pending TrialTasks and the trial function, runs each task once, and returns one
 TrialResult per task, in order. A task whose worker died beyond the executor's retries comes back FAILED
-(orchestrator.contract.lifecycle.record_lost_trial), never missing. It reports progress through the driver's
+(orchestrator.runtime.lifecycle.record_lost_trial), never missing. It reports progress through the driver's
 Progress object.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Protocol
 
-from orchestrator.contract.registry import Registry
-from orchestrator.contract.task import TrialResult, TrialTask
+from orchestrator.core.registry import Registry
+from orchestrator.core.task import TrialResult, TrialTask
 
 TrialFn = Callable[..., TrialResult]  # trial_fn(task, report=None) -> TrialResult
 

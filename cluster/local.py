@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from cluster.base import Progress, TrialFn
-from orchestrator.contract.task import TrialResult, TrialTask
+from orchestrator.core.task import TrialResult, TrialTask
 
 
 class LocalExecutor:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from orchestrator.contract.net import free_port
+from orchestrator.infra.net import free_port
 
 SLURM_CONF_TEMPLATE = """\
 ClusterName=posweep-local

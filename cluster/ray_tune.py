@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 from cluster.base import Progress, TrialFn
-from orchestrator.contract.lifecycle import record_lost_trial
-from orchestrator.contract.runs import RunStatus
-from orchestrator.contract.task import TrialResult, TrialTask
+from orchestrator.runtime.lifecycle import record_lost_trial
+from orchestrator.core.runs import RunStatus
+from orchestrator.core.task import TrialResult, TrialTask
 
 # Tune's per-trial CSV/JSON/TensorBoard loggers duplicate what MLflow holds and cost time per trial.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")

@@ -28,12 +28,12 @@ from pydantic import TypeAdapter
 
 from analysis.report import ReportInputs, render
 from cluster import EXECUTORS
-from orchestrator.contract.registry import unknown_name_message
-from orchestrator.contract.runs import RunStatus
-from orchestrator.contract.spec import SMOKE_SUFFIX, ExecutorSpec, SweepSpec
-from orchestrator.contract.spec_file import SpecError, load_spec, parse_spec
-from orchestrator.contract.tracking import (StoreUnavailable, SweepTracker, check_reachable, check_writable,
-                                           existing_trials, resolve_tracking_uri)
+from orchestrator.core.registry import unknown_name_message
+from orchestrator.core.runs import RunStatus
+from orchestrator.core.spec import SMOKE_SUFFIX, ExecutorSpec, SweepSpec
+from orchestrator.core.spec_file import SpecError, load_spec, parse_spec
+from orchestrator.runtime.store import StoreUnavailable, check_reachable, check_writable, resolve_tracking_uri
+from orchestrator.runtime.sweep_runs import SweepTracker, existing_trials
 from orchestrator.grid import StagePlan, check_plan_size, plan_sweep, tracked_name
 from orchestrator.pipeline import SweepOutcome, run_sweep
 from orchestrator.progress import Output

@@ -1,4 +1,4 @@
-"""Grid expansion: SweepSpec -> stages of TrialSpecs (each with its key: orchestrator.contract.trials), the
+"""Grid expansion: SweepSpec -> stages of TrialSpecs (each with its key: orchestrator.core.trials), the
 stages a search proposes while it runs, and the --smoke shrinking."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from orchestrator.contract.early_stopping import stop_signature
-from orchestrator.contract.methods import METHODS
-from orchestrator.contract.runs import SELECTION_METRIC
-from orchestrator.contract.spec import (SMOKE_SUFFIX, AshaSpec, Choice, EvaluationSpec, FloatRange, GridSpec, IntRange,
-                                        OptunaSearchSpec, Scalar, SearchRange, SweepSpec, TrainHParams, coerce_hparam)
-from orchestrator.contract.trials import InitFromStage, TrialSpec
+from orchestrator.core.rungs import stop_signature
+from orchestrator.core.methods import METHODS
+from orchestrator.core.runs import SELECTION_METRIC
+from orchestrator.core.spec import (SMOKE_SUFFIX, AshaSpec, EvaluationSpec, FloatRange, GridSpec, IntRange,
+                                    OptunaSearchSpec, Scalar, SearchRange, SweepSpec, TrainHParams, coerce_hparam)
+from orchestrator.core.trials import InitFromStage, TrialSpec
 
 SMOKE_MAX_STEPS = 30
 SMOKE_NUM_PROMPTS = 16

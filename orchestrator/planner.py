@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator.grid import StagePlan
-from orchestrator.contract.trials import TrialSpec
-from orchestrator.contract.spec import CostSpec, ModelShape, SweepSpec, range_bounds
-from orchestrator.contract.methods import METHODS
+from orchestrator.core.trials import TrialSpec
+from orchestrator.core.spec import CostSpec, ModelShape, SweepSpec, range_bounds
+from orchestrator.core.methods import METHODS
 from trainers.synthetic import vocabulary
 
 GB = 1024 ** 3

@@ -17,8 +17,8 @@ from typing import Callable, Iterable
 
 from tqdm import tqdm
 
-from orchestrator.contract.runs import RunStatus
-from orchestrator.contract.task import TrialResult, TrialTask
+from orchestrator.core.runs import RunStatus
+from orchestrator.core.task import TrialResult, TrialTask
 
 
 @dataclass(frozen=True)

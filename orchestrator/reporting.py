@@ -13,10 +13,10 @@ from analysis.summary import best_of_stage
 from analysis.report import ReportInputs
 from orchestrator.grid import plan_sweep, tracked_name
 from orchestrator.pipeline import latest_per_key, stage_records
-from orchestrator.contract.spec import SweepSpec, grid_fields
-from orchestrator.contract.tracking import SweepTracker, existing_trials
-from orchestrator.contract.methods import METHODS
-from orchestrator.contract.runs import RunStatus
+from orchestrator.core.spec import SweepSpec, grid_fields
+from orchestrator.runtime.sweep_runs import SweepTracker, existing_trials
+from orchestrator.core.methods import METHODS
+from orchestrator.core.runs import RunStatus
 
 
 def load_report_inputs(spec: SweepSpec, uri: str, smoke: bool = False, show_progress: bool = True) -> ReportInputs:

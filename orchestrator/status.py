@@ -14,9 +14,9 @@ import pandas as pd
 
 from orchestrator.grid import StagePlan
 from orchestrator.pipeline import latest_per_key, stage_records, to_run
-from orchestrator.contract.spec import CostSpec, SweepSpec
-from orchestrator.contract.tracking import TrialRecord
-from orchestrator.contract.runs import OUTCOMES, RunStatus
+from orchestrator.core.spec import CostSpec, SweepSpec
+from orchestrator.core.runs import TrialRecord
+from orchestrator.core.runs import OUTCOMES, RunStatus
 
 STATUSES = (RunStatus.FINISHED, RunStatus.RUNNING, RunStatus.FAILED, RunStatus.KILLED, RunStatus.STOPPED)
 

@@ -10,8 +10,9 @@ import pytest
 from orchestrator.pipeline import run_sweep
 
 from orchestrator.progress import QUIET
-from orchestrator.contract.spec_file import parse_spec
-from orchestrator.contract.tracking import SweepTracker, _client
+from orchestrator.core.spec_file import parse_spec
+from orchestrator.runtime.store import _client
+from orchestrator.runtime.sweep_runs import SweepTracker
 
 SPEC = """\
 name: ddp-{processes}
@@ -114,7 +115,7 @@ def tiny_dpo_settings(**overrides):
 def _checkpointed_history(accelerator, folder, kill_at: int) -> list[dict]:
     from trainers.train import LoopHooks, train
     from trainers.objectives import preference_objective
-    from orchestrator.contract.lifecycle import Checkpointing
+    from orchestrator.runtime.lifecycle import Checkpointing
 
     tokenizer, pairs, reference, fresh = tiny_dpo_setup()
     settings = tiny_dpo_settings(max_steps=10)

@@ -29,7 +29,7 @@ def test_the_import_contracts_hold():
 
 
 @pytest.mark.parametrize("module,violation,contract", [
-    ("orchestrator/contract/errors.py", "import trainers.train", "layers"),         # the contract reaching up
+    ("orchestrator/core/errors.py", "import trainers.train", "layers"),         # the contract reaching up
     ("cluster/local.py", "import torch", "torch and its stack"),                     # torch outside trainers
     ("analysis/summary.py", "from mlflow.tracking import MlflowClient", "only the tracking client"),
 ])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.contract.methods import METHODS
+from orchestrator.core.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def test_readme_method_table_matches_the_registry():
 
 
 def test_readme_method_rows_name_every_hyperparameter():
-    """Hyperparameters are declared once (orchestrator/contract/methods.py); the README's table lists each of them."""
+    """Hyperparameters are declared once (orchestrator/core/methods.py); the README's table lists each of them."""
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Methods", 1)[1].split("\n## ", 1)[0]
     rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(\w+)` \|.*$", section, re.M)}
@@ -59,8 +59,8 @@ def test_documented_executor_search_and_cost_examples_are_valid_specs():
     import yaml
     from pydantic import TypeAdapter
 
-    from orchestrator.contract.spec import CostSpec, ExecutorSpec
-    from orchestrator.contract.spec_file import parse_spec
+    from orchestrator.core.spec import CostSpec, ExecutorSpec
+    from orchestrator.core.spec_file import parse_spec
 
     executors = re.findall(r"```yaml\n(.*?)\n```", _doc("executors.md"), re.S)[0]
     chunks = re.split(r"\n(?=executor:)", executors)

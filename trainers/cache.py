@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from orchestrator.contract.files import exclusive_lock, folder_digests, verified_mismatch, write_verified
+from orchestrator.infra.files import exclusive_lock, folder_digests, verified_mismatch, write_verified
 from trainers.pairs import PreferencePair
 
 CACHE_VERSION = "ref-logps-v2"  # v2: the checkpoint fingerprint hashes per-file digests

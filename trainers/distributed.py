@@ -29,11 +29,11 @@ from typing import Callable, Optional
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from orchestrator.contract import tracking
-from orchestrator.contract.methods import METHODS
-from orchestrator.contract.net import free_port
-from orchestrator.contract.registry import Registry
-from orchestrator.contract.task import TrialTask
+from orchestrator.runtime.trial_log import TrialLogger
+from orchestrator.core.methods import METHODS
+from orchestrator.infra.net import free_port
+from orchestrator.core.registry import Registry
+from orchestrator.core.task import TrialTask
 from trainers.train import make_accelerator
 from trainers.trial import execute
 
@@ -81,7 +81,7 @@ def train_as_rank(task_json: str, run_id: str, rank: int, out: str) -> None:
     task = TrialTask.model_validate_json(task_json)
     if rank == 0:
         runtime = task.runtime
-        logger = tracking.TrialLogger(runtime.tracking_uri, runtime.experiment_id, runtime.parent_run_id)
+        logger = TrialLogger(runtime.tracking_uri, runtime.experiment_id, runtime.parent_run_id)
         logger.run_id = run_id  # the run the parent opened and will close
         Path(out, "metrics.json").write_text(json.dumps(_execute(task, logger)))
     else:

@@ -34,7 +34,7 @@ import torch
 
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from orchestrator.contract.registry import Registry
+from orchestrator.core.registry import Registry
 
 SAMPLER_VERSION = 2   # evaluation.sampler_version: 1 was one random stream per batch (gone)
 NUCLEUS_CANDIDATES = 256  # the nucleus is looked for among the most likely tokens first (a full sort is 25x slower)

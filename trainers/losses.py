@@ -1,5 +1,5 @@
 """The shared loss module: pure functions over per-sequence tensors, one per preference method (the method
-catalogue, orchestrator.contract.methods, names each as its `loss`).
+catalogue, orchestrator.core.methods, names each as its `loss`).
 
 Every loss has the signature
 
@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from orchestrator.contract.methods import METHODS
+from orchestrator.core.methods import METHODS
 
 Tensor = torch.Tensor
 LossOutput = tuple[Tensor, Tensor, Tensor]
@@ -27,7 +27,7 @@ LossFn = Callable[..., LossOutput]
 
 
 def get_loss(name: str) -> LossFn:
-    """The loss function of a method of the catalogue (orchestrator.contract.methods: `loss`)."""
+    """The loss function of a method of the catalogue (orchestrator.core.methods: `loss`)."""
     return METHODS[name].loss_function()
 
 

@@ -21,7 +21,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
 from transformers.utils import logging as hf_logging
 
 from trainers import synthetic
-from orchestrator.contract.files import write_folder_atomically
+from orchestrator.infra.files import write_folder_atomically
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 

@@ -1,6 +1,6 @@
 """What the training loop minimises: an objective turns a batch into (loss, stats).
 
-Each method of the catalogue (orchestrator.contract.methods) names its objective class; build_objective makes
+Each method of the catalogue (orchestrator.core.methods) names its objective class; build_objective makes
 one for a trial. Loss and stats are means over `count(batch)` (pairs by default, response tokens for SFT), so
 the loop can weight micro-batches and processes back into the whole batch's mean. An objective that carries
 state across steps (β-DPO's running gap statistics, ε-DPO's β) saves and restores it with the loop's state.
@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from orchestrator.contract.methods import METHODS, Method
+from orchestrator.core.methods import METHODS, Method
 from trainers.logprobs import per_sequence, sequence_logps, target_logits, token_logps_from_logits
 from trainers.losses import epsilon_steps
 

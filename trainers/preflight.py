@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from orchestrator.contract.errors import first_line
-from orchestrator.contract.early_stopping import rungs_of
-from orchestrator.contract.spec import range_bounds
+from orchestrator.infra.errors import first_line
+from orchestrator.core.rungs import rungs_of
+from orchestrator.core.spec import range_bounds
 from trainers.sources import DataError, load_splits
 from trainers.synthetic import generate_split
 

@@ -15,11 +15,12 @@ import numpy as np
 
 from dataclasses import dataclass
 
-from orchestrator.contract import tracking
-from orchestrator.contract.early_stopping import RungJudge, rungs_of
-from orchestrator.contract.files import write_folder_atomically
-from orchestrator.contract.lifecycle import DeviceUsage, Report, record_samples, run_trial
-from orchestrator.contract.task import TrialResult, TrialTask
+from orchestrator.core.tags import TAG_CHECKPOINT
+from orchestrator.core.rungs import rungs_of
+from orchestrator.runtime.judge import RungJudge
+from orchestrator.infra.files import write_folder_atomically
+from orchestrator.runtime.lifecycle import DeviceUsage, Report, record_samples, run_trial
+from orchestrator.core.task import TrialResult, TrialTask
 
 # Method levels of the fake per-sample scores: a report over probe trials has a known ordering.
 PROBE_METHOD_LEVEL = {"dpo": 1.0, "simpo": 1.2, "ln_dpo": 1.1}
@@ -88,7 +89,7 @@ def _log_probe_samples(task: TrialTask, logger, prompts: int) -> dict[str, float
         checkpoint = write_folder_atomically(task.trial_dir / "checkpoint",
                                              lambda folder: (folder / "probe.txt").write_text(task.trial.trial_key),
                                              reuse=False)
-        logger.set_tags({tracking.TAG_CHECKPOINT: str(checkpoint)})
+        logger.set_tags({TAG_CHECKPOINT: str(checkpoint)})
     return metrics
 
 

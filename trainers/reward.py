@@ -18,7 +18,7 @@ import torch
 
 from trainers import synthetic
 from trainers.models import progress_frames_off
-from orchestrator.contract.registry import unknown_name_message
+from orchestrator.core.registry import unknown_name_message
 
 
 @dataclass(frozen=True)

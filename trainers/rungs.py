@@ -1,5 +1,5 @@
 """Intermediate evaluation at rungs (evaluation.rungs): what a trial measures part-way through training, for
-early stopping (orchestrator.contract.early_stopping) and for the curves in MLflow.
+early stopping (orchestrator.core.rungs) and for the curves in MLflow.
 
 At a rung the policy is evaluated as at the end, on a fixed subset of the evaluation prompts
 (evaluation.rung_prompts of the first num_prompts, drawn once with evaluation.seed: every trial of the sweep

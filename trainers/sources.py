@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from trainers import synthetic
-from orchestrator.contract.registry import unknown_name_message
+from orchestrator.core.registry import unknown_name_message
 from trainers.pairs import PreferencePair
 
 

@@ -1,7 +1,7 @@
 """The trial body in one process: load -> train -> evaluate -> log (execute).
 
 The run around it (lock, exactly once per key, open/close, failure recording) is the contract layer's
-lifecycle (orchestrator.contract.lifecycle); trainers.entry is where that lifecycle enters this body. Any
+lifecycle (orchestrator.runtime.lifecycle); trainers.entry is where that lifecycle enters this body. Any
 exception here names the phase it broke in (TrialPhaseError), which becomes the FAILED run's reason.
 """
 
@@ -19,14 +19,17 @@ from typing import Optional
 import torch
 from transformers.utils import logging as hf_logging
 
-from orchestrator.contract import tracking
-from orchestrator.contract.early_stopping import RungJudge, TrialStopped, rungs_of
-from orchestrator.contract.errors import TrialPhaseError
-from orchestrator.contract.files import folder_problem, sidecar, verified_mismatch
-from orchestrator.contract.lifecycle import Report, checkpointing, record_samples
-from orchestrator.contract.methods import Method
-from orchestrator.contract.spec import TrainHParams
-from orchestrator.contract.task import TrialTask
+from orchestrator.core.tags import TAG_CHECKPOINT, TAG_EVAL_CUTS, TAG_LAYOUT, TAG_REF_CACHE, TAG_REF_CACHE_SHA
+from orchestrator.runtime.store import is_unreachable
+from orchestrator.runtime.trial_log import TrialLogger
+from orchestrator.core.rungs import TrialStopped, rungs_of
+from orchestrator.runtime.judge import RungJudge
+from orchestrator.core.errors import TrialPhaseError
+from orchestrator.infra.files import folder_problem, sidecar, verified_mismatch
+from orchestrator.runtime.lifecycle import Report, checkpointing, record_samples
+from orchestrator.core.methods import Method
+from orchestrator.core.spec import TrainHParams
+from orchestrator.core.task import TrialTask
 from trainers.adapters import AdapterDisabled, apply_lora, is_lora, merged
 from trainers.cache import cached_reference_logps, reference_cache_key, reference_cache_path, shared_encoded_pairs
 from trainers.data import encode_pairs
@@ -52,7 +55,7 @@ class TrialContext:
     """What the phases of one trial share once its model and data are loaded."""
     task: TrialTask
     method: Method
-    logger: tracking.TrialLogger
+    logger: TrialLogger
     accelerator: object
     init: Path              # the checkpoint it starts from (the base model, or the selected SFT trial's)
     tokenizer: object
@@ -130,13 +133,13 @@ def _reference(ctx: TrialContext, raw_pairs, pairs) -> tuple:
                                training.micro_batch_size or training.batch_size, ctx.device, training.padding_free)
 
     if not ctx.shared:
-        ctx.logger.set_tags({tracking.TAG_REF_CACHE: "off"})
+        ctx.logger.set_tags({TAG_REF_CACHE: "off"})
         return compute()
     key = reference_cache_key(ctx.init, raw_pairs, training.max_length)
     cache_dir = Path(ctx.task.runtime.workdir) / "cache"
     reference, hit = cached_reference_logps(cache_dir, key, len(pairs), compute)
     digest = sidecar(reference_cache_path(cache_dir, key)).read_text().strip()
-    ctx.logger.set_tags({tracking.TAG_REF_CACHE: "hit" if hit else "miss", tracking.TAG_REF_CACHE_SHA: digest})
+    ctx.logger.set_tags({TAG_REF_CACHE: "hit" if hit else "miss", TAG_REF_CACHE_SHA: digest})
     return reference
 
 
@@ -144,7 +147,7 @@ def _objective(ctx: TrialContext, raw_pairs, pairs) -> tuple[Objective, Optional
     """(objective, the frozen reference model if training keeps one in memory, else None)."""
     method, hparams = ctx.method, _method_hparams(ctx.task)
     if method.needs_reference_logits:  # explicit: this method cannot use the reference-log-prob cache
-        ctx.logger.set_tags({tracking.TAG_REF_CACHE: "not used: the method needs the reference's token logits"})
+        ctx.logger.set_tags({TAG_REF_CACHE: "not used: the method needs the reference's token logits"})
         ref_model = ctx.reference_model()
         return build_objective(method, hparams, ref_model=ref_model), ref_model
     reference = _reference(ctx, raw_pairs, pairs) if method.needs_reference else None
@@ -202,7 +205,7 @@ def failing_phase(name: str):
     except (TrialPhaseError, NonFiniteLoss, CheckpointWriteError, TrialStopped):
         raise
     except Exception as exc:  # noqa: BLE001 - re-raised with its phase
-        if tracking.is_unreachable(exc):
+        if is_unreachable(exc):
             raise
         raise TrialPhaseError(f"{name} failed: {type(exc).__name__}: {exc}") from exc
 
@@ -254,7 +257,7 @@ def _train(ctx: TrialContext, train_data: LoadedPairs, eval_data: LoadedPairs, r
     encode = lambda: encode_pairs(ctx.tokenizer, raw_pairs, training.max_length)  # noqa: E731
     with failing_phase("preparing the objective (tokenized pairs, reference log-probs and their cache)"), \
             timed(timings, "reference"):
-        ctx.logger.set_tags({tracking.TAG_LAYOUT: layout_tag(ctx.model, training)})
+        ctx.logger.set_tags({TAG_LAYOUT: layout_tag(ctx.model, training)})
         pairs = shared_encoded_pairs(ctx.init, raw_pairs, training.max_length, encode) if ctx.shared else encode()
         objective, frozen_reference = _objective(ctx, raw_pairs, pairs)
 
@@ -319,12 +322,12 @@ def _evaluate(ctx: TrialContext, eval_data: LoadedPairs, steps: int, frozen_refe
         with failing_phase(f"saving the checkpoint (after training step {steps})"), timed(timings, "checkpoint"):
             ctx.model = merged(ctx.model)  # LoRA: adapters folded in, so the next stage loads a plain model
             checkpoint = save_model(ctx.model, ctx.tokenizer, ctx.task.trial_dir / "checkpoint")
-        ctx.logger.set_tags({tracking.TAG_CHECKPOINT: str(checkpoint)})
+        ctx.logger.set_tags({TAG_CHECKPOINT: str(checkpoint)})
     settings = eval_settings(trial)
     with failing_phase(f"evaluation (after training step {steps})"), timed(timings, "eval"):
         sft = ctx.sft_baseline(eval_data.pairs, frozen_reference)
         evaluation = evaluate(ctx.model, ctx.tokenizer, eval_data.pairs, ctx.reward(), settings, ctx.device, sft)
-    ctx.logger.set_tags({tracking.TAG_EVAL_CUTS: ", ".join(f"{k} {v}" for k, v in evaluation.usage.cuts().items())})
+    ctx.logger.set_tags({TAG_EVAL_CUTS: ", ".join(f"{k} {v}" for k, v in evaluation.usage.cuts().items())})
     with failing_phase("writing samples.json"):
         record_samples(ctx.task, ctx.logger, evaluation.samples)
     if ctx.task.runtime.keep_models and ctx.method.kind == "preference":
@@ -335,7 +338,7 @@ def _evaluate(ctx: TrialContext, eval_data: LoadedPairs, steps: int, frozen_refe
 
 def _log_weights(ctx: TrialContext) -> None:
     """The trained model as the run's model/ artifacts (checkpoints.keep; which of them stay is decided once the
-    run FINISHED: orchestrator.contract.kept_models). The folder written here is only the upload's source."""
+    run FINISHED: orchestrator.runtime.kept_models). The folder written here is only the upload's source."""
     folder = save_model(merged(ctx.model), ctx.tokenizer, ctx.task.trial_dir / "weights")
     try:
         ctx.logger.log_weights(folder)
@@ -343,7 +346,7 @@ def _log_weights(ctx: TrialContext) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def execute(task: TrialTask, method: Method, logger: tracking.TrialLogger, report: Optional[Report],
+def execute(task: TrialTask, method: Method, logger: TrialLogger, report: Optional[Report],
             accelerator) -> dict[str, float]:
     """Load, train, evaluate and log one trial in this process (one rank of it, in a multi-process trial:
     only the main process saves the checkpoint and evaluates)."""

@@ -3,11 +3,11 @@
 import pytest
 
 from orchestrator.grid import plan_sweep
-from orchestrator.contract.spec_file import parse_spec
-from orchestrator.contract.task import TrialRuntime, TrialTask
-from orchestrator.contract.runs import RunStatus
-from orchestrator.contract.tracking import (TAG_KEY, TAG_STOP_REASON, TAG_STOPPED_AT_RUNG, TAG_STOPPED_AT_STEP,
-                                           SweepTracker)
+from orchestrator.core.spec_file import parse_spec
+from orchestrator.core.task import TrialRuntime, TrialTask
+from orchestrator.core.runs import RunStatus
+from orchestrator.core.tags import TAG_KEY, TAG_STOP_REASON, TAG_STOPPED_AT_RUNG, TAG_STOPPED_AT_STEP
+from orchestrator.runtime.sweep_runs import SweepTracker
 from trainers.probe import noop_sweep_yaml
 
 

@@ -1,8 +1,8 @@
 import functools
 
 from cluster import EXECUTORS, make_executor
-from orchestrator.contract.spec import LocalExecutorSpec
-from orchestrator.contract.task import TrialResult
+from orchestrator.core.spec import LocalExecutorSpec
+from orchestrator.core.task import TrialResult
 from trainers.probe import probe_trial
 
 

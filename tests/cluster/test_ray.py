@@ -11,9 +11,11 @@ import pytest
 import ray
 
 from cluster import make_executor
-from orchestrator.contract.spec import RayExecutorSpec, RayResources
-from orchestrator.contract.tracking import SweepTracker, TAG_FAILURE, _client
-from orchestrator.tracking_server import store_for_workers
+from orchestrator.core.spec import RayExecutorSpec, RayResources
+from orchestrator.core.tags import TAG_FAILURE
+from orchestrator.runtime.store import _client
+from orchestrator.runtime.sweep_runs import SweepTracker
+from orchestrator.runtime.server import store_for_workers
 from trainers.probe import probe_trial
 
 

@@ -10,12 +10,14 @@ import pytest
 from cluster import local_slurm, make_executor
 from orchestrator.pipeline import run_sweep
 from orchestrator.progress import Output
-from orchestrator.contract.spec import SlurmExecutorSpec
-from orchestrator.contract.spec_file import parse_spec
-from orchestrator.contract.tracking import TAG_FAILURE, TAG_RESUMED, SweepTracker, _client
-from orchestrator.tracking_server import store_for_workers
+from orchestrator.core.spec import SlurmExecutorSpec
+from orchestrator.core.spec_file import parse_spec
+from orchestrator.core.tags import TAG_FAILURE, TAG_RESUMED
+from orchestrator.runtime.store import _client
+from orchestrator.runtime.sweep_runs import SweepTracker
+from orchestrator.runtime.server import store_for_workers
 from trainers.probe import probe_trial
-from orchestrator.contract.lifecycle import run_trial
+from orchestrator.runtime.lifecycle import run_trial
 
 # CI installs Slurm (README's test command): there a missing Slurm fails these tests instead of skipping them
 pytestmark = pytest.mark.skipif(bool(local_slurm.available()) and os.environ.get("CI") != "true",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.contract.spec import HHRLHFDataSpec
+from orchestrator.core.spec import HHRLHFDataSpec
 from trainers.data import encode_pairs
 from trainers.logprobs import choose_layout, head_support
 from trainers.models import dequantize_gguf, load_causal_lm, load_tokenizer

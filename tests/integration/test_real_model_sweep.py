@@ -10,8 +10,9 @@ import pytest
 from orchestrator.pipeline import run_sweep
 
 from orchestrator.progress import QUIET
-from orchestrator.contract.spec_file import parse_spec
-from orchestrator.contract.tracking import TAG_CHECKPOINT, TAG_EVAL_CUTS, SweepTracker
+from orchestrator.core.spec_file import parse_spec
+from orchestrator.core.tags import TAG_CHECKPOINT, TAG_EVAL_CUTS
+from orchestrator.runtime.sweep_runs import SweepTracker
 
 HH = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

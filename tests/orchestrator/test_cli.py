@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.contract.tracking import SweepTracker
+from orchestrator.runtime.sweep_runs import SweepTracker
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,8 +85,8 @@ def test_executor_flag_overrides_the_spec_with_that_kinds_defaults(tmp_path):
     from types import SimpleNamespace
 
     from orchestrator.cli import _load
-    from orchestrator.contract.spec import RayExecutorSpec, SlurmExecutorSpec
-    from orchestrator.contract.spec_file import SpecError
+    from orchestrator.core.spec import RayExecutorSpec, SlurmExecutorSpec
+    from orchestrator.core.spec_file import SpecError
 
     spec_file = tmp_path / "s.yaml"
     spec_file.write_text("name: s\nstages: {sft: {grid: {learning_rate: [0.001]}}, methods: {dpo: {grid: "

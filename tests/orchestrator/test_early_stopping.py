@@ -1,12 +1,13 @@
-"""ASHA's rule, rung placement and the judge (orchestrator.contract.early_stopping), with hand-computed numbers."""
+"""ASHA's rule, rung placement and the judge (orchestrator.core.rungs), with hand-computed numbers."""
 
 import math
 
 import pytest
 
-from orchestrator.contract.early_stopping import (RungJudge, TrialStopped, asha_decision, logged_rung_values,
-                                                  quantile, rung_steps, rung_value_key)
-from orchestrator.contract.spec import AshaSpec
+from orchestrator.core.rungs import (TrialStopped, asha_decision, logged_rung_values, quantile, rung_steps,
+                                     rung_value_key)
+from orchestrator.runtime.judge import RungJudge
+from orchestrator.core.spec import AshaSpec
 
 
 def test_quantile_interpolates_between_order_statistics_like_numpy():
@@ -96,8 +97,8 @@ def test_rung_values_read_back_from_a_runs_metrics_in_rung_order_with_gaps():
 
 
 def test_rung_and_stop_signatures_follow_the_settings_that_make_values_and_stops_comparable():
-    from orchestrator.contract.early_stopping import rung_signature, stop_signature
-    from orchestrator.contract.spec import EvaluationSpec
+    from orchestrator.core.rungs import rung_signature, stop_signature
+    from orchestrator.core.spec import EvaluationSpec
 
     at_2, at_10 = EvaluationSpec(rung_steps=[2]), EvaluationSpec(rung_steps=[10])
     asha, eta_2 = AshaSpec(kind="asha"), AshaSpec(kind="asha", reduction_factor=2)

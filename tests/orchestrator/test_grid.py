@@ -4,8 +4,8 @@ import pytest
 
 from orchestrator.api import builtin_spec_path
 from orchestrator.grid import expand_grid, plan_sweep
-from orchestrator.contract.spec import GridSpec
-from orchestrator.contract.spec_file import load_spec, parse_spec
+from orchestrator.core.spec import GridSpec
+from orchestrator.core.spec_file import load_spec, parse_spec
 
 SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
 
@@ -130,7 +130,7 @@ def test_the_per_section_canonical_json_is_the_whole_config_dumped_at_once(name)
     the one-shot definition the keys were defined by, or every finished trial would run again."""
     import json
 
-    from orchestrator.contract.trials import KEY_VERSION, key_config
+    from orchestrator.core.trials import KEY_VERSION, key_config
 
     for stage in plan_sweep(load_spec(SWEEPS / f"{name}.yaml")):
         for trial in stage.trials:

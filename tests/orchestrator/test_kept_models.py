@@ -1,11 +1,14 @@
-"""The kept-models policy (orchestrator.contract.kept_models): the pure decision on hand-built runs, then the
+"""The kept-models policy (orchestrator.runtime.kept_models): the pure decision on hand-built runs, then the
 MLflow side (artifacts, registry, idempotence) on a local store without training anything."""
 
 import mlflow
 import pytest
 
-from orchestrator.contract.kept_models import decide, keep_models, registered_model_name
-from orchestrator.contract.tracking import TAG_WEIGHTS, SweepTracker, TrialLogger, TrialRecord
+from orchestrator.runtime.kept_models import decide, keep_models, registered_model_name
+from orchestrator.core.runs import TrialRecord
+from orchestrator.core.tags import TAG_WEIGHTS
+from orchestrator.runtime.sweep_runs import SweepTracker
+from orchestrator.runtime.trial_log import TrialLogger
 
 
 def record(run_id, status, score, key=None, weights="logged"):

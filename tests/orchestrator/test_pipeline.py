@@ -10,11 +10,12 @@ import torch
 from orchestrator.grid import plan_sweep, tracked_name
 from orchestrator.pipeline import run_sweep
 from orchestrator.progress import QUIET
-from orchestrator.contract.spec_file import parse_spec
-from orchestrator.contract.runs import EVAL_PHASES, TRIAL_PHASES
-from orchestrator.contract.kept_models import registered_model_name
-from orchestrator.contract.tracking import (TAG_FAILURE, TAG_LAYOUT, TAG_PARENT, TAG_REF_CACHE, TAG_WEIGHTS, SweepTracker,
-                                           TrialLogger)
+from orchestrator.core.spec_file import parse_spec
+from orchestrator.core.runs import EVAL_PHASES, TRIAL_PHASES
+from orchestrator.runtime.kept_models import registered_model_name
+from orchestrator.core.tags import TAG_FAILURE, TAG_LAYOUT, TAG_PARENT, TAG_REF_CACHE, TAG_WEIGHTS
+from orchestrator.runtime.sweep_runs import SweepTracker
+from orchestrator.runtime.trial_log import TrialLogger
 from trainers import losses
 
 SPEC = """\

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.contract.tracking import TAG_KIND, TAG_NOTE, SweepTracker
+from orchestrator.core.tags import TAG_KIND, TAG_NOTE
+from orchestrator.runtime.sweep_runs import SweepTracker
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / ".test-artifacts"  # kept after the run (gitignored): screenshots
@@ -181,8 +182,8 @@ def test_sweep_ui_lands_on_the_trial_runs_with_their_metrics(reported):
 
 def test_report_before_any_preference_trial_finished_says_so(tmp_path):
     from orchestrator.grid import plan_sweep
-    from orchestrator.contract.spec_file import parse_spec
-    from orchestrator.contract.task import TrialRuntime, TrialTask
+    from orchestrator.core.spec_file import parse_spec
+    from orchestrator.core.task import TrialRuntime, TrialTask
     from trainers.probe import probe_trial
 
     spec_file = tmp_path / "spec.yaml"

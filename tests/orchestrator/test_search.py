@@ -8,9 +8,10 @@ from orchestrator.grid import plan_sweep
 from orchestrator.pipeline import run_sweep
 from orchestrator.progress import QUIET
 from orchestrator.search import run_search
-from orchestrator.contract.spec_file import SpecError, parse_spec
-from orchestrator.contract.task import TrialResult
-from orchestrator.contract.tracking import SweepTracker, TrialRecord
+from orchestrator.core.spec_file import SpecError, parse_spec
+from orchestrator.core.task import TrialResult
+from orchestrator.core.runs import TrialRecord
+from orchestrator.runtime.sweep_runs import SweepTracker
 from trainers.probe import probe_score
 
 SPEC = """\

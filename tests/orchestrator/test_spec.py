@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.contract.spec_file import SpecError, load_spec, parse_spec
+from orchestrator.core.spec_file import SpecError, load_spec, parse_spec
 from trainers.preflight import InputError, preflight
 
 GOOD = """\

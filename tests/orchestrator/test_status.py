@@ -6,10 +6,10 @@ import sys
 import pytest
 
 from orchestrator.grid import plan_sweep
-from orchestrator.contract.spec import CostSpec
-from orchestrator.contract.spec_file import parse_spec
+from orchestrator.core.spec import CostSpec
+from orchestrator.core.spec_file import parse_spec
 from orchestrator.status import cost_estimate, elapsed_seconds, status_table
-from orchestrator.contract.tracking import TrialRecord
+from orchestrator.core.runs import TrialRecord
 
 SPEC = """\
 name: costed

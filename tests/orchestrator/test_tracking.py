@@ -1,6 +1,7 @@
 """The MLflow client layer: which store a URI names."""
 
-from orchestrator.contract.tracking import SweepTracker, absolute_uri, sqlite_path
+from orchestrator.runtime.store import absolute_uri, sqlite_path
+from orchestrator.runtime.sweep_runs import SweepTracker
 
 
 def test_a_relative_sqlite_uri_names_the_store_of_the_current_folder(tmp_path, monkeypatch):

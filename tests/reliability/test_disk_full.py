@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.contract.tracking import TAG_FAILURE, SweepTracker
-from orchestrator.tracking_server import mlflow_server
+from orchestrator.core.tags import TAG_FAILURE
+from orchestrator.runtime.sweep_runs import SweepTracker
+from orchestrator.runtime.server import mlflow_server
 from trainers.cache import cached_reference_logps
-from orchestrator.contract.files import write_folder_atomically
+from orchestrator.infra.files import write_folder_atomically
 
 LIMIT = 1 << 20  # 1 MiB: the tiny base model (0.56 MB) and SFT checkpoint fit, the training state (~1.7 MB) not
 

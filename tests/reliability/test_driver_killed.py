@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from orchestrator.contract.kept_models import registered_model_name
-from orchestrator.contract.tracking import SweepTracker
+from orchestrator.runtime.kept_models import registered_model_name
+from orchestrator.runtime.sweep_runs import SweepTracker
 
 from reliability_support import finished_trials
 

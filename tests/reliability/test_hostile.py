@@ -17,9 +17,10 @@ import pandas as pd
 import pytest
 import torch
 
-from orchestrator.contract.files import write_file_atomically, write_folder_atomically
-from orchestrator.contract.spec_file import SpecError, parse_spec
-from orchestrator.contract.tracking import TAG_CHECKPOINT, TAG_REF_CACHE, SweepTracker
+from orchestrator.infra.files import write_file_atomically, write_folder_atomically
+from orchestrator.core.spec_file import SpecError, parse_spec
+from orchestrator.core.tags import TAG_CHECKPOINT, TAG_REF_CACHE
+from orchestrator.runtime.sweep_runs import SweepTracker
 from orchestrator.grid import plan_sweep
 from orchestrator.pipeline import SweepError, run_sweep
 from orchestrator.progress import QUIET

@@ -3,7 +3,6 @@ API) never lie, trace back or hang. One test per class of the adversarial pass; 
 fix. Probe trials (trainers.probe) stand in for training wherever the case is not about weights."""
 
 import functools
-import json
 import os
 import shutil
 import subprocess
@@ -15,11 +14,13 @@ import numpy as np
 import pytest
 
 from orchestrator import api, cli
-from orchestrator.contract.kept_models import decide
-from orchestrator.contract.runs import RunStatus
-from orchestrator.contract.spec_file import SpecError, parse_spec
-from orchestrator.contract.tracking import (TAG_RUNG_SIGNATURE, TAG_STOP_REASON, TAG_STOPPED_UNDER, TAG_WEIGHTS,
-                                           StoreUnavailable, SweepTracker, TrialRecord)
+from orchestrator.runtime.kept_models import decide
+from orchestrator.core.runs import RunStatus
+from orchestrator.core.spec_file import SpecError, parse_spec
+from orchestrator.core.runs import TrialRecord
+from orchestrator.core.tags import TAG_RUNG_SIGNATURE, TAG_STOP_REASON, TAG_STOPPED_UNDER, TAG_WEIGHTS
+from orchestrator.runtime.store import StoreUnavailable
+from orchestrator.runtime.sweep_runs import SweepTracker
 from orchestrator.grid import plan_sweep
 from orchestrator.pipeline import run_sweep, select_init
 from orchestrator.progress import QUIET, Output
@@ -317,7 +318,7 @@ def test_a_damaged_optuna_journal_is_set_aside_and_rebuilt_from_mlflow(tmp_path,
 def test_two_drivers_of_one_search_both_finish_and_run_each_point_once(tmp_path):
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(_searched(tmp_path, 3, "0.1, 0.3, 0.5, 0.7"))
-    script = ("import functools, sys; from orchestrator.contract.spec_file import load_spec; "
+    script = ("import functools, sys; from orchestrator.core.spec_file import load_spec; "
               "from orchestrator.pipeline import run_sweep; from orchestrator.progress import QUIET; "
               "from trainers.probe import probe_trial; "
               f"o = run_sweep(load_spec(sys.argv[1]), {uri_of(tmp_path)!r}, output=QUIET, "
@@ -386,5 +387,5 @@ def test_kept_weights_that_are_gone_or_altered_are_never_served(tmp_path, damage
     assert version.run_id != best.run_id
     served = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp_path / "dl"),
                                                       tracking_uri=uri))
-    from orchestrator.contract.files import folder_problem
+    from orchestrator.infra.files import folder_problem
     assert folder_problem(served) is None

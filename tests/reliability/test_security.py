@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from orchestrator import cli
-from orchestrator.contract.tracking import SweepTracker
-from orchestrator.tracking_server import mlflow_server
+from orchestrator.runtime.sweep_runs import SweepTracker
+from orchestrator.runtime.server import mlflow_server
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("orchestrator", "trainers", "cluster", "analysis")

@@ -12,8 +12,9 @@ import pytest
 from orchestrator.pipeline import SweepError, run_sweep
 
 from orchestrator.progress import Output, QUIET
-from orchestrator.contract.spec_file import parse_spec
-from orchestrator.contract.tracking import SweepTracker, _client
+from orchestrator.core.spec_file import parse_spec
+from orchestrator.runtime.store import _client
+from orchestrator.runtime.sweep_runs import SweepTracker
 from trainers.probe import noop_sweep_yaml, probe_trial
 
 from reliability_support import finished_trials, kill_server, server_pids
@@ -97,7 +98,7 @@ def test_a_store_lost_during_an_early_stopping_decision_stops_the_sweep_cleanly_
     same as at any other moment: the sweep stops with nothing lost, the trial's run is left for the rerun."""
     import requests
 
-    from orchestrator.contract import tracking
+    from orchestrator.runtime.trial_log import TrialLogger
 
     db = tmp_path / "mlflow.db"
     sqlite = f"sqlite:///{db}"
@@ -107,7 +108,7 @@ def test_a_store_lost_during_an_early_stopping_decision_stops_the_sweep_cleanly_
     def unreachable(*args, **kwargs):
         raise RuntimeError("API request failed") from requests.exceptions.ConnectionError("refused")
 
-    monkeypatch.setattr(tracking.TrialLogger, "rung_values", unreachable)
+    monkeypatch.setattr(TrialLogger, "rung_values", unreachable)
     with pytest.raises(SweepError, match="tracking store stopped answering"):
         run_sweep(spec, sqlite, output=QUIET, trial_fn=trial)
     before = SweepTracker(sqlite, "decision-lost").trials()

@@ -7,8 +7,9 @@ from analysis.report import render
 from orchestrator.pipeline import run_sweep
 from orchestrator.progress import QUIET
 from orchestrator.reporting import load_report_inputs
-from orchestrator.contract.spec_file import parse_spec
-from orchestrator.contract.tracking import TAG_FAILURE, SweepTracker
+from orchestrator.core.spec_file import parse_spec
+from orchestrator.core.tags import TAG_FAILURE
+from orchestrator.runtime.sweep_runs import SweepTracker
 from trainers import losses
 from trainers import trial as trial_module
 

@@ -6,8 +6,9 @@ import pytest
 from orchestrator.pipeline import run_sweep
 
 from orchestrator.progress import QUIET
-from orchestrator.contract.spec_file import SpecError, parse_spec
-from orchestrator.contract.tracking import SweepTracker, _client
+from orchestrator.core.spec_file import SpecError, parse_spec
+from orchestrator.runtime.store import _client
+from orchestrator.runtime.sweep_runs import SweepTracker
 
 from ddp_support import SPEC
 
@@ -72,9 +73,9 @@ def test_a_two_process_loop_resumes_from_rank_0s_checkpoint_with_the_uninterrupt
     import torch.multiprocessing as mp
 
     from ddp_support import _checkpointed_history, checkpointed_rank
-    from orchestrator.contract.net import free_port
+    from orchestrator.infra.net import free_port
     from trainers.train import load_training_state, make_accelerator
-    from orchestrator.contract.lifecycle import Checkpointing
+    from orchestrator.runtime.lifecycle import Checkpointing
 
     expected = _checkpointed_history(make_accelerator(), None, kill_at=0)
     for kill_at in (7, 0):
@@ -97,7 +98,7 @@ def test_launched_ranks_are_released_when_task_0_does_not_train(tmp_path, fail):
     import torch.multiprocessing as mp
 
     from ddp_support import launched_rank_of_a_trial_that_does_not_train
-    from orchestrator.contract.net import free_port
+    from orchestrator.infra.net import free_port
 
     context = mp.start_processes(launched_rank_of_a_trial_that_does_not_train,
                                  args=(2, free_port(), str(tmp_path), fail), nprocs=2, join=False,
@@ -118,7 +119,7 @@ def test_fsdp_shards_every_parameter_and_trains_like_one_process(tmp_path):
     import torch.multiprocessing as mp
 
     from ddp_support import sharded_rank, tiny_dpo_settings, tiny_dpo_setup
-    from orchestrator.contract.net import free_port
+    from orchestrator.infra.net import free_port
     from trainers.train import make_accelerator, train
     from trainers.objectives import preference_objective
 

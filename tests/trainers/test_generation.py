@@ -194,7 +194,7 @@ def test_bf16_evaluation_runs_and_reports_its_phases(tiny):
 def test_the_spec_offers_exactly_the_registered_engines():
     from typing import get_args
 
-    from orchestrator.contract.spec import EvaluationSpec
+    from orchestrator.core.spec import EvaluationSpec
 
     assert set(get_args(EvaluationSpec.model_fields["engine"].annotation)) == set(generation.ENGINES.names())
     assert get_args(EvaluationSpec.model_fields["sampler_version"].annotation) == (generation.SAMPLER_VERSION,)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainers.losses import get_loss
-from orchestrator.contract.methods import METHODS
+from orchestrator.core.methods import METHODS
 
 # Two pairs: summed log-probs and lengths.
 POLICY_CHOSEN = torch.tensor([-10.0, -5.0], dtype=torch.float64)

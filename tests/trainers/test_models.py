@@ -4,7 +4,7 @@ import multiprocessing
 import time
 from pathlib import Path
 
-from orchestrator.contract.files import write_folder_atomically
+from orchestrator.infra.files import write_folder_atomically
 
 
 def _build(target: str, seconds: float, results) -> None:

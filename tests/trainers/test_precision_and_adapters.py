@@ -141,8 +141,8 @@ def test_a_sweep_with_bf16_checkpointing_and_lora_loads_one_model_per_lora_trial
     the reference it keeps, reused for KL)."""
     from orchestrator.pipeline import run_sweep
     from orchestrator.progress import QUIET
-    from orchestrator.contract.spec_file import parse_spec
-    from orchestrator.contract.tracking import SweepTracker
+    from orchestrator.core.spec_file import parse_spec
+    from orchestrator.runtime.sweep_runs import SweepTracker
     from trainers import trial as trial_module
 
     loads = []

@@ -4,8 +4,8 @@ the claim that makes rung settings key-neutral: a trial's final result is the sa
 import pytest
 import torch
 
-from orchestrator.contract.spec_file import parse_spec
-from orchestrator.contract.tracking import SweepTracker
+from orchestrator.core.spec_file import parse_spec
+from orchestrator.runtime.sweep_runs import SweepTracker
 from orchestrator.pipeline import run_sweep
 from orchestrator.progress import QUIET
 from trainers.pairs import PreferencePair

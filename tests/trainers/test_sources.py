@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from orchestrator.contract.spec_file import SpecError, parse_spec
+from orchestrator.core.spec_file import SpecError, parse_spec
 from trainers.sources import DataError, hh_rlhf_turns, load_pairs, load_split
 
 STAGES = "stages: {sft: {grid: {learning_rate: [1.0e-3]}}, methods: {dpo: {grid: {beta: [0.1], learning_rate: [1.0e-4]}}}}\n"

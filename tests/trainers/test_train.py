@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from orchestrator.contract.methods import METHODS
+from orchestrator.core.methods import METHODS
 from trainers.data import EncodedPair, EncodedSequence, encode_pairs, encode_sequence
 from trainers.logprobs import sequence_logps
 from trainers.models import build_task_tokenizer, build_tiny_model
@@ -153,7 +153,7 @@ def test_a_killed_loop_resumes_from_its_checkpoint_with_the_uninterrupted_result
     run ends (same batches, optimizer, schedule and loss state: beta_dpo's EMA/RNG, epsilon_dpo's beta)."""
     from trainers.objectives import build_objective
     from trainers.train import load_training_state
-    from orchestrator.contract.lifecycle import Checkpointing
+    from orchestrator.runtime.lifecycle import Checkpointing
 
     tokenizer, pairs = setup
     ref = build_tiny_model(TINY, tokenizer).eval()
@@ -194,7 +194,7 @@ def test_a_killed_loop_resumes_from_its_checkpoint_with_the_uninterrupted_result
 
 def test_a_damaged_checkpoint_is_ignored(tmp_path):
     from trainers.train import load_training_state
-    from orchestrator.contract.lifecycle import Checkpointing
+    from orchestrator.runtime.lifecycle import Checkpointing
 
     checkpointing = Checkpointing(tmp_path, every=1)
     checkpointing.path.write_bytes(b"not a torch file")

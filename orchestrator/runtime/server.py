@@ -2,7 +2,7 @@
 
 One server process owns a local SQLite store, so trials in other processes (Ray workers, Slurm jobs) never
 write the file concurrently; a server that dies is started again on the same port. The client side of
-MLflow is orchestrator.contract.tracking.
+MLflow is orchestrator.runtime (the MLflow adapter).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 from urllib.parse import urlparse
 
-from orchestrator.contract.net import free_port
-from orchestrator.contract.tracking import sqlite_path
+from orchestrator.infra.net import free_port
+from orchestrator.runtime.store import sqlite_path
 
 
 class TrackingServerError(RuntimeError):

@@ -22,10 +22,9 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Sequence
 
-from orchestrator.contract.spec import AshaSpec, EvaluationSpec
-from orchestrator.contract.task import TrialTask
+from orchestrator.core.spec import AshaSpec, EvaluationSpec
 
 RUNG_PREFIX = "rung/"
 DEFAULT_RUNG_METRIC = f"{RUNG_PREFIX}mean_score"  # what asha/rung_K holds without early stopping
@@ -145,47 +144,3 @@ class TrialStopped(Exception):
         super().__init__(reason)
         self.decision, self.reason = decision, reason
         self.values = values  # rung -> the compared value at every rung the trial reached
-
-
-class RungStore(Protocol):
-    """What a judge needs of the trial's logger (orchestrator.contract.tracking.TrialLogger)."""
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None: ...
-    def rung_values(self, stage_key: str, metric: str, exclude_key: str, signature: str) -> list[float]: ...
-
-
-class RungJudge:
-    """Logs a trial's rung evaluations and, under early stopping, decides at each rung whether it goes on,
-    against the values of the stage's other trials with the same rung signature."""
-
-    def __init__(self, store: RungStore, stage_key: str, trial_key: str, settings: Optional[AshaSpec],
-                 signature: str):
-        self.store, self.stage_key, self.trial_key, self.settings = store, stage_key, trial_key, settings
-        self.signature = signature
-        self.values: dict[int, float] = {}
-
-    @classmethod
-    def for_trial(cls, store: RungStore, task: TrialTask) -> "RungJudge":
-        """The judge of one trial: its stage, key, the sweep's early stopping and its rung signature."""
-        stopping = task.runtime.early_stopping
-        return cls(store, task.runtime.stage_key, task.trial.trial_key, stopping,
-                   rung_signature(task.trial.evaluation, stopping))
-
-    def __call__(self, rung: int, step: int, metrics: dict[str, float]) -> Optional[RungDecision]:
-        """Log `metrics` (names without the rung/ prefix) at `step`; raise TrialStopped when ASHA stops the
-        trial here; the decision (None without early stopping)."""
-        settings = self.settings
-        logged = {f"{RUNG_PREFIX}{k}": v for k, v in metrics.items()}
-        compared_metric = settings.metric if settings else DEFAULT_RUNG_METRIC
-        if compared_metric in logged:
-            logged[rung_value_key(rung)] = self.values[rung] = logged[compared_metric]
-        self.store.log_metrics(logged, step)
-        if settings is None or rung < settings.min_rung or settings.metric not in logged:
-            return None  # (a stage without the metric, e.g. rung/kl of SFT trials, is not stopped on it)
-        value = logged[settings.metric]
-        others = self.store.rung_values(self.stage_key, rung_value_key(rung), self.trial_key, self.signature)
-        stop, cutoff = asha_decision(value, others, settings.reduction_factor, settings.mode)
-        decision = RungDecision(rung, step, settings.metric, value, cutoff,
-                                sum(math.isfinite(v) for v in others), stop)
-        if stop:
-            raise TrialStopped(decision, decision.reason(settings.reduction_factor), dict(self.values))
-        return decision

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from orchestrator.contract.errors import caused_by
+from orchestrator.infra.errors import caused_by
 
 
 @contextlib.contextmanager

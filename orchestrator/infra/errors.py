@@ -1,4 +1,4 @@
-"""Reading exceptions: what an error was raised from, and its one-line form (torch- and MLflow-free)."""
+"""Reading exceptions: what an error was raised from, and its one-line form."""
 
 from __future__ import annotations
 
@@ -20,13 +20,3 @@ def caused_by(exc: Optional[BaseException], types) -> Optional[BaseException]:
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """An error's first line, for one-line reports (MLflow's connection errors run to several hundred chars)."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
-
-
-class TrialPhaseError(RuntimeError):
-    """A trial's failure that already says where it broke: the phase and, for training, the step ("training
-    failed: ...", "non-finite loss nan at step 3 ..."). Its message is the run's failure reason as it is."""
-
-
-def failure_reason(exc: BaseException) -> str:
-    """What a FAILED run's posweep.failure tag says: a TrialPhaseError's own message, else 'Type: message'."""
-    return str(exc) if isinstance(exc, TrialPhaseError) else f"{type(exc).__name__}: {exc}"

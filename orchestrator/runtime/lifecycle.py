@@ -21,15 +21,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
-from orchestrator.contract import tracking
-from orchestrator.contract.early_stopping import TrialStopped, rung_signature, rung_value_key, stop_signature
-from orchestrator.contract.errors import failure_reason, first_line
-from orchestrator.contract.files import exclusive_lock, write_file_atomically, write_verified
-from orchestrator.contract.kept_models import keep_models
-from orchestrator.contract.methods import METHODS
-from orchestrator.contract.registry import load_reference
-from orchestrator.contract.runs import RunStatus, resume_done
-from orchestrator.contract.task import TrialResult, TrialTask
+from orchestrator.core.runs import TrialRecord
+from orchestrator.core.tags import (TAG_FAILURE, TAG_INIT_KEY, TAG_KEY, TAG_METHOD, TAG_RESUMED, TAG_RUNG_SIGNATURE,
+                                    TAG_SAMPLES, TAG_SAMPLES_SHA, TAG_STAGE, TAG_STAGE_KEY, TAG_STOPPED_AT_RUNG,
+                                    TAG_STOPPED_AT_STEP, TAG_STOPPED_UNDER, TAG_STOP_REASON, TAG_SWEEP)
+from orchestrator.runtime.store import is_unreachable
+from orchestrator.runtime.trial_log import SystemMetrics, TrialLogger
+from orchestrator.core.rungs import TrialStopped, rung_signature, rung_value_key, stop_signature
+from orchestrator.core.errors import failure_reason
+from orchestrator.infra.errors import first_line
+from orchestrator.infra.files import exclusive_lock, write_file_atomically, write_verified
+from orchestrator.runtime.kept_models import keep_models
+from orchestrator.core.methods import METHODS
+from orchestrator.core.registry import load_reference
+from orchestrator.core.runs import RunStatus, resume_done
+from orchestrator.core.task import TrialResult, TrialTask
 
 Report = Callable[[int, int], None]  # (step, total_steps)
 TRAIN_BODY = "trainers.entry:train_and_evaluate"
@@ -45,7 +51,7 @@ class DeviceUsage:
 
 class TrialBody(Protocol):
     """What a trial does between opening and closing its run; returns the run's metrics."""
-    def __call__(self, task: TrialTask, logger: tracking.TrialLogger, report: Optional[Report],
+    def __call__(self, task: TrialTask, logger: TrialLogger, report: Optional[Report],
                  usage: DeviceUsage) -> dict[str, float]: ...
 
 
@@ -91,14 +97,14 @@ def cost_metrics(device: str, count: int, wall_seconds: float) -> dict[str, floa
             "device_hours": wall_seconds * count / 3600, "gpu_hours": wall_seconds * gpus / 3600}
 
 
-def record_samples(task: TrialTask, logger: tracking.TrialLogger, samples: list[dict]) -> Path:
+def record_samples(task: TrialTask, logger: TrialLogger, samples: list[dict]) -> Path:
     """A trial's per-sample records where later stages and the report read them: WORKDIR/trials/<key>/
     samples.json (atomically, its sha256 beside it: the next stage's SFT baseline, checked where it is read) and
     the run's samples table, tagged with the path and the hash."""
     path = task.trial_dir / "samples.json"
     digest = write_verified(path, lambda tmp: Path(tmp).write_text(json.dumps(samples)))
     logger.log_samples(samples)
-    logger.set_tags({tracking.TAG_SAMPLES: str(path), tracking.TAG_SAMPLES_SHA: digest})
+    logger.set_tags({TAG_SAMPLES: str(path), TAG_SAMPLES_SHA: digest})
     return path
 
 
@@ -113,21 +119,21 @@ def trial_lock(folder: Path):
 
 def _trial_tags(task: TrialTask) -> dict[str, str]:
     trial, runtime = task.trial, task.runtime
-    tags = {tracking.TAG_SWEEP: runtime.sweep, tracking.TAG_STAGE: trial.stage, tracking.TAG_METHOD: trial.method,
-            tracking.TAG_KEY: trial.trial_key, tracking.TAG_STAGE_KEY: runtime.stage_key}
+    tags = {TAG_SWEEP: runtime.sweep, TAG_STAGE: trial.stage, TAG_METHOD: trial.method,
+            TAG_KEY: trial.trial_key, TAG_STAGE_KEY: runtime.stage_key}
     if runtime.init_trial_key:
-        tags[tracking.TAG_INIT_KEY] = runtime.init_trial_key
+        tags[TAG_INIT_KEY] = runtime.init_trial_key
     if trial.evaluation.has_rungs:
-        tags[tracking.TAG_RUNG_SIGNATURE] = rung_signature(trial.evaluation, runtime.early_stopping)
+        tags[TAG_RUNG_SIGNATURE] = rung_signature(trial.evaluation, runtime.early_stopping)
     return tags
 
 
-def _logger(task: TrialTask) -> tracking.TrialLogger:
+def _logger(task: TrialTask) -> TrialLogger:
     runtime = task.runtime
-    return tracking.TrialLogger(runtime.tracking_uri, runtime.experiment_id, runtime.parent_run_id)
+    return TrialLogger(runtime.tracking_uri, runtime.experiment_id, runtime.parent_run_id)
 
 
-def _open_run(task: TrialTask, logger: tracking.TrialLogger, earlier: list[tracking.TrialRecord]) -> str:
+def _open_run(task: TrialTask, logger: TrialLogger, earlier: list[TrialRecord]) -> str:
     """Continue the run of the attempt whose checkpoint this one resumes, or start a new run. Other RUNNING
     runs of this key belong to dead attempts (this process holds the trial's lock): they are closed KILLED."""
     saving = checkpointing(task)
@@ -139,7 +145,7 @@ def _open_run(task: TrialTask, logger: tracking.TrialLogger, earlier: list[track
             logger.close(record.run_id, RunStatus.KILLED)
     if resume_id and any(r.run_id == resume_id for r in earlier):
         logger.reopen(resume_id)
-        logger.set_tags({tracking.TAG_RESUMED: str(saving.saved_step)})
+        logger.set_tags({TAG_RESUMED: str(saving.saved_step)})
         return resume_id
     if saving is not None:  # a fresh start: an old checkpoint without its run is not resumed
         shutil.rmtree(saving.folder, ignore_errors=True)
@@ -149,11 +155,11 @@ def _open_run(task: TrialTask, logger: tracking.TrialLogger, earlier: list[track
     return run_id
 
 
-def _finished_result(task: TrialTask, runs: list[tracking.TrialRecord]) -> Optional[TrialResult]:
+def _finished_result(task: TrialTask, runs: list[TrialRecord]) -> Optional[TrialResult]:
     """The result of the key's done run among `runs` (FINISHED; or STOPPED under the sweep's early-stopping rule:
     runs.resume_done), if any."""
     stopping = stop_signature(task.trial.evaluation, task.runtime.early_stopping)
-    done = [r for r in runs if resume_done(r.status, r.tags.get(tracking.TAG_STOPPED_UNDER), stopping)]
+    done = [r for r in runs if resume_done(r.status, r.tags.get(TAG_STOPPED_UNDER), stopping)]
     finished = next((r for r in done if r.status == RunStatus.FINISHED), None) or next(iter(done), None)
     if finished is None:
         return None
@@ -168,7 +174,7 @@ def run_trial(task: TrialTask, report: Optional[Report] = None, body: Optional[T
         try:
             return _run_locked(task, report, body or load_reference(TRAIN_BODY))
         except Exception as exc:  # noqa: BLE001 - only an unreachable store is turned into a result
-            if not tracking.is_unreachable(exc):
+            if not is_unreachable(exc):
                 raise
             return _unrecorded_result(task, exc)
 
@@ -180,11 +186,11 @@ def _unrecorded_result(task: TrialTask, exc: BaseException) -> TrialResult:
                        error=f"tracking store {task.runtime.tracking_uri} unreachable: {first_line(exc)}")
 
 
-def _record_failure(task: TrialTask, logger: tracking.TrialLogger, run_id: str, exc: BaseException,
+def _record_failure(task: TrialTask, logger: TrialLogger, run_id: str, exc: BaseException,
                     cost: dict[str, float]) -> TrialResult:
     reason = failure_reason(exc)
     logger.log_metrics(cost)
-    logger.set_tags({tracking.TAG_FAILURE: reason[:5000]})
+    logger.set_tags({TAG_FAILURE: reason[:5000]})
     with contextlib.suppress(OSError):  # the traceback file is extra; a full disk must not hide the FAILED
         logger.log_text(traceback.format_exc(), "failure.txt")
     logger.finish(RunStatus.FAILED)
@@ -200,15 +206,15 @@ def _drop_training_state(task: TrialTask) -> None:
         shutil.rmtree(saving.folder, ignore_errors=True)
 
 
-def _record_stop(task: TrialTask, logger: tracking.TrialLogger, run_id: str, stopped: TrialStopped,
+def _record_stop(task: TrialTask, logger: TrialLogger, run_id: str, stopped: TrialStopped,
                  cost: dict[str, float]) -> TrialResult:
     """End a run early stopping stopped: its cost, where and why it stopped, MLflow status FINISHED (it ended as
-    planned; tracking.run_status reads it back STOPPED)."""
+    planned; run_status reads it back STOPPED)."""
     decision = stopped.decision
     logger.log_metrics(cost)
-    logger.set_tags({tracking.TAG_STOPPED_AT_STEP: str(decision.step),
-                     tracking.TAG_STOPPED_AT_RUNG: str(decision.rung), tracking.TAG_STOP_REASON: stopped.reason[:5000],
-                     tracking.TAG_STOPPED_UNDER: stop_signature(task.trial.evaluation, task.runtime.early_stopping)})
+    logger.set_tags({TAG_STOPPED_AT_STEP: str(decision.step),
+                     TAG_STOPPED_AT_RUNG: str(decision.rung), TAG_STOP_REASON: stopped.reason[:5000],
+                     TAG_STOPPED_UNDER: stop_signature(task.trial.evaluation, task.runtime.early_stopping)})
     logger.finish(RunStatus.FINISHED)
     _drop_training_state(task)
     return TrialResult(trial_key=task.trial.trial_key, run_id=run_id, status=RunStatus.STOPPED,
@@ -236,7 +242,7 @@ def _run_locked(task: TrialTask, report: Optional[Report], body: TrialBody) -> T
         return _record_stop(task, logger, run_id, stopped,
                             cost_metrics(usage.device, usage.count, time.monotonic() - started))
     except Exception as exc:  # noqa: BLE001 - a trial's failure is data, not a crash of the sweep
-        if tracking.is_unreachable(exc):
+        if is_unreachable(exc):
             raise
         return _record_failure(task, logger, run_id, exc,
                                cost_metrics(usage.device, usage.count, time.monotonic() - started))
@@ -249,9 +255,9 @@ def _run_locked(task: TrialTask, report: Optional[Report], body: TrialBody) -> T
                        wall_seconds=metrics["wall_seconds"])
 
 
-def _system_metrics(task: TrialTask, logger: tracking.TrialLogger):
+def _system_metrics(task: TrialTask, logger: TrialLogger):
     interval = task.runtime.system_metrics_interval
-    return tracking.SystemMetrics(logger, interval) if interval else contextlib.nullcontext()
+    return SystemMetrics(logger, interval) if interval else contextlib.nullcontext()
 
 
 def _keep_models(task: TrialTask) -> None:
@@ -282,7 +288,7 @@ def record_lost_trial(task: TrialTask, reason: str) -> TrialResult:
         logger.reopen(running.run_id)
     else:
         logger.start(task.trial.run_name, _trial_tags(task), trial_params(task))
-    logger.set_tags({tracking.TAG_FAILURE: reason[:5000]})
+    logger.set_tags({TAG_FAILURE: reason[:5000]})
     logger.finish(RunStatus.FAILED)
     return TrialResult(trial_key=task.trial.trial_key, run_id=logger.run_id, status=RunStatus.FAILED, error=reason,
                        lost=True)

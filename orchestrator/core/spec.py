@@ -3,7 +3,7 @@
 Pure: validating a spec reads no file and imports no torch, so `sweep report` and `sweep status` load a spec
 whose data is on another machine. Whether the paths it names exist and hold what they should is preflight's
 job (trainers/preflight.py, run by `sweep run` and `sweep plan`). YAML text becomes a SweepSpec, or a
-SpecError naming the file, line and field, in orchestrator.contract.spec_file.
+SpecError naming the file, line and field, in orchestrator.core.spec_file.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-from orchestrator.contract.methods import METHODS, Method
+from orchestrator.core.methods import METHODS, Method
 
 Scalar = Union[int, float, str, bool]
 
@@ -259,7 +259,7 @@ class EvaluationSpec(Strict):
 
 
 class TrainHParams(Strict):
-    """Grid keys every method accepts, besides its own (orchestrator/contract/methods.py)."""
+    """Grid keys every method accepts, besides its own (orchestrator/core/methods.py)."""
     learning_rate: float = Field(gt=0)
     epochs: int = Field(1, ge=1)
 
@@ -432,7 +432,7 @@ class AshaSpec(Strict):
     evaluation.rungs a trial is stopped when its `metric` is below the (1 - 1/reduction_factor) quantile of the
     values the stage's other trials logged at that rung (it is not in their top 1/reduction_factor); the first
     trial to reach a rung always goes on. The decision is the trial's own, read from the tracking store, so it is
-    the same on every executor (orchestrator.contract.early_stopping)."""
+    the same on every executor (orchestrator.core.rungs)."""
     kind: Literal["asha"]
     metric: Literal["rung/mean_score", "rung/win_vs_chosen", "rung/win_vs_sft", "rung/pair_accuracy",
                     "rung/pair_margin", "rung/kl", "rung/length"] = "rung/mean_score"

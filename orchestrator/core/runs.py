@@ -7,6 +7,10 @@ import math
 from enum import Enum
 from typing import Optional
 
+from pydantic import BaseModel, ConfigDict
+
+from orchestrator.core.tags import TAG_STOPPED_AT_STEP
+
 
 class RunStatus(str, Enum):
     RUNNING = "RUNNING"
@@ -53,3 +57,27 @@ TRIAL_PHASES = ("time_load_s", "time_reference_s", "time_train_s", "time_rungs_s
 EVAL_PHASES = ("time_generate_s", "time_reward_s", "time_kl_s")   # parts of time_eval_s
 PHASE_SECONDS = (*TRIAL_PHASES, *EVAL_PHASES)
 USAGE_METRICS = (*PHASE_SECONDS, "generated_tokens", "generated_tokens_per_s")
+
+
+class TrialRecord(BaseModel):
+    """A trial run as read back from MLflow (plain data for the orchestrator and analysis)."""
+    model_config = ConfigDict(use_enum_values=True)  # status kept as its plain string, == RunStatus members
+    run_id: str
+    run_name: str
+    trial_key: str
+    stage: str
+    method: str
+    status: RunStatus
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    start_time: Optional[int] = None   # ms since the epoch
+    end_time: Optional[int] = None
+
+
+def run_status(mlflow_status: str, tags: dict[str, str]) -> RunStatus:
+    """posweep's state of a run: MLflow's status, except that a FINISHED run early stopping ended (tag
+    posweep.stopped_at_step) is STOPPED."""
+    if mlflow_status == RunStatus.FINISHED and TAG_STOPPED_AT_STEP in tags:
+        return RunStatus.STOPPED
+    return RunStatus(mlflow_status)

@@ -8,9 +8,9 @@ from typing import Optional
 
 from pydantic import ConfigDict
 
-from orchestrator.contract.runs import RunStatus
-from orchestrator.contract.spec import AshaSpec, Strict
-from orchestrator.contract.trials import TrialSpec
+from orchestrator.core.runs import RunStatus
+from orchestrator.core.spec import AshaSpec, Strict
+from orchestrator.core.trials import TrialSpec
 
 
 class TrialRuntime(Strict):

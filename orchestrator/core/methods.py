@@ -14,7 +14,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.contract.registry import Registry, load_reference
+from orchestrator.core.registry import Registry, load_reference
 
 
 class MethodParams(BaseModel):

@@ -10,9 +10,9 @@ from typing import Annotated, Optional, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.contract.methods import METHODS, Method
-from orchestrator.contract.registry import unknown_name_message
-from orchestrator.contract.spec import GridSpec, SweepSpec, coerce_hparam, grid_fields, range_bounds
+from orchestrator.core.methods import METHODS, Method
+from orchestrator.core.registry import unknown_name_message
+from orchestrator.core.spec import GridSpec, SweepSpec, coerce_hparam, grid_fields, range_bounds
 
 
 # ---- errors --------------------------------------------------------------------------------------

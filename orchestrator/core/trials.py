@@ -11,8 +11,8 @@ import hashlib
 import json
 from typing import Optional
 
-from orchestrator.contract.spec import (DataSpec, EvaluationSpec, ModelSpec, RewardSpec, Scalar, Strict,
-                                        TrainHParams, TrainingSpec)
+from orchestrator.core.spec import (DataSpec, EvaluationSpec, ModelSpec, RewardSpec, Scalar, Strict, TrainHParams,
+                                    TrainingSpec)
 
 KEY_VERSION = "posweep-trial-v1"  # bump when the meaning of a config field changes
 
@@ -87,7 +87,7 @@ class InitFromStage(Strict):
 
 class TrialSpec(Strict):
     stage: str                       # "base", "sft", or a preference method's name
-    method: str                      # a method of orchestrator.contract.methods
+    method: str                      # a method of orchestrator.core.methods
     hparams: dict[str, Scalar]
     model: ModelSpec
     data: DataSpec

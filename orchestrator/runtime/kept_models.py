@@ -13,15 +13,98 @@ state after a crash anywhere, then a rerun, is the state of an uninterrupted swe
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlparse
 
-from orchestrator.contract.files import exclusive_lock
-from orchestrator.contract.runs import SELECTION_METRIC, RunStatus, best_first
-from orchestrator.contract.tracking import TAG_WEIGHTS, KeptModels, SweepTracker, TrialRecord
+from orchestrator.infra.errors import first_line
+from orchestrator.core.runs import SELECTION_METRIC, RunStatus, TrialRecord, best_first
+from orchestrator.core.tags import (TAG_FAILURE, TAG_KEY, TAG_KIND, TAG_METHOD, TAG_SWEEP, TAG_WEIGHTS,
+                                    WEIGHTS_ARTIFACT, WEIGHTS_HELD)
+from orchestrator.infra.files import exclusive_lock, folder_problem
+from orchestrator.runtime.store import record_of, run_tag
+from orchestrator.runtime.sweep_runs import SweepTracker
 
 KEEP_POLICIES = ("best_per_method", "all", "none")
+
+
+class KeptModels:
+    """The weights a sweep keeps (run artifacts model/, tagged posweep.weights) and their entries in the Model
+    Registry: one registered model per sweep and method, its `best` alias on the kept best trial."""
+
+    def __init__(self, tracker: "SweepTracker"):
+        self.tracker, self.client = tracker, tracker.client
+
+    def with_weights(self, method: str) -> list[TrialRecord]:
+        """The method's trial runs whose artifacts hold weights, whole or (an upload that died) in part."""
+        runs = self.tracker._search(f"tags.`{TAG_KIND}` = 'trial' and tags.`{TAG_METHOD}` = '{method}'")
+        return [record_of(r) for r in runs if r.data.tags.get(TAG_WEIGHTS) in WEIGHTS_HELD]
+
+    def delete_weights(self, record: TrialRecord, why: str) -> None:
+        """Delete a run's model/ artifacts; the tag first, so a half-deleted folder never counts as kept."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        self.client.set_tag(record.run_id, TAG_WEIGHTS, f"deleted: {why}")
+        artifact_uri = self.client.get_run(record.run_id).info.artifact_uri
+        repository = get_artifact_repository(artifact_uri)
+        if any(a.path == WEIGHTS_ARTIFACT for a in repository.list_artifacts()):
+            repository.delete_artifacts(WEIGHTS_ARTIFACT)
+
+    def register_best(self, name: str, record: TrialRecord, description: str) -> str:
+        """Make `record`'s weights the registered model `name`'s only version, alias `best`; its version number.
+        Idempotent: a rerun after a crash anywhere in here ends in the same state."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, tags={TAG_SWEEP: self.tracker.sweep,
+                                                            TAG_METHOD: record.method}, description=description)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        versions = self.client.search_model_versions(f"name = '{name}'")
+        version = next((v for v in versions if v.run_id == record.run_id), None)
+        if version is None:
+            source = f"{self.client.get_run(record.run_id).info.artifact_uri}/{WEIGHTS_ARTIFACT}"
+            version = self.client.create_model_version(
+                name, source, run_id=record.run_id, description=f"trial {record.run_name}",
+                tags={TAG_KEY: record.trial_key, SELECTION_METRIC: str(record.metrics.get(SELECTION_METRIC))})
+        self.client.set_registered_model_alias(name, "best", version.version)
+        for other in versions:  # the registry holds each method's best only
+            if str(other.version) != str(version.version):
+                self.client.delete_model_version(name, other.version)
+        return str(version.version)
+
+    def weights_problem(self, record: TrialRecord) -> Optional[str]:
+        """Why a run's kept weights (model/) cannot be served as what its trial wrote, or None: missing, or a file
+        other than the sha256 the folder's ready marker recorded (files.folder_problem). Read in place from a local
+        artifact store; downloaded to a temporary folder from a server."""
+        artifact_uri = self.client.get_run(record.run_id).info.artifact_uri
+        if urlparse(artifact_uri).scheme == "file":
+            folder = Path(urlparse(artifact_uri).path) / WEIGHTS_ARTIFACT
+            return self._folder_problem(folder) if folder.is_dir() else f"its {WEIGHTS_ARTIFACT}/ artifacts are gone"
+        import mlflow
+
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                folder = Path(mlflow.artifacts.download_artifacts(run_id=record.run_id, artifact_path=WEIGHTS_ARTIFACT,
+                                                                  dst_path=tmp, tracking_uri=self.tracker.uri))
+            except Exception as exc:  # noqa: BLE001 - any failure to read them back: not servable
+                return f"its {WEIGHTS_ARTIFACT}/ artifacts cannot be read back ({first_line(exc)})"
+            return self._folder_problem(folder)
+
+    @staticmethod
+    def _folder_problem(folder: Path) -> Optional[str]:
+        problem = folder_problem(folder)
+        return None if problem is None else problem.replace(str(folder), WEIGHTS_ARTIFACT)
+
+    def invalidate(self, record: TrialRecord, problem: str) -> None:
+        """A FINISHED run whose kept weights are gone or altered: FAILED (reason in posweep.failure), so its trial
+        runs again and writes them anew; its weights no longer count as kept."""
+        reason = f"its kept weights are no longer what the trial wrote ({problem}); the trial runs again"
+        self.client.log_batch(record.run_id, tags=[run_tag(TAG_FAILURE, reason), run_tag(TAG_WEIGHTS, f"lost: {problem}")])
+        self.client.set_terminated(record.run_id, RunStatus.FAILED.value)
 
 
 def registered_model_name(sweep: str, method: str) -> str:

@@ -1,0 +1,145 @@
+"""A trial's run as its process writes it: start, metrics, tags, samples, weights, close (TrialLogger, the core's
+TrialLog protocol), the rung values of the stage's other trials (ASHA's query), and system metrics sampled while
+it runs."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from orchestrator.core.runs import RunStatus, TrialRecord
+from orchestrator.core.tags import SAMPLES_ARTIFACT, TAG_KEY, TAG_KIND, TAG_PARENT, TAG_RUNG_SIGNATURE, TAG_STAGE_KEY, TAG_WEIGHTS, WEIGHTS_ARTIFACT
+from orchestrator.runtime.store import all_runs, record_of, store_client
+
+MAX_PARAM_LENGTH = 6000
+
+class SystemMetrics:
+    """MLflow's system metrics (the run page's System metrics tab: system/cpu_utilization_percentage,
+    system/system_memory_usage_megabytes, disk, network, and GPU where pynvml is installed) for a run this client
+    created: MLflow's own monitor follows fluent runs (mlflow.start_run) and drops what it sampled when a run ends
+    within its interval. This one samples every `interval` seconds in a thread, with MLflow's monitors, and logs
+    a last sample when the block ends, so even a 2-second trial has one."""
+
+    def __init__(self, logger: "TrialLogger", interval: float):
+        self.logger, self.interval = logger, interval
+        self.monitors = _system_monitors()
+        self.step, self.stop = 0, threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="posweep-system-metrics", daemon=True)
+
+    def _sample_and_log(self) -> None:
+        metrics: dict[str, float] = {}
+        for monitor in self.monitors:
+            monitor.collect_metrics()
+            metrics.update(monitor.aggregate_metrics())
+            monitor.clear_metrics()
+        self.logger.log_metrics({f"system/{k}": v for k, v in metrics.items()}, step=self.step)
+        self.step += 1
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                self._sample_and_log()
+            except Exception:  # noqa: BLE001 - a lost sample must not touch the trial; the last one is retried
+                continue
+
+    def __enter__(self) -> "SystemMetrics":
+        for monitor in self.monitors:  # psutil's first CPU reading is 0.0: prime it, then discard
+            monitor.collect_metrics()
+            monitor.clear_metrics()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop.set()
+        self.thread.join()
+        with contextlib.suppress(Exception):  # the trial's own outcome is what matters now
+            self._sample_and_log()
+
+
+def _system_monitors() -> list:
+    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+    from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+    from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
+    monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+    with contextlib.suppress(Exception):  # no NVIDIA GPU, or no pynvml: CPU, memory, disk and network only
+        monitors.append(GPUMonitor())
+    return monitors
+
+
+class TrialLogger:
+    """Trial-side logging into one child run; usable from any process that can reach the store."""
+
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str):
+        self.client = store_client(uri)
+        self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
+        self.run_id: Optional[str] = None
+
+    def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+        from mlflow.entities import Param
+
+        run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                     tags={**tags, TAG_KIND: "trial", TAG_PARENT: self.parent_run_id})
+        self.run_id = run.info.run_id
+        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_samples(self, samples: list[dict], artifact_file: str = SAMPLES_ARTIFACT) -> None:
+        """Per-sample records as an MLflow table (viewable in the UI's artifact and evaluation views)."""
+        columns = {key: [s.get(key) for s in samples] for key in samples[0]} if samples else {}
+        self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_weights(self, folder: Path) -> None:
+        """A trained model folder as the run's model/ artifacts, tagged "logged" once the copy is whole (and
+        "uploading" before, so a process killed mid-copy leaves a run whose partial weights are found and deleted)."""
+        self.set_tags({TAG_WEIGHTS: "uploading"})
+        self.client.log_artifacts(self.run_id, str(folder), WEIGHTS_ARTIFACT)
+        self.set_tags({TAG_WEIGHTS: "logged"})
+
+    def finish(self, status: RunStatus) -> None:
+        self.client.set_terminated(self.run_id, RunStatus(status).value)
+
+    def runs_of(self, trial_key: str) -> list[TrialRecord]:
+        """Every run of one trial key in this experiment, newest first."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{TAG_KEY}` = '{trial_key}'",
+                                       max_results=1000)
+        return [record_of(r) for r in runs]
+
+    def rung_values(self, stage_key: str, metric: str, exclude_key: str, signature: str) -> list[float]:
+        """The value of `metric` (asha/rung_K) of every other trial key of the stage that logged it under the same
+        rung signature, one per key (a key run again after its process died logs the same value again)."""
+        values: dict[str, float] = {}
+        query = f"tags.`{TAG_STAGE_KEY}` = '{stage_key}' and tags.`{TAG_RUNG_SIGNATURE}` = '{signature}'"
+        for run in all_runs(self.client, self.experiment_id, query):
+            key = run.data.tags.get(TAG_KEY)
+            if key != exclude_key and metric in run.data.metrics:
+                values.setdefault(key, run.data.metrics[metric])
+        return list(values.values())
+
+    def reopen(self, run_id: str) -> None:
+        """Continue logging into an earlier attempt's run (a trial resumed from its checkpoint)."""
+        self.run_id = run_id
+        self.client.update_run(run_id, status=RunStatus.RUNNING.value)
+
+    def close(self, run_id: str, status: RunStatus) -> None:
+        self.client.set_terminated(run_id, RunStatus(status).value)
