@@ -23,9 +23,9 @@ import pandas as pd
 from analysis import figures
 from analysis.budget import budget_curves, budget_table, top_threshold
 from analysis.findings import LENGTH_NORMALISED, RULE, check_findings, findings_table
-from analysis.robustness import (REFERENCE_METHOD, best_of_k_curve, cost_to_reach, edge_of_grid,
-                                 expected_best_of_k, finished_runs, pareto_front, probability_beats, run_at_quantile, table1,
-                                 ran_to_an_end, table3, trials_to_reach, with_outcome)
+from analysis.robustness import (REFERENCE_METHOD, best_of_k_curve, cost_to_reach, edge_of_grid, expected_best_of_k,
+                                 finished_runs, pareto_front, probability_beats, ran_to_an_end, run_at_quantile, table1,
+                                 table3, trials_to_reach, with_outcome)
 from analysis.summary import time_split
 from orchestrator.core.runs import RunStatus
 

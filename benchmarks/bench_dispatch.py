@@ -2,7 +2,7 @@
 
     python benchmarks/bench_dispatch.py --repeats 3 [--trials 20] [--skip-slurm] [--skip-quickstart]
 
-1. No-op trials (trainers.probe: the real trial path — lock, MLflow run, params, one metric, result — but no
+1. No-op trials (cluster.probe: the real trial path — lock, MLflow run, params, one metric, result — but no
    training) through local, ray and slurm, one at a time (max_concurrent_trials / array_parallelism 1), so
    batch wall / trials is the cost of dispatching one trial. Ray and SLURM go through the MLflow server that
    `sweep run` starts for them; its start-up, Ray's start-up and the local Slurm's start-up are printed
@@ -29,16 +29,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster import local_slurm, make_executor  # noqa: E402
+from cluster.probe import probe_trial  # noqa: E402
 from orchestrator.api import builtin_spec_path  # noqa: E402
-from orchestrator.grid import plan_sweep  # noqa: E402
-from orchestrator.pipeline import run_sweep  # noqa: E402
-from orchestrator.progress import QUIET
 from orchestrator.core.spec import LocalExecutorSpec, RayExecutorSpec, SlurmExecutorSpec  # noqa: E402
 from orchestrator.core.spec_file import load_spec, parse_spec  # noqa: E402
 from orchestrator.core.task import TrialRuntime, TrialTask  # noqa: E402
-from orchestrator.runtime.sweep_runs import SweepTracker  # noqa: E402
+from orchestrator.grid import plan_sweep  # noqa: E402
+from orchestrator.pipeline import run_sweep  # noqa: E402
+from orchestrator.progress import QUIET  # noqa: E402
 from orchestrator.runtime.server import store_for_workers  # noqa: E402
-from trainers.probe import probe_trial  # noqa: E402
+from orchestrator.runtime.sweep_runs import SweepTracker  # noqa: E402
 
 GRID_SPEC = """\
 name: {name}

@@ -32,14 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from orchestrator.planner import GB, shape_from_config, training_memory  # noqa: E402
-from orchestrator.core.spec import HHRLHFDataSpec, TrainingSpec  # noqa: E402
 from orchestrator.core.methods import METHODS  # noqa: E402
+from orchestrator.core.spec import HHRLHFDataSpec, TrainingSpec  # noqa: E402
+from orchestrator.planner import GB, shape_from_config, training_memory  # noqa: E402
 from trainers.data import encode_pairs  # noqa: E402
 from trainers.models import dequantize_gguf, load_causal_lm, load_tokenizer  # noqa: E402
+from trainers.objectives import ObservedObjective, preference_objective  # noqa: E402
 from trainers.packing import real_tokens  # noqa: E402
 from trainers.sources import load_split  # noqa: E402
-from trainers.objectives import ObservedObjective, preference_objective  # noqa: E402
 from trainers.train import LoopHooks, LoopSettings, make_accelerator, reference_logps, train  # noqa: E402
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"

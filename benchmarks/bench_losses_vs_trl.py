@@ -35,9 +35,9 @@ import torch  # noqa: E402
 
 from trainers.data import encode_pairs  # noqa: E402
 from trainers.models import build_task_tokenizer, build_tiny_model  # noqa: E402
+from trainers.objectives import preference_objective  # noqa: E402
 from trainers.synthetic import generate_split  # noqa: E402
 from trainers.train import LoopSettings, make_accelerator, reference_logps, train  # noqa: E402
-from trainers.objectives import preference_objective  # noqa: E402
 
 
 def tiny(args, seed=0):
@@ -115,9 +115,9 @@ stages:
 
 
 def sweep_seconds(share_work: bool) -> float:
+    from orchestrator.core.spec_file import parse_spec
     from orchestrator.pipeline import run_sweep
     from orchestrator.progress import QUIET
-    from orchestrator.core.spec_file import parse_spec
 
     root = Path(tempfile.mkdtemp())
     spec = parse_spec(SWEEP.format(workdir=root / "work"))

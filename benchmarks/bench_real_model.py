@@ -101,9 +101,9 @@ def run_ours(args, workdir: Path, method: str, padding_free: bool = True, gradie
 
     from trainers.logprobs import choose_layout, describe_head
     from trainers.models import load_causal_lm, load_tokenizer
+    from trainers.objectives import ObservedObjective, preference_objective
     from trainers.packing import real_tokens
     from trainers.train import LoopHooks, LoopSettings, longest_sequence, make_accelerator, train
-    from trainers.objectives import ObservedObjective, preference_objective
 
     folder = workdir / "smollm2-135m"
     tokenizer, pairs = load_tokenizer(folder), load_pairs(workdir)

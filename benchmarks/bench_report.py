@@ -2,7 +2,7 @@
 
     python benchmarks/bench_report.py [--runs 300] [--prompts 500] [--repeats 3]
 
-1. Load: the 300 runs (+ base and SFT) are logged through the real trial path (trainers.probe.probe_trial: run_trial
+1. Load: the 300 runs (+ base and SFT) are logged through the real trial path (cluster.probe.probe_trial: run_trial
    with a body that trains nothing and logs a 500-row samples table) into a SQLite store behind an MLflow server,
    then `load_report_inputs` reads them back over HTTP (every run's samples table is one artifact download).
 2. Report: `render` from the loaded frames (tables, bootstrap intervals, 7+ figures, HTML), timed alone.
@@ -23,13 +23,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.report import render  # noqa: E402
-from orchestrator.grid import plan_sweep  # noqa: E402
-from orchestrator.reporting import load_report_inputs  # noqa: E402
+from cluster.probe import probe_trial  # noqa: E402
 from orchestrator.core.spec_file import parse_spec  # noqa: E402
 from orchestrator.core.task import TrialRuntime, TrialTask  # noqa: E402
-from orchestrator.runtime.sweep_runs import SweepTracker  # noqa: E402
+from orchestrator.grid import plan_sweep  # noqa: E402
+from orchestrator.reporting import load_report_inputs  # noqa: E402
 from orchestrator.runtime.server import store_for_workers  # noqa: E402
-from trainers.probe import noop_sweep_yaml, probe_trial  # noqa: E402
+from orchestrator.runtime.sweep_runs import SweepTracker  # noqa: E402
+from trainers.probe import noop_sweep_yaml  # noqa: E402
+
 
 def build(root: Path, runs: int, prompts: int):
     per_method = runs // 3

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 from cluster.base import Progress, TrialFn
-from orchestrator.runtime.lifecycle import record_lost_trial
 from orchestrator.core.runs import RunStatus
 from orchestrator.core.task import TrialResult, TrialTask
+from orchestrator.runtime.lifecycle import record_lost_trial
 
 # Tune's per-trial CSV/JSON/TensorBoard loggers duplicate what MLflow holds and cost time per trial.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -35,23 +35,22 @@ def _ray_train_worker(config: dict) -> None:
 
     from trainers.distributed import train_as_rank
 
-    train_as_rank(config["task"], config["run_id"], ray.train.get_context().get_world_rank(), config["out"])
+    train_as_rank(config["task"], ray.train.get_context().get_world_rank(), config["out"])
 
 
-def run_ray_train_ranks(task: TrialTask, run_id: str) -> dict[str, float]:
+def run_ray_train_ranks(task: TrialTask, out: Path) -> None:
     """A multi-process trial's ranks as a Ray Train run inside its Tune trial: task.runtime.processes workers,
     each with task.runtime.rank_resources, placed wherever the cluster has them (several nodes for a trial
-    larger than one); gloo on CPU, NCCL on GPUs. Worker 0 logs into the trial's run `run_id` and leaves its
-    metrics in the trial folder, which every node must see (the sweep's workdir is shared)."""
+    larger than one); gloo on CPU, NCCL on GPUs. Worker 0 leaves its log and outcome in `out`, in the trial
+    folder, which every node must see (the sweep's workdir is shared)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from trainers.distributed import RankFailed, last_line, rank_metrics, ranks_folder
+    from trainers.distributed import RankFailed, last_line
 
-    out = ranks_folder(task)
     resources = dict(task.runtime.rank_resources)
     trainer = TorchTrainer(
-        _ray_train_worker, train_loop_config={"task": task.model_dump_json(), "run_id": run_id, "out": str(out)},
+        _ray_train_worker, train_loop_config={"task": task.model_dump_json(), "out": str(out)},
         scaling_config=ScalingConfig(num_workers=task.runtime.processes, use_gpu=resources.get("GPU", 0) > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=f"{task.trial.trial_key[:16]}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
@@ -60,7 +59,6 @@ def run_ray_train_ranks(task: TrialTask, run_id: str) -> dict[str, float]:
         trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray Train wraps the worker's error; keep its last line
         raise RankFailed(f"the trial's Ray Train run failed: {type(exc).__name__}: {last_line(str(exc))}") from None
-    return rank_metrics(out)
 
 
 def _tune_trial(config: dict, tasks: list[str], trial_fn: TrialFn) -> dict:

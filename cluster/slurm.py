@@ -23,8 +23,8 @@ from typing import Optional
 import submitit
 
 from cluster.base import Progress, TrialFn
-from orchestrator.runtime.lifecycle import record_lost_trial
 from orchestrator.core.task import TrialResult, TrialTask
+from orchestrator.runtime.lifecycle import record_lost_trial
 
 # A job that left squeue gets this long for its result file to appear (it is written just before the exit).
 RESULT_GRACE_SECONDS = 10.0

@@ -32,12 +32,12 @@ from orchestrator.core.registry import unknown_name_message
 from orchestrator.core.runs import RunStatus
 from orchestrator.core.spec import SMOKE_SUFFIX, ExecutorSpec, SweepSpec
 from orchestrator.core.spec_file import SpecError, load_spec, parse_spec
-from orchestrator.runtime.store import StoreUnavailable, check_reachable, check_writable, resolve_tracking_uri
-from orchestrator.runtime.sweep_runs import SweepTracker, existing_trials
 from orchestrator.grid import StagePlan, check_plan_size, plan_sweep, tracked_name
 from orchestrator.pipeline import SweepOutcome, run_sweep
 from orchestrator.progress import Output
 from orchestrator.reporting import load_report_inputs, load_report_inputs_by_name, preference_frame
+from orchestrator.runtime.store import StoreUnavailable, check_reachable, check_writable, resolve_tracking_uri
+from orchestrator.runtime.sweep_runs import SweepTracker, existing_trials
 from trainers.preflight import Preflight, preflight
 
 SpecSource = Union[str, Path, dict, SweepSpec]

@@ -20,19 +20,19 @@ import pandas as pd
 from analysis.frames import sweep_frame
 from analysis.summary import format_summary, time_split
 from orchestrator import api
-from orchestrator.infra.errors import first_line
 from orchestrator.core.spec import Choice, IntRange, SweepSpec
 from orchestrator.core.spec_file import SpecError, field_line
-from orchestrator.runtime.store import (BadTrackingUri, CorruptArtifact, StoreUnavailable, check_reachable,
-                                        check_writable, is_unreachable, resolve_tracking_uri, sqlite_path, store_exists)
-from orchestrator.runtime.sweep_runs import existing_trials, runs_view_url, sweep_experiments
-from orchestrator.runtime.kept_models import verify_kept_best
 from orchestrator.grid import PlanError, preference_stages, tracked_name
+from orchestrator.infra.errors import first_line
 from orchestrator.pipeline import SweepError
 from orchestrator.planner import plan_stages, sequence_tokens
 from orchestrator.progress import Output
-from orchestrator.status import TrialCost, cost_estimate, elapsed_seconds, format_hours, status_table
+from orchestrator.runtime.kept_models import verify_kept_best
 from orchestrator.runtime.server import TrackingServerError, mlflow_command, stop_server, wait_healthy
+from orchestrator.runtime.store import (BadTrackingUri, CorruptArtifact, StoreUnavailable, check_reachable,
+                                        check_writable, is_unreachable, resolve_tracking_uri, sqlite_path, store_exists)
+from orchestrator.runtime.sweep_runs import existing_trials, runs_view_url, sweep_experiments
+from orchestrator.status import TrialCost, cost_estimate, elapsed_seconds, format_hours, status_table
 from trainers.preflight import InputError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

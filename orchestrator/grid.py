@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from orchestrator.core.rungs import stop_signature
 from orchestrator.core.methods import METHODS
+from orchestrator.core.rungs import stop_signature
 from orchestrator.core.runs import SELECTION_METRIC
 from orchestrator.core.spec import (SMOKE_SUFFIX, AshaSpec, EvaluationSpec, FloatRange, GridSpec, IntRange,
                                     OptunaSearchSpec, Scalar, SearchRange, SweepSpec, TrainHParams, coerce_hparam)

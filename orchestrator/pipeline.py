@@ -16,20 +16,19 @@ import pandas as pd
 
 from analysis.summary import best_per_stage, trials_frame
 from cluster import make_executor
+from orchestrator.core.runs import OUTCOMES, SELECTION_METRIC, RunStatus, TrialRecord, best_first, resume_done
+from orchestrator.core.spec import SweepSpec
+from orchestrator.core.tags import TAG_CHECKPOINT, TAG_SAMPLES, TAG_STAGE_KEY, TAG_STOPPED_UNDER, TAG_WEIGHTS
+from orchestrator.core.task import TrialResult, TrialRuntime, TrialTask
+from orchestrator.grid import StagePlan, plan_sweep, preference_stages, tracked_name
 from orchestrator.infra.files import exclusive_lock, folder_problem, verified_mismatch
+from orchestrator.progress import Output, TrialProgress
 from orchestrator.runtime.kept_models import keep_models, registered_model_name, verify_kept_best
 from orchestrator.runtime.lifecycle import run_trial
-from orchestrator.grid import StagePlan, plan_sweep, preference_stages, tracked_name
-from orchestrator.progress import Output, TrialProgress
-from orchestrator.search import run_search, study_name, study_storage
-from orchestrator.core.spec import SweepSpec
-from orchestrator.core.task import TrialResult, TrialTask, TrialRuntime
-from orchestrator.core.runs import TrialRecord
-from orchestrator.core.tags import TAG_CHECKPOINT, TAG_SAMPLES, TAG_STAGE_KEY, TAG_STOPPED_UNDER, TAG_WEIGHTS
+from orchestrator.runtime.server import store_for_workers
 from orchestrator.runtime.store import prepare_store
 from orchestrator.runtime.sweep_runs import SweepTracker
-from orchestrator.runtime.server import store_for_workers
-from orchestrator.core.runs import OUTCOMES, SELECTION_METRIC, RunStatus, best_first, resume_done
+from orchestrator.search import run_search, study_name, study_storage
 
 
 class SweepError(RuntimeError):

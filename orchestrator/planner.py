@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.grid import StagePlan
-from orchestrator.core.trials import TrialSpec
-from orchestrator.core.spec import CostSpec, ModelShape, SweepSpec, range_bounds
 from orchestrator.core.methods import METHODS
+from orchestrator.core.spec import CostSpec, ModelShape, SweepSpec, range_bounds
+from orchestrator.core.trials import TrialSpec
+from orchestrator.grid import StagePlan
 from trainers.synthetic import vocabulary
 
 GB = 1024 ** 3

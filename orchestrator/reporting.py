@@ -9,14 +9,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from analysis.frames import samples_frame, sweep_frame
-from analysis.summary import best_of_stage
 from analysis.report import ReportInputs
-from orchestrator.grid import plan_sweep, tracked_name
-from orchestrator.pipeline import latest_per_key, stage_records
-from orchestrator.core.spec import SweepSpec, grid_fields
-from orchestrator.runtime.sweep_runs import SweepTracker, existing_trials
+from analysis.summary import best_of_stage
 from orchestrator.core.methods import METHODS
 from orchestrator.core.runs import RunStatus
+from orchestrator.core.spec import SweepSpec, grid_fields
+from orchestrator.grid import plan_sweep, tracked_name
+from orchestrator.pipeline import latest_per_key, stage_records
+from orchestrator.runtime.sweep_runs import SweepTracker, existing_trials
 
 
 def load_report_inputs(spec: SweepSpec, uri: str, smoke: bool = False, show_progress: bool = True) -> ReportInputs:

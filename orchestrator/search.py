@@ -21,14 +21,13 @@ from typing import Callable, Optional
 
 import optuna
 
-from orchestrator.grid import StageSearch
+from orchestrator.core.methods import METHODS
+from orchestrator.core.rungs import logged_rung_values
+from orchestrator.core.runs import RunStatus, TrialRecord
 from orchestrator.core.spec import Choice, FloatRange, IntRange, SearchRange, coerce_hparam
 from orchestrator.core.task import TrialResult
-from orchestrator.core.rungs import logged_rung_values
+from orchestrator.grid import StageSearch
 from orchestrator.infra.errors import first_line
-from orchestrator.core.runs import TrialRecord
-from orchestrator.core.methods import METHODS
-from orchestrator.core.runs import RunStatus
 
 SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
     # constant_liar: points asked in one batch, before any is told, are kept apart instead of piling up

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.pipeline import run_sweep
-
-from orchestrator.progress import QUIET
 from orchestrator.core.spec_file import parse_spec
-from orchestrator.runtime.store import _client
+from orchestrator.pipeline import run_sweep
+from orchestrator.progress import QUIET
+from orchestrator.runtime.store import store_client
 from orchestrator.runtime.sweep_runs import SweepTracker
 
 SPEC = """\
@@ -42,7 +41,7 @@ def _base_sft_dpo_curves(text: str, folder: Path, processes: int) -> dict[str, l
     for r in records:
         assert r.metrics["device_count"] == processes
         if r.stage != "base":
-            history = _client(uri).get_metric_history(r.run_id, "train/loss")
+            history = store_client(uri).get_metric_history(r.run_id, "train/loss")
             assert [m.step for m in history] == list(range(1, 9))
             curves[r.stage] = [m.value for m in history]
     return curves
@@ -76,11 +75,12 @@ def checkpointed_rank(rank: int, world: int, port: int, folder: str, kill_at: in
     import json
     from pathlib import Path
 
-    from trainers.distributed import RankEnvironment
+    from trainers.distributed import RankEnvironment, leave_process_group
     from trainers.train import make_accelerator
 
     RankEnvironment(rank, world, rank, world, "127.0.0.1", port).export()
     history = _checkpointed_history(make_accelerator(), Path(folder), kill_at)
+    leave_process_group()
     if rank == 0:
         Path(folder, "history.json").write_text(json.dumps(history))
 
@@ -113,9 +113,9 @@ def tiny_dpo_settings(**overrides):
 
 
 def _checkpointed_history(accelerator, folder, kill_at: int) -> list[dict]:
-    from trainers.train import LoopHooks, train
+    from orchestrator.core.outcome import Checkpointing
     from trainers.objectives import preference_objective
-    from orchestrator.runtime.lifecycle import Checkpointing
+    from trainers.train import LoopHooks, train
 
     tokenizer, pairs, reference, fresh = tiny_dpo_setup()
     settings = tiny_dpo_settings(max_steps=10)
@@ -164,9 +164,9 @@ def sharded_rank(rank: int, world: int, port: int, out: str) -> None:
     import json
     from pathlib import Path
 
-    from trainers.distributed import RankEnvironment
-    from trainers.train import full_state_dict, make_accelerator, train
+    from trainers.distributed import RankEnvironment, leave_process_group
     from trainers.objectives import preference_objective
+    from trainers.train import full_state_dict, make_accelerator, train
 
     RankEnvironment(rank, world, rank, world, "127.0.0.1", port).export()
     tokenizer, pairs, reference, fresh = tiny_dpo_setup()
@@ -177,5 +177,6 @@ def sharded_rank(rank: int, world: int, port: int, out: str) -> None:
                     make_accelerator())
     local = sum(p.to_local().numel() for p in model.parameters())
     keys = sorted(full_state_dict(model))
+    leave_process_group()
     Path(out, f"{rank}.json").write_text(json.dumps({"local": local, "full": full, "history": history,
                                                      "keys": keys if rank == 0 else []}))

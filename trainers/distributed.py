@@ -10,16 +10,18 @@ Ways to get the N processes, one trial body:
   has opened the run (or found the trial already FINISHED), tells the other tasks through a TCPStore on
   MASTER_ADDR:MASTER_PORT+1 whether to train; they then join the process group as ranks 1..N-1.
 
-Rank 0 logs to the trial's MLflow run, writes the checkpoint and the caches, and evaluates; the others train
-only. Each process trains on its share of every global batch (trainers.train._share), so the loss curve is
+Rank 0 logs to the trial's MLflow run (in another process, through a file the trial's process relays: RelayedLog),
+writes the checkpoint and the caches, and evaluates; the others train only. Each process trains on its share of every global batch (trainers.train._share), so the loss curve is
 the one-process curve with the same global batch. The reference-log-prob cache is filled once (under its
 lock) and read by every rank."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,27 +31,108 @@ from typing import Callable, Optional
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from orchestrator.runtime.trial_log import TrialLogger
 from orchestrator.core.methods import METHODS
-from orchestrator.infra.net import free_port
+from orchestrator.core.outcome import TrialLog, TrialOutcome, checkpointing
 from orchestrator.core.registry import Registry
 from orchestrator.core.task import TrialTask
+from orchestrator.infra.net import free_port
 from trainers.train import make_accelerator
-from trainers.trial import execute
+from trainers.trial import BodyHooks, execute
 
 
 class RankFailed(RuntimeError):
     """A process of a multi-process trial raised or died; the message is that process's error."""
 
 
-class NullLogger:
+class NullLog:
     """What ranks other than 0 log to: nothing (only rank 0's numbers reach the trial's run)."""
     run_id = None
 
-    def log_metrics(self, metrics, step: int = 0) -> None: ...
-    def set_tags(self, tags) -> None: ...
-    def log_samples(self, samples, artifact_file: str = "") -> None: ...
-    def log_text(self, text, artifact_file: str) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+
+def no_rungs(rung: int, step: int, metrics: dict[str, float]) -> None:
+    """The judge of a rank in another process: never called, as the spec refuses evaluation rungs with
+    processes_per_trial > 1 (only a one-process trial's judge reads the store)."""
+    raise RuntimeError("evaluation rungs run in one-process trials only (executor.processes_per_trial 1)")
+
+
+class RelayedLog:
+    """Rank 0's TrialLog when it runs in another process (spawned, a Ray Train worker, maybe on another node):
+    each write is one JSON line appended to RANKS/log.jsonl, on the sweep's shared workdir, which the trial's own
+    process tails into the run as it comes (relayed_log)."""
+    run_id = None
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def _append(self, record: dict) -> None:
+        with open(self.path, "a") as f:  # one write per line: the tail never reads half a record it keeps
+            f.write(json.dumps(record) + "\n")
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        self._append({"metrics": metrics, "step": step})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._append({"tags": tags})
+
+
+def replay(lines: list[str], log: TrialLog) -> None:
+    """Apply RelayedLog records (complete JSON lines) to `log`."""
+    for line in lines:
+        record = json.loads(line)
+        if "tags" in record:
+            log.set_tags(record["tags"])
+        else:
+            log.log_metrics(record["metrics"], record["step"])
+
+
+class _Tail:
+    """Reads the complete lines appended to a file since the last read (a line still being written waits)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+
+    def new_lines(self) -> list[str]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        complete = data[:data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return complete.decode().splitlines()
+
+
+RELAY_POLL_S = 0.5
+
+
+@contextlib.contextmanager
+def relayed_log(out: Path, log: TrialLog):
+    """While the block runs the ranks, forward rank 0's RelayedLog records from out/log.jsonl into `log` (every
+    RELAY_POLL_S, and what is left once the ranks are done). A record the store refuses fails the trial."""
+    tail, stop, errors = _Tail(out / LOG_FILE), threading.Event(), []
+
+    def forward():
+        while not errors:
+            try:
+                replay(tail.new_lines(), log)
+            except Exception as exc:  # noqa: BLE001 - raised in the trial's thread once the ranks end
+                errors.append(exc)
+            if stop.wait(RELAY_POLL_S):
+                return
+
+    thread = threading.Thread(target=forward, name="rank-0-log", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    if errors:
+        raise errors[0]
+    replay(tail.new_lines(), log)
 
 
 @dataclass(frozen=True)
@@ -70,27 +153,54 @@ class RankEnvironment:
                           LOCAL_WORLD_SIZE=str(self.local_world))
 
 
-def _execute(task: TrialTask, logger, report=None) -> dict[str, float]:
+def leave_process_group() -> None:
+    """Destroy this rank's process group, if any, before the process ends: a rank that exits with gloo's threads
+    still up may abort (SIGABRT, "terminate called without an active exception": 1 in 8 two-process sweeps here,
+    3 in 4 under pytest, before every rank left it)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _execute(task: TrialTask, hooks: BodyHooks) -> TrialOutcome:
     """The trial body in this process, as one rank of the distributed environment it is set up for."""
-    return execute(task, METHODS[task.trial.method], logger, report, make_accelerator())
+    try:
+        return execute(task, METHODS[task.trial.method], hooks, make_accelerator())
+    finally:
+        leave_process_group()
 
 
-def train_as_rank(task_json: str, run_id: str, rank: int, out: str) -> None:
+LOG_FILE, OUTCOME_FILE = "log.jsonl", "outcome.json"
+
+
+def write_outcome(path: Path, outcome: TrialOutcome) -> None:
+    """Rank 0's outcome, for the trial's own process (a multi-process trial never stops early: no rungs)."""
+    path.write_text(json.dumps({"metrics": outcome.metrics, "samples": outcome.samples,
+                                "checkpoint": outcome.checkpoint and str(outcome.checkpoint),
+                                "weights": outcome.weights and str(outcome.weights)}))
+
+
+def read_outcome(path: Path) -> TrialOutcome:
+    saved = json.loads(path.read_text())
+    as_path = lambda value: Path(value) if value else None  # noqa: E731
+    return TrialOutcome(metrics=saved["metrics"], samples=saved["samples"], checkpoint=as_path(saved["checkpoint"]),
+                        weights=as_path(saved["weights"]))
+
+
+def train_as_rank(task_json: str, rank: int, out: str) -> None:
     """One rank of a multi-process trial whose distributed environment is set (env:// variables, or a process
-    group a launcher already formed): rank 0 logs into the trial's run `run_id` and writes out/metrics.json."""
+    group a launcher already formed): rank 0 logs through out/log.jsonl and writes its outcome to
+    out/outcome.json; the others log nothing."""
     task = TrialTask.model_validate_json(task_json)
     if rank == 0:
-        runtime = task.runtime
-        logger = TrialLogger(runtime.tracking_uri, runtime.experiment_id, runtime.parent_run_id)
-        logger.run_id = run_id  # the run the parent opened and will close
-        Path(out, "metrics.json").write_text(json.dumps(_execute(task, logger)))
+        outcome = _execute(task, BodyHooks(RelayedLog(Path(out, LOG_FILE)), no_rungs, checkpointing(task)))
+        write_outcome(Path(out, OUTCOME_FILE), outcome)
     else:
-        _execute(task, NullLogger())
+        _execute(task, BodyHooks(NullLog(), no_rungs, checkpointing(task)))
 
 
-def _spawned_rank(rank: int, task_json: str, run_id: str, world: int, port: int, out: str) -> None:
+def _spawned_rank(rank: int, task_json: str, world: int, port: int, out: str) -> None:
     RankEnvironment(rank, world, rank, world, "127.0.0.1", port).export()
-    train_as_rank(task_json, run_id, rank, out)
+    train_as_rank(task_json, rank, out)
 
 
 def last_line(text: str) -> str:
@@ -100,42 +210,40 @@ def last_line(text: str) -> str:
 
 
 def ranks_folder(task: TrialTask) -> Path:
-    """An empty folder for one attempt's rank outputs (rank 0's metrics.json), on the sweep's shared workdir."""
+    """An empty folder for one attempt's rank outputs (rank 0's log and outcome), on the sweep's shared workdir."""
     out = task.trial_dir / "ranks"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     return out
 
 
-def rank_metrics(out: Path) -> dict[str, float]:
-    return json.loads((out / "metrics.json").read_text())
-
-
-def run_ranks(task: TrialTask, run_id: str) -> dict[str, float]:
-    """Train and evaluate `task` in task.runtime.processes spawned processes on this machine; rank 0's metrics."""
+def run_ranks(task: TrialTask, out: Path) -> None:
+    """Train and evaluate `task` in task.runtime.processes spawned processes on this machine."""
     world = task.runtime.processes
-    out = ranks_folder(task)
     try:
-        mp.start_processes(_spawned_rank, args=(task.model_dump_json(), run_id, world, free_port(),
-                                                str(out)),
+        mp.start_processes(_spawned_rank, args=(task.model_dump_json(), world, free_port(), str(out)),
                            nprocs=world, join=True, start_method="spawn")
     except mp.ProcessRaisedException as exc:  # its message ends with the rank's traceback
         raise RankFailed(f"rank {exc.error_index} of {world}: {last_line(str(exc))}") from None
     except mp.ProcessExitedException as exc:
         raise RankFailed(f"rank {exc.error_index} of {world} died (exit code {exc.exit_code})") from None
-    return rank_metrics(out)
 
 
-# How a trial's ranks start (TrialRuntime.rank_launcher) -> launch(task, run_id) -> rank 0's metrics. "spawn"
-# is here; "ray_train" lives with the Ray executor, named lazily (loaded only in a Tune trial that uses it).
-RANK_LAUNCHERS: Registry[Callable[[TrialTask, str], dict[str, float]]] = Registry("rank launcher", {
+# How a trial's ranks start (TrialRuntime.rank_launcher): launch(task, out) runs them all to their end, rank 0
+# leaving its log and outcome in `out`. "spawn" is here; "ray_train" lives with the Ray executor, named lazily
+# (loaded only in a Tune trial that uses it).
+RANK_LAUNCHERS: Registry[Callable[[TrialTask, Path], None]] = Registry("rank launcher", {
     "spawn": run_ranks,
     "ray_train": "cluster.ray_tune:run_ray_train_ranks",
 })
 
 
-def launch_ranks(task: TrialTask, run_id: str) -> dict[str, float]:
-    return RANK_LAUNCHERS[task.runtime.rank_launcher](task, run_id)
+def launch_ranks(task: TrialTask, log: TrialLog) -> TrialOutcome:
+    """Start the trial's ranks elsewhere (spawned, a Ray Train run) and relay rank 0's log into `log`; its outcome."""
+    out = ranks_folder(task)
+    with relayed_log(out, log):
+        RANK_LAUNCHERS[task.runtime.rank_launcher](task, out)
+    return read_outcome(out / OUTCOME_FILE)
 
 
 # ---- ranks launched by the cluster (SLURM tasks) -----------------------------------------------------------
@@ -162,7 +270,7 @@ def run_launched(trial_fn: Callable[[TrialTask], object], task: TrialTask, rank:
         store.add(ACK_KEY, 1)
         if decision == TRAIN:
             rank.export()
-            _execute(task, NullLogger())
+            _execute(task, BodyHooks(NullLog(), no_rungs, checkpointing(task)))
         return None
     _launched = (rank, store)
     try:
@@ -197,9 +305,9 @@ def launched() -> bool:
     return _launched is not None
 
 
-def train_with_launched_ranks(task: TrialTask, logger, report) -> dict[str, float]:
-    """Task 0's side: tell the other tasks to train, join them as rank 0 and log into the trial's run."""
+def train_with_launched_ranks(task: TrialTask, hooks: BodyHooks) -> TrialOutcome:
+    """Task 0's side: tell the other tasks to train and join them as rank 0, in the trial's own process."""
     rank, store = _launched
     store.set(DECISION_KEY, TRAIN)
     rank.export()
-    return _execute(task, logger, report)
+    return _execute(task, hooks)

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import torch
-
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from orchestrator.core.registry import Registry

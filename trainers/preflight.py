@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from orchestrator.infra.errors import first_line
 from orchestrator.core.rungs import rungs_of
 from orchestrator.core.spec import range_bounds
+from orchestrator.infra.errors import first_line
 from trainers.sources import DataError, load_splits
 from trainers.synthetic import generate_split
 

@@ -1,5 +1,5 @@
-"""A trial that trains nothing: it goes through the same lock, MLflow run and result path as a real trial,
-logs `steps` metric points and reports a score computed from its hyperparameters. For measuring an executor's
+"""A trial body that trains nothing: run through the same lock, MLflow run and result path as a real trial
+(cluster.probe.probe_trial), it logs `steps` metric points and reports a score computed from its hyperparameters. For measuring an executor's
 dispatch overhead (benchmarks/bench_dispatch.py), testing executors, tracking under load and search, and
 (with `prompts`) whole no-op sweeps and reports at scale, without paying for training."""
 
@@ -9,18 +9,15 @@ import math
 import os
 import signal
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-from dataclasses import dataclass
-
-from orchestrator.core.tags import TAG_CHECKPOINT
-from orchestrator.core.rungs import rungs_of
-from orchestrator.runtime.judge import RungJudge
+from orchestrator.core.outcome import Checkpointing, Report, RungJudge, TrialLog, TrialOutcome
+from orchestrator.core.rungs import TrialStopped, rungs_of
+from orchestrator.core.task import TrialTask
 from orchestrator.infra.files import write_folder_atomically
-from orchestrator.runtime.lifecycle import DeviceUsage, Report, record_samples, run_trial
-from orchestrator.core.task import TrialResult, TrialTask
 
 # Method levels of the fake per-sample scores: a report over probe trials has a known ordering.
 PROBE_METHOD_LEVEL = {"dpo": 1.0, "simpo": 1.2, "ln_dpo": 1.1}
@@ -80,50 +77,49 @@ def probe_samples(task: TrialTask, prompts: int) -> tuple[list[dict], dict[str, 
     return samples, metrics
 
 
-def _log_probe_samples(task: TrialTask, logger, prompts: int) -> dict[str, float]:
-    """What a real trial leaves for later stages and the report: samples.json (file and artifact) and, for an
-    SFT trial, a finished checkpoint folder (no weights: no later probe loads it, but the driver checks it)."""
+def _probe_outcome(task: TrialTask, prompts: int) -> TrialOutcome:
+    """What a real trial leaves for later stages and the report: samples (samples.json, file and artifact) and, for
+    an SFT trial, a finished checkpoint folder (no weights: no later probe loads it, but the driver checks it)."""
     samples, metrics = probe_samples(task, prompts)
-    record_samples(task, logger, samples)
+    outcome = TrialOutcome(metrics=metrics, samples=samples)
     if task.trial.stage == "sft":
-        checkpoint = write_folder_atomically(task.trial_dir / "checkpoint",
-                                             lambda folder: (folder / "probe.txt").write_text(task.trial.trial_key),
-                                             reuse=False)
-        logger.set_tags({TAG_CHECKPOINT: str(checkpoint)})
-    return metrics
+        outcome.checkpoint = write_folder_atomically(
+            task.trial_dir / "checkpoint", lambda folder: (folder / "probe.txt").write_text(task.trial.trial_key),
+            reuse=False)
+    return outcome
 
 
 @dataclass(frozen=True)
 class ProbeBody:
-    """A lifecycle TrialBody that trains nothing: `steps` metric points spread over `seconds`, optionally dying
-    once (SIGKILL) to test an executor's retries, and `prompts` fake samples for whole no-op sweeps. With
-    evaluation.rungs, each rung reports probe_score to the trial's RungJudge (early stopping as real trials)."""
+    """A TrialBody (orchestrator.core.outcome) that trains nothing: `steps` metric points spread over `seconds`,
+    optionally dying once (SIGKILL) to test an executor's retries, and `prompts` fake samples for whole no-op
+    sweeps. With evaluation.rungs, each rung reports probe_score to the trial's judge (early stopping as real
+    trials). cluster.probe.probe_trial runs it through the real trial path."""
     steps: int = 0
     seconds: float = 0.0
     die_once: bool = False
     prompts: int = 0
 
-    def __call__(self, task: TrialTask, logger, report: Optional[Report], usage: DeviceUsage) -> dict[str, float]:
+    def __call__(self, task: TrialTask, log: TrialLog, judge: RungJudge, checkpointing: Optional[Checkpointing],
+                 report: Optional[Report]) -> TrialOutcome:
         marker = task.trial_dir / "probe-died"
         if self.die_once and not marker.exists():  # a worker lost mid-trial: the executor must retry it
             marker.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
         rungs = rungs_of(task.trial.evaluation, self.steps) if self.steps else {}
-        judge = RungJudge.for_trial(logger, task)
         for step in range(1, self.steps + 1):  # `seconds` is spread over the steps, like a training loop's logging
-            logger.log_metrics({"probe/step_value": float(step)}, step)
+            log.log_metrics({"probe/step_value": float(step)}, step)
             if step in rungs:  # the score it will finish with, as every rung's (ASHA's decisions are then known)
-                judge(rungs[step], step, {"mean_score": probe_score(task.trial.hparams)})
+                try:
+                    judge(rungs[step], step, {"mean_score": probe_score(task.trial.hparams)})
+                except TrialStopped as stopped:
+                    return TrialOutcome(stopped=stopped)
             if report:
                 report(step, self.steps)
             time.sleep(self.seconds / self.steps)
         if not self.steps:
             time.sleep(self.seconds)
-        metrics = _log_probe_samples(task, logger, self.prompts) if self.prompts else {}
-        return {**metrics, "mean_score": metrics.get("mean_score", probe_score(task.trial.hparams)),
-                "probe_steps": float(self.steps)}
-
-
-def probe_trial(task: TrialTask, report: Optional[Report] = None, *, steps: int = 0, seconds: float = 0.0,
-                die_once: bool = False, prompts: int = 0) -> TrialResult:
-    return run_trial(task, report, body=ProbeBody(steps, seconds, die_once, prompts))
+        outcome = _probe_outcome(task, self.prompts) if self.prompts else TrialOutcome()
+        outcome.metrics.update({"mean_score": outcome.metrics.get("mean_score", probe_score(task.trial.hparams)),
+                                "probe_steps": float(self.steps)})
+        return outcome

@@ -16,9 +16,9 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from orchestrator.core.registry import unknown_name_message
 from trainers import synthetic
 from trainers.models import progress_frames_off
-from orchestrator.core.registry import unknown_name_message
 
 
 @dataclass(frozen=True)

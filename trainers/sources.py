@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from trainers import synthetic
 from orchestrator.core.registry import unknown_name_message
+from trainers import synthetic
 from trainers.pairs import PreferencePair
 
 

@@ -18,8 +18,8 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
+from orchestrator.core.outcome import Checkpointing
 from orchestrator.infra.files import write_file_atomically
-from orchestrator.runtime.lifecycle import Checkpointing
 from trainers.cache import save_tensors
 from trainers.data import EncodedPair
 from trainers.logprobs import choose_layout, sequence_logps

@@ -1,8 +1,9 @@
-"""The trial body in one process: load -> train -> evaluate -> log (execute).
+"""The trial body in one process: load -> train -> evaluate, returning the trial's outcome (execute).
 
-The run around it (lock, exactly once per key, open/close, failure recording) is the contract layer's
-lifecycle (orchestrator.runtime.lifecycle); trainers.entry is where that lifecycle enters this body. Any
-exception here names the phase it broke in (TrialPhaseError), which becomes the FAILED run's reason.
+The runtime runs it (trainers.entry is where it enters): it hands the body a TrialLog for the training curves and
+tags, the RungJudge for early stopping and where to checkpoint, and records the outcome returned here: metrics,
+samples, the SFT checkpoint, the weights to keep, or the rung the trial was stopped at (orchestrator.core.outcome).
+Any exception names the phase it broke in (TrialPhaseError), which becomes the FAILED run's reason.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,17 +19,14 @@ from typing import Optional
 import torch
 from transformers.utils import logging as hf_logging
 
-from orchestrator.core.tags import TAG_CHECKPOINT, TAG_EVAL_CUTS, TAG_LAYOUT, TAG_REF_CACHE, TAG_REF_CACHE_SHA
-from orchestrator.runtime.store import is_unreachable
-from orchestrator.runtime.trial_log import TrialLogger
-from orchestrator.core.rungs import TrialStopped, rungs_of
-from orchestrator.runtime.judge import RungJudge
-from orchestrator.core.errors import TrialPhaseError
-from orchestrator.infra.files import folder_problem, sidecar, verified_mismatch
-from orchestrator.runtime.lifecycle import Report, checkpointing, record_samples
+from orchestrator.core.errors import failing_phase as any_failing_phase
 from orchestrator.core.methods import Method
+from orchestrator.core.outcome import Checkpointing, Report, RungJudge, TrialLog, TrialOutcome
+from orchestrator.core.rungs import TrialStopped, rungs_of
 from orchestrator.core.spec import TrainHParams
+from orchestrator.core.tags import TAG_EVAL_CUTS, TAG_LAYOUT, TAG_REF_CACHE, TAG_REF_CACHE_SHA
 from orchestrator.core.task import TrialTask
+from orchestrator.infra.files import folder_problem, sidecar, verified_mismatch
 from trainers.adapters import AdapterDisabled, apply_lora, is_lora, merged
 from trainers.cache import cached_reference_logps, reference_cache_key, reference_cache_path, shared_encoded_pairs
 from trainers.data import encode_pairs
@@ -40,8 +37,8 @@ from trainers.objectives import Objective, build_objective
 from trainers.reward import load_reward_model
 from trainers.rungs import RungEvaluator, rung_subset
 from trainers.sources import LoadedPairs, load_split, load_splits
-from trainers.train import (AfterStep, CheckpointWriteError, LoopHooks, LoopSettings, NonFiniteLoss,
-                            full_state_dict, is_sharded, reference_logps, train)
+from trainers.train import (AfterStep, CheckpointWriteError, LoopHooks, LoopSettings, NonFiniteLoss, full_state_dict,
+                            is_sharded, reference_logps, train)
 
 # Only SFT checkpoints are read by a later stage; preference-trial weights would cost disk per trial.
 CHECKPOINTED_KINDS = {"sft"}
@@ -55,7 +52,9 @@ class TrialContext:
     """What the phases of one trial share once its model and data are loaded."""
     task: TrialTask
     method: Method
-    logger: TrialLogger
+    logger: TrialLog
+    judge: RungJudge
+    checkpointing: Optional[Checkpointing]
     accelerator: object
     init: Path              # the checkpoint it starts from (the base model, or the selected SFT trial's)
     tokenizer: object
@@ -196,18 +195,10 @@ def _gathered_model(ctx: TrialContext, sharded) -> Optional[torch.nn.Module]:
     return model.eval()
 
 
-@contextlib.contextmanager
 def failing_phase(name: str):
-    """Re-raise an error of the block as TrialPhaseError("NAME failed: Type: message"), so the FAILED run's
-    posweep.failure tag says where the trial broke; errors that already say it, and a lost store, pass as is."""
-    try:
-        yield
-    except (TrialPhaseError, NonFiniteLoss, CheckpointWriteError, TrialStopped):
-        raise
-    except Exception as exc:  # noqa: BLE001 - re-raised with its phase
-        if is_unreachable(exc):
-            raise
-        raise TrialPhaseError(f"{name} failed: {type(exc).__name__}: {exc}") from exc
+    """core.errors.failing_phase for the phases of a trial: the loop's own errors say their step already, and an
+    early stop is not a failure."""
+    return any_failing_phase(name, (NonFiniteLoss, CheckpointWriteError, TrialStopped))
 
 
 @contextlib.contextmanager
@@ -227,7 +218,7 @@ def layout_tag(model, training) -> str:
     return f"{choose_layout(model, training.padding_free, training.max_length).describe()}; {describe_head(model)}"
 
 
-def _load(task: TrialTask, method: Method, logger, accelerator) -> tuple[TrialContext, Optional[LoadedPairs],
+def _load(task: TrialTask, method: Method, hooks: "BodyHooks", accelerator) -> tuple[TrialContext, Optional[LoadedPairs],
                                                                           LoadedPairs]:
     """The model (set up for training), its tokenizer and the data splits the trial needs."""
     trial = task.trial
@@ -241,7 +232,8 @@ def _load(task: TrialTask, method: Method, logger, accelerator) -> tuple[TrialCo
         raise ValueError(f"the starting checkpoint cannot be trusted: {problem}")
     remote = getattr(trial.model, "trust_remote_code", False)
     model = _trainable_model(load_causal_lm(init, accelerator.device, remote), trial.training, method)
-    ctx = TrialContext(task, method, logger, accelerator, init, load_tokenizer(init, remote), model)
+    ctx = TrialContext(task, method, hooks.log, hooks.judge, hooks.checkpointing, accelerator, init,
+                       load_tokenizer(init, remote), model)
     if method.trains:
         train_data, eval_data = load_splits(trial.data, ctx.shared)
         return ctx, train_data, eval_data
@@ -269,7 +261,7 @@ def _train(ctx: TrialContext, train_data: LoadedPairs, eval_data: LoadedPairs, r
     after_step = _rung_hook(ctx, eval_data, frozen_reference, timings)
     with failing_phase("training"), timed(timings, "train"):
         history = train(ctx.model, pairs, objective, _loop_settings(task, ctx.tokenizer.pad_token_id), ctx.accelerator,
-                        LoopHooks(on_log, after_step), checkpointing(task))
+                        LoopHooks(on_log, after_step), ctx.checkpointing)
     timings["time_train_s"] -= timings.get("time_rungs_s", 0.0)  # the rungs ran inside the loop: their own line
     steps = int(history[-1]["step"]) if history else 0
     ctx.model = ctx.accelerator.unwrap_model(ctx.model)
@@ -300,7 +292,6 @@ def _rung_hook(ctx: TrialContext, eval_data: LoadedPairs, frozen_reference,
     evaluator = RungEvaluator(ctx.tokenizer, subset, ctx.reward(), settings, ctx.device, trial.training.max_length,
                               lambda: ctx.start_model(frozen_reference),
                               lambda: ctx.sft_baseline(eval_data.pairs, frozen_reference))
-    judge = RungJudge.for_trial(ctx.logger, ctx.task)
     placement = functools.cache(lambda total: rungs_of(e, total))  # {step: rung}; a trial's total never changes
 
     def after_step(step: int, total: int, model: torch.nn.Module) -> None:
@@ -309,56 +300,60 @@ def _rung_hook(ctx: TrialContext, eval_data: LoadedPairs, frozen_reference,
             return
         with failing_phase(f"the evaluation at rung {rung} (training step {step})"), timed(timings, "rungs"):
             metrics = evaluator(model)
-        judge(rung, step, metrics)
+        ctx.judge(rung, step, metrics)
 
     return after_step
 
 
 def _evaluate(ctx: TrialContext, eval_data: LoadedPairs, steps: int, frozen_reference,
-              timings: dict[str, float]) -> dict[str, float]:
-    """Save the checkpoint (SFT), evaluate on the held-out prompts and record the samples; the metrics."""
-    trial = ctx.task.trial
+              timings: dict[str, float]) -> TrialOutcome:
+    """Save the checkpoint (SFT) and the weights to keep, evaluate on the held-out prompts; the outcome."""
+    trial, outcome = ctx.task.trial, TrialOutcome()
     if ctx.method.kind in CHECKPOINTED_KINDS:
         with failing_phase(f"saving the checkpoint (after training step {steps})"), timed(timings, "checkpoint"):
             ctx.model = merged(ctx.model)  # LoRA: adapters folded in, so the next stage loads a plain model
-            checkpoint = save_model(ctx.model, ctx.tokenizer, ctx.task.trial_dir / "checkpoint")
-        ctx.logger.set_tags({TAG_CHECKPOINT: str(checkpoint)})
+            outcome.checkpoint = save_model(ctx.model, ctx.tokenizer, ctx.task.trial_dir / "checkpoint")
     settings = eval_settings(trial)
     with failing_phase(f"evaluation (after training step {steps})"), timed(timings, "eval"):
         sft = ctx.sft_baseline(eval_data.pairs, frozen_reference)
         evaluation = evaluate(ctx.model, ctx.tokenizer, eval_data.pairs, ctx.reward(), settings, ctx.device, sft)
     ctx.logger.set_tags({TAG_EVAL_CUTS: ", ".join(f"{k} {v}" for k, v in evaluation.usage.cuts().items())})
-    with failing_phase("writing samples.json"):
-        record_samples(ctx.task, ctx.logger, evaluation.samples)
+    outcome.samples = evaluation.samples
     if ctx.task.runtime.keep_models and ctx.method.kind == "preference":
-        with failing_phase("keeping the trained weights (run artifacts model/)"), timed(timings, "checkpoint"):
-            _log_weights(ctx)
-    return {**evaluation.metrics, **evaluation.usage.metrics()}
+        # the trained model, as the run's model/ artifacts (checkpoints.keep: which of them stay is decided once the
+        # run FINISHED, orchestrator.runtime.kept_models); this folder is only the upload's source
+        with failing_phase("saving the trained weights to keep"), timed(timings, "checkpoint"):
+            outcome.weights = save_model(merged(ctx.model), ctx.tokenizer, ctx.task.trial_dir / "weights")
+    outcome.metrics = {**evaluation.metrics, **evaluation.usage.metrics()}
+    return outcome
 
 
-def _log_weights(ctx: TrialContext) -> None:
-    """The trained model as the run's model/ artifacts (checkpoints.keep; which of them stay is decided once the
-    run FINISHED: orchestrator.runtime.kept_models). The folder written here is only the upload's source."""
-    folder = save_model(merged(ctx.model), ctx.tokenizer, ctx.task.trial_dir / "weights")
-    try:
-        ctx.logger.log_weights(folder)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+@dataclass(frozen=True)
+class BodyHooks:
+    """What the runtime hands a trial body besides its task (orchestrator.core.outcome.TrialBody's arguments)."""
+    log: TrialLog
+    judge: RungJudge
+    checkpointing: Optional[Checkpointing] = None
+    report: Optional[Report] = None
 
 
-def execute(task: TrialTask, method: Method, logger: TrialLogger, report: Optional[Report],
-            accelerator) -> dict[str, float]:
-    """Load, train, evaluate and log one trial in this process (one rank of it, in a multi-process trial:
-    only the main process saves the checkpoint and evaluates)."""
+def execute(task: TrialTask, method: Method, hooks: BodyHooks, accelerator) -> TrialOutcome:
+    """Load, train and evaluate one trial in this process (one rank of it, in a multi-process trial: only the main
+    process saves the checkpoint and evaluates; the others return an empty outcome). A trial early stopping ends
+    returns as stopped. The outcome's usage is the caller's to set (trainers.entry)."""
     torch.manual_seed(task.trial.training.seed)
     timings: dict[str, float] = {}
     with failing_phase("loading the model and data"), timed(timings, "load"):
-        ctx, train_data, eval_data = _load(task, method, logger, accelerator)
+        ctx, train_data, eval_data = _load(task, method, hooks, accelerator)
     steps, skipped, frozen_reference = 0, eval_data.skipped, None
     if train_data is not None:
         skipped += train_data.skipped
-        steps, frozen_reference = _train(ctx, train_data, eval_data, report, timings)
+        try:
+            steps, frozen_reference = _train(ctx, train_data, eval_data, hooks.report, timings)
+        except TrialStopped as stopped:
+            return TrialOutcome(stopped=stopped)
     if not accelerator.is_main_process:
-        return {}
-    metrics = _evaluate(ctx, eval_data, steps, frozen_reference, timings)
-    return {**metrics, "train_steps": float(steps), "data_skipped_rows": float(skipped), **timings}
+        return TrialOutcome()
+    outcome = _evaluate(ctx, eval_data, steps, frozen_reference, timings)
+    outcome.metrics.update({"train_steps": float(steps), "data_skipped_rows": float(skipped), **timings})
+    return outcome

@@ -1,13 +1,16 @@
 """ASHA's decision at a rung, made by the trial itself from the tracking store (the core's rung rule, applied to the
-values the stage's other trials logged under the same rung signature): the RungJudge a trial body is handed."""
+values the stage's other trials logged under the same rung signature): the AshaJudge a trial body is handed."""
 
 from __future__ import annotations
 
 import math
 from typing import Optional, Protocol
-from orchestrator.core.rungs import DEFAULT_RUNG_METRIC, RUNG_PREFIX, RungDecision, TrialStopped, asha_decision, rung_signature, rung_value_key
+
+from orchestrator.core.rungs import (DEFAULT_RUNG_METRIC, RUNG_PREFIX, RungDecision, TrialStopped, asha_decision,
+                                     rung_signature, rung_value_key)
 from orchestrator.core.spec import AshaSpec
 from orchestrator.core.task import TrialTask
+
 
 class RungStore(Protocol):
     """What a judge needs of the trial's logger (orchestrator.runtime.trial_log.TrialLogger)."""
@@ -15,7 +18,7 @@ class RungStore(Protocol):
     def rung_values(self, stage_key: str, metric: str, exclude_key: str, signature: str) -> list[float]: ...
 
 
-class RungJudge:
+class AshaJudge:
     """Logs a trial's rung evaluations and, under early stopping, decides at each rung whether it goes on,
     against the values of the stage's other trials with the same rung signature."""
 
@@ -26,7 +29,7 @@ class RungJudge:
         self.values: dict[int, float] = {}
 
     @classmethod
-    def for_trial(cls, store: RungStore, task: TrialTask) -> "RungJudge":
+    def for_trial(cls, store: RungStore, task: TrialTask) -> "AshaJudge":
         """The judge of one trial: its stage, key, the sweep's early stopping and its rung signature."""
         stopping = task.runtime.early_stopping
         return cls(store, task.runtime.stage_key, task.trial.trial_key, stopping,

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
 
-from orchestrator.infra.errors import first_line
 from orchestrator.core.runs import SELECTION_METRIC, RunStatus, TrialRecord, best_first
 from orchestrator.core.tags import (TAG_FAILURE, TAG_KEY, TAG_KIND, TAG_METHOD, TAG_SWEEP, TAG_WEIGHTS,
                                     WEIGHTS_ARTIFACT, WEIGHTS_HELD)
+from orchestrator.infra.errors import first_line
 from orchestrator.infra.files import exclusive_lock, folder_problem
 from orchestrator.runtime.store import record_of, run_tag
 from orchestrator.runtime.sweep_runs import SweepTracker

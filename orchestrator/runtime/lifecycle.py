@@ -3,10 +3,12 @@
 Exactly once per key: under the trial's lock (an flock on its folder, held for the whole attempt), a key that
 already has a FINISHED run returns it instead of training again; RUNNING runs of the key belong to dead
 attempts and are closed KILLED (or continued, when this attempt resumes their checkpoint). Between opening and
-closing the run, a trial *body* does the work: by default the trainers' training and evaluation, loaded lazily
-inside the worker (TRAIN_BODY), so executors and the driver never import torch. A body's exception is the
-trial's failure, recorded FAILED with its reason and cost; it never stops the sweep. An executor that got no
-result for a task (its worker or job died beyond retries) records it with record_lost_trial.
+closing the run, a trial *body* does the work (orchestrator.core.outcome): by default the trainers' training and
+evaluation, loaded lazily inside the worker (TRIAL_BODIES), so executors and the driver never import torch. The
+body returns its outcome and this module records it, every write of the run's result here: metrics and cost,
+samples, the checkpoint tag, kept weights, a stop. A body's failure is recorded FAILED with its reason and cost;
+it never stops the sweep. An executor that got no result for a task (its worker or job died beyond retries)
+records it with record_lost_trial.
 """
 
 from __future__ import annotations
@@ -17,65 +19,30 @@ import shutil
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Optional
 
-from orchestrator.core.runs import TrialRecord
-from orchestrator.core.tags import (TAG_FAILURE, TAG_INIT_KEY, TAG_KEY, TAG_METHOD, TAG_RESUMED, TAG_RUNG_SIGNATURE,
-                                    TAG_SAMPLES, TAG_SAMPLES_SHA, TAG_STAGE, TAG_STAGE_KEY, TAG_STOPPED_AT_RUNG,
-                                    TAG_STOPPED_AT_STEP, TAG_STOPPED_UNDER, TAG_STOP_REASON, TAG_SWEEP)
-from orchestrator.runtime.store import is_unreachable
-from orchestrator.runtime.trial_log import SystemMetrics, TrialLogger
+from orchestrator.core.errors import failing_phase, failure_reason
+from orchestrator.core.methods import METHODS
+from orchestrator.core.outcome import BodyFailed, DeviceUsage, Report, TrialBody, TrialOutcome, checkpointing
+from orchestrator.core.registry import Registry
 from orchestrator.core.rungs import TrialStopped, rung_signature, rung_value_key, stop_signature
-from orchestrator.core.errors import failure_reason
+from orchestrator.core.runs import RunStatus, TrialRecord, resume_done
+from orchestrator.core.tags import (TAG_CHECKPOINT, TAG_FAILURE, TAG_INIT_KEY, TAG_KEY, TAG_METHOD, TAG_RESUMED,
+                                    TAG_RUNG_SIGNATURE, TAG_SAMPLES, TAG_SAMPLES_SHA, TAG_STAGE, TAG_STAGE_KEY,
+                                    TAG_STOPPED_AT_RUNG, TAG_STOPPED_AT_STEP, TAG_STOPPED_UNDER, TAG_STOP_REASON,
+                                    TAG_SWEEP)
+from orchestrator.core.task import TrialResult, TrialTask
 from orchestrator.infra.errors import first_line
 from orchestrator.infra.files import exclusive_lock, write_file_atomically, write_verified
+from orchestrator.runtime.judge import AshaJudge
 from orchestrator.runtime.kept_models import keep_models
-from orchestrator.core.methods import METHODS
-from orchestrator.core.registry import load_reference
-from orchestrator.core.runs import RunStatus, resume_done
-from orchestrator.core.task import TrialResult, TrialTask
+from orchestrator.runtime.store import is_unreachable
+from orchestrator.runtime.trial_log import SystemMetrics, TrialLogger
 
-Report = Callable[[int, int], None]  # (step, total_steps)
-TRAIN_BODY = "trainers.entry:train_and_evaluate"
-
-
-@dataclass
-class DeviceUsage:
-    """What a trial holds, for its cost metrics; its body fills this in as soon as it knows (a failed trial is
-    charged too)."""
-    device: str = "cpu"   # e.g. "cpu" or "cuda:NVIDIA H100 80GB HBM3"
-    count: int = 1
-
-
-class TrialBody(Protocol):
-    """What a trial does between opening and closing its run; returns the run's metrics."""
-    def __call__(self, task: TrialTask, logger: TrialLogger, report: Optional[Report],
-                 usage: DeviceUsage) -> dict[str, float]: ...
-
-
-@dataclass(frozen=True)
-class Checkpointing:
-    """Save the loop's whole state to `folder`/state.pt every `every` optimizer steps, so a killed, preempted or
-    requeued trial continues from its last save with the same result as an uninterrupted run."""
-    folder: Path
-    every: int
-
-    @property
-    def path(self) -> Path:
-        return self.folder / "state.pt"
-
-    @property
-    def saved_step(self) -> int:
-        """The step of the last save (0: none), read without loading the state itself."""
-        meta = self.folder / "step"
-        return int(meta.read_text()) if meta.is_file() and self.path.is_file() else 0
-
-
-def checkpointing(task: TrialTask) -> Optional[Checkpointing]:
-    every = task.runtime.checkpoint_every
-    return Checkpointing(task.trial_dir / "resume", every) if every else None
+# The trial body of every real trial, named lazily: it is loaded inside the worker, so neither the driver nor an
+# executor imports torch (orchestrator.core.outcome says what a body is handed and returns).
+TRIAL_BODIES: Registry[TrialBody] = Registry("trial body", {"train": "trainers.entry:train_and_evaluate"})
 
 
 def trial_params(task: TrialTask) -> dict[str, object]:
@@ -106,6 +73,22 @@ def record_samples(task: TrialTask, logger: TrialLogger, samples: list[dict]) ->
     logger.log_samples(samples)
     logger.set_tags({TAG_SAMPLES: str(path), TAG_SAMPLES_SHA: digest})
     return path
+
+
+def record_outcome(task: TrialTask, logger: TrialLogger, outcome: TrialOutcome) -> None:
+    """What a finished body leaves besides its metrics: its samples, the checkpoint later stages start from, and
+    the weights it keeps (the run's model/ artifacts; the folder they were written to goes after)."""
+    if outcome.samples is not None:
+        with failing_phase("writing samples.json"):
+            record_samples(task, logger, outcome.samples)
+    if outcome.checkpoint is not None:
+        logger.set_tags({TAG_CHECKPOINT: str(outcome.checkpoint)})
+    if outcome.weights is not None:
+        try:
+            with failing_phase("keeping the trained weights (run artifacts model/)"):
+                logger.log_weights(outcome.weights)
+        finally:
+            shutil.rmtree(outcome.weights, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -168,11 +151,11 @@ def _finished_result(task: TrialTask, runs: list[TrialRecord]) -> Optional[Trial
 
 
 def run_trial(task: TrialTask, report: Optional[Report] = None, body: Optional[TrialBody] = None) -> TrialResult:
-    """Run one trial exactly once per key. `body` is the trainers' training and evaluation (TRAIN_BODY, loaded
-    here, in the worker) unless a probe replaces it (trainers.probe: dispatch benchmarks, executor tests)."""
+    """Run one trial exactly once per key. `body` is the trainers' training and evaluation (TRIAL_BODIES["train"],
+    loaded here, in the worker) unless a probe replaces it (cluster.probe: dispatch benchmarks, executor tests)."""
     with trial_lock(task.trial_dir):
         try:
-            return _run_locked(task, report, body or load_reference(TRAIN_BODY))
+            return _run_locked(task, report, body or TRIAL_BODIES["train"])
         except Exception as exc:  # noqa: BLE001 - only an unreachable store is turned into a result
             if not is_unreachable(exc):
                 raise
@@ -192,7 +175,7 @@ def _record_failure(task: TrialTask, logger: TrialLogger, run_id: str, exc: Base
     logger.log_metrics(cost)
     logger.set_tags({TAG_FAILURE: reason[:5000]})
     with contextlib.suppress(OSError):  # the traceback file is extra; a full disk must not hide the FAILED
-        logger.log_text(traceback.format_exc(), "failure.txt")
+        logger.log_text("".join(traceback.format_exception(exc)), "failure.txt")
     logger.finish(RunStatus.FAILED)
     return TrialResult(trial_key=task.trial.trial_key, run_id=run_id, status=RunStatus.FAILED, error=reason,
                        metrics=cost, wall_seconds=cost["wall_seconds"])
@@ -223,6 +206,17 @@ def _record_stop(task: TrialTask, logger: TrialLogger, run_id: str, stopped: Tri
                        wall_seconds=cost["wall_seconds"])
 
 
+def _record_finish(task: TrialTask, logger: TrialLogger, run_id: str, outcome: TrialOutcome,
+                   cost: dict[str, float]) -> TrialResult:
+    metrics = {**outcome.metrics, **cost}
+    logger.log_metrics(metrics)
+    logger.finish(RunStatus.FINISHED)
+    _drop_training_state(task)
+    _keep_models(task)
+    return TrialResult(trial_key=task.trial.trial_key, run_id=run_id, status=RunStatus.FINISHED, metrics=metrics,
+                       wall_seconds=metrics["wall_seconds"])
+
+
 def _run_locked(task: TrialTask, report: Optional[Report], body: TrialBody) -> TrialResult:
     logger = _logger(task)
     earlier = logger.runs_of(task.trial.trial_key)
@@ -231,28 +225,23 @@ def _run_locked(task: TrialTask, report: Optional[Report], body: TrialBody) -> T
         return done
     run_id = _open_run(task, logger, earlier)
     started = time.monotonic()
-    usage = DeviceUsage(count=task.runtime.processes)
+    cost = lambda usage: cost_metrics(usage.device, usage.count, time.monotonic() - started)  # noqa: E731
     try:
         with _system_metrics(task, logger):
-            metrics = body(task, logger, report, usage)
+            outcome = body(task, logger, AshaJudge.for_trial(logger, task), checkpointing(task), report)
+            record_outcome(task, logger, outcome)
     except KeyboardInterrupt:
         logger.finish(RunStatus.KILLED)
         raise
-    except TrialStopped as stopped:
-        return _record_stop(task, logger, run_id, stopped,
-                            cost_metrics(usage.device, usage.count, time.monotonic() - started))
     except Exception as exc:  # noqa: BLE001 - a trial's failure is data, not a crash of the sweep
         if is_unreachable(exc):
             raise
-        return _record_failure(task, logger, run_id, exc,
-                               cost_metrics(usage.device, usage.count, time.monotonic() - started))
-    metrics.update(cost_metrics(usage.device, usage.count, time.monotonic() - started))
-    logger.log_metrics(metrics)
-    logger.finish(RunStatus.FINISHED)
-    _drop_training_state(task)
-    _keep_models(task)
-    return TrialResult(trial_key=task.trial.trial_key, run_id=run_id, status=RunStatus.FINISHED, metrics=metrics,
-                       wall_seconds=metrics["wall_seconds"])
+        usage = exc.usage if isinstance(exc, BodyFailed) else DeviceUsage(count=task.runtime.processes)
+        cause = exc.__cause__ if isinstance(exc, BodyFailed) and exc.__cause__ is not None else exc
+        return _record_failure(task, logger, run_id, cause, cost(usage))
+    if outcome.stopped is not None:
+        return _record_stop(task, logger, run_id, outcome.stopped, cost(outcome.usage))
+    return _record_finish(task, logger, run_id, outcome, cost(outcome.usage))
 
 
 def _system_metrics(task: TrialTask, logger: TrialLogger):

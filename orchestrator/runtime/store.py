@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
 
-from orchestrator.infra.errors import caused_by, first_line
 from orchestrator.core.runs import TrialRecord, run_status
-from orchestrator.infra.files import exclusive_lock
 from orchestrator.core.tags import TAG_KEY, TAG_METHOD, TAG_STAGE
+from orchestrator.infra.errors import caused_by, first_line
+from orchestrator.infra.files import exclusive_lock
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 

@@ -7,10 +7,14 @@ import json
 import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
+
+from orchestrator.core.runs import SELECTION_METRIC, TRIAL_METRICS, RunStatus, TrialRecord
+from orchestrator.core.tags import (MODEL_TRAINING, RUNS_VIEW_KEY, SAMPLES_ARTIFACT, TAG_EXPERIMENT_KIND, TAG_KIND,
+                                    TAG_NOTE, TAG_RUNS_VIEW, TAG_STAGE, TAG_SWEEP)
 from orchestrator.infra.errors import first_line
-from orchestrator.core.runs import RunStatus, SELECTION_METRIC, TRIAL_METRICS, TrialRecord
-from orchestrator.core.tags import MODEL_TRAINING, RUNS_VIEW_KEY, SAMPLES_ARTIFACT, TAG_EXPERIMENT_KIND, TAG_KIND, TAG_NOTE, TAG_RUNS_VIEW, TAG_STAGE, TAG_SWEEP
-from orchestrator.runtime.store import CorruptArtifact, StoreUnavailable, all_runs, local_artifact_root, record_of, store_client, store_exists
+from orchestrator.runtime.store import (CorruptArtifact, StoreUnavailable, all_runs, local_artifact_root, record_of,
+                                        store_client, store_exists)
+
 
 def existing_trials(uri: str, sweep: str) -> list[TrialRecord]:
     """The sweep's trial runs, or [] when there is no store or no such sweep yet (nothing is created)."""

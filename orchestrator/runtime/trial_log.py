@@ -5,13 +5,14 @@ it runs."""
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
 from orchestrator.core.runs import RunStatus, TrialRecord
-from orchestrator.core.tags import SAMPLES_ARTIFACT, TAG_KEY, TAG_KIND, TAG_PARENT, TAG_RUNG_SIGNATURE, TAG_STAGE_KEY, TAG_WEIGHTS, WEIGHTS_ARTIFACT
+from orchestrator.core.tags import (SAMPLES_ARTIFACT, TAG_KEY, TAG_KIND, TAG_PARENT, TAG_RUNG_SIGNATURE, TAG_STAGE_KEY,
+                                    TAG_WEIGHTS, WEIGHTS_ARTIFACT)
 from orchestrator.runtime.store import all_runs, record_of, store_client
 
 MAX_PARAM_LENGTH = 6000

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.robustness import (best_of_k_curve, expected_best_of_k, pareto_front, probability_beats, table1)
+from analysis.robustness import best_of_k_curve, expected_best_of_k, pareto_front, probability_beats, table1
 from analysis.summary import trials_frame
 
 

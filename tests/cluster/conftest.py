@@ -2,11 +2,11 @@
 
 import pytest
 
-from orchestrator.grid import plan_sweep
-from orchestrator.core.spec_file import parse_spec
-from orchestrator.core.task import TrialRuntime, TrialTask
 from orchestrator.core.runs import RunStatus
-from orchestrator.core.tags import TAG_KEY, TAG_STOP_REASON, TAG_STOPPED_AT_RUNG, TAG_STOPPED_AT_STEP
+from orchestrator.core.spec_file import parse_spec
+from orchestrator.core.tags import TAG_KEY, TAG_STOPPED_AT_RUNG, TAG_STOPPED_AT_STEP, TAG_STOP_REASON
+from orchestrator.core.task import TrialRuntime, TrialTask
+from orchestrator.grid import plan_sweep
 from orchestrator.runtime.sweep_runs import SweepTracker
 from trainers.probe import noop_sweep_yaml
 

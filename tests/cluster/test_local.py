@@ -1,9 +1,9 @@
 import functools
 
 from cluster import EXECUTORS, make_executor
+from cluster.probe import probe_trial
 from orchestrator.core.spec import LocalExecutorSpec
 from orchestrator.core.task import TrialResult
-from trainers.probe import probe_trial
 
 
 class Recorder:

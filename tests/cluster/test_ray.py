@@ -11,12 +11,12 @@ import pytest
 import ray
 
 from cluster import make_executor
+from cluster.probe import probe_trial
 from orchestrator.core.spec import RayExecutorSpec, RayResources
 from orchestrator.core.tags import TAG_FAILURE
-from orchestrator.runtime.store import _client
-from orchestrator.runtime.sweep_runs import SweepTracker
 from orchestrator.runtime.server import store_for_workers
-from trainers.probe import probe_trial
+from orchestrator.runtime.store import store_client
+from orchestrator.runtime.sweep_runs import SweepTracker
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +37,14 @@ def test_eight_concurrent_trials_log_every_step_through_the_mlflow_server(tmp_pa
         tasks = tasks_for(tmp_path, uri, "concurrent", 8)
         results = executor.run(tasks, functools.partial(probe_trial, steps=100, seconds=1.0))
         assert [r.status for r in results] == ["FINISHED"] * 8
-        client = _client(uri)
+        client = store_client(uri)
         for result in results:
             history = client.get_metric_history(result.run_id, "probe/step_value")
             assert sorted(m.step for m in history) == list(range(1, 101))
     records = SweepTracker(sqlite, "concurrent").trials()  # the file is readable directly once the server stops
     assert sorted(r.status for r in records) == ["FINISHED"] * 8
     assert len({r.trial_key for r in records}) == 8
-    starts = sorted(_client(sqlite).get_run(r.run_id).info.start_time for r in records)
+    starts = sorted(store_client(sqlite).get_run(r.run_id).info.start_time for r in records)
     assert starts[-1] - starts[0] < 1000 * 1.0 * 4, "the 8 trials did not overlap"
 
 

@@ -8,16 +8,16 @@ import time
 import pytest
 
 from cluster import local_slurm, make_executor
-from orchestrator.pipeline import run_sweep
-from orchestrator.progress import Output
+from cluster.probe import probe_trial
 from orchestrator.core.spec import SlurmExecutorSpec
 from orchestrator.core.spec_file import parse_spec
 from orchestrator.core.tags import TAG_FAILURE, TAG_RESUMED
-from orchestrator.runtime.store import _client
-from orchestrator.runtime.sweep_runs import SweepTracker
-from orchestrator.runtime.server import store_for_workers
-from trainers.probe import probe_trial
+from orchestrator.pipeline import run_sweep
+from orchestrator.progress import Output
 from orchestrator.runtime.lifecycle import run_trial
+from orchestrator.runtime.server import store_for_workers
+from orchestrator.runtime.store import store_client
+from orchestrator.runtime.sweep_runs import SweepTracker
 
 # CI installs Slurm (README's test command): there a missing Slurm fails these tests instead of skipping them
 pytestmark = pytest.mark.skipif(bool(local_slurm.available()) and os.environ.get("CI") != "true",
@@ -89,9 +89,9 @@ def test_a_requeued_job_resumes_from_its_checkpoint(tmp_path, slurm, tasks_for):
         subprocess.run(["scontrol", "update", f"JobId={jobs[0].job_id}", "StartTime=now"], check=True)
         [result] = executor.wait([task], jobs)
         assert result.status == "FINISHED", result.error
-        run = _client(uri).get_run(result.run_id)
+        run = store_client(uri).get_run(result.run_id)
         assert int(run.data.tags[TAG_RESUMED]) >= 20
-        history = _client(uri).get_metric_history(result.run_id, "train/loss")
+        history = store_client(uri).get_metric_history(result.run_id, "train/loss")
         # steps logged after the last save and before the kill are logged again, with the same values
         by_step = {}
         for point in history:

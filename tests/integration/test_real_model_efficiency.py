@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_real_model_sweep import GGUF, HH, package_dir
 
 from orchestrator.core.spec import HHRLHFDataSpec
 from trainers.data import encode_pairs
 from trainers.logprobs import choose_layout, head_support
 from trainers.models import dequantize_gguf, load_causal_lm, load_tokenizer
+from trainers.objectives import preference_objective
 from trainers.sources import load_split
 from trainers.train import LoopSettings, longest_sequence, make_accelerator, reference_logps, train
-from trainers.objectives import preference_objective
-
-from test_real_model_sweep import GGUF, HH, package_dir
 
 pytestmark = pytest.mark.skipif(not HH.exists(), reason=f"the shared HH-RLHF data is absent ({HH})")
 

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.pipeline import run_sweep
-
-from orchestrator.progress import QUIET
 from orchestrator.core.spec_file import parse_spec
 from orchestrator.core.tags import TAG_CHECKPOINT, TAG_EVAL_CUTS
+from orchestrator.pipeline import run_sweep
+from orchestrator.progress import QUIET
 from orchestrator.runtime.sweep_runs import SweepTracker
 
 HH = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"

@@ -6,8 +6,8 @@ import pytest
 
 from orchestrator.core.rungs import (TrialStopped, asha_decision, logged_rung_values, quantile, rung_steps,
                                      rung_value_key)
-from orchestrator.runtime.judge import RungJudge
 from orchestrator.core.spec import AshaSpec
+from orchestrator.runtime.judge import AshaJudge
 
 
 def test_quantile_interpolates_between_order_statistics_like_numpy():
@@ -69,7 +69,7 @@ class Store:
 
 def test_the_judge_logs_every_rung_and_stops_below_the_cutoff():
     store = Store({rung_value_key(1): [0.0, 5.0], rung_value_key(2): [1.0, 2.0, 3.0, 9.0]})
-    judge = RungJudge(store, "stage", "me", AshaSpec(kind="asha", min_rung=1), "sig")
+    judge = AshaJudge(store, "stage", "me", AshaSpec(kind="asha", min_rung=1), "sig")
     decision = judge(1, 10, {"mean_score": 4.0, "kl": 0.5})  # cutoff: 0 + 2/3 * 5 = 3.33; 4.0 goes on
     assert not decision.stop and decision.cutoff == pytest.approx(10 / 3) and decision.compared == 2
     assert store.logged[0] == (10, {"rung/mean_score": 4.0, "rung/kl": 0.5, "asha/rung_1": 4.0})
@@ -82,10 +82,10 @@ def test_the_judge_logs_every_rung_and_stops_below_the_cutoff():
 
 def test_without_early_stopping_or_before_min_rung_the_judge_only_logs():
     store = Store({rung_value_key(1): [100.0]})
-    assert RungJudge(store, "stage", "me", None, "sig")(1, 5, {"mean_score": 0.0}) is None
-    assert RungJudge(store, "stage", "me", AshaSpec(kind="asha", min_rung=2), "sig")(1, 5, {"mean_score": 0.0}) is None
+    assert AshaJudge(store, "stage", "me", None, "sig")(1, 5, {"mean_score": 0.0}) is None
+    assert AshaJudge(store, "stage", "me", AshaSpec(kind="asha", min_rung=2), "sig")(1, 5, {"mean_score": 0.0}) is None
     # a stage without the compared metric (SFT has no KL) is never stopped on it
-    assert RungJudge(store, "stage", "me", AshaSpec(kind="asha", metric="rung/kl", mode="min"), "sig")(
+    assert AshaJudge(store, "stage", "me", AshaSpec(kind="asha", metric="rung/kl", mode="min"), "sig")(
         1, 5, {"mean_score": 0.0}) is None
     assert len(store.logged) == 3
 

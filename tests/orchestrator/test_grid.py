@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator.api import builtin_spec_path
-from orchestrator.grid import expand_grid, plan_sweep
 from orchestrator.core.spec import GridSpec
 from orchestrator.core.spec_file import load_spec, parse_spec
+from orchestrator.grid import expand_grid, plan_sweep
 
 SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
 

@@ -4,9 +4,9 @@ MLflow side (artifacts, registry, idempotence) on a local store without training
 import mlflow
 import pytest
 
-from orchestrator.runtime.kept_models import decide, keep_models, registered_model_name
 from orchestrator.core.runs import TrialRecord
 from orchestrator.core.tags import TAG_WEIGHTS
+from orchestrator.runtime.kept_models import decide, keep_models, registered_model_name
 from orchestrator.runtime.sweep_runs import SweepTracker
 from orchestrator.runtime.trial_log import TrialLogger
 

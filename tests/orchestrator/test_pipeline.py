@@ -7,13 +7,13 @@ import mlflow
 import pytest
 import torch
 
+from orchestrator.core.runs import EVAL_PHASES, TRIAL_PHASES
+from orchestrator.core.spec_file import parse_spec
+from orchestrator.core.tags import TAG_FAILURE, TAG_LAYOUT, TAG_PARENT, TAG_REF_CACHE, TAG_WEIGHTS
 from orchestrator.grid import plan_sweep, tracked_name
 from orchestrator.pipeline import run_sweep
 from orchestrator.progress import QUIET
-from orchestrator.core.spec_file import parse_spec
-from orchestrator.core.runs import EVAL_PHASES, TRIAL_PHASES
 from orchestrator.runtime.kept_models import registered_model_name
-from orchestrator.core.tags import TAG_FAILURE, TAG_LAYOUT, TAG_PARENT, TAG_REF_CACHE, TAG_WEIGHTS
 from orchestrator.runtime.sweep_runs import SweepTracker
 from orchestrator.runtime.trial_log import TrialLogger
 from trainers import losses
@@ -240,7 +240,8 @@ def test_an_early_stopping_sweep_skips_its_stopped_trials_until_early_stopping_i
     stop. A rerun runs nothing; the same grid without early stopping runs exactly the stopped ones, to the end."""
     import functools
 
-    from trainers.probe import noop_sweep_yaml, probe_trial
+    from cluster.probe import probe_trial
+    from trainers.probe import noop_sweep_yaml
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = functools.partial(noop_sweep_yaml, "asha-rerun", tmp_path / "work", n_beta=4, n_lr=3)

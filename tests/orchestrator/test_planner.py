@@ -3,10 +3,10 @@
 import pytest
 
 from orchestrator import cli
-from orchestrator.grid import plan_sweep
-from orchestrator.planner import lora_parameter_count, parameter_count, plan_stages, plan_trial
 from orchestrator.core.spec import CostSpec, ModelShape
 from orchestrator.core.spec_file import parse_spec
+from orchestrator.grid import plan_sweep
+from orchestrator.planner import lora_parameter_count, parameter_count, plan_stages, plan_trial
 
 # h=8, I=16, 2 layers, 2 heads (head_dim 4, kv = 8), vocab 10, tied embeddings:
 #   attention 2*8*8 + 2*8*8 = 256; mlp 3*8*16 = 384; norms 2*8 = 16 -> 656 per layer
@@ -42,10 +42,10 @@ def _trial(method: str, training: str = "", gpus: int = 1, sharding: str = "ddp"
 
 
 def test_logits_are_capped_at_what_the_chunked_output_layer_holds():
-    from orchestrator.planner import CHUNK_BYTES, CHUNKED_LOGIT_BYTES, training_memory
-    from orchestrator.core.spec import TrainingSpec
-    from trainers.logprobs import CHUNK_BYTES as TRAINERS_CHUNK_BYTES
     from orchestrator.core.methods import METHODS
+    from orchestrator.core.spec import TrainingSpec
+    from orchestrator.planner import CHUNKED_LOGIT_BYTES, CHUNK_BYTES, training_memory
+    from trainers.logprobs import CHUNK_BYTES as TRAINERS_CHUNK_BYTES
 
     assert CHUNK_BYTES == TRAINERS_CHUNK_BYTES
     memory = training_memory(PHI3_MEDIUM, METHODS["dpo"], TrainingSpec(batch_size=8, max_length=512), 1, "ddp", 512)

@@ -181,10 +181,10 @@ def test_sweep_ui_lands_on_the_trial_runs_with_their_metrics(reported):
 
 
 def test_report_before_any_preference_trial_finished_says_so(tmp_path):
-    from orchestrator.grid import plan_sweep
+    from cluster.probe import probe_trial
     from orchestrator.core.spec_file import parse_spec
     from orchestrator.core.task import TrialRuntime, TrialTask
-    from trainers.probe import probe_trial
+    from orchestrator.grid import plan_sweep
 
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(SPEC.format(workdir=tmp_path / "work"))

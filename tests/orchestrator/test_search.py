@@ -4,14 +4,14 @@ import math
 
 import pytest
 
+from orchestrator.core.runs import TrialRecord
+from orchestrator.core.spec_file import SpecError, parse_spec
+from orchestrator.core.task import TrialResult
 from orchestrator.grid import plan_sweep
 from orchestrator.pipeline import run_sweep
 from orchestrator.progress import QUIET
-from orchestrator.search import run_search
-from orchestrator.core.spec_file import SpecError, parse_spec
-from orchestrator.core.task import TrialResult
-from orchestrator.core.runs import TrialRecord
 from orchestrator.runtime.sweep_runs import SweepTracker
+from orchestrator.search import run_search
 from trainers.probe import probe_score
 
 SPEC = """\

@@ -5,11 +5,11 @@ import sys
 
 import pytest
 
-from orchestrator.grid import plan_sweep
+from orchestrator.core.runs import TrialRecord
 from orchestrator.core.spec import CostSpec
 from orchestrator.core.spec_file import parse_spec
+from orchestrator.grid import plan_sweep
 from orchestrator.status import cost_estimate, elapsed_seconds, status_table
-from orchestrator.core.runs import TrialRecord
 
 SPEC = """\
 name: costed

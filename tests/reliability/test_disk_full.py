@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from orchestrator.core.tags import TAG_FAILURE
-from orchestrator.runtime.sweep_runs import SweepTracker
-from orchestrator.runtime.server import mlflow_server
-from trainers.cache import cached_reference_logps
 from orchestrator.infra.files import write_folder_atomically
+from orchestrator.runtime.server import mlflow_server
+from orchestrator.runtime.sweep_runs import SweepTracker
+from trainers.cache import cached_reference_logps
 
 LIMIT = 1 << 20  # 1 MiB: the tiny base model (0.56 MB) and SFT checkpoint fit, the training state (~1.7 MB) not
 

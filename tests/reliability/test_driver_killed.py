@@ -8,11 +8,10 @@ import sys
 import time
 
 import pytest
+from reliability_support import finished_trials
 
 from orchestrator.runtime.kept_models import registered_model_name
 from orchestrator.runtime.sweep_runs import SweepTracker
-
-from reliability_support import finished_trials
 
 SPEC = """\
 name: resume-{kind}

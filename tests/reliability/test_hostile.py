@@ -16,16 +16,15 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from reliability_support import finished_trials
 
-from orchestrator.infra.files import write_file_atomically, write_folder_atomically
 from orchestrator.core.spec_file import SpecError, parse_spec
 from orchestrator.core.tags import TAG_CHECKPOINT, TAG_REF_CACHE
-from orchestrator.runtime.sweep_runs import SweepTracker
 from orchestrator.grid import plan_sweep
+from orchestrator.infra.files import write_file_atomically, write_folder_atomically
 from orchestrator.pipeline import SweepError, run_sweep
 from orchestrator.progress import QUIET
-
-from reliability_support import finished_trials
+from orchestrator.runtime.sweep_runs import SweepTracker
 
 # The quickstart shrunk: what the adversarial pass used as its base spec.
 BASE = """\

@@ -1,6 +1,6 @@
 """Hostile inputs, round 2 (issue 27): the newest features (kept models, early stopping, the Optuna journal, the Python
 API) never lie, trace back or hang. One test per class of the adversarial pass; each failed on the code before its
-fix. Probe trials (trainers.probe) stand in for training wherever the case is not about weights."""
+fix. Probe trials (cluster.probe) stand in for training wherever the case is not about weights."""
 
 import functools
 import os
@@ -13,19 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cluster.probe import probe_trial
 from orchestrator import api, cli
-from orchestrator.runtime.kept_models import decide
-from orchestrator.core.runs import RunStatus
+from orchestrator.core.runs import RunStatus, TrialRecord
 from orchestrator.core.spec_file import SpecError, parse_spec
-from orchestrator.core.runs import TrialRecord
-from orchestrator.core.tags import TAG_RUNG_SIGNATURE, TAG_STOP_REASON, TAG_STOPPED_UNDER, TAG_WEIGHTS
-from orchestrator.runtime.store import StoreUnavailable
-from orchestrator.runtime.sweep_runs import SweepTracker
+from orchestrator.core.tags import TAG_RUNG_SIGNATURE, TAG_STOPPED_UNDER, TAG_STOP_REASON, TAG_WEIGHTS
 from orchestrator.grid import plan_sweep
 from orchestrator.pipeline import run_sweep, select_init
 from orchestrator.progress import QUIET, Output
+from orchestrator.runtime.kept_models import decide
+from orchestrator.runtime.store import StoreUnavailable
+from orchestrator.runtime.sweep_runs import SweepTracker
 from orchestrator.status import status_table
-from trainers.probe import noop_sweep_yaml, probe_trial
+from trainers.probe import noop_sweep_yaml
 
 SWEEP = [sys.executable, "-m", "orchestrator.cli"]
 PROBE = functools.partial(probe_trial, steps=12, prompts=8)
@@ -320,7 +320,7 @@ def test_two_drivers_of_one_search_both_finish_and_run_each_point_once(tmp_path)
     spec_path.write_text(_searched(tmp_path, 3, "0.1, 0.3, 0.5, 0.7"))
     script = ("import functools, sys; from orchestrator.core.spec_file import load_spec; "
               "from orchestrator.pipeline import run_sweep; from orchestrator.progress import QUIET; "
-              "from trainers.probe import probe_trial; "
+              "from cluster.probe import probe_trial; "
               f"o = run_sweep(load_spec(sys.argv[1]), {uri_of(tmp_path)!r}, output=QUIET, "
               "trial_fn=functools.partial(probe_trial, steps=4, seconds=1.0, prompts=8)); print(o.ran, o.failed)")
     drivers = [subprocess.Popen([sys.executable, "-c", script, str(spec_path)], cwd=tmp_path, stdout=subprocess.PIPE,

@@ -5,12 +5,13 @@ import functools
 import time
 
 from analysis.report import render
+from cluster.probe import probe_trial
+from orchestrator.core.spec_file import parse_spec
 from orchestrator.pipeline import run_sweep
 from orchestrator.progress import Output
 from orchestrator.reporting import load_report_inputs
-from orchestrator.core.spec_file import parse_spec
 from orchestrator.runtime.sweep_runs import SweepTracker
-from trainers.probe import noop_sweep_yaml, probe_trial
+from trainers.probe import noop_sweep_yaml
 
 RAY = "{kind: ray, num_cpus: 2, max_concurrent_trials: 2, resources_per_trial: {cpu: 1}}"
 PROMPTS = 20

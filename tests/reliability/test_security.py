@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from orchestrator import cli
-from orchestrator.runtime.sweep_runs import SweepTracker
 from orchestrator.runtime.server import mlflow_server
+from orchestrator.runtime.sweep_runs import SweepTracker
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("orchestrator", "trainers", "cluster", "analysis")
@@ -79,8 +79,9 @@ def test_no_eval_exec_pickle_or_unsafe_yaml_in_the_packages():
 
 
 def test_trust_remote_code_only_when_set_and_then_with_a_warning(tmp_path, monkeypatch, capsys):
-    from trainers.models import build_task_tokenizer
     from transformers import LlamaConfig
+
+    from trainers.models import build_task_tokenizer
 
     model = tmp_path / "model"
     build_task_tokenizer().save_pretrained(model)

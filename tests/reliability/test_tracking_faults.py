@@ -8,16 +8,15 @@ import threading
 import time
 
 import pytest
-
-from orchestrator.pipeline import SweepError, run_sweep
-
-from orchestrator.progress import Output, QUIET
-from orchestrator.core.spec_file import parse_spec
-from orchestrator.runtime.store import _client
-from orchestrator.runtime.sweep_runs import SweepTracker
-from trainers.probe import noop_sweep_yaml, probe_trial
-
 from reliability_support import finished_trials, kill_server, server_pids
+
+from cluster.probe import probe_trial
+from orchestrator.core.spec_file import parse_spec
+from orchestrator.pipeline import SweepError, run_sweep
+from orchestrator.progress import QUIET, Output
+from orchestrator.runtime.store import store_client
+from orchestrator.runtime.sweep_runs import SweepTracker
+from trainers.probe import noop_sweep_yaml
 
 RAY = "{kind: ray, num_cpus: 2, max_concurrent_trials: 2, resources_per_trial: {cpu: 1}}"
 TOTAL = 2 + 3 * 2  # base, SFT, 3 methods x 2 betas
@@ -59,7 +58,7 @@ def test_a_killed_server_is_restarted_and_no_trial_loses_a_step(tmp_path, no_ray
     assert outcome.failed == 0 and len(outcome.records) == TOTAL
     assert "restarted it (1 restart(s) so far)" in capfd.readouterr().err
     for record in _every_key_finished_once(sqlite, "server-killed"):
-        history = _client(sqlite).get_metric_history(record.run_id, "probe/step_value")
+        history = store_client(sqlite).get_metric_history(record.run_id, "probe/step_value")
         assert sorted({m.step for m in history}) == list(range(1, STEPS + 1)), record.run_name
 
 

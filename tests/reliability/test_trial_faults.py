@@ -4,14 +4,13 @@ its reason and step, the sweep goes on, and the robustness report counts them.""
 import torch
 
 from analysis.report import render
+from orchestrator.core.spec_file import parse_spec
+from orchestrator.core.tags import TAG_FAILURE
 from orchestrator.pipeline import run_sweep
 from orchestrator.progress import QUIET
 from orchestrator.reporting import load_report_inputs
-from orchestrator.core.spec_file import parse_spec
-from orchestrator.core.tags import TAG_FAILURE
 from orchestrator.runtime.sweep_runs import SweepTracker
-from trainers import losses
-from trainers import trial as trial_module
+from trainers import losses, trial as trial_module
 
 SPEC = """\
 name: faults

@@ -10,9 +10,9 @@ import torch
 from trainers.cache import cached_reference_logps, reference_cache_key
 from trainers.data import encode_pairs
 from trainers.models import build_task_tokenizer, build_tiny_model, save_model
+from trainers.objectives import preference_objective
 from trainers.synthetic import generate_split
 from trainers.train import LoopSettings, make_accelerator, reference_logps, train
-from trainers.objectives import preference_objective
 
 TINY = SimpleNamespace(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, max_positions=64, seed=0)
 

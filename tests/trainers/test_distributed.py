@@ -2,15 +2,13 @@
 loss curves, one MLflow run per trial with each step logged once (rank 0's), evaluation done."""
 
 import pytest
-
-from orchestrator.pipeline import run_sweep
-
-from orchestrator.progress import QUIET
-from orchestrator.core.spec_file import SpecError, parse_spec
-from orchestrator.runtime.store import _client
-from orchestrator.runtime.sweep_runs import SweepTracker
-
 from ddp_support import SPEC
+
+from orchestrator.core.spec_file import SpecError, parse_spec
+from orchestrator.pipeline import run_sweep
+from orchestrator.progress import QUIET
+from orchestrator.runtime.store import store_client
+from orchestrator.runtime.sweep_runs import SweepTracker
 
 
 def _curves(tmp_path, processes: int, extra: str = "") -> dict[str, list[float]]:
@@ -30,7 +28,7 @@ def _curves(tmp_path, processes: int, extra: str = "") -> dict[str, list[float]]
     for r in records:
         if r.stage == "base":
             continue
-        history = _client(uri).get_metric_history(r.run_id, "train/loss")
+        history = store_client(uri).get_metric_history(r.run_id, "train/loss")
         steps = [m.step for m in history]
         assert steps == list(range(1, 9)), steps  # 64 pairs / 16 x 2 epochs, each step logged once
         assert r.metrics["device_count"] == processes and "mean_score" in r.metrics  # rank 0 evaluated
@@ -71,11 +69,11 @@ def test_a_two_process_loop_resumes_from_rank_0s_checkpoint_with_the_uninterrupt
     import json
 
     import torch.multiprocessing as mp
-
     from ddp_support import _checkpointed_history, checkpointed_rank
+
+    from orchestrator.core.outcome import Checkpointing
     from orchestrator.infra.net import free_port
     from trainers.train import load_training_state, make_accelerator
-    from orchestrator.runtime.lifecycle import Checkpointing
 
     expected = _checkpointed_history(make_accelerator(), None, kill_at=0)
     for kill_at in (7, 0):
@@ -96,8 +94,8 @@ def test_launched_ranks_are_released_when_task_0_does_not_train(tmp_path, fail):
     import time
 
     import torch.multiprocessing as mp
-
     from ddp_support import launched_rank_of_a_trial_that_does_not_train
+
     from orchestrator.infra.net import free_port
 
     context = mp.start_processes(launched_rank_of_a_trial_that_does_not_train,
@@ -117,11 +115,11 @@ def test_fsdp_shards_every_parameter_and_trains_like_one_process(tmp_path):
     import json
 
     import torch.multiprocessing as mp
-
     from ddp_support import sharded_rank, tiny_dpo_settings, tiny_dpo_setup
+
     from orchestrator.infra.net import free_port
-    from trainers.train import make_accelerator, train
     from trainers.objectives import preference_objective
+    from trainers.train import make_accelerator, train
 
     mp.start_processes(sharded_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import trainers.generation as generation
-from trainers.evaluate import EvalSettings, SftBaseline, encode_prompts, evaluate, generate, sequences_logps
 from trainers.data import EncodedSequence
+from trainers.evaluate import EvalSettings, SftBaseline, encode_prompts, evaluate, generate, sequences_logps
 from trainers.generation import SamplingParams, draw, length_batches, stream_seed, stream_uniforms, waves
 from trainers.models import build_task_tokenizer, build_tiny_model
 from trainers.reward import SyntheticGoldReward

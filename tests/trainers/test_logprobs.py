@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from trainers.data import encode_pairs
-from trainers.logprobs import (HeadSupport, TargetLogProbs, choose_layout, describe_head, head_support,
-                               packing_refusal, sequence_logps)
+from trainers.logprobs import (HeadSupport, TargetLogProbs, choose_layout, describe_head, head_support, packing_refusal,
+                               sequence_logps)
 from trainers.models import build_task_tokenizer, build_tiny_model
+from trainers.objectives import preference_objective, sft_objective
 from trainers.packing import PADDED, Layout
 from trainers.synthetic import generate_split
 from trainers.train import LoopSettings, make_accelerator, make_optimizer, reference_logps, train
-from trainers.objectives import preference_objective, sft_objective
 
 TINY = SimpleNamespace(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, max_positions=64, seed=0)
 PACKED = Layout(True)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from trainers.losses import get_loss
 from orchestrator.core.methods import METHODS
+from trainers.losses import get_loss
 
 # Two pairs: summed log-probs and lengths.
 POLICY_CHOSEN = torch.tensor([-10.0, -5.0], dtype=torch.float64)

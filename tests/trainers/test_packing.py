@@ -4,9 +4,9 @@ every layout describes the same way."""
 import torch
 
 from trainers.data import EncodedPair, EncodedSequence
+from trainers.logprobs import packed_allowed
 from trainers.packing import (CHOSEN, PADDED, PROMPT, REJECTED, Layout, collate_packed, pack_units, pair_unit,
                               sequence_unit, unit_length)
-from trainers.logprobs import packed_allowed
 
 # prompt [1, 5, 6]; chosen response [7, 2]; rejected response [8, 9, 2]
 PAIR = EncodedPair(0, EncodedSequence([1, 5, 6, 7, 2], 3), EncodedSequence([1, 5, 6, 8, 9, 2], 3))

@@ -9,11 +9,11 @@ import torch
 from trainers.adapters import AdapterDisabled, apply_lora, merged
 from trainers.data import EncodedSequence, encode_pairs
 from trainers.logprobs import sequence_logps
-from trainers.packing import Layout
 from trainers.models import build_task_tokenizer, build_tiny_model
+from trainers.objectives import epsilon_dpo_objective, preference_objective, sft_objective
+from trainers.packing import Layout
 from trainers.synthetic import generate_split
 from trainers.train import LoopSettings, make_accelerator, reference_logps, train
-from trainers.objectives import epsilon_dpo_objective, preference_objective, sft_objective
 
 TINY = SimpleNamespace(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, max_positions=64, seed=0)
 LORA = SimpleNamespace(r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
@@ -139,9 +139,9 @@ def test_a_sweep_with_bf16_checkpointing_and_lora_loads_one_model_per_lora_trial
     reference and the KL baseline are its adapter-disabled view). Without LoRA dpo loads three (policy; the
     reference for the cache, freed before training; the SFT model for KL) and epsilon_dpo two (policy;
     the reference it keeps, reused for KL)."""
+    from orchestrator.core.spec_file import parse_spec
     from orchestrator.pipeline import run_sweep
     from orchestrator.progress import QUIET
-    from orchestrator.core.spec_file import parse_spec
     from orchestrator.runtime.sweep_runs import SweepTracker
     from trainers import trial as trial_module
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from orchestrator.core.spec_file import parse_spec
-from orchestrator.runtime.sweep_runs import SweepTracker
 from orchestrator.pipeline import run_sweep
 from orchestrator.progress import QUIET
+from orchestrator.runtime.sweep_runs import SweepTracker
 from trainers.pairs import PreferencePair
 from trainers.rungs import pair_metrics, rung_subset
 

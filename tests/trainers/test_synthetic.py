@@ -1,7 +1,7 @@
 import statistics
 
 from trainers import synthetic
-from trainers.synthetic import TOPIC_WORDS, gold_reward, generate_split
+from trainers.synthetic import TOPIC_WORDS, generate_split, gold_reward
 
 
 def test_generation_is_deterministic_and_seeded():

@@ -10,10 +10,10 @@ from orchestrator.core.methods import METHODS
 from trainers.data import EncodedPair, EncodedSequence, encode_pairs, encode_sequence
 from trainers.logprobs import sequence_logps
 from trainers.models import build_task_tokenizer, build_tiny_model
-from trainers.synthetic import generate_split
-from trainers.packing import PADDED, Layout
-from trainers.train import LoopHooks, LoopSettings, NonFiniteLoss, make_accelerator, reference_logps, train
 from trainers.objectives import ObservedObjective, SFTObjective, preference_objective, sft_objective
+from trainers.packing import PADDED, Layout
+from trainers.synthetic import generate_split
+from trainers.train import LoopHooks, LoopSettings, NonFiniteLoss, make_accelerator, reference_logps, train
 
 TINY = SimpleNamespace(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, max_positions=64, seed=0)
 
@@ -151,9 +151,9 @@ class Interrupted(Exception):
 def test_a_killed_loop_resumes_from_its_checkpoint_with_the_uninterrupted_result(setup, tmp_path, method):
     """Killed at step 7 with saves every 3 steps: the rerun restarts from step 6 and ends where an uninterrupted
     run ends (same batches, optimizer, schedule and loss state: beta_dpo's EMA/RNG, epsilon_dpo's beta)."""
+    from orchestrator.core.outcome import Checkpointing
     from trainers.objectives import build_objective
     from trainers.train import load_training_state
-    from orchestrator.runtime.lifecycle import Checkpointing
 
     tokenizer, pairs = setup
     ref = build_tiny_model(TINY, tokenizer).eval()
@@ -193,8 +193,8 @@ def test_a_killed_loop_resumes_from_its_checkpoint_with_the_uninterrupted_result
 
 
 def test_a_damaged_checkpoint_is_ignored(tmp_path):
+    from orchestrator.core.outcome import Checkpointing
     from trainers.train import load_training_state
-    from orchestrator.runtime.lifecycle import Checkpointing
 
     checkpointing = Checkpointing(tmp_path, every=1)
     checkpointing.path.write_bytes(b"not a torch file")
