@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from analysis.robustness import finished_runs, ran_to_an_end
-from orchestrator.core.runs import RunStatus
+from analysis.robustness import finished_runs, in_states
+from orchestrator.core.runs import OUTCOMES, RunStatus
 
 TOP_FRACTION = 0.1
 
@@ -23,7 +23,7 @@ def budget_curve(frame: pd.DataFrame, method: str, cost: str = "device_hours") -
     """One row per trial of `method` with an outcome, in the order they ended: `spent` (cumulative `cost`),
     `score` (its final mean_score; NaN unless FINISHED), `best` (the best score so far; NaN before the first),
     `status` and `run_name`."""
-    runs = ran_to_an_end(frame[frame["method"] == method])
+    runs = in_states(frame[frame["method"] == method], OUTCOMES)
     if "end_time" in runs:  # a hand-built frame without end times keeps its row order
         runs = runs.sort_values("end_time", kind="stable")
     score = runs["mean_score"].where(runs["status"] == RunStatus.FINISHED)

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.frames import METRIC_COLUMNS  # noqa: E402
-from analysis.robustness import finished_runs, top_runs, with_outcome  # noqa: E402
+from analysis.robustness import finished_runs, method_draws, top_runs  # noqa: E402
 from orchestrator.core.runs import RunStatus
 from orchestrator.core.spec import TrainHParams
 
@@ -34,7 +34,7 @@ METRIC_LABELS = {"mean_score": "gold score", "win_vs_chosen": "win rate vs chose
 
 
 def _label(frame: pd.DataFrame, method: str) -> str:
-    runs = with_outcome(frame[frame["method"] == method])
+    runs = method_draws(frame, method)
     failed = int((runs["status"] == RunStatus.FAILED).sum())
     return f"{method}\n(n={len(runs)}{f', {failed} failed' if failed else ''})"
 
@@ -82,7 +82,7 @@ def topk_distributions(frame: pd.DataFrame, samples: pd.DataFrame, methods: Sequ
 
 def _top_label(frame: pd.DataFrame, method: str, top: pd.DataFrame) -> str:
     """'dpo\n(3 of 96 runs)': the runs a top-k% panel pools, out of the method's runs with an outcome."""
-    return f"{method}\n({len(top)} of {len(with_outcome(frame[frame['method'] == method]))} runs)"
+    return f"{method}\n({len(top)} of {len(method_draws(frame, method))} runs)"
 
 
 # The training hyperparameters every method's grid may vary (learning_rate, epochs), whose spread a method's own
@@ -104,7 +104,7 @@ def metric_vs_hyperparameter(frame: pd.DataFrame, method: str, hyperparameter: s
                              metrics: Sequence[str] = ("mean_score", "kl", "length")) -> plt.Figure:
     """Figures 4 onwards: a point per finished run, coloured by learning rate and marked by epochs where those
     vary (else one colour); failed runs as red crosses on the x axis at their setting."""
-    runs = with_outcome(frame[frame["method"] == method])
+    runs = method_draws(frame, method)
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
     done, failed = runs[runs["status"] == RunStatus.FINISHED], runs[runs["status"] == RunStatus.FAILED]
     by, groups = _groups(done, hyperparameter)

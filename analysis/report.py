@@ -24,10 +24,10 @@ from analysis import figures
 from analysis.budget import budget_curves, budget_table, top_threshold
 from analysis.findings import LENGTH_NORMALISED, RULE, check_findings, findings_table
 from analysis.robustness import (REFERENCE_METHOD, best_of_k_curve, cost_to_reach, edge_of_grid, expected_best_of_k,
-                                 finished_runs, pareto_front, probability_beats, ran_to_an_end, run_at_quantile, table1,
-                                 table3, trials_to_reach, with_outcome)
+                                 finished_runs, in_states, method_draws, pareto_front, probability_beats,
+                                 run_at_quantile, table1, table3, trials_to_reach)
 from analysis.summary import time_split
-from orchestrator.core.runs import RunStatus
+from orchestrator.core.runs import OUTCOMES, RunStatus
 
 TOP_PERCENTS = (1, 10, 25)
 BEST_OF_K_SHOWN = 5
@@ -143,7 +143,7 @@ def _swept(inputs: ReportInputs, method: str) -> list[str]:
 
 
 def _progress(inputs: ReportInputs, n_boot: int) -> list[Block]:
-    unfinished = inputs.frame.index.difference(ran_to_an_end(inputs.frame).index)
+    unfinished = inputs.frame.index.difference(in_states(inputs.frame, OUTCOMES).index)
     if unfinished.empty:
         return []
     counts = inputs.frame.loc[unfinished, "status"].value_counts()
@@ -321,7 +321,7 @@ def _cost_and_failures(inputs: ReportInputs, n_boot: int) -> list[Block]:
     finished = frame[frame["status"] == RunStatus.FINISHED]["mean_score"].dropna()
     if len(finished):
         threshold = finished.quantile(0.9)
-        rows = [{"method": m, "trials with an outcome": len(with_outcome(frame[frame["method"] == m])),
+        rows = [{"method": m, "trials with an outcome": len(method_draws(frame, m)),
                  "expected trials to reach top 10%": trials_to_reach(frame, m, threshold),
                  f"expected {cost} to reach top 10%": cost_to_reach(frame, m, threshold, cost),
                  f"{cost} spent": frame[frame["method"] == m][cost].fillna(0).sum()} for m in inputs.methods]

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.frames import METRIC_COLUMNS
-from orchestrator.core.runs import OUTCOMES, RunStatus, best_first
+from orchestrator.core.runs import DRAWS, RunStatus, best_first
 
 REFERENCE_METHOD = "dpo"  # the paper normalizes by DPO's best run
 
@@ -83,20 +83,14 @@ def finished_runs(frame: pd.DataFrame, method: str) -> pd.DataFrame:
     return frame[(frame["method"] == method) & (frame["status"] == RunStatus.FINISHED)]
 
 
-# The draws a method's statistics are over. A RUNNING trial of a sweep still in progress (or KILLED, to run
-# again) is neither a success nor a failure; a STOPPED one (early stopping) has no final score and was not
-# drawn at random either: it is left out, and the report says so (analysis.report._early_stopping).
-DRAWS = (RunStatus.FINISHED, RunStatus.FAILED)
+def in_states(frame: pd.DataFrame, states: Sequence[RunStatus]) -> pd.DataFrame:
+    """The rows whose status is one of `states` (a set of orchestrator.core.runs: DRAWS, OUTCOMES)."""
+    return frame[frame["status"].isin(states)]
 
 
-def with_outcome(frame: pd.DataFrame) -> pd.DataFrame:
-    """The trials that ran to a final outcome (FINISHED or FAILED): the draws a method's statistics are over."""
-    return frame[frame["status"].isin(DRAWS)]
-
-
-def ran_to_an_end(frame: pd.DataFrame) -> pd.DataFrame:
-    """The trials that ended (FINISHED, FAILED or STOPPED early): everything a search has paid for."""
-    return frame[frame["status"].isin(OUTCOMES)]
+def method_draws(frame: pd.DataFrame, method: str) -> pd.DataFrame:
+    """The method's draws (DRAWS: FINISHED or FAILED): the trials its statistics are over."""
+    return in_states(frame[frame["method"] == method], DRAWS)
 
 
 def table1(frame: pd.DataFrame, methods: Sequence[str], reference: str = REFERENCE_METHOD,
@@ -178,7 +172,7 @@ def trials_to_reach(frame: pd.DataFrame, method: str, threshold: float) -> Optio
     """Expected number of the method's configs a user tries, in random order, until one scores at least
     `threshold`: (n + 1) / (m + 1) draws without replacement (n configs with an outcome, failed ones included;
     m of them reaching it). None when no config reaches it."""
-    runs = with_outcome(frame[frame["method"] == method])
+    runs = method_draws(frame, method)
     m = int((runs["mean_score"] >= threshold).sum())
     return (len(runs) + 1) / (m + 1) if m else None
 
@@ -188,7 +182,7 @@ def cost_to_reach(frame: pd.DataFrame, method: str, threshold: float, cost: str)
     draws = trials_to_reach(frame, method, threshold)
     if draws is None:
         return None
-    return draws * float(with_outcome(frame[frame["method"] == method])[cost].fillna(0).mean())
+    return draws * float(method_draws(frame, method)[cost].fillna(0).mean())
 
 
 def edge_of_grid(frame: pd.DataFrame, method: str, hyperparameters: Sequence[str]) -> list[str]:
@@ -213,6 +207,6 @@ def edge_of_grid(frame: pd.DataFrame, method: str, hyperparameters: Sequence[str
 def top_runs(frame: pd.DataFrame, method: str, percent: float, by: str = "mean_score") -> pd.DataFrame:
     """The method's top `percent`% runs by `by`: ceil(percent/100 × runs with an outcome) of them, at least
     one. Failed runs are in the count (they are part of what was paid for) but can never be among the top."""
-    runs = with_outcome(frame[frame["method"] == method])
+    runs = method_draws(frame, method)
     n = max(math.ceil(percent / 100 * len(runs)), 1)
     return runs[runs["status"] == RunStatus.FINISHED].nlargest(n, by)

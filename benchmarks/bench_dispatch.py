@@ -27,8 +27,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))  # the throwaway Slurm the tests start
 
-from cluster import local_slurm, make_executor  # noqa: E402
+import local_slurm  # noqa: E402
+
+from cluster import make_executor  # noqa: E402
 from cluster.probe import probe_trial  # noqa: E402
 from orchestrator.api import builtin_spec_path  # noqa: E402
 from orchestrator.core.spec import LocalExecutorSpec, RayExecutorSpec, SlurmExecutorSpec  # noqa: E402

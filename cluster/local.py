@@ -13,7 +13,7 @@ class LocalExecutor:
     slots = 1
 
     def __init__(self, spec=None):
-        self.spec = spec
+        """Every executor is built from its spec section (EXECUTORS); the local one, {kind: local}, sets nothing."""
 
     def run(self, tasks: list[TrialTask], trial_fn: TrialFn, progress: Optional[Progress] = None
             ) -> list[TrialResult]:

@@ -146,13 +146,15 @@ def _a_spec(spec, call: str) -> SweepSpec:
 
 
 def run(spec: SweepSpec, *, tracking_uri: Optional[str] = None, executor=None, smoke: bool = False,
-        output: Output = Output(), share_work: bool = True) -> SweepOutcome:
-    """Run or resume the sweep (trials already FINISHED are skipped) after checking its inputs; its outcome."""
+        output: Output = Output(), share_work: bool = True, checked: Optional[Preflight] = None) -> SweepOutcome:
+    """Run or resume the sweep (trials already FINISHED are skipped) after checking its inputs (unless `checked`
+    holds what check(spec) returned: the command line checks once, before it prints); its outcome."""
     spec = _a_spec(spec, "run")
     uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri)
     check_reachable(uri)
     check_writable(uri)
-    check(spec)
+    if checked is None:
+        check(spec)
     return run_sweep(spec, uri, smoke=smoke, executor=executor, output=output, share_work=share_work)
 
 

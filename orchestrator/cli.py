@@ -20,6 +20,7 @@ import pandas as pd
 from analysis.frames import sweep_frame
 from analysis.summary import format_summary, time_split
 from orchestrator import api
+from orchestrator.core.methods import StageKind
 from orchestrator.core.spec import Choice, IntRange, SweepSpec
 from orchestrator.core.spec_file import SpecError, field_line
 from orchestrator.grid import PlanError, preference_stages, tracked_name
@@ -33,16 +34,16 @@ from orchestrator.runtime.store import (BadTrackingUri, CorruptArtifact, StoreUn
                                         check_writable, is_unreachable, resolve_tracking_uri, sqlite_path, store_exists)
 from orchestrator.runtime.sweep_runs import existing_trials, runs_view_url, sweep_experiments
 from orchestrator.status import TrialCost, cost_estimate, elapsed_seconds, format_hours, status_table
-from trainers.preflight import InputError
+from trainers.preflight import InputError, Preflight
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 UI_LISTED_SWEEPS = 20  # `sweep ui` links the runs view of the most recent sweeps
 
 
-def _checked(args, spec: Optional[SweepSpec] = None) -> SweepSpec:
-    """The spec (loaded, unless given), with the inputs it points at checked (api.check: trainers.preflight) and
-    reported with resolved paths; an unusable input is a SpecError naming the spec's file, line and field."""
-    spec = spec or _load(args)
+def _checked(args, spec: SweepSpec) -> Preflight:
+    """The inputs the spec points at, checked (api.check: trainers.preflight) and reported with resolved paths;
+    an unusable input is a SpecError naming the spec's file, line and field. Once per command: `run` hands the
+    result to api.run, which would check again otherwise."""
     try:
         checked = api.check(spec)
     except InputError as exc:
@@ -51,7 +52,7 @@ def _checked(args, spec: Optional[SweepSpec] = None) -> SweepSpec:
     print("inputs:\n" + "\n".join(f"  {line}" for line in checked.inputs))
     for warning in checked.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    return spec
+    return checked
 
 
 def _load(args) -> SweepSpec:
@@ -173,13 +174,13 @@ def _print_cost(spec, stages, records, estimates=None) -> None:
 def cmd_plan(args) -> int:
     spec = _load(args)
     uri = resolve_tracking_uri(args.tracking_uri, spec.tracking.uri)  # a bad URI is refused before anything prints
-    spec = _checked(args, spec)
+    _checked(args, spec)
     stages = api.plan(spec, smoke=args.smoke)
     print(f"sweep {spec.name!r}{' (smoke)' if args.smoke else ''}: nothing is run by `plan`")
     for stage in stages:
         _print_stage(stage)
-    n_pref = sum(s.size for s in stages if s.stage not in ("base", "sft"))
-    n_sft = sum(s.size for s in stages if s.stage == "sft")
+    n_pref = sum(s.size for s in preference_stages(stages))
+    n_sft = sum(s.size for s in stages if s.kind is StageKind.SFT)
     print(f"\n{sum(s.size for s in stages)} trials: 1 untrained baseline, {n_sft} SFT, {n_pref} preference")
     plan, source = plan_stages(spec, stages)
     flops = {e.stage: TrialCost(e.seconds_per_trial, e.gpu_hours / e.trials, "FLOPs estimate")
@@ -244,13 +245,13 @@ def cmd_run(args) -> int:
     uri = api.tracking_uri(spec, args.tracking_uri)  # a bad URI is refused before anything prints or is created
     check_reachable(uri)  # the store's problems first (exit 1), then the inputs' (exit 2)
     check_writable(uri)
-    spec = _checked(args, spec)
+    checked = _checked(args, spec)
     if not store_exists(uri):
         print(f"new tracking store at {sqlite_path(uri)}: no sweep has run there yet (to resume a sweep, pass the "
               "--tracking-uri that holds it)")
     try:
         outcome = api.run(spec, tracking_uri=uri, smoke=args.smoke, output=Output(bar=not args.no_progress),
-                          share_work=not args.no_shared_work)
+                          share_work=not args.no_shared_work, checked=checked)
     except SweepError as exc:
         print(f"sweep stopped: {exc}", file=sys.stderr)
         return EXIT_FAILED

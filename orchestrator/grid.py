@@ -3,6 +3,7 @@ stages a search proposes while it runs, and the --smoke shrinking."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -10,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from orchestrator.core.methods import METHODS
+from orchestrator.core.methods import BASE_STAGE, METHODS, SFT_STAGE, StageKind
 from orchestrator.core.rungs import stop_signature
 from orchestrator.core.runs import SELECTION_METRIC
 from orchestrator.core.spec import (SMOKE_SUFFIX, AshaSpec, EvaluationSpec, FloatRange, GridSpec, IntRange,
@@ -64,6 +65,11 @@ class StagePlan:
         text = self.search.identity() if self.search else "".join(sorted(t.trial_key for t in self.trials))
         return hashlib.sha256(text.encode()).hexdigest()
 
+    @functools.cached_property
+    def kind(self) -> StageKind:
+        """What the stage is (its method's kind): the untrained baseline, SFT, or a preference method."""
+        return METHODS[(self.search.template if self.search else self.trials[0]).method].kind
+
     @property
     def size(self) -> int:
         """Trials the stage will run in all (planned, or the search budget)."""
@@ -78,7 +84,7 @@ class StagePlan:
         """The early stopping its trials run under: the spec's, in the preference stages only (the SFT stage picks
         the checkpoint every method starts from: its trials evaluate at rungs, for the curves, and are never
         stopped, which would change that pick)."""
-        return spec.search.early_stopping if self.stage not in ("base", "sft") else None
+        return spec.search.early_stopping if self.kind is StageKind.PREFERENCE else None
 
     def stop_signature(self, spec: SweepSpec) -> Optional[str]:
         """The early-stopping rule its trials are stopped under now (early_stopping.stop_signature)."""
@@ -180,7 +186,7 @@ def search_budget(spec: SweepSpec, grid: GridSpec, smoke: bool) -> int:
 
 def grid_method(spec: SweepSpec, grid: GridSpec) -> str:
     """The method a stage's grid belongs to (sft, or a preference method's name)."""
-    return "sft" if grid is spec.stages.sft else next(m for m, g in spec.stages.methods.items() if g is grid)
+    return SFT_STAGE if grid is spec.stages.sft else next(m for m, g in spec.stages.methods.items() if g is grid)
 
 
 class PlanError(ValueError):
@@ -210,7 +216,7 @@ def check_plan_size(spec: SweepSpec, smoke: bool = False) -> int:
 
 def preference_stages(stages: list[StagePlan]) -> list[StagePlan]:
     """The stages of preference methods (a preference stage is named after its method)."""
-    return [s for s in stages if s.stage not in ("base", "sft")]
+    return [s for s in stages if s.kind is StageKind.PREFERENCE]
 
 
 def plan_sweep(spec: SweepSpec, smoke: bool = False) -> list[StagePlan]:
@@ -218,8 +224,8 @@ def plan_sweep(spec: SweepSpec, smoke: bool = False) -> list[StagePlan]:
     check_plan_size(spec, smoke)
     if smoke:
         spec = smoke_spec(spec)
-    base = StagePlan("base", [_trial(spec, "base", "untrained", {})])
-    sft = _stage(spec, "sft", "sft", spec.stages.sft, smoke)
-    init = InitFromStage(from_stage="sft", stage_key=sft.stage_key, select_by=SELECTION_METRIC)
+    base = StagePlan(BASE_STAGE, [_trial(spec, BASE_STAGE, "untrained", {})])
+    sft = _stage(spec, SFT_STAGE, "sft", spec.stages.sft, smoke)
+    init = InitFromStage(from_stage=SFT_STAGE, stage_key=sft.stage_key, select_by=SELECTION_METRIC)
     methods = [_stage(spec, name, name, grid, smoke, init) for name, grid in spec.stages.methods.items()]
     return [base, sft, *methods]

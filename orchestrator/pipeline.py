@@ -16,9 +16,11 @@ import pandas as pd
 
 from analysis.summary import best_per_stage, trials_frame
 from cluster import make_executor
-from orchestrator.core.runs import OUTCOMES, SELECTION_METRIC, RunStatus, TrialRecord, best_first, resume_done
+from orchestrator.core.methods import StageKind
+from orchestrator.core.runs import (OUTCOMES, SELECTION_METRIC, RunStatus, TrialRecord, best_first, ended,
+                                    latest_per_key, resume_done)
 from orchestrator.core.spec import SweepSpec
-from orchestrator.core.tags import TAG_CHECKPOINT, TAG_SAMPLES, TAG_STAGE_KEY, TAG_STOPPED_UNDER, TAG_WEIGHTS
+from orchestrator.core.tags import TAG_CHECKPOINT, TAG_SAMPLES, TAG_STAGE_KEY, TAG_WEIGHTS
 from orchestrator.core.task import TrialResult, TrialRuntime, TrialTask
 from orchestrator.grid import StagePlan, plan_sweep, preference_stages, tracked_name
 from orchestrator.infra.files import exclusive_lock, folder_problem, verified_mismatch
@@ -67,40 +69,14 @@ def stage_records(records: list[TrialRecord], stage: StagePlan) -> list[TrialRec
     return [r for r in records if r.trial_key in keys]
 
 
-# Which run of a key stands for it: FINISHED before STOPPED before any other (then the most recent).
-_PRECEDENCE = {RunStatus.FINISHED: 0, RunStatus.STOPPED: 1}
-
-
-def latest_per_key(records: list[TrialRecord]) -> list[TrialRecord]:
-    """One record per key: its FINISHED run if any, else its STOPPED one, else its most recent run (records come
-    newest first)."""
-    by_key: dict[str, TrialRecord] = {}
-    rank = lambda r: _PRECEDENCE.get(r.status, 2)  # noqa: E731
-    for record in records:
-        kept = by_key.get(record.trial_key)
-        if kept is None or rank(record) < rank(kept):
-            by_key[record.trial_key] = record
-    return list(by_key.values())
-
-
-def completed(records: list[TrialRecord]) -> list[TrialRecord]:
-    """Trials that ran to an outcome (FINISHED, FAILED or STOPPED); KILLED and RUNNING ones will run again."""
-    return [r for r in latest_per_key(records) if r.status in OUTCOMES]
-
-
-def is_done(record: TrialRecord, stopping: Optional[str]) -> bool:
-    """Whether a rerun skips the run's key (runs.resume_done): FINISHED, or STOPPED under the rule `stopping`."""
-    return resume_done(record.status, record.tags.get(TAG_STOPPED_UNDER), stopping)
-
-
 def done_keys(records: list[TrialRecord], stage: StagePlan, spec: SweepSpec) -> set[str]:
-    """The stage's keys a rerun does not run again: a grid stage's done keys (is_done); a search's completed runs
+    """The stage's keys a rerun does not run again: a grid stage's done keys (resume_done); a search's ended runs
     (its budget counts FAILED and STOPPED ones too, as Optuna was told of them)."""
     runs = stage_records(records, stage)
     if stage.search:
-        return {r.trial_key for r in completed(runs)}
+        return {r.trial_key for r in ended(runs)}
     stopping = stage.stop_signature(spec)
-    return {r.trial_key for r in runs if is_done(r, stopping)}
+    return {r.trial_key for r in runs if resume_done(r, stopping)}
 
 
 def to_run(records: list[TrialRecord], stage: StagePlan, spec: SweepSpec) -> int:
@@ -116,7 +92,7 @@ def stale_stops(records: list[TrialRecord], stage: StagePlan, spec: SweepSpec) -
     (other rungs, η, metric, or early stopping since turned off): a grid runs them again, a search keeps them."""
     stopping = stage.stop_signature(spec)
     runs = latest_per_key(stage_records(records, stage))
-    return sum(r.status == RunStatus.STOPPED and not is_done(r, stopping) for r in runs)
+    return sum(r.status == RunStatus.STOPPED and not resume_done(r, stopping) for r in runs)
 
 
 def start_order(tasks: list[TrialTask], seed: Optional[int]) -> list[TrialTask]:
@@ -152,7 +128,7 @@ def select_init(records: list[TrialRecord], stage: StagePlan) -> dict[str, str]:
 # together (they all start from the picked SFT checkpoint), so an executor's slots are not idle at a
 # stage boundary.
 def phases(stages: list[StagePlan]) -> list[list[StagePlan]]:
-    first = [s for s in stages if s.stage in ("base", "sft")]
+    first = [s for s in stages if s.kind is not StageKind.PREFERENCE]
     return [first, [s for s in stages if s not in first]]
 
 
@@ -202,8 +178,8 @@ class _StageRunner:
         records = self.tracker.trials()
         for stage in phase:
             runs = latest_per_key(stage_records(records, stage))
-            self.progress.stage_done(stage.stage, stage.size, *(sum(r.status == s for r in runs) for s in (
-                RunStatus.FINISHED, RunStatus.FAILED, RunStatus.STOPPED)))
+            # counts in OUTCOMES' order: finished, failed, stopped
+            self.progress.stage_done(stage.stage, stage.size, *(sum(r.status == s for r in runs) for s in OUTCOMES))
 
     def _run_stages(self, phase: list[StagePlan], parents: dict[str, str], finished: dict[str, set[str]],
                     init: dict[str, str]) -> None:
@@ -228,7 +204,7 @@ class _StageRunner:
         lock = workdir / "locks" / f"search-{self.tracker.sweep}-{stage.stage}.lock"
         with exclusive_lock(lock, on_wait=lambda: echo(f"stage {stage.stage}: another driver is running its "
                                                        "search; waiting for it to end")):
-            previous = completed(stage_records(self.tracker.trials(stage.stage), stage))
+            previous = ended(stage_records(self.tracker.trials(stage.stage), stage))
             run_search(stage.search, previous,
                        lambda trials: self._run([TrialTask(trial=t, runtime=runtime) for t in trials]),
                        self.executor.slots, study_storage(workdir, echo), name, echo)
@@ -278,9 +254,9 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, *, smoke: bool = False, execut
         try:
             for phase in phases(stages):
                 runner.run_phase(phase, finished, init)
-                sft = next((s for s in phase if s.stage == "sft"), None)
+                sft = next((s for s in phase if s.kind is StageKind.SFT), None)
                 if sft is not None:
-                    init = select_init(tracker.trials("sft"), sft)
+                    init = select_init(tracker.trials(sft.stage), sft)
         finally:
             progress.close()
             close = getattr(executor, "close", None)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.core.methods import METHODS
+from orchestrator.core.methods import METHODS, StageKind
 from orchestrator.core.spec import CostSpec, ModelShape, SweepSpec, range_bounds
 from orchestrator.core.trials import TrialSpec
 from orchestrator.grid import StagePlan
@@ -160,7 +160,7 @@ def sequence_tokens(cost: CostSpec, training) -> int:
 def sequences_per_pair(method) -> int:
     """Sequences a trial's forward pass holds per pair: chosen and rejected for a preference method, the
     chosen response alone for SFT."""
-    return 2 if method.kind == "preference" else 1
+    return 2 if method.kind is StageKind.PREFERENCE else 1
 
 
 def training_memory(shape: ModelShape, method, training, gpus: int, sharding: str, tokens: int
@@ -205,7 +205,7 @@ def plan_trial(trial: TrialSpec, shape: ModelShape, cost: CostSpec, pairs: Optio
     trained_tokens = (pairs or 0) * sequences * s * epochs if method.trains else 0
     per_token = (4 if lora else 6) * n + (2 * n if method.needs_reference_logits else 0)
     generated = trial.evaluation.num_prompts * trial.evaluation.max_new_tokens
-    eval_flops = generated * (2 * n + (2 * n if method.kind == "preference" else 0))
+    eval_flops = generated * (2 * n + (2 * n if method.kind is StageKind.PREFERENCE else 0))
     return TrialPlan(**dataclasses.asdict(memory), parameters=n, gpus=gpus, train_flops=trained_tokens * per_token,
                      eval_flops=eval_flops)
 

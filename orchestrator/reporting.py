@@ -11,11 +11,11 @@ from tqdm import tqdm
 from analysis.frames import samples_frame, sweep_frame
 from analysis.report import ReportInputs
 from analysis.summary import best_of_stage
-from orchestrator.core.methods import METHODS
-from orchestrator.core.runs import RunStatus
+from orchestrator.core.methods import BASE_STAGE, METHODS, SFT_STAGE, StageKind
+from orchestrator.core.runs import RunStatus, latest_per_key
 from orchestrator.core.spec import SweepSpec, grid_fields
-from orchestrator.grid import plan_sweep, tracked_name
-from orchestrator.pipeline import latest_per_key, stage_records
+from orchestrator.grid import plan_sweep, preference_stages, tracked_name
+from orchestrator.pipeline import stage_records
 from orchestrator.runtime.sweep_runs import SweepTracker, existing_trials
 
 
@@ -25,7 +25,7 @@ def load_report_inputs(spec: SweepSpec, uri: str, smoke: bool = False, show_prog
     tracker = SweepTracker(uri, tracked_name(spec, smoke), create=False)
     everything = tracker.trials()
     records = latest_per_key([r for s in stages for r in stage_records(everything, s)])
-    methods = [s.stage for s in stages if s.stage not in ("base", "sft")]
+    methods = [s.stage for s in preference_stages(stages)]
     return _inputs(tracker.sweep, tracker, records, methods, show_progress)
 
 
@@ -40,7 +40,7 @@ def load_report_inputs_by_name(sweep: str, uri: str, show_progress: bool = True)
 def _preference_methods(records) -> list[str]:
     """The preference methods the records hold, in the registry's order."""
     present = {r.stage for r in records}
-    return [m for m, method in METHODS.items() if method.kind == "preference" and m in present]
+    return [m for m, method in METHODS.items() if method.kind is StageKind.PREFERENCE and m in present]
 
 
 def preference_frame(sweep: str, uri: str) -> pd.DataFrame:
@@ -66,7 +66,8 @@ def _inputs(sweep: str, tracker: SweepTracker, records, methods: list[str], show
                for r in tqdm(wanted, desc="loading samples", unit="run", disable=None if show_progress else True)}
     return ReportInputs(sweep=sweep, frame=frame[frame["stage"].isin(methods)].reset_index(drop=True),
                         samples=samples_frame(samples), methods=methods, hyperparameters=own,
-                        sft=_as_dict(best_of_stage(frame, "sft")), untrained=_as_dict(best_of_stage(frame, "base")))
+                        sft=_as_dict(best_of_stage(frame, SFT_STAGE)),
+                        untrained=_as_dict(best_of_stage(frame, BASE_STAGE)))
 
 
 def _as_dict(row: Optional[pd.Series]) -> Optional[dict]:

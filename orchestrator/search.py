@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import optuna
 
 from orchestrator.core.methods import METHODS
+from orchestrator.core.registry import Registry
 from orchestrator.core.rungs import logged_rung_values
 from orchestrator.core.runs import RunStatus, TrialRecord
 from orchestrator.core.spec import Choice, FloatRange, IntRange, SearchRange, coerce_hparam
@@ -29,11 +30,11 @@ from orchestrator.core.task import TrialResult
 from orchestrator.grid import StageSearch
 from orchestrator.infra.errors import first_line
 
-SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
+SAMPLERS: Registry[Callable[[int], optuna.samplers.BaseSampler]] = Registry("search sampler", {
     # constant_liar: points asked in one batch, before any is told, are kept apart instead of piling up
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, constant_liar=True),
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
-}
+})
 
 RunBatch = Callable[[list], list[TrialResult]]  # [TrialSpec] -> one TrialResult each, in order
 

@@ -12,10 +12,10 @@ from typing import Optional
 
 import pandas as pd
 
-from orchestrator.core.runs import OUTCOMES, RunStatus, TrialRecord
+from orchestrator.core.runs import OUTCOMES, RunStatus, TrialRecord, latest_per_key
 from orchestrator.core.spec import CostSpec, SweepSpec
 from orchestrator.grid import StagePlan
-from orchestrator.pipeline import latest_per_key, stage_records, to_run
+from orchestrator.pipeline import stage_records, to_run
 
 STATUSES = (RunStatus.FINISHED, RunStatus.RUNNING, RunStatus.FAILED, RunStatus.KILLED, RunStatus.STOPPED)
 

@@ -1,6 +1,6 @@
 """Evaluation on held-out prompts: sample, score with the gold reward, compare, measure KL and length.
 
-Metrics (DESIGN.md, paper §5), per trial:
+Metrics (the paper's §5; docs/report.md shows them), per trial:
   mean_score     mean gold score of the policy's generations
   win_vs_chosen  share of prompts where the generation outscores the dataset's chosen response (ties 1/2)
   win_vs_sft     share where it outscores the SFT model's generation for the same prompt (ties 1/2)

@@ -139,11 +139,12 @@ def draw(logits: torch.Tensor, uniforms: torch.Tensor, params: SamplingParams) -
 
 
 # ---- batches -----------------------------------------------------------------------------------------------
-# What grouping prompts into batches trades off (measured on SmolLM2-135M, 2 CPU cores, fp32): a decode step has a
-# fixed part (weights read, Python and kernel overheads) worth about STEP_OVERHEAD prefill positions (~50 ms against
-# 1.6 ms a position), so fewer, fuller batches are cheaper. A padded position costs a prefill position when the
-# batch's prompts are prefilled together, left-padded; when they are prefilled apart (TransformersEngine, full
-# attention), only a cache read per decode step, about 1/CACHE_READS of a position (~3 us against 1.6 ms).
+# What grouping prompts into batches trades off (ratios measured on SmolLM2-135M, 2 CPU cores, fp32; the timings
+# behind them are bench_eval's, benchmarks/RESULTS.md): a decode step has a fixed part (weights read, Python and
+# kernel overheads) worth about STEP_OVERHEAD prefill positions, so fewer, fuller batches are cheaper. A padded
+# position costs a prefill position when the batch's prompts are prefilled together, left-padded; when they are
+# prefilled apart (TransformersEngine, full attention), only a cache read per decode step, about 1/CACHE_READS of a
+# position.
 STEP_OVERHEAD = 32
 CACHE_READS = 550
 
@@ -181,8 +182,8 @@ def _cache_argument(model) -> str:
 
 class _PreallocatedLayer(DynamicLayer):
     """A full-attention cache layer whose keys and values live in buffers sized for the whole generation, each
-    step written in place. A DynamicLayer concatenates instead, copying the whole cache every step: on SmolLM2 with
-    32 rows of 400 tokens on 2 CPU cores a decode step took 148 ms that way against 116 ms this way."""
+    step written in place. A DynamicLayer concatenates instead, copying the whole cache every step, which on long
+    prompts is a sizeable share of a decode step on a CPU."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
         super().__init__()

@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from orchestrator.core.registry import Registry
 from trainers.packing import PADDED, Layout
 
 # Logit bytes (fp32) of one chunk of the chunked head; 64 MiB is 341 positions of a 49k vocabulary.
@@ -71,10 +72,10 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 # attention implementation (config._attn_implementation) -> the 4-D mask it takes. Others (flash attention
 # kernels, flex attention: no backward on a CPU) get padded rows.
-ATTENTION_MASKS: dict[str, Callable[[torch.Tensor, torch.dtype], torch.Tensor]] = {
+ATTENTION_MASKS: Registry[Callable[[torch.Tensor, torch.dtype], torch.Tensor]] = Registry("attention mask", {
     "sdpa": _bool_mask,
     "eager": _additive_mask,
-}
+})
 
 
 def _attention(core) -> str:
@@ -88,7 +89,7 @@ def packing_refusal(model, longest: int) -> Optional[str]:
     attention = _attention(core)
     if attention not in ATTENTION_MASKS:
         return f"attention implementation {attention!r} takes no block mask (packing works with: " \
-               f"{', '.join(ATTENTION_MASKS)})"
+               f"{', '.join(ATTENTION_MASKS.names())})"
     if "position_ids" not in inspect.signature(core.forward).parameters:
         return f"{type(core).__name__} takes no position_ids"
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+from orchestrator.core.registry import Registry
 from orchestrator.infra.files import write_folder_atomically
 from trainers import synthetic
 
@@ -147,7 +148,7 @@ def _hf_base(model_spec, cache_dir: Path) -> Path:
                            Path(cache_dir) / f"gguf-{gguf.stem}-{stamp.hexdigest()[:16]}")
 
 
-BASE_MODELS: dict[str, Callable[..., Path]] = {"tiny": _tiny_base, "hf": _hf_base}
+BASE_MODELS: Registry[Callable[..., Path]] = Registry("model kind", {"tiny": _tiny_base, "hf": _hf_base})
 
 
 def ensure_base_model(model_spec, cache_dir: Path) -> Path:

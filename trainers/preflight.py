@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from orchestrator.core.registry import Registry
 from orchestrator.core.rungs import rungs_of
 from orchestrator.core.spec import range_bounds
 from orchestrator.infra.errors import first_line
@@ -275,7 +276,8 @@ def check_rungs_act(spec, report: Preflight) -> None:
 
 
 # Each section's own check (what it points at), then the checks across sections.
-CHECKS: dict[str, Callable] = {"model": check_model, "data": check_data, "reward": check_reward}
+SECTION_CHECKS: Registry[Callable] = Registry("spec section check", {
+    "model": check_model, "data": check_data, "reward": check_reward})
 SPEC_CHECKS: list[Callable] = [check_workdir, check_model_reads_the_data, check_eval_size, check_truncation,
                                check_rungs_act]
 
@@ -284,7 +286,7 @@ def preflight(spec) -> Preflight:
     """Check every input of `spec`; raises InputError on the first unusable one."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
     report = Preflight()
-    for section, check in CHECKS.items():
+    for section, check in SECTION_CHECKS.items():
         check(getattr(spec, section), report)
     for check in SPEC_CHECKS:
         check(spec, report)

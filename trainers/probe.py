@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 
+from orchestrator.core.methods import METHODS, StageKind
 from orchestrator.core.outcome import Checkpointing, Report, RungJudge, TrialLog, TrialOutcome
 from orchestrator.core.rungs import TrialStopped, rungs_of
 from orchestrator.core.task import TrialTask
@@ -82,7 +83,7 @@ def _probe_outcome(task: TrialTask, prompts: int) -> TrialOutcome:
     an SFT trial, a finished checkpoint folder (no weights: no later probe loads it, but the driver checks it)."""
     samples, metrics = probe_samples(task, prompts)
     outcome = TrialOutcome(metrics=metrics, samples=samples)
-    if task.trial.stage == "sft":
+    if METHODS[task.trial.method].kind is StageKind.SFT:
         outcome.checkpoint = write_folder_atomically(
             task.trial_dir / "checkpoint", lambda folder: (folder / "probe.txt").write_text(task.trial.trial_key),
             reuse=False)

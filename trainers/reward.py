@@ -16,7 +16,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from orchestrator.core.registry import unknown_name_message
+from orchestrator.core.registry import Registry
 from trainers import synthetic
 from trainers.models import progress_frames_off
 
@@ -96,14 +96,12 @@ class SequenceClassificationReward:
         return RewardScores(scores, prompts_cut, len(too_long))
 
 
-REWARD_MODELS: dict[str, Callable[..., RewardModel]] = {
+REWARD_MODELS: Registry[Callable[..., RewardModel]] = Registry("reward kind", {
     "synthetic": lambda spec: SyntheticGoldReward(),
     "hf": lambda spec: SequenceClassificationReward(spec.path or spec.hub_id, spec.trust_remote_code,
                                                     spec.batch_size),
-}
+})
 
 
 def load_reward_model(reward_spec) -> RewardModel:
-    if reward_spec.kind not in REWARD_MODELS:
-        raise KeyError(unknown_name_message("reward kind", reward_spec.kind, list(REWARD_MODELS)))
     return REWARD_MODELS[reward_spec.kind](reward_spec)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from orchestrator.core.registry import unknown_name_message
+from orchestrator.core.registry import Registry
 from trainers import synthetic
 from trainers.pairs import PreferencePair
 
@@ -163,11 +163,11 @@ class _Dropped(Exception):
     """A well-formed row that the source's filter rule leaves out (not counted as malformed)."""
 
 
-ROW_ADAPTERS: dict[str, Callable[..., PreferencePair]] = {
+ROW_ADAPTERS: Registry[Callable[..., PreferencePair]] = Registry("data file kind", {
     "hh_rlhf": hh_rlhf_pair,
     "saferlhf": saferlhf_pair,
     "generic": column_pair,
-}
+})
 
 
 def checked_pair(spec, pair: PreferencePair) -> PreferencePair:
@@ -238,19 +238,17 @@ def _synthetic_split(spec, split: str, shared: bool) -> LoadedPairs:
     return LoadedPairs(list(_synthetic_pairs(*args) if shared else synthetic.generate_split(*args)), 0)
 
 
-DATA_SOURCES: dict[str, Callable[..., LoadedPairs]] = {
+DATA_SOURCES: Registry[Callable[..., LoadedPairs]] = Registry("data kind", {
     "synthetic": _synthetic_split,
     # files are read again by every trial: a file may change between trials, and reading is cheap
     **{kind: (lambda spec, split, shared: _file_split(spec, split)) for kind in ROW_ADAPTERS},
-}
+})
 
 
 def load_split(data_spec, split: str, shared: bool = False) -> LoadedPairs:
     """The split's pairs; shared=True may reuse what this process already built for the same spec."""
     if split not in ("train", "eval"):
         raise ValueError(f"unknown split {split!r}; known: train, eval")
-    if data_spec.kind not in DATA_SOURCES:
-        raise KeyError(unknown_name_message("data kind", data_spec.kind, list(DATA_SOURCES)))
     return DATA_SOURCES[data_spec.kind](data_spec, split, shared)
 
 

@@ -166,9 +166,9 @@ def make_accelerator() -> Accelerator:
 def use_fast_attention_for_varying_lengths() -> None:
     """Keep scaled-dot-product attention off cuDNN's backend. torch prefers it for bf16/fp16 on Hopper, and it
     pays a host-side plan build for each new sequence shape: batches here are padded to their longest pair, so
-    the shape changes nearly every step. Measured on an H100 (SmolLM2-135M, DPO, 8 pairs of up to 512 tokens,
-    torch 2.11): ~19 ms of CPU time per attention call, 278 ms per bf16 step against 202 ms in fp32
-    (benchmarks/RESULTS.md). Flash and memory-efficient attention have no per-shape cost."""
+    the shape changes nearly every step, and on an H100 a bf16 step ended slower than an fp32 one
+    (benchmarks/RESULTS.md, "A real DPO step on a GPU"). Flash and memory-efficient attention have no per-shape
+    cost."""
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
@@ -200,9 +200,9 @@ def reference_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: in
 
 
 def make_optimizer(params: list[torch.nn.Parameter], settings: LoopSettings) -> torch.optim.AdamW:
-    """AdamW as one fused kernel where torch has one for the parameters' device (CPU and CUDA here): on
-    SmolLM2-135M on 2 CPU cores 0.02 s per step against 0.34 s for the per-parameter loop, with the same
-    updates to float rounding (tests/trainers/test_train.py). Sharded (DTensor) parameters take the foreach
+    """AdamW as one fused kernel where torch has one for the parameters' device (CPU and CUDA here): on a CPU an
+    order of magnitude faster than the per-parameter loop, with the same updates to float rounding
+    (tests/trainers/test_train.py). Sharded (DTensor) parameters take the foreach
     path, which DTensor implements."""
     from torch.distributed.tensor import DTensor
     from torch.optim.optimizer import _get_fused_kernels_supported_devices

@@ -20,7 +20,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from orchestrator.core.errors import failing_phase as any_failing_phase
-from orchestrator.core.methods import Method
+from orchestrator.core.methods import Method, StageKind
 from orchestrator.core.outcome import Checkpointing, Report, RungJudge, TrialLog, TrialOutcome
 from orchestrator.core.rungs import TrialStopped, rungs_of
 from orchestrator.core.spec import TrainHParams
@@ -41,7 +41,7 @@ from trainers.train import (AfterStep, CheckpointWriteError, LoopHooks, LoopSett
                             is_sharded, reference_logps, train)
 
 # Only SFT checkpoints are read by a later stage; preference-trial weights would cost disk per trial.
-CHECKPOINTED_KINDS = {"sft"}
+CHECKPOINTED_KINDS = {StageKind.SFT}
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
@@ -158,7 +158,7 @@ def _sft_baseline(ctx: TrialContext, eval_pairs, reward, settings: EvalSettings,
     """The SFT model (for KL; reused when training already holds it, the policy with adapters off under LoRA)
     and its scores: read from the selected SFT trial's samples, or, with shared work off, generated and
     scored again by this trial."""
-    if ctx.method.kind != "preference":
+    if ctx.method.kind is not StageKind.PREFERENCE:
         return None
     sft_model = ctx.start_model(sft_model)
     if ctx.shared:
@@ -319,7 +319,7 @@ def _evaluate(ctx: TrialContext, eval_data: LoadedPairs, steps: int, frozen_refe
         evaluation = evaluate(ctx.model, ctx.tokenizer, eval_data.pairs, ctx.reward(), settings, ctx.device, sft)
     ctx.logger.set_tags({TAG_EVAL_CUTS: ", ".join(f"{k} {v}" for k, v in evaluation.usage.cuts().items())})
     outcome.samples = evaluation.samples
-    if ctx.task.runtime.keep_models and ctx.method.kind == "preference":
+    if ctx.task.runtime.keep_models and ctx.method.kind is StageKind.PREFERENCE:
         # the trained model, as the run's model/ artifacts (checkpoints.keep: which of them stay is decided once the
         # run FINISHED, orchestrator.runtime.kept_models); this folder is only the upload's source
         with failing_phase("saving the trained weights to keep"), timed(timings, "checkpoint"):

@@ -6,8 +6,8 @@ on it.
     trials       one trial's resolved config (TrialSpec) and its key
     task         what an executor carries to a trial and brings back (TrialTask, TrialResult)
     outcome      what a trial body returns (TrialOutcome) and what it is handed (TrialLog, RungJudge, DeviceUsage)
-    methods      the method catalogue: hyperparameters, needs, and where each method's torch code lives
-    runs         run states and which count as done, draws or outcomes; stage kinds; a run read back (TrialRecord)
+    methods      the method catalogue: hyperparameters, needs, where each method's torch code lives; StageKind
+    runs         run states and which count as done, draws or outcomes; a run read back (TrialRecord)
     rungs        early stopping's rule: where rungs fall, their signatures, ASHA's cutoff
     tags         the names of what a run records
     registry     the name -> thing registry every plugin table uses

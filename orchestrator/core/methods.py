@@ -10,6 +10,7 @@ one test with hand-computed numbers (tests/trainers/test_losses.py also loads ev
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -74,11 +75,26 @@ class EpsilonDPOParams(MethodParams):
 PREFERENCE_OBJECTIVE = "trainers.objectives:PreferenceObjective"
 
 
+class StageKind(str, Enum):
+    """What a method's stage is, and how the sweep treats it: the modules that tell stages apart ask this, never a
+    stage's name."""
+    UNTRAINED = "untrained"    # the initial model, evaluated only: the sweep's floor (stage BASE_STAGE)
+    SFT = "sft"                # NLL on chosen responses; its best trial is the checkpoint preference stages start from
+    PREFERENCE = "preference"  # a preference method; its stage is named after it, and only these stop early
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# The names of the two stages before the preference ones (a preference stage is named after its method).
+BASE_STAGE, SFT_STAGE = "base", "sft"
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
     params: type[MethodParams]
-    kind: str  # "untrained" (evaluated only), "sft" (NLL on chosen responses) or "preference"
+    kind: StageKind
     needs_reference: bool
     summary: str
     # Token logits of the reference at every step (not just its sequence log-probs): the reference model stays
@@ -96,7 +112,7 @@ class Method:
     @property
     def trains(self) -> bool:
         """Whether the method has an optimizer loop (and so learning_rate/epochs in its grid)."""
-        return self.kind != "untrained"
+        return self.kind is not StageKind.UNTRAINED
 
     def loss_function(self):
         if self.loss is None:
@@ -123,14 +139,14 @@ def register_method(method: Method) -> Method:
 
 def _preference(name: str, params: type[MethodParams], needs_reference: bool, summary: str, **more) -> Method:
     """A preference method trained by the generic objective over its loss function trainers.losses.<name>_loss."""
-    return register_method(Method(name, params, "preference", needs_reference, summary,
+    return register_method(Method(name, params, StageKind.PREFERENCE, needs_reference, summary,
                                   loss=f"trainers.losses:{name}_loss",
                                   objective=more.pop("objective", PREFERENCE_OBJECTIVE), **more))
 
 
-register_method(Method("untrained", NoParams, "untrained", False,
+register_method(Method("untrained", NoParams, StageKind.UNTRAINED, False,
                        "the initial model, evaluated without training (the sweep's floor)"))
-register_method(Method("sft", NoParams, "sft", False, "supervised fine-tuning on the chosen responses",
+register_method(Method("sft", NoParams, StageKind.SFT, False, "supervised fine-tuning on the chosen responses",
                        objective="trainers.objectives:SFTObjective"))
 _preference("dpo", DPOParams, True, "-log σ(β·[log πθ(yw)/πref(yw) − log πθ(yl)/πref(yl)])")
 _preference("simpo", SimPOParams, False, "-log σ(β/|yw|·log πθ(yw) − β/|yl|·log πθ(yl) − γ)")
@@ -148,8 +164,3 @@ _preference("epsilon_dpo", EpsilonDPOParams, True,
 _preference("kto", KTOParams, True,
             "w+·(1 − σ(β·(r(yw) − z_l))) and w−·(1 − σ(β·(z_w − r(yl)))), z = clamp(batch mean r, 0)",
             batch_statistics=True)
-
-
-def get_method(name: str) -> Method:
-    return METHODS[name]
-

@@ -4,7 +4,7 @@ A trial with evaluation.rungs evaluates at those fractions of its steps (trainer
 metrics to its RungJudge, which logs them into the trial's run (rung/* at the training step, and the value
 ASHA compares as asha/rung_K) and, with search.early_stopping set, reads the values the stage's other trials
 logged at the same rung and applies the ASHA rule: below the (1 - 1/η) quantile of theirs, the trial stops
-(TrialStopped, which the lifecycle records as the run's STOPPED state).
+(TrialStopped: the body returns it as TrialOutcome.stopped, and the lifecycle records the run STOPPED).
 
 Why the tracking store carries the decision, not a scheduler in the driver or an Optuna study: every trial
 already reaches it, from the driver (local), a Ray worker or a Slurm node (through the MLflow server a parallel
@@ -138,7 +138,8 @@ def asha_decision(value: float, others: Sequence[float], reduction_factor: float
 
 
 class TrialStopped(Exception):
-    """Raised by a trial's body when ASHA stops it at a rung; the lifecycle ends the run STOPPED."""
+    """Raised by the RungJudge when ASHA stops a trial at a rung: the body's loop unwinds to its top, which returns
+    it as TrialOutcome.stopped; the lifecycle ends the run STOPPED."""
 
     def __init__(self, decision: RungDecision, reason: str, values: dict[int, float]):
         super().__init__(reason)

@@ -1,5 +1,13 @@
-"""The states of a run, as MLflow names them. A str enum: RunStatus.FINISHED == "FINISHED", so statuses read
-back from MLflow or from a frame's status column compare with it directly."""
+"""The states of a run and every set of them, named once (a grep for a set's name finds its one definition):
+
+    OUTCOMES       ran to an end (FINISHED, FAILED, STOPPED): what a sweep has paid for (cost, a search's budget,
+                   what Optuna was told); KILLED and RUNNING runs run again
+    DRAWS          the draws a method's robustness statistics are over (FINISHED, FAILED)
+    resume_done    whether a run makes its key done, so a rerun skips it (FINISHED; STOPPED under the same rule)
+    latest_per_key which of a key's runs stands for it (FINISHED, else STOPPED, else the most recent)
+
+RunStatus is a str enum: RunStatus.FINISHED == "FINISHED", so statuses read back from MLflow or from a frame's
+status column compare with it directly."""
 
 from __future__ import annotations
 
@@ -9,7 +17,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.core.tags import TAG_STOPPED_AT_STEP
+from orchestrator.core.tags import TAG_STOPPED_AT_STEP, TAG_STOPPED_UNDER
 
 
 class RunStatus(str, Enum):
@@ -29,14 +37,20 @@ class RunStatus(str, Enum):
 # Trials that ran to an outcome; KILLED and RUNNING ones run again on a rerun.
 OUTCOMES = (RunStatus.FINISHED, RunStatus.FAILED, RunStatus.STOPPED)
 
+# The draws a method's statistics are over. A RUNNING trial of a sweep still in progress (or KILLED, to run
+# again) is neither a success nor a failure; a STOPPED one (early stopping) has no final score and was not
+# drawn at random either: it is left out, and the report says so (analysis.report._early_stopping).
+DRAWS = (RunStatus.FINISHED, RunStatus.FAILED)
 
-def resume_done(status: RunStatus, stopped_under: Optional[str], stopping: Optional[str]) -> bool:
+
+def resume_done(record: TrialRecord, stopping: Optional[str]) -> bool:
     """Whether a run makes its key done, so a rerun of the sweep skips it: FINISHED; or STOPPED under the early-
     stopping rule the sweep stops by now (`stopping`: early_stopping.stop_signature of the spec, None without
-    early stopping). A trial stopped under other rung settings, another η, or before early stopping was turned off
-    runs again, to the end or to its own stop."""
-    return status == RunStatus.FINISHED or (
-        status == RunStatus.STOPPED and stopping is not None and stopped_under == stopping)
+    early stopping; the run's rule is its posweep.stopped_under tag). A trial stopped under other rung settings,
+    another η, or before early stopping was turned off runs again, to the end or to its own stop."""
+    return record.status == RunStatus.FINISHED or (
+        record.status == RunStatus.STOPPED and stopping is not None
+        and record.tags.get(TAG_STOPPED_UNDER) == stopping)
 
 # The metric every stage's best trial is chosen by, higher is better: the SFT checkpoint preference stages start
 # from, the best trial per stage in the summary, the model each method keeps and registers.
@@ -81,3 +95,24 @@ def run_status(mlflow_status: str, tags: dict[str, str]) -> RunStatus:
     if mlflow_status == RunStatus.FINISHED and TAG_STOPPED_AT_STEP in tags:
         return RunStatus.STOPPED
     return RunStatus(mlflow_status)
+
+
+# Which run of a key stands for it: FINISHED before STOPPED before any other (then the most recent).
+_PRECEDENCE = {RunStatus.FINISHED: 0, RunStatus.STOPPED: 1}
+
+
+def latest_per_key(records: list[TrialRecord]) -> list[TrialRecord]:
+    """One record per key: its FINISHED run if any, else its STOPPED one, else its most recent run (records come
+    newest first)."""
+    by_key: dict[str, TrialRecord] = {}
+    rank = lambda r: _PRECEDENCE.get(r.status, 2)  # noqa: E731
+    for record in records:
+        kept = by_key.get(record.trial_key)
+        if kept is None or rank(record) < rank(kept):
+            by_key[record.trial_key] = record
+    return list(by_key.values())
+
+
+def ended(records: list[TrialRecord]) -> list[TrialRecord]:
+    """The keys that ran to an outcome (OUTCOMES), one record each (latest_per_key)."""
+    return [r for r in latest_per_key(records) if r.status in OUTCOMES]

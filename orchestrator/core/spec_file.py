@@ -10,7 +10,7 @@ from typing import Annotated, Optional, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.core.methods import METHODS, Method
+from orchestrator.core.methods import METHODS, Method, StageKind
 from orchestrator.core.registry import unknown_name_message
 from orchestrator.core.spec import GridSpec, SweepSpec, coerce_hparam, grid_fields, range_bounds
 
@@ -174,7 +174,7 @@ def _check_grid(file: str, where: tuple, method: Method, grid: GridSpec, lines) 
 
 def _check_methods(file: str, spec: SweepSpec, lines) -> None:
     _check_grid(file, ("stages", "sft"), METHODS["sft"], spec.stages.sft, lines)
-    preference = [name for name, m in METHODS.items() if m.kind == "preference"]
+    preference = [name for name, m in METHODS.items() if m.kind is StageKind.PREFERENCE]
     for name, grid in spec.stages.methods.items():
         loc = ("stages", "methods", name)
         if name not in preference:

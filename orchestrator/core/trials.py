@@ -86,7 +86,7 @@ class InitFromStage(Strict):
 
 
 class TrialSpec(Strict):
-    stage: str                       # "base", "sft", or a preference method's name
+    stage: str                       # BASE_STAGE, SFT_STAGE (core.methods), or a preference method's name
     method: str                      # a method of orchestrator.core.methods
     hparams: dict[str, Scalar]
     model: ModelSpec

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator.core.errors import failing_phase, failure_reason
-from orchestrator.core.methods import METHODS
+from orchestrator.core.methods import METHODS, StageKind
 from orchestrator.core.outcome import BodyFailed, DeviceUsage, Report, TrialBody, TrialOutcome, checkpointing
 from orchestrator.core.registry import Registry
 from orchestrator.core.rungs import TrialStopped, rung_signature, rung_value_key, stop_signature
@@ -142,7 +142,7 @@ def _finished_result(task: TrialTask, runs: list[TrialRecord]) -> Optional[Trial
     """The result of the key's done run among `runs` (FINISHED; or STOPPED under the sweep's early-stopping rule:
     runs.resume_done), if any."""
     stopping = stop_signature(task.trial.evaluation, task.runtime.early_stopping)
-    done = [r for r in runs if resume_done(r.status, r.tags.get(TAG_STOPPED_UNDER), stopping)]
+    done = [r for r in runs if resume_done(r, stopping)]
     finished = next((r for r in done if r.status == RunStatus.FINISHED), None) or next(iter(done), None)
     if finished is None:
         return None
@@ -254,7 +254,7 @@ def _keep_models(task: TrialTask) -> None:
     superseded weights go as the sweep goes. The trial's outcome stands whatever happens here: the driver applies
     the policy again when its run ends, and says so if it still cannot."""
     runtime, method = task.runtime, task.trial.method
-    if not runtime.keep_models or METHODS[method].kind != "preference":
+    if not runtime.keep_models or METHODS[method].kind is not StageKind.PREFERENCE:
         return
     try:
         keep_models(runtime.tracking_uri, runtime.sweep, method, runtime.keep_models, runtime.register_models,

@@ -5,9 +5,10 @@ import os
 import subprocess
 import time
 
+import local_slurm
 import pytest
 
-from cluster import local_slurm, make_executor
+from cluster import make_executor
 from cluster.probe import probe_trial
 from orchestrator.core.spec import SlurmExecutorSpec
 from orchestrator.core.spec_file import parse_spec

@@ -98,3 +98,22 @@ def test_executor_flag_overrides_the_spec_with_that_kinds_defaults(tmp_path):
     assert load("local").executor.kind == "local"
     with pytest.raises(SpecError, match="unknown executor 'rey'.*did you mean 'ray'"):
         load("rey")
+
+
+def test_run_checks_the_inputs_once(tmp_path, monkeypatch, capsys):
+    """`sweep run` reads and tokenizes what the spec points at once (the command line's check, handed to api.run),
+    not once in cli and again in api."""
+    from orchestrator import api, cli
+    from orchestrator.pipeline import SweepError
+
+    calls = []
+    real_check = api.check
+    monkeypatch.setattr(api, "check", lambda spec: calls.append(spec) or real_check(spec))
+
+    def stop_before_any_trial(*args, **kwargs):
+        raise SweepError("stopped by the test")
+
+    monkeypatch.setattr(api, "run_sweep", stop_before_any_trial)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", "--smoke", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == cli.EXIT_FAILED
+    assert len(calls) == 1 and "stopped by the test" in capsys.readouterr().err

@@ -1,8 +1,8 @@
 """A throwaway single-node Slurm on this machine, for the SLURM executor's tests and benchmark and for trying
 `executor: {kind: slurm}` on a laptop. Needs Debian's `slurm-wlm` and `munge` packages and root (slurmd runs
 jobs as their users). Everything (config, state, logs, pid files) lives in one folder; SLURM_CONF points the
-Slurm commands of this process and its children at it. No accounting daemon: see cluster/slurm.py for how
-job states are read without sacct.
+Slurm commands of this process and its children at it. No accounting daemon: cluster/slurm.py reads job
+states without sacct.
 """
 
 from __future__ import annotations
