@@ -14,9 +14,37 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from analysis.robustness import finished_runs, in_states
+from orchestrator.core.methods import METHODS
 from orchestrator.core.runs import OUTCOMES, RunStatus
+from orchestrator.core.spec import grid_fields
 
 TOP_FRACTION = 0.1
+
+
+def _settings(frame: pd.DataFrame, method: str) -> dict[tuple, str]:
+    """The method's hyperparameter settings in `frame` (values of its grid fields, NaN as None) -> a run name."""
+    runs = frame[frame["method"] == method]
+    columns = [c for c in sorted(grid_fields(METHODS[method])) if c in runs]
+    return {tuple(None if pd.isna(v) else float(v) for v in row): name
+            for row, name in zip(runs[columns].itertuples(index=False), runs["run_name"])}
+
+
+def grid_mismatch(frame: pd.DataFrame, grid_frame: pd.DataFrame, methods: Sequence[str]) -> Optional[str]:
+    """Why `grid_frame` is not the full grid of the sweep in `frame` (a budget comparison against another grid
+    prints shares and ranks that mean nothing): a method it lacks, or settings one has run and the other not,
+    with an example. None when they ran the same settings of every method."""
+    for method in methods:
+        ours, theirs = _settings(frame, method), _settings(grid_frame, method)
+        if not theirs:
+            return f"it has no {method} trial"
+        extra, missing = [ours[p] for p in ours if p not in theirs], [theirs[p] for p in theirs if p not in ours]
+        if extra or missing:
+            return (f"its {method} grid differs: " + ", ".join(
+                part for part in (extra and f"{len(extra)} of this sweep's {len(ours)} settings are not in it "
+                                            f"(e.g. {extra[0]})",
+                                  missing and f"{len(missing)} of its {len(theirs)} settings were not run here "
+                                              f"(e.g. {missing[0]})") if part))
+    return None
 
 
 def budget_curve(frame: pd.DataFrame, method: str, cost: str = "device_hours") -> pd.DataFrame:

@@ -1,15 +1,17 @@
 """The robustness report: one self-contained HTML (or Markdown) document built from a sweep's frames.
 
 A notice when the sweep is not complete, one when early stopping stopped trials (its statistics then cover the
-survivors only), the paper's findings F1-F5 checked against this sweep (a verdict and
-intervals per finding, analysis.findings), a short verdict per method (with the references' scores and a warning
-for each best run at the edge of its grid), then Table 1 (best runs and the SFT / untrained / chosen references),
-the head-to-head tables at the best and 75th-percentile run (the paper's Table 3; only with two methods or
-more), expected best-of-k, the distributions, top-k% per-sample length and KL, metrics against every
-hyperparameter a method's grid varies, the score-vs-KL Pareto front, the budget curve (best score found against
-device-hours, beside a full grid's with --grid: analysis.budget), the cost of reaching the top 10% (in
-trials and device-hours), and every failed run with its reason. Tables and figures are numbered in order.
-Figures are embedded as PNG data URIs: the file needs no network and no other file.
+survivors only), then the answer: a short verdict per method (with the references' scores, a warning for each
+method whose grid collapses and for each best run at the edge of its grid), the paper's findings F1-F5 checked
+against this sweep (a verdict and intervals per finding, analysis.findings), then Table 1 (best runs and the
+SFT / untrained / chosen references), the head-to-head tables at the best and 75th-percentile run (the paper's
+Table 3; only with two methods or more), expected best-of-k, the distributions, top-k% per-sample length and
+KL, metrics against every hyperparameter a method's grid varies, the score-vs-KL Pareto front, the budget curve
+(best score found against device-hours, beside a full grid's with --grid: analysis.budget; its "top 10%" is a
+method's own ⌈n/10⌉ best runs, the report's one meaning of the words), the cost of reaching the sweep's 90th
+percentile (every method's runs pooled; in trials and device-hours), and every failed run with its reason.
+Tables and figures are numbered in order. Figures are embedded as PNG data URIs: the file needs no network and
+no other file.
 """
 
 from __future__ import annotations
@@ -88,9 +90,33 @@ def baselines(inputs: ReportInputs) -> dict[str, dict]:
     return {name: metrics for name, metrics in rows.items() if metrics}
 
 
+def collapse_warning(frame: pd.DataFrame, method: str, sft: Optional[float], untrained: Optional[float]
+                     ) -> Optional[str]:
+    """A warning when much of the method's grid collapses: its median finished run scores below the untrained
+    model, or most of its finished runs score below SFT; with the median run's KL, which shows how far those
+    settings moved from the SFT model."""
+    scores = finished_runs(frame, method)["mean_score"].dropna()
+    median = run_at_quantile(frame, method, 0.5)
+    if scores.empty or median is None:
+        return None
+    below_sft = int((scores < sft).sum()) if sft is not None else 0
+    under_untrained = untrained is not None and median["mean_score"] < untrained
+    if not under_untrained and below_sft <= len(scores) / 2:
+        return None
+    kl = f" at KL {median['kl']:.2f}" if "kl" in median and not pd.isna(median["kl"]) else ""
+    floor = f", below the untrained model's {untrained:.3f}" if under_untrained else ""
+    return (f"Warning: {method} collapses in much of its grid: {below_sft} of {len(scores)} finished runs score "
+            f"below SFT ({sft:.3f}); its median run ({median['run_name']}) scores {median['mean_score']:.3f}"
+            f"{floor}{kl}. Those settings (often the larger learning rates or the smaller β) leave the SFT model "
+            "far behind; see the figures against each hyperparameter." if sft is not None else
+            f"Warning: {method} collapses in much of its grid: its median run ({median['run_name']}) scores "
+            f"{median['mean_score']:.3f}{floor}{kl}.")
+
+
 def verdicts(inputs: ReportInputs) -> list[str]:
-    """One line per method: best score (vs DPO's), P(a random config beats SFT), expected best of k, failures
-    (runs still running counted apart); then the references' scores and every best run at its grid's edge."""
+    """One line per method: best score (vs DPO's), the share of random configs that beat SFT, expected best of k,
+    failures (runs still running counted apart); then the references' scores, a warning per method whose grid
+    collapses, and every best run at its grid's edge."""
     frame, lines = inputs.frame, []
     ref_scores, _ = _scores(frame, REFERENCE_METHOD)
     ref_best = max(ref_scores) if ref_scores else None
@@ -104,8 +130,8 @@ def verdicts(inputs: ReportInputs) -> list[str]:
         best = max(scores)
         versus = (f" ({(best - ref_best) / abs(ref_best):+.0%} vs {REFERENCE_METHOD}'s best)"
                   if ref_best and method != REFERENCE_METHOD else "")
-        beat = (f"; a random config beats SFT with p={probability_beats(scores, failed, inputs.sft['mean_score']):.2f}"
-                if inputs.sft else "")
+        beat = (f"; {probability_beats(scores, failed, inputs.sft['mean_score']):.0%} of random configs beat SFT "
+                f"({inputs.sft['mean_score']:.3f})" if inputs.sft else "")
         k = min(BEST_OF_K_SHOWN, n)
         expected, _ = expected_best_of_k(scores, failed, k)
         lines.append(f"{method}: best score {best:.3f}{versus}{beat}; expected best of {k} random configs "
@@ -114,12 +140,19 @@ def verdicts(inputs: ReportInputs) -> list[str]:
                   if not pd.isna(metrics.get("mean_score"))]
     if references:
         lines.append("References (mean gold score): " + "; ".join(references) + ".")
+    sft, untrained = (_reference_score(inputs.sft), _reference_score(inputs.untrained))
+    lines += [w for w in (collapse_warning(frame, m, sft, untrained) for m in inputs.methods) if w]
     for method in inputs.methods:
         edges = edge_of_grid(frame, method, _swept(inputs, method))
         if edges:
             lines.append(f"Warning: {method}'s best run sits at the edge of its grid ({', '.join(edges)}): its "
                          "optimum may lie outside the grid; widen that range to find out.")
     return lines
+
+
+def _reference_score(metrics: Optional[dict]) -> Optional[float]:
+    score = (metrics or {}).get("mean_score")
+    return None if score is None or pd.isna(score) else float(score)
 
 
 def _unfinished_text(runs: pd.DataFrame, with_outcome_count: int) -> str:
@@ -211,7 +244,12 @@ def _findings(inputs: ReportInputs, n_boot: int) -> list[Block]:
 
 
 def _verdict(inputs: ReportInputs, n_boot: int) -> list[Block]:
-    return [Block("h2", "Verdict"), Block("list", items=verdicts(inputs))]
+    return [Block("h2", "Verdict"), Block("list", items=verdicts(inputs)),
+            Block("p", "Best score: the method's best finished run (its ceiling, the grid searched fully). Share of "
+                       "random configs that beat SFT: of the method's runs with an outcome (failed ones count as "
+                       "not beating it), the share whose gold score is above the selected SFT model's. Expected "
+                       "best of k: what the best of k configurations drawn at random from the grid scores, on "
+                       "average.")]
 
 
 def _tables_1_and_3(inputs: ReportInputs, n_boot: int) -> list[Block]:
@@ -219,11 +257,11 @@ def _tables_1_and_3(inputs: ReportInputs, n_boot: int) -> list[Block]:
     scores_by_key = {k: g.set_index("prompt_id")["score"] for k, g in inputs.samples.groupby("trial_key")}
     table = table1(frame, methods, baselines=baselines(inputs))
     ref = REFERENCE_METHOD
-    relative = (f" and each metric's relative change against {ref}'s best run ((m − m_{ref})/|m_{ref}|)"
+    relative = (f" and each metric's relative change against {ref}'s best run in percent ((m − m_{ref})/|m_{ref}|)"
                 if f"mean_score_vs_{ref}" in table else
                 f" ({ref} has no finished run yet, so no column relative to it)" if ref in methods else "")
     blocks = [Block("h2", "the best run of each method", numbered="Table"),
-              Block("table", table=table.round(3)),
+              Block("table", table=_relative_as_percent(table.round(3), ref)),
               Block("p", f"The best FINISHED run per method by mean gold score with every metric{relative}; "
                          "below, the references: the selected SFT model the methods start from, the untrained "
                          "model, and the dataset's chosen responses (scored by the same gold reward). Read it for "
@@ -240,6 +278,17 @@ def _tables_1_and_3(inputs: ReportInputs, n_boot: int) -> list[Block]:
                               + ("by its ceiling." if q == 1.0 else "by what a typical good config gives: "
                                                                     "the run a quarter of the way down its grid."))]
     return blocks
+
+
+def _relative_as_percent(table: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Table 1's relative columns (fractions, METRIC_vs_REF) shown as percentages, as the verdict states them:
+    -0.181 -> a column "METRIC vs REF (%)" holding -18.1."""
+    suffix = f"_vs_{reference}"
+    renamed = {c: f"{c.removesuffix(suffix)} vs {reference} (%)" for c in table.columns if c.endswith(suffix)}
+    shown = table.copy()
+    for column in renamed:
+        shown[column] = (table[column] * 100).round(1)
+    return shown.rename(columns=renamed)
 
 
 def _figure(title: str, fig, caption: str, alt: str) -> list[Block]:
@@ -322,13 +371,15 @@ def _cost_and_failures(inputs: ReportInputs, n_boot: int) -> list[Block]:
     if len(finished):
         threshold = finished.quantile(0.9)
         rows = [{"method": m, "trials with an outcome": len(method_draws(frame, m)),
-                 "expected trials to reach top 10%": trials_to_reach(frame, m, threshold),
-                 f"expected {cost} to reach top 10%": cost_to_reach(frame, m, threshold, cost),
+                 "expected trials to reach the sweep's p90": trials_to_reach(frame, m, threshold),
+                 f"expected {cost} to reach the sweep's p90": cost_to_reach(frame, m, threshold, cost),
                  f"{cost} spent": frame[frame["method"] == m][cost].fillna(0).sum()} for m in inputs.methods]
-        blocks += [Block("h2", "Cost of reaching the top 10%"),
+        blocks += [Block("h2", "Cost of reaching the sweep's 90th percentile"),
                    Block("table", table=pd.DataFrame(rows).round(4)),
-                   Block("p", f"Top 10% = a score of at least {threshold:.3f} (the 90th percentile of all finished "
-                              "runs). Expected trials: how many of the method's configs a user tries in random "
+                   Block("p", f"The sweep's p90 = a score of at least {threshold:.3f}: the 90th percentile of every "
+                              "method's finished runs pooled, one bar for all methods (not a method's own top 10%, "
+                              "which the budget curve uses: its ⌈n/10⌉ best runs). Expected trials: how many of "
+                              "the method's configs a user tries in random "
                               "order until one gets there ((n + 1)/(m + 1), failed configs included); empty: no "
                               f"config of the method reaches it. Expected {cost}: those trials times the method's "
                               f"mean measured {cost} per trial. {cost} are wall-clock hours × devices as measured, "
@@ -350,7 +401,8 @@ def _cost_and_failures(inputs: ReportInputs, n_boot: int) -> list[Block]:
 
 
 # The report's sections in order: (inputs, n_boot) -> blocks.
-SECTIONS = [_progress, _early_stopping, _findings, _verdict, _tables_1_and_3, _distribution_figures,
+# The answer first (the verdict per method), then the paper's findings and the evidence.
+SECTIONS = [_progress, _early_stopping, _verdict, _findings, _tables_1_and_3, _distribution_figures,
             _hyperparameter_figures, _best_of_k, _pareto, _budget, _cost_and_failures]
 
 

@@ -25,6 +25,18 @@ def best_of_stage(frame: pd.DataFrame, stage: str, by: str = "mean_score") -> Op
     return best_first_order(done, by).iloc[0] if len(done) else None
 
 
+class WholeTable(pd.DataFrame):
+    """A DataFrame that prints every row and column (pandas cuts a wide frame to the terminal's width with '...':
+    `print(outcome.summary)` showed `mean_score ... length`)."""
+
+    @property
+    def _constructor(self):
+        return WholeTable
+
+    def __repr__(self) -> str:
+        return self.to_string()
+
+
 def best_per_stage(frame: pd.DataFrame, stage_order: list[str], by: str = "mean_score") -> pd.DataFrame:
     """The best FINISHED trial of each stage by `by`, in `stage_order`, with finished/failed counts (and stopped,
     when early stopping ended any). Failed and stopped trials are counted, never silently dropped."""
@@ -41,8 +53,8 @@ def best_per_stage(frame: pd.DataFrame, stage_order: list[str], by: str = "mean_
             continue
         rows.append({"stage": stage, "best run": best["run_name"], **{m: best[m] for m in METRIC_COLUMNS},
                      **counts})
-    return pd.DataFrame(rows, columns=["stage", "best run", *METRIC_COLUMNS, "finished", "failed",
-                                       *(["stopped"] if with_stopped else [])])
+    return WholeTable(rows, columns=["stage", "best run", *METRIC_COLUMNS, "finished", "failed",
+                                     *(["stopped"] if with_stopped else [])])
 
 
 def format_summary(table: pd.DataFrame) -> str:

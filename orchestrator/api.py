@@ -17,7 +17,7 @@ tracking store), SweepError (a sweep that cannot go on), NothingToReport.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path, PurePath
 from typing import Optional, Union
@@ -26,6 +26,7 @@ import pandas as pd
 import yaml
 from pydantic import TypeAdapter
 
+from analysis.budget import grid_mismatch
 from analysis.report import ReportInputs, render
 from cluster import EXECUTORS
 from orchestrator.core.registry import unknown_name_message
@@ -96,17 +97,19 @@ def plain(value, where: str = "<dict>", path: str = ""):
 
 
 def load(source: SpecSource = None, *, max_trials: Optional[int] = None, executor: Optional[str] = None,
-         smoke: bool = False) -> SweepSpec:
+         smoke: bool = False, overrides: Sequence[str] = (), only: Sequence[str] = ()) -> SweepSpec:
     """A validated spec from a YAML path, a built-in name, a dict or a spec; `max_trials` lifts the cap on the
-    grids' size, `executor` swaps the spec's executor for that kind's defaults. Loading reads no file but the
-    spec itself (check() reads what it points at)."""
+    grids' size, `executor` swaps the spec's executor for that kind's defaults. `overrides` ("FIELD=VALUE", the
+    command line's --set) change fields before validation, so they are checked as the YAML is and change trial
+    keys like any setting; `only` keeps those preference methods (--only; the baseline and SFT stages stay).
+    Loading reads no file but the spec itself (check() reads what it points at)."""
     if isinstance(source, SweepSpec):
-        spec, where = source, "<spec>"
+        spec = source if not overrides else parse_spec(
+            yaml.safe_dump(source.model_dump(mode="json", exclude_unset=True), sort_keys=False), "<spec>", overrides)
     elif isinstance(source, Mapping):
-        spec, where = parse_spec(yaml.safe_dump(plain(source), sort_keys=False), "<dict>"), "<dict>"
+        spec = parse_spec(yaml.safe_dump(plain(source), sort_keys=False), "<dict>", overrides)
     elif isinstance(source, (str, PurePath)) or source is None:
-        where = spec_path(None if source is None else str(source))
-        spec = load_spec(where)
+        spec = load_spec(spec_path(None if source is None else str(source)), overrides)
     else:
         raise SpecError("<spec>", "", f"a spec is a YAML path, a built-in name, a dict or a SweepSpec; got "
                                       f"{type(source).__name__}")
@@ -117,8 +120,21 @@ def load(source: SpecSource = None, *, max_trials: Optional[int] = None, executo
             raise SpecError("--executor", "", unknown_name_message("executor", executor, EXECUTORS.names()))
         if executor != spec.executor.kind:  # the other kind's defaults; the spec's section is for its kind
             spec = spec.model_copy(update={"executor": TypeAdapter(ExecutorSpec).validate_python({"kind": executor})})
+    if only:
+        spec = only_methods(spec, only)
     check_plan_size(spec, smoke)
     return spec
+
+
+def only_methods(spec: SweepSpec, methods: Sequence[str]) -> SweepSpec:
+    """The spec with only these of its preference methods (in the spec's order); SpecError with a did-you-mean
+    for a method the spec does not sweep."""
+    for name in methods:
+        if name not in spec.stages.methods:
+            raise SpecError("--only", "", unknown_name_message("method of this sweep", name,
+                                                               list(spec.stages.methods)))
+    kept = {name: grid for name, grid in spec.stages.methods.items() if name in methods}
+    return spec.model_copy(update={"stages": spec.stages.model_copy(update={"methods": kept})})
 
 
 def plan(spec: SweepSpec, *, smoke: bool = False) -> list[StagePlan]:
@@ -189,6 +205,13 @@ def samples(source: Union[SweepSpec, str], *, tracking_uri: Optional[str] = None
     return _inputs(source, tracking_uri, smoke, progress=False)[2].samples
 
 
+def default_report_path(source: Union[SweepSpec, str], name: str, fmt: str) -> Path:
+    """Where a report goes without `out`: beside the sweep's other outputs, WORKDIR/reports/NAME-report.FMT (a sweep
+    read by name, without its spec, has no workdir here: the current folder)."""
+    folder = Path(source.workdir) / "reports" if isinstance(source, SweepSpec) else Path(".")
+    return folder / f"{name}-report.{fmt}"
+
+
 def report(source: Union[SweepSpec, str], *, tracking_uri: Optional[str] = None, out: Optional[str] = None,
            fmt: str = "html", smoke: bool = False, progress: bool = True, grid: Optional[str] = None
            ) -> tuple[Path, str]:
@@ -202,10 +225,15 @@ def report(source: Union[SweepSpec, str], *, tracking_uri: Optional[str] = None,
         inputs.grid = (grid, preference_frame(grid, store))
         if inputs.grid[1].empty:
             raise StoreUnavailable(f"no preference trial of sweep {grid!r} (--grid) in {store}")
+        mismatch = grid_mismatch(inputs.frame, inputs.grid[1], inputs.methods)
+        if mismatch:
+            raise SpecError("--grid", "", f"sweep {grid!r} is not the full grid of sweep {name!r}: {mismatch}; give "
+                                          "a sweep of the same grids without early stopping")
     if not inputs.methods or not (inputs.frame["status"] == RunStatus.FINISHED).any():
         raise NothingToReport(f"sweep {name!r} has no FINISHED preference trial yet; nothing to compare")
     check_writable(store)  # the report is logged to the store: refuse before anything is rendered or written
     text = render(inputs, fmt)
-    path = Path(out or f"{name}-report.{fmt}")
+    path = Path(out) if out else default_report_path(source, name, fmt)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path, SweepTracker(store, name).log_report(text, f"report.{fmt}")

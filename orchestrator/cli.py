@@ -55,10 +55,16 @@ def _checked(args, spec: SweepSpec) -> Preflight:
     return checked
 
 
+def _methods_list(text: Optional[str]) -> list[str]:
+    """--only dpo,simpo -> ["dpo", "simpo"]."""
+    return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+
 def _load(args) -> SweepSpec:
     try:
         return api.load(args.spec, max_trials=getattr(args, "max_trials", None),
-                        executor=getattr(args, "executor", None), smoke=getattr(args, "smoke", False))
+                        executor=getattr(args, "executor", None), smoke=getattr(args, "smoke", False),
+                        overrides=getattr(args, "set", None) or (), only=_methods_list(getattr(args, "only", None)))
     except PlanError as exc:
         path = api.spec_path(args.spec)
         raise SpecError(str(path), "stages", str(exc), field_line(path, "stages")) from None
@@ -72,6 +78,19 @@ def _describe_range(search_range) -> str:
         return f"integer in [{search_range.int_low}, {search_range.int_high}]"
     kind = "log-uniform" if search_range.log else "uniform"
     return f"{kind} in [{search_range.low:g}, {search_range.high:g}]"
+
+
+def _stage_line(stage) -> str:
+    """'stage dpo (20 trials): beta 5 values × learning_rate 2 × epochs 2', the plan's summary of one stage."""
+    head = f"stage {stage.stage} ({stage.size} trial{'s' * (stage.size != 1)})"
+    if stage.search:
+        return f"{head}: an Optuna search ({stage.search.settings.sampler}) over {', '.join(stage.search.space)}"
+    values: dict[str, set] = {}
+    for trial in stage.trials:
+        for key, value in trial.hparams.items():
+            values.setdefault(key, set()).add(value)
+    varied = [f"{key} {len(v)}" for key, v in values.items() if len(v) > 1]
+    return f"{head}: {' × '.join(varied)}" if varied else head
 
 
 def _print_stage(stage) -> None:
@@ -122,7 +141,7 @@ def _print_plan(spec, plan, source: str) -> None:
     gpus = c.gpus_per_trial > 0
     print(f"\nmemory per GPU and compute per trial: {_count(plan.parameters)} parameters (shape from {source}); "
           f"{setup}; {plan.pairs or '?'} training pairs of {sequence_tokens(c, t)} tokens"
-          + (f"; {c.utilization:.0%} of {c.peak_tflops:g} TFLOPS per GPU" if gpus else "")
+          + (f"; {c.utilization * 100:.3g}% of {c.peak_tflops:g} TFLOPS per GPU" if gpus else "")
           + " (formulas: orchestrator/planner.py)")
     fit_head = f"fits {c.gpu_memory_gb:g} GB" if c.gpu_memory_gb else "fits"
     print(f"  {'stage':<12} {'weights':>8} {'grads':>8} {'optim':>8} {'ref':>8} {'activ':>8} {'total':>8} "
@@ -177,16 +196,21 @@ def cmd_plan(args) -> int:
     _checked(args, spec)
     stages = api.plan(spec, smoke=args.smoke)
     print(f"sweep {spec.name!r}{' (smoke)' if args.smoke else ''}: nothing is run by `plan`")
-    for stage in stages:
-        _print_stage(stage)
     n_pref = sum(s.size for s in preference_stages(stages))
     n_sft = sum(s.size for s in stages if s.kind is StageKind.SFT)
     print(f"\n{sum(s.size for s in stages)} trials: 1 untrained baseline, {n_sft} SFT, {n_pref} preference")
+    for stage in stages:
+        print(f"  {_stage_line(stage)}")
     plan, source = plan_stages(spec, stages)
     flops = {e.stage: TrialCost(e.seconds_per_trial, e.gpu_hours / e.trials, "FLOPs estimate")
              for e in (plan.stages if plan else []) if spec.cost.gpus_per_trial > 0}
     _print_cost(spec, stages, _measured_trials(uri, tracked_name(spec, args.smoke)), flops)
     _print_plan(spec, plan, source)
+    if args.trials:
+        for stage in stages:
+            _print_stage(stage)
+    else:
+        print("\n(each trial's key and hyperparameters: sweep plan ... --trials)")
     return EXIT_OK
 
 
@@ -304,21 +328,36 @@ def cmd_ui(args) -> int:
     url = f"http://{args.host}:{args.port}"
     command = [mlflow, "ui", "--backend-store-uri", uri, "--registry-store-uri", uri, "--host", args.host, "--port",
                str(args.port)]
-    # the server's own log goes to stderr: stdout carries only the URLs, once they answer
-    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=sys.stderr)
+    # the server's own output (MLflow's and uvicorn's warnings, access lines) goes to a log file beside the store:
+    # the terminal shows the URLs, once they answer, and nothing else unless the server fails
+    log = ui_log_path(uri)
+    with open(log, "ab") as sink:
+        process = subprocess.Popen(command, env=env, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
     try:
         wait_healthy(url, process, timeout=180)
-        print(f"MLflow UI for {uri} at {url} (Ctrl-C stops it)", flush=True)
+        print(f"MLflow UI for {uri} at {url} (Ctrl-C stops it; server log: {log})", flush=True)
         for name, experiment_id in sweep_experiments(uri)[:UI_LISTED_SWEEPS]:
             print(f"  sweep {name}: {runs_view_url(url, experiment_id)}", flush=True)
         return process.wait()
     except TrackingServerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}; the server's log, {log}, ends:\n{_tail(log)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main): the server goes with us
         return EXIT_OK
     finally:
         stop_server(process)
+
+
+def ui_log_path(uri: str) -> Path:
+    """Where `sweep ui` writes the server's output: mlflow-ui.log beside a SQLite store, else here."""
+    return (sqlite_path(uri).parent if uri.startswith("sqlite:") else Path.cwd()) / "mlflow-ui.log"
+
+
+def _tail(path: Path, lines: int = 10) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(unreadable)"
 
 
 def _is_sweep_name(arg: Optional[str]) -> bool:
@@ -328,6 +367,10 @@ def _is_sweep_name(arg: Optional[str]) -> bool:
 
 
 def cmd_report(args) -> int:
+    changes = getattr(args, "set", None), getattr(args, "only", None)
+    if _is_sweep_name(args.spec) and any(changes):
+        raise SpecError("--set" if changes[0] else "--only", "", f"{args.spec!r} is read from the tracking store "
+                        "as a sweep's name; --set and --only change a spec (give its YAML file or built-in name)")
     source = args.spec if _is_sweep_name(args.spec) else _load(args)
     out, run_id = api.report(source, tracking_uri=args.tracking_uri, out=args.out, fmt=args.format,
                              smoke=args.smoke, progress=not args.no_progress, grid=args.grid)
@@ -349,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="at most 2 trials per grid, few steps, prompts and pairs (CI, first tries)")
             p.add_argument("--max-trials", type=int, metavar="N",
                            help="plan up to N trials (default: the spec's max_trials, 10,000)")
+            p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                           help="change one spec field, VALUE as YAML (repeatable): --set training.batch_size=8 "
+                                "--set stages.methods.dpo.grid.beta=[0.1,0.3]; part of the trial keys like any "
+                                "setting")
+            p.add_argument("--only", metavar="METHODS",
+                           help="only these preference methods of the spec, comma-separated (e.g. dpo,simpo); "
+                                "the untrained baseline and the SFT stage they start from stay")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: spec, $MLFLOW_TRACKING_URI, "
                                               "then sqlite:///mlflow.db; `plan` reads no tracking store)")
 
@@ -360,8 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-shared-work", action="store_true",
                      help="every trial computes its own reference log-probs and SFT baseline (to measure sharing)")
     run.set_defaults(func=cmd_run)
-    plan = sub.add_parser("plan", help="print the trial table, count and cost estimate; runs nothing")
+    plan = sub.add_parser("plan", help="print the trial count, cost estimate and memory per GPU; runs nothing")
     common(plan)
+    plan.add_argument("--trials", action="store_true", help="also list every trial: its key and hyperparameters")
     plan.set_defaults(func=cmd_plan)
     status = sub.add_parser("status", help="done/running/failed/stopped/pending per stage, elapsed time and GPU-hours")
     common(status)
@@ -369,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="robustness report (tables, figures, best-of-k) as one HTML or "
                                            "Markdown file; also logged to MLflow")
     common(report, spec_help="sweep YAML, a built-in name, or the name of a sweep in the tracking store")
-    report.add_argument("--out", help="output file (default: SWEEP-report.html / .md)")
+    report.add_argument("--out", help="output file (default: WORKDIR/reports/SWEEP-report.html or .md; for a "
+                        "sweep given by name, the current folder)")
     report.add_argument("--format", choices=["html", "md"], default="html")
     report.add_argument("--no-progress", action="store_true", help="no progress bar while loading runs")
     report.add_argument("--grid", metavar="SWEEP", help="a full-grid sweep in the same tracking store to draw "

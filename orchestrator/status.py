@@ -94,6 +94,10 @@ def cost_estimate(stages: list[StagePlan], records: list[TrialRecord], spec: Swe
 
 
 def format_hours(value: Optional[float]) -> str:
+    """Hours as a table shows them: three significant digits, whole hours from 100; under 0.01 h (36 s) "<0.01",
+    not 0.000284."""
     if value is None or pd.isna(value):
         return "?"
+    if 0 < value < 0.01:
+        return "<0.01"
     return f"{value:.3g}" if value < 100 else f"{value:,.0f}"

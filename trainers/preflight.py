@@ -108,7 +108,9 @@ def check_data(data_spec, report: Preflight) -> None:
         return
     sources = {"data": data_spec, **({"data.eval": data_spec.eval} if data_spec.eval is not None else {})}
     if any(source.path is None for source in sources.values()):
-        report.inputs.append("data: a hub dataset (read by the first trial)")
+        for name, source in sources.items():  # named, not read: the hub is fetched by the first trial
+            where = f"hub {source.hub_id} (split {source.split})" if source.path is None else _resolved(source.path)
+            report.inputs.append(f"{name}: {where}, {source.kind} rows (read by the first trial)")
         return
     for name, source in sources.items():
         _existing(f"{name}.path", source.path, folder=False)

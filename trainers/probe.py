@@ -40,7 +40,8 @@ tracking: {{server_restarts: {restarts}}}
 {search}"""
 
 # With early stopping: one rung, half way, and ASHA (its defaults); a probe reports its probe_score there.
-ASHA_RUNGS, ASHA_SEARCH = ", rungs: [0.5]", "search: {kind: grid, early_stopping: {kind: asha}}\n"
+# min_peers 1: the executor tests run two probe trials, and the second must be stopped against the first
+ASHA_RUNGS, ASHA_SEARCH = ", rungs: [0.5]", "search: {kind: grid, early_stopping: {kind: asha, min_peers: 1}}\n"
 
 
 def noop_sweep_yaml(name: str, workdir, n_beta: int, n_lr: int, executor: str = "{kind: local}",

@@ -46,13 +46,16 @@ def rung_signature(evaluation: EvaluationSpec, settings: Optional[AshaSpec]) -> 
 
 
 def stop_signature(evaluation: EvaluationSpec, settings: Optional[AshaSpec]) -> Optional[str]:
-    """The early-stopping rule a stop was decided under: the rung signature and ASHA's η, mode and min_rung (None
-    without early stopping). Tagged on every STOPPED run: a stop holds (the trial counts as done) only while the
-    sweep stops early under the same rule (runs.resume_done)."""
+    """The early-stopping rule a stop was decided under: the rung signature and ASHA's η, mode, min_rung and
+    min_peers (None without early stopping). Tagged on every STOPPED run: a stop holds (the trial counts as done)
+    only while the sweep stops early under the same rule (runs.resume_done)."""
     if settings is None:
         return None
-    return _digest({"rungs": rung_signature(evaluation, settings), "reduction_factor": settings.reduction_factor,
-                    "mode": settings.mode, "min_rung": settings.min_rung})
+    rule = {"rungs": rung_signature(evaluation, settings), "reduction_factor": settings.reduction_factor,
+            "mode": settings.mode, "min_rung": settings.min_rung}
+    if settings.min_peers:  # stops decided before min_peers existed were decided with none: their rule is unchanged
+        rule["min_peers"] = settings.min_peers
+    return _digest(rule)
 
 
 def rung_value_key(rung: int) -> str:
@@ -112,23 +115,34 @@ class RungDecision:
     compared: int             # other trials' finite values at this rung
     stop: bool
 
-    def reason(self, reduction_factor: float) -> str:
-        """'rung 1 (step 13): rung/mean_score 1.204 below the cutoff 1.530, the top 1/3 of 4 other trials'."""
+    def reason(self, reduction_factor: float, min_peers: int = 0) -> str:
+        """In words: 'rung 1 (step 13): rung/mean_score 1.2, outside the best third of the 7 other trials at this
+        rung (cutoff 1.53)'."""
         where = f"rung {self.rung} (step {self.step}): {self.metric} {self.value:.4g}"
+        if not math.isfinite(self.value):
+            return f"{where}, not a number"
+        others = f"{self.compared} other trial{'s' * (self.compared != 1)}"
         if self.cutoff is None:
-            return f"{where}, the first trial at this rung"
-        side = "below" if self.stop else "at or above"
-        return (f"{where} {side} the cutoff {self.cutoff:.4g}, the top 1/{reduction_factor:g} of "
-                f"{self.compared} other trial{'s' * (self.compared != 1)}")
+            return (f"{where}, the first trial at this rung" if not self.compared else
+                    f"{where}; only {others} reached this rung, fewer than the {min_peers} early stopping waits for")
+        side = "outside" if self.stop else "within"
+        return (f"{where}, {side} the best {_share(reduction_factor)} of the {others} at this rung "
+                f"(cutoff {self.cutoff:.4g})")
 
 
-def asha_decision(value: float, others: Sequence[float], reduction_factor: float, mode: str = "max"
-                  ) -> tuple[bool, Optional[float]]:
+def _share(reduction_factor: float) -> str:
+    """1/η in words: 'half', 'third', 'quarter', else '1/η'."""
+    return {2.0: "half", 3.0: "third", 4.0: "quarter"}.get(float(reduction_factor), f"1/{reduction_factor:g}")
+
+
+def asha_decision(value: float, others: Sequence[float], reduction_factor: float, mode: str = "max",
+                  min_peers: int = 0) -> tuple[bool, Optional[float]]:
     """(stop, cutoff) for a trial whose rung value is `value`, given the other trials' values at the rung: the
     cutoff is their (1 - 1/η) quantile (for mode min, their 1/η quantile, lower being better); the trial stops
-    when its value is worse than the cutoff, or not a finite number. No finite other value: it goes on."""
+    when its value is worse than the cutoff, or not a finite number. No finite other value, or fewer than
+    `min_peers`: no cutoff, and a finite value goes on."""
     finite = [v for v in others if math.isfinite(v)]
-    if not finite:
+    if not finite or len(finite) < min_peers:
         return (not math.isfinite(value)), None
     better_is_higher = mode == "max"
     cutoff = quantile(finite, 1 - 1 / reduction_factor if better_is_higher else 1 / reduction_factor)

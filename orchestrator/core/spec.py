@@ -32,6 +32,9 @@ Seed = Annotated[int, Field(ge=0, lt=2 ** 63, description="a seed: 0 <= seed < 2
 # `--smoke` runs are tracked as NAME-smoke; a spec name cannot end so, or it would share that experiment
 SMOKE_SUFFIX = "-smoke"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# early_stopping.min_peers' default: how many other trials must have reached a rung before one is stopped there
+# (chosen from `benchmarks/bench_budget.py` runs: benchmarks/RESULTS.md, "Early stopping: min_peers").
+DEFAULT_MIN_PEERS = 3
 
 
 class Strict(BaseModel):
@@ -441,6 +444,9 @@ class AshaSpec(Strict):
                                                            "1/η of the trials that reached the rung")
     min_rung: int = Field(1, ge=1, description="the first rung (1-based) at which trials may be stopped; earlier "
                                                "rungs are evaluated and logged only")
+    min_peers: int = Field(DEFAULT_MIN_PEERS, ge=0, le=1000,
+                           description="a trial is stopped at a rung only once at least this many other trials "
+                                       "reached it (Ray's ASHA stops against a single one); before, it goes on")
     order_seed: Seed = Field(0, description="grid trials start in an order shuffled with this seed, not the grid's "
                                            "written order, whose first trials (one learning rate, one beta) would "
                                            "set every rung's bar")

@@ -5,7 +5,7 @@ are mapped back to the YAML lines they came from; grids are checked against the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional, Union, get_args, get_origin
+from typing import Annotated, Optional, Sequence, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -235,16 +235,50 @@ def _read_yaml(text: str, file: str):
         raise _invalid_yaml(file, exc) from None
 
 
-def parse_spec(text: str, file: str = "<spec>") -> SweepSpec:
+def _override(raw: dict, item: str) -> str:
+    """Apply one --set FIELD=VALUE to the spec's data (VALUE read as YAML: 8, 1.0e-4, [0.1, 0.3], {kind: tiny});
+    the mappings on the way are created when absent. Returns FIELD."""
+    field, equals, text = item.partition("=")
+    parts = field.strip().split(".")
+    if not equals or not all(parts):
+        raise SpecError(f"--set {item}", "", "an override is FIELD=VALUE with a dotted field, e.g. "
+                                             "training.batch_size=8")
+    value = _read_yaml(text, f"--set {item}")  # the file's rules: a safe loader, no alias bomb
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[:depth + 1])
+            raise SpecError(f"--set {item}", field, f"{where} is a {type(child).__name__} in the spec, not a mapping")
+        node = child
+    node[parts[-1]] = value
+    return ".".join(parts)
+
+
+def _overridden(error: SpecError, overrides: dict[str, str]) -> SpecError:
+    """A spec error in a field some --set gave, inside it, or in the mapping holding it (a union's `kind`) names
+    that --set, not the file's line."""
+    for field, item in overrides.items():
+        if error.path == field or error.path.startswith(field + ".") or field.startswith(error.path + "."):
+            return SpecError(f"--set {item}", error.path, error.message)
+    return error
+
+
+def parse_spec(text: str, file: str = "<spec>", overrides: Sequence[str] = ()) -> SweepSpec:
+    """A validated spec from YAML text; `overrides` (--set FIELD=VALUE) change fields before validation, so they
+    are checked as the YAML is and take part in trial keys like any other setting."""
     raw = _read_yaml(text, file)
     if not isinstance(raw, dict):
         raise SpecError(file, "", f"a sweep spec is a YAML mapping; got {type(raw).__name__}")
+    given = {_override(raw, item): item for item in overrides}
     lines = _yaml_lines(text)
     try:
         spec = SweepSpec.model_validate(raw)
+        _check_methods(file, spec, lines)
     except ValidationError as exc:
-        raise _error_from_validation(file, exc, lines) from None
-    _check_methods(file, spec, lines)
+        raise _overridden(_error_from_validation(file, exc, lines), given) from None
+    except SpecError as exc:
+        raise _overridden(exc, given) from None
     return spec
 
 
@@ -257,10 +291,10 @@ def field_line(path: str | Path, field: str) -> Optional[int]:
     return _line_for(lines, tuple(field.split(".")))
 
 
-def load_spec(path: str | Path) -> SweepSpec:
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise SpecError(str(path), "", f"cannot read spec: {exc.strerror}") from None
-    return parse_spec(text, str(path))
+    return parse_spec(text, str(path), overrides)

@@ -48,9 +48,10 @@ class AshaJudge:
             return None  # (a stage without the metric, e.g. rung/kl of SFT trials, is not stopped on it)
         value = logged[settings.metric]
         others = self.store.rung_values(self.stage_key, rung_value_key(rung), self.trial_key, self.signature)
-        stop, cutoff = asha_decision(value, others, settings.reduction_factor, settings.mode)
+        stop, cutoff = asha_decision(value, others, settings.reduction_factor, settings.mode, settings.min_peers)
         decision = RungDecision(rung, step, settings.metric, value, cutoff,
                                 sum(math.isfinite(v) for v in others), stop)
         if stop:
-            raise TrialStopped(decision, decision.reason(settings.reduction_factor), dict(self.values))
+            raise TrialStopped(decision, decision.reason(settings.reduction_factor, settings.min_peers),
+                               dict(self.values))
         return decision

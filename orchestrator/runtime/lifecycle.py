@@ -189,11 +189,19 @@ def _drop_training_state(task: TrialTask) -> None:
         shutil.rmtree(saving.folder, ignore_errors=True)
 
 
+def stopped_run_name(run_name: str, rung: int) -> str:
+    """'dpo b=0.1 lr=0.0001 e=1 (stopped at rung 1)': how a stopped trial's run reads in the MLflow UI."""
+    return f"{run_name} (stopped at rung {rung})"
+
+
 def _record_stop(task: TrialTask, logger: TrialLogger, run_id: str, stopped: TrialStopped,
                  cost: dict[str, float]) -> TrialResult:
     """End a run early stopping stopped: its cost, where and why it stopped, MLflow status FINISHED (it ended as
     planned; run_status reads it back STOPPED)."""
     decision = stopped.decision
+    # MLflow has no STOPPED status (the run ends FINISHED: it ended as planned): its name and the runs view's
+    # `posweep.stopped_at_rung` column show the stop in the UI
+    logger.rename(stopped_run_name(task.trial.run_name, decision.rung))
     logger.log_metrics(cost)
     logger.set_tags({TAG_STOPPED_AT_STEP: str(decision.step),
                      TAG_STOPPED_AT_RUNG: str(decision.rung), TAG_STOP_REASON: stopped.reason[:5000],

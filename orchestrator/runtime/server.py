@@ -147,17 +147,30 @@ def _die_with_parent() -> None:
 
 
 def stop_server(process: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (it runs workers), SIGKILL what is left after 15 s."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+    """SIGTERM the server's process group (it runs workers), SIGKILL what is left after 15 s. Returns once no
+    process of the group is left: the leader can exit while a worker still holds the port, and a server started
+    on it next (a rerun, a test) would find it taken."""
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
             return
-        try:
-            process.wait(wait)
+        if _group_ended(process, wait):
             return
-        except subprocess.TimeoutExpired:
-            continue
+
+
+def _group_ended(process: subprocess.Popen, timeout: float) -> bool:
+    """Whether every process of `process`'s group has exited within `timeout` seconds (the leader reaped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        process.poll()  # reap the leader, or the group never looks empty
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from typing import Iterable, Optional
 
 from orchestrator.core.runs import SELECTION_METRIC, TRIAL_METRICS, RunStatus, TrialRecord
 from orchestrator.core.tags import (MODEL_TRAINING, RUNS_VIEW_KEY, SAMPLES_ARTIFACT, TAG_EXPERIMENT_KIND, TAG_KIND,
-                                    TAG_NOTE, TAG_RUNS_VIEW, TAG_STAGE, TAG_SWEEP)
+                                    TAG_NOTE, TAG_RUNS_VIEW, TAG_STAGE, TAG_STOPPED_AT_RUNG, TAG_SWEEP)
 from orchestrator.infra.errors import first_line
 from orchestrator.runtime.store import (CorruptArtifact, StoreUnavailable, all_runs, local_artifact_root, record_of,
                                         store_client, store_exists)
@@ -116,7 +116,8 @@ class SweepTracker:
 def runs_view_state(params: Iterable[str]) -> str:
     """The MLflow UI's shared view state (JSON): which columns the runs table shows and its order."""
     column = lambda kind, name: f"{kind}.`{name}`"  # noqa: E731 - the UI's column ids
-    columns = [column("metrics", m) for m in TRIAL_METRICS] + [column("params", p) for p in ("method", *params)]
+    columns = ([column("metrics", m) for m in TRIAL_METRICS] + [column("tags", TAG_STOPPED_AT_RUNG)]
+               + [column("params", p) for p in ("method", *params)])
     return json.dumps({"selectedColumns": columns, "orderByKey": column("metrics", SELECTION_METRIC),
                        "orderByAsc": False, "runsHiddenMode": "SHOW_ALL"})
 

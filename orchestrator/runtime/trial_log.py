@@ -120,6 +120,9 @@ class TrialLogger:
     def finish(self, status: RunStatus) -> None:
         self.client.set_terminated(self.run_id, RunStatus(status).value)
 
+    def rename(self, name: str) -> None:
+        self.client.update_run(self.run_id, name=name)
+
     def runs_of(self, trial_key: str) -> list[TrialRecord]:
         """Every run of one trial key in this experiment, newest first."""
         runs = self.client.search_runs([self.experiment_id], f"tags.`{TAG_KEY}` = '{trial_key}'",

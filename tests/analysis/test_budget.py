@@ -54,3 +54,20 @@ def test_the_table_sets_each_sweep_against_the_grid():
     assert table.loc["asha", "rank in the grid"] == 1 and table.loc["asha", "best score"] == 4.0
     assert table.loc["asha", "device_hours to reach it"] == 2.5 and table.loc["grid", "device_hours to reach it"] == 4.5
     assert not math.isnan(table.loc["grid", "grid's top 10% from"])
+
+
+def settings(method, points):
+    """One finished run per (beta, learning_rate) point, named as the trial would be."""
+    return pd.DataFrame([{"method": method, "status": "FINISHED", "beta": b, "learning_rate": lr, "epochs": 1.0,
+                          "run_name": f"{method} b={b} lr={lr}"} for b, lr in points])
+
+
+def test_a_budget_comparison_needs_the_same_grid():
+    from analysis.budget import grid_mismatch
+
+    points = [(0.1, 1e-4), (0.3, 1e-4)]
+    assert grid_mismatch(settings("dpo", points), settings("dpo", points[::-1]), ["dpo"]) is None
+    assert grid_mismatch(settings("dpo", points), settings("simpo", points), ["dpo"]) == "it has no dpo trial"
+    other = grid_mismatch(settings("dpo", points), settings("dpo", [(0.1, 1e-4), (0.5, 3e-4)]), ["dpo"])
+    assert other == ("its dpo grid differs: 1 of this sweep's 2 settings are not in it (e.g. dpo b=0.3 lr=0.0001), "
+                     "1 of its 2 settings were not run here (e.g. dpo b=0.5 lr=0.0003)")

@@ -15,14 +15,15 @@ def inputs(toy_sweep):
 def test_html_report_has_every_section_and_only_embedded_figures(toy_sweep):
     page = render(inputs(toy_sweep), "html", n_boot=50)
     headings = re.findall(r"<h2>(.*?)</h2>", page)
-    assert headings == ["The paper&#x27;s findings, checked", "Verdict", "Table 1: the best run of each method",
+    assert headings == ["Verdict", "The paper&#x27;s findings, checked", "Table 1: the best run of each method",
                         "Table 2: head-to-head win rates at the best run",
                         "Table 3: head-to-head win rates at the 75th-percentile run",
                         "Figure 1: every run&#x27;s metrics", "Figure 2: per-sample length of the top runs",
                         "Figure 3: per-sample kl of the top runs", "Figure 4: dpo against beta",
                         "Figure 5: simpo against beta", "Figure 6: expected best-of-k",
                         "Figure 7: score against KL: the Pareto front",
-                        "Figure 8: budget curve: best score found against cost spent", "Cost of reaching the top 10%",
+                        "Figure 8: budget curve: best score found against cost spent",
+                        "Cost of reaching the sweep&#x27;s 90th percentile",
                         "Where a trial&#x27;s time goes", "Failed runs (2)"]
     images = re.findall(r"<img src='([^']*)' alt='([^']*)'>", page)
     assert len(images) == 8 and all(uri.startswith("data:image/png;base64,") for uri, _ in images)
@@ -35,7 +36,7 @@ def test_verdicts_say_best_versus_dpo_chance_to_beat_sft_and_failures(toy_sweep)
     lines = verdicts(inputs(toy_sweep))
     # dpo: scores 0..6 and 1 failed (8 configs), SFT 2: beats = (4 above + 0.5 tie) / 8 = 0.5625;
     # best of 5 from 8: (3·C(4,4) + 4·C(5,4) + 5·C(6,4) + 6·C(7,4)) / C(8,5) = 308 / 56 = 5.5
-    assert lines[0] == ("dpo: best score 6.000; a random config beats SFT with p=0.56; expected best of 5 random "
+    assert lines[0] == ("dpo: best score 6.000; 56% of random configs beat SFT (2.000); expected best of 5 random "
                         "configs 5.500; 1 of 8 runs failed.")
     assert lines[1].startswith("simpo: best score 9.000 (+50% vs dpo's best)")
 
@@ -108,11 +109,12 @@ def test_a_best_run_on_the_edge_of_its_grid_is_flagged(toy_sweep):
 def test_cost_is_in_trials_and_device_hours_with_the_load_caveat(toy_sweep):
     frame, samples = toy_sweep
     page = render(inputs((frame.assign(device_hours=0.5), samples)), "md", n_boot=20)
-    section = page.split("## Cost of reaching the top 10%")[1]
+    section = page.split("## Cost of reaching the sweep's 90th percentile")[1]
     header = section.strip().splitlines()[0]
-    assert header == ("| method | trials with an outcome | expected trials to reach top 10% | expected device_hours "
-                      "to reach top 10% | device_hours spent |")
-    # top 10% of the 14 finished scores: 90th percentile; simpo's runs 5 and 6 (7.5, 9.0) reach it: (8+1)/(2+1) = 3
+    assert header == ("| method | trials with an outcome | expected trials to reach the sweep's p90 | expected "
+                      "device_hours to reach the sweep's p90 | device_hours spent |")
+    # "top 10%" means a method's own ⌈n/10⌉ best runs only (the budget curve); this bar is the 14 finished scores'
+    # 90th percentile, pooled; simpo's runs 5 and 6 (7.5, 9.0) reach it: (8+1)/(2+1) = 3
     assert "| simpo | 8 | 3.0 | 1.5 | 4.0 |" in section
     assert "carry the machine's load" in section and "compare methods by trials" in section
 
@@ -139,3 +141,30 @@ def test_an_early_stopped_sweep_says_its_statistics_are_over_survivors_and_draws
     assert "full-grid" in page and "rank in the grid" in page
     plain = render(inputs(toy_sweep), "html", n_boot=20)
     assert "This sweep stopped trials early" not in plain and "budget curve" in plain  # a grid's own curve
+
+
+def test_a_collapsing_method_is_named_in_the_verdict_with_its_median_run_and_kl(toy_sweep):
+    """The README's example once ended far below SFT (-6.68 against 0.309, KL 16.65) and the report said only
+    `p=0.00`. A method whose median run is below the untrained model, or most of whose runs are below SFT, gets
+    a warning in the verdict, which opens the report."""
+    frame, samples = toy_sweep
+    report = inputs((frame, samples))
+    report.sft = {**report.sft, "mean_score": 5.5}   # dpo: 0..6, so 6 of its 7 finished runs are below SFT
+    report.untrained = {"run_name": "untrained", "mean_score": -1.0}
+    warnings = [line for line in verdicts(report) if "collapses" in line]  # simpo too: 4 of its 7 below 5.5
+    assert len(warnings) == 2 and warnings[1].startswith("Warning: simpo collapses")
+    assert warnings[:1] == ["Warning: dpo collapses in much of its grid: 6 of 7 finished runs score below SFT (5.500); "
+                        "its median run (dpo3) scores 3.000 at KL 1.00. Those settings (often the larger learning "
+                        "rates or the smaller β) leave the SFT model far behind; see the figures against each "
+                        "hyperparameter."]
+    report.sft = {**report.sft, "mean_score": 2.0}    # 2 of 7 below SFT and the median above the untrained model
+    assert not [line for line in verdicts(report) if "collapses" in line]
+    page = render(report, "md", n_boot=20)
+    assert page.index("## Verdict") < page.index("## The paper's findings, checked")
+
+
+def test_table_1_states_relative_changes_in_percent(toy_sweep):
+    page = render(inputs(toy_sweep), "md", n_boot=20)
+    table = page.split("## Table 1: the best run of each method")[1].split("## ")[0]
+    assert "mean_score vs dpo (%)" in table and "mean_score_vs_dpo" not in table
+    assert "| simpo | simpo6 | 7 | 1 | 9.0 |" in table and "| 11.0 | 50.0 |" in table  # (9 - 6) / 6 = +50%

@@ -51,13 +51,14 @@ def check_the_worse_trial_stops(executor, tmp_path, uri: str, name: str, run) ->
     better, worse = make_asha_tasks(tmp_path, uri, name)
     assert [r.status for r in run(executor, [better])] == [RunStatus.FINISHED]
     [stopped] = run(executor, [worse])
-    assert stopped.status == RunStatus.STOPPED and "below the cutoff" in stopped.error
+    assert stopped.status == RunStatus.STOPPED and "outside the best third of the 1 other trial" in stopped.error
     assert stopped.metrics["stopped_at_step"] == 2 and "asha/rung_1" in stopped.metrics
     [again] = run(executor, [worse])
     assert again.status == RunStatus.STOPPED and again.run_id == stopped.run_id
     tracker = SweepTracker(uri, name)
     runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`{TAG_KEY}` = '{worse.trial.trial_key}'")
     assert len(runs) == 1, "the stopped trial ran again"
+    assert runs[0].info.run_name == f"{worse.trial.run_name} (stopped at rung 1)"  # what the MLflow UI shows
     run_info = runs[0]
     assert run_info.info.status == "FINISHED"  # MLflow's status; posweep reads it back STOPPED
     assert run_info.data.tags[TAG_STOPPED_AT_STEP] == "2" and run_info.data.tags[TAG_STOPPED_AT_RUNG] == "1"

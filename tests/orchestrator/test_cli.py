@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -66,6 +67,25 @@ def test_ui_serves_the_sweep_on_localhost(tmp_path):
         proc.wait(timeout=30)
 
 
+def test_ui_keeps_the_servers_output_out_of_the_terminal(tmp_path):
+    """The terminal gets the link once the server answers and nothing else: MLflow's and uvicorn's lines go to
+    mlflow-ui.log beside the store."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    SweepTracker(uri, "quiet")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--tracking-uri", uri, "--port",
+                             str(port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        first = proc.stdout.readline()
+        assert f"at http://127.0.0.1:{port}" in first and str(tmp_path / "mlflow-ui.log") in first
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert err == "", err
+    assert (tmp_path / "mlflow-ui.log").stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_quickstart_sweep_learns(tmp_path):
     """The issue's bar: SFT clearly above the untrained model, a preference method above SFT."""
@@ -117,3 +137,38 @@ def test_run_checks_the_inputs_once(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli.main(["run", "--smoke", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == cli.EXIT_FAILED
     assert len(calls) == 1 and "stopped by the test" in capsys.readouterr().err
+
+
+def test_set_and_only_change_the_plan_from_the_command_line(tmp_path):
+    """--set FIELD=VALUE is validated like the YAML and changes the trial keys; --only keeps some preference
+    methods (with the baseline and SFT they need)."""
+    proc = sweep_cmd("plan", "quickstart", "--set", "stages.methods.dpo.grid.beta=[0.1, 0.3]",
+                     "--set", "training.batch_size=8", "--only", "dpo", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "stage dpo (4 trials)" in proc.stdout and "stage simpo" not in proc.stdout
+    assert "7 trials: 1 untrained baseline, 2 SFT, 4 preference" in proc.stdout
+    refused = sweep_cmd("plan", "quickstart", "--set", "training.batch_size=0", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "error: --set training.batch_size=0: training.batch_size: Input should be greater than 0" in refused.stderr
+    unknown = sweep_cmd("plan", "quickstart", "--only", "dp0", cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert "--only: unknown method of this sweep 'dp0' (did you mean 'dpo'?)" in unknown.stderr
+
+
+def test_plan_fits_one_screen_names_the_data_and_prices_smollm2_as_measured(tmp_path):
+    """The summary first (trial keys only with --trials), the hub dataset named, and a preference trial priced
+    within 2x of the measured H100 throughput (benchmarks/RESULTS.md: 38,749 tokens/s for our DPO step on
+    SmolLM2-135M in bf16, so an epoch of 20,000 pairs of 2 x 256 tokens takes 264 s)."""
+    spec = str(REPO / "sweeps" / "paper" / "smollm2_hh.yaml")
+    proc = sweep_cmd("plan", spec, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) <= 40, len(lines)
+    assert not [line for line in lines if re.match(r"\s+[0-9a-f]{12}\s", line)]  # no trial keys by default
+    assert "data: hub Anthropic/hh-rlhf (split train)" in proc.stdout
+    assert "stage simpo (96 trials): beta 4 × gamma 6 × learning_rate 2 × epochs 2" in proc.stdout
+    dpo = next(line.split() for line in lines if line.split()[:1] == ["dpo"] and "FLOPs" in line)
+    per_epoch = float(dpo[3]) / 2  # the grid's trials train 1 or 3 epochs: 2 on average
+    assert 264 / 2 <= per_epoch <= 264 * 2, per_epoch
+    listed = sweep_cmd("plan", spec, "--trials", cwd=tmp_path)
+    assert len([line for line in listed.stdout.splitlines() if re.match(r"\s+[0-9a-f]{12}\s", line)]) == 143

@@ -69,15 +69,15 @@ class Store:
 
 def test_the_judge_logs_every_rung_and_stops_below_the_cutoff():
     store = Store({rung_value_key(1): [0.0, 5.0], rung_value_key(2): [1.0, 2.0, 3.0, 9.0]})
-    judge = AshaJudge(store, "stage", "me", AshaSpec(kind="asha", min_rung=1), "sig")
+    judge = AshaJudge(store, "stage", "me", AshaSpec(kind="asha", min_rung=1, min_peers=0), "sig")
     decision = judge(1, 10, {"mean_score": 4.0, "kl": 0.5})  # cutoff: 0 + 2/3 * 5 = 3.33; 4.0 goes on
     assert not decision.stop and decision.cutoff == pytest.approx(10 / 3) and decision.compared == 2
     assert store.logged[0] == (10, {"rung/mean_score": 4.0, "rung/kl": 0.5, "asha/rung_1": 4.0})
     with pytest.raises(TrialStopped) as stopped:  # cutoff: [1, 2, 3, 9] at 2/3 -> position 2 -> 3.0
         judge(2, 20, {"mean_score": 2.5})
     assert stopped.value.decision.step == 20 and stopped.value.values == {1: 4.0, 2: 2.5}
-    assert stopped.value.reason == ("rung 2 (step 20): rung/mean_score 2.5 below the cutoff 3, the top 1/3 of 4 "
-                                    "other trials")
+    assert stopped.value.reason == ("rung 2 (step 20): rung/mean_score 2.5, outside the best third of the 4 other "
+                                    "trials at this rung (cutoff 3)")
 
 
 def test_without_early_stopping_or_before_min_rung_the_judge_only_logs():
@@ -108,3 +108,28 @@ def test_rung_and_stop_signatures_follow_the_settings_that_make_values_and_stops
     assert rung_signature(at_2, asha) != rung_signature(at_2, AshaSpec(kind="asha", metric="rung/kl", mode="min"))
     assert stop_signature(at_2, asha) != stop_signature(at_2, eta_2) and stop_signature(at_2, None) is None
     assert rung_signature(EvaluationSpec(rung_steps=[2], temperature=0.5), asha) == rung_signature(at_2, asha)
+
+
+def test_min_peers_lets_a_trial_go_on_until_enough_others_reached_the_rung():
+    """Ray's ASHA stops a trial against a single other one; early_stopping.min_peers waits for more."""
+    store = Store({rung_value_key(1): [5.0, 6.0]})
+    waiting = AshaJudge(store, "stage", "me", AshaSpec(kind="asha", min_peers=3), "sig")
+    decision = waiting(1, 10, {"mean_score": 0.0})  # far below both, but only 2 others reached the rung
+    assert not decision.stop and decision.cutoff is None and decision.compared == 2
+    assert decision.reason(3, 3) == ("rung 1 (step 10): rung/mean_score 0; only 2 other trials reached this rung, "
+                                     "fewer than the 3 early stopping waits for")
+    with pytest.raises(TrialStopped):  # with two peers enough, the same value stops
+        AshaJudge(store, "stage", "me", AshaSpec(kind="asha", min_peers=2), "sig")(1, 10, {"mean_score": 0.0})
+    with pytest.raises(TrialStopped, match="not a number"):  # a diverged trial stops whatever the peers
+        waiting(1, 10, {"mean_score": float("nan")})
+
+
+def test_min_peers_is_part_of_the_stop_rule_and_its_zero_keeps_earlier_stops():
+    from orchestrator.core.rungs import _digest, rung_signature, stop_signature
+    from orchestrator.core.spec import EvaluationSpec
+
+    evaluation = EvaluationSpec(rung_steps=[2])
+    none, two = AshaSpec(kind="asha", min_peers=0), AshaSpec(kind="asha", min_peers=2)
+    assert stop_signature(evaluation, none) != stop_signature(evaluation, two)
+    before = _digest({"rungs": rung_signature(evaluation, none), "reduction_factor": 3.0, "mode": "max", "min_rung": 1})
+    assert stop_signature(evaluation, none) == before  # the rule every stop had before min_peers existed

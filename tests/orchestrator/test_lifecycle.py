@@ -86,6 +86,7 @@ def test_a_stopped_outcome_ends_the_run_stopped(task):
     assert result.status == RunStatus.STOPPED and result.metrics["stopped_at_step"] == 2
     record = the_run(task)
     assert record.status == RunStatus.STOPPED and record.tags[TAG_STOPPED_AT_STEP] == "2"
+    assert record.run_name == f"{task.trial.run_name} (stopped at rung 1)"  # how the MLflow UI shows it
     assert "mean_score" not in record.metrics  # a stopped trial has no final metrics
 
 

@@ -73,15 +73,16 @@ def test_report_files_and_the_mlflow_artifact(reported):
     assert re.search(r"<td>SFT \(selected\)</td>\s*<td>sft lr=0.003 e=1</td>", page)  # Table 1's references
     assert re.search(r"<td>untrained</td>\s*<td>untrained</td>", page)
     assert "Failed runs (0)" in page
-    # it opens with the paper's findings, one row each, in HTML and in Markdown
-    assert re.findall(r"<h2>(.*?)</h2>", page)[0] == "The paper&#x27;s findings, checked"
-    findings = page.split("</table>")[0]
+    # it opens with the answer (the verdict per method), then the paper's findings, one row each, in HTML and in
+    # Markdown
+    assert re.findall(r"<h2>(.*?)</h2>", page)[:2] == ["Verdict", "The paper&#x27;s findings, checked"]
+    findings = page.split("The paper&#x27;s findings, checked")[1].split("</table>")[0]
     assert re.findall(r"<td>(F\d)</td>", findings) == ["F1", "F2", "F3", "F4", "F5"]
     assert len(re.findall(r"<td>(holds|fails|mixed|not testable)</td>", findings)) == 5
-    markdown = (root / "reported-report.md").read_text()
-    assert markdown.split("\n## ")[1].startswith("The paper's findings, checked")
+    markdown = (root / "work" / "reports" / "reported-report.md").read_text()  # by default beside the sweep's runs
+    assert markdown.split("\n## ")[2].startswith("The paper's findings, checked")
     assert len(re.findall(r"^\| F\d \|.*\| (holds|fails|mixed|not testable) \|$", markdown, re.M)) == 5
-    assert (root / "reported-report.md").read_text().startswith("# Robustness report: sweep reported")
+    assert markdown.startswith("# Robustness report: sweep reported")
     tracker = SweepTracker(f"sqlite:///{root / 'mlflow.db'}", "reported")
     [run] = tracker.client.search_runs([tracker.experiment_id], f"tags.`{TAG_KIND}` = 'sweep'")
     assert run.info.run_name == "sweep reported" and "report.html" in run.data.tags[TAG_NOTE]
@@ -111,7 +112,10 @@ def test_the_report_renders_in_headless_chromium_with_every_figure_and_no_consol
     page = (root / "report.html").read_text()
     # The harness (not the report) reports on load how many images decoded, through the console.
     probe = ("<script>window.addEventListener('load', () => { const i = [...document.images]; console.log("
-             "'IMAGES ' + i.filter(x => x.complete && x.naturalWidth > 0).length + '/' + i.length); });</script>")
+             "'IMAGES ' + i.filter(x => x.complete && x.naturalWidth > 0).length + '/' + i.length); "
+             # the headings within the first 800 pixels: what a reader sees before scrolling
+             "console.log('FIRST ' + [...document.querySelectorAll('h2')].filter(h => h.getBoundingClientRect().top "
+             "< 800).map(h => h.textContent).join('|')); });</script>")
     probed = tmp_path / "probed.html"
     probed.write_text(page.replace("</body>", probe + "</body>"))
     ARTIFACTS.mkdir(exist_ok=True)
@@ -122,7 +126,9 @@ def test_the_report_renders_in_headless_chromium_with_every_figure_and_no_consol
                            f"--screenshot={shot}", probed.as_uri()], capture_output=True, text=True, timeout=120)
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
     assert any('"IMAGES 9/9"' in line for line in console), proc.stderr[-2000:]
-    assert not [line for line in console if "IMAGES" not in line], console  # no error or warning from the page
+    first = next(line for line in console if '"FIRST ' in line)
+    assert '"FIRST Verdict' in first, first  # the answer opens the report, before the paper's findings
+    assert not [line for line in console if "IMAGES" not in line and "FIRST" not in line], console  # no error
     assert shot.stat().st_size > 100_000
 
 
@@ -197,3 +203,20 @@ def test_report_before_any_preference_trial_finished_says_so(tmp_path):
     assert probe_trial(TrialTask(trial=base.trials[0], runtime=runtime)).status == "FINISHED"
     proc = sweep("report", str(spec_file), cwd=tmp_path)
     assert proc.returncode == 1 and "no FINISHED preference trial yet" in proc.stderr
+
+
+def test_a_budget_comparison_against_another_grid_is_refused(reported):
+    """`--grid` names a sweep whose grids differ (here: one DPO setting, no SimPO): one line, exit 2, no report,
+    where the budget table used to print shares and ranks against the wrong grid."""
+    root, _ = reported
+    other = root / "other.yaml"
+    other.write_text(SPEC.format(workdir=root / "work").replace("name: reported", "name: other").replace(
+        "beta: [0.1, 0.5], learning_rate: [1.0e-4, 3.0e-4]", "beta: [0.2], learning_rate: [1.0e-4]").replace(
+        "    simpo: {grid: {beta: [2.0], gamma: [0.5, 1.0], learning_rate: [3.0e-4]}}\n", ""))
+    assert sweep("run", str(other), "--no-progress", cwd=root).returncode == 0
+    refused = sweep("report", str(root / "spec.yaml"), "--grid", "other", "--out", "vs-other.html", "--no-progress",
+                    cwd=root)
+    assert refused.returncode == 2, refused.stderr
+    assert ("error: --grid: sweep 'other' is not the full grid of sweep 'reported': its dpo grid differs: 4 of this "
+            "sweep's 4 settings are not in it") in refused.stderr
+    assert not (root / "vs-other.html").exists()

@@ -181,3 +181,20 @@ def test_rung_settings_leave_the_trial_keys_as_they_are():
     keys = lambda text: [t.trial_key for s in plan_sweep(parse_spec(text)) for t in s.trials]  # noqa: E731
     stopping = "evaluation: {rungs: [0.2, 0.5], rung_prompts: 8}\nsearch: {kind: grid, early_stopping: {kind: asha}}\n"
     assert keys(GOOD + stopping) == keys(GOOD)
+
+
+def test_an_override_changes_the_spec_and_its_trial_keys_and_names_itself_when_wrong():
+    from orchestrator import api
+    from orchestrator.grid import plan_sweep
+
+    base = api.load("quickstart")
+    changed = api.load("quickstart", overrides=["training.batch_size=8", "evaluation.num_prompts=32"])
+    assert (changed.training.batch_size, changed.evaluation.num_prompts) == (8, 32)
+    assert api.load(base, overrides=["training.batch_size=8"]) == changed.model_copy(
+        update={"evaluation": base.evaluation})  # a loaded spec takes overrides too
+    keys = lambda spec: {t.trial_key for s in plan_sweep(spec) for t in s.trials}  # noqa: E731
+    assert keys(changed).isdisjoint(keys(base))
+    with pytest.raises(SpecError, match=r"^--set data\.kind=nope: data"):
+        api.load("quickstart", overrides=["data.kind=nope"])
+    only = api.load("quickstart", only=["simpo"])
+    assert list(only.stages.methods) == ["simpo"] and only.stages.sft == base.stages.sft

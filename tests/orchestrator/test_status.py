@@ -99,3 +99,10 @@ def test_status_and_plan_after_a_run(tmp_path):
     # the full grid's keys differ from the smoke run's (fewer steps): smoke timings are not used for it
     full = sweep("plan", str(spec), cwd=tmp_path)
     assert "measured (" not in full.stdout
+
+
+@pytest.mark.parametrize("hours,shown", [(None, "?"), (0.0, "0"), (0.000284, "<0.01"), (0.0123, "0.0123"),
+                                         (1.234, "1.23"), (12.34, "12.3"), (1234.5, "1,234")])
+def test_hours_read_as_hours(hours, shown):
+    from orchestrator.status import format_hours
+    assert format_hours(hours) == shown

@@ -98,7 +98,7 @@ stages:
   sft: {{grid: {{learning_rate: [3.0e-3], epochs: [1]}}}}
   methods:
     dpo: {{grid: {{beta: [0.01, 0.1, 0.3, 0.5], learning_rate: [3.0e-5, 3.0e-3]}}}}
-search: {{kind: grid, early_stopping: {{kind: asha}}}}
+search: {{kind: grid, early_stopping: {{kind: asha, min_peers: 1}}}}
 """
 
 

@@ -4,6 +4,7 @@ fix. Probe trials (cluster.probe) stand in for training wherever the case is not
 
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -227,7 +228,7 @@ def test_a_rerun_with_other_rungs_never_compares_values_taken_at_other_steps(tmp
         if record.status == RunStatus.STOPPED:  # decided among the runs that took their rung at step 10 only
             same = sum(r.tags.get(TAG_RUNG_SIGNATURE) == record.tags[TAG_RUNG_SIGNATURE] and r.stage == record.stage
                        and r.trial_key != record.trial_key for r in newest.values())
-            compared = int(record.tags[TAG_STOP_REASON].split(" of ")[-1].split()[0])
+            compared = int(re.search(r" of the (\d+) other trials? at this rung", record.tags[TAG_STOP_REASON])[1])
             assert compared <= same and record.tags[TAG_STOPPED_UNDER]
 
 
