@@ -247,9 +247,9 @@ def _verdict(inputs: ReportInputs, n_boot: int) -> list[Block]:
     return [Block("h2", "Verdict"), Block("list", items=verdicts(inputs)),
             Block("p", "Best score: the method's best finished run (its ceiling, the grid searched fully). Share of "
                        "random configs that beat SFT: of the method's runs with an outcome (failed ones count as "
-                       "not beating it), the share whose gold score is above the selected SFT model's. Expected "
-                       "best of k: what the best of k configurations drawn at random from the grid scores, on "
-                       "average.")]
+                       "not beating it), the share whose gold score is above the selected SFT model's (ties count "
+                       "half). Expected best of k: what the best of k configurations drawn at random from the grid "
+                       "scores, on average.")]
 
 
 def _tables_1_and_3(inputs: ReportInputs, n_boot: int) -> list[Block]:

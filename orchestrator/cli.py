@@ -26,7 +26,7 @@ from orchestrator.core.spec_file import SpecError, field_line
 from orchestrator.grid import PlanError, preference_stages, tracked_name
 from orchestrator.infra.errors import first_line
 from orchestrator.pipeline import SweepError
-from orchestrator.planner import plan_stages, sequence_tokens
+from orchestrator.planner import plan_stages, prompt_tokens, reward_parameters, sequence_tokens
 from orchestrator.progress import Output
 from orchestrator.runtime.kept_models import verify_kept_best
 from orchestrator.runtime.server import TrackingServerError, mlflow_command, stop_server, wait_healthy
@@ -81,7 +81,8 @@ def _describe_range(search_range) -> str:
 
 
 def _stage_line(stage) -> str:
-    """'stage dpo (20 trials): beta 5 values × learning_rate 2 × epochs 2', the plan's summary of one stage."""
+    """'stage dpo (20 trials): beta 5 × learning_rate 2 × epochs 2' (values per varied hyperparameter), the
+    plan's summary of one stage."""
     head = f"stage {stage.stage} ({stage.size} trial{'s' * (stage.size != 1)})"
     if stage.search:
         return f"{head}: an Optuna search ({stage.search.settings.sampler}) over {', '.join(stage.search.space)}"
@@ -143,6 +144,11 @@ def _print_plan(spec, plan, source: str) -> None:
           f"{setup}; {plan.pairs or '?'} training pairs of {sequence_tokens(c, t)} tokens"
           + (f"; {c.utilization * 100:.3g}% of {c.peak_tflops:g} TFLOPS per GPU" if gpus else "")
           + " (formulas: orchestrator/planner.py)")
+    e = spec.evaluation
+    reward, reward_source = reward_parameters(spec)
+    print(f"  evaluation per trial: {e.num_prompts} prompts x ({prompt_tokens(c, t)} prompt + {e.max_new_tokens} new "
+          f"tokens), in FLOPs; reward model: "
+          + (f"{_count(reward)} parameters ({reward_source})" if reward else reward_source))
     fit_head = f"fits {c.gpu_memory_gb:g} GB" if c.gpu_memory_gb else "fits"
     print(f"  {'stage':<12} {'weights':>8} {'grads':>8} {'optim':>8} {'ref':>8} {'activ':>8} {'total':>8} "
           f"{fit_head:>12}" + (f" {'GPU-h/trial':>11} {'GPU-h':>9}" if gpus else ""))

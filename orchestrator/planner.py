@@ -24,9 +24,12 @@ forward/backward to `training.precision`; AdamW keeps two fp32 moments):
   - 10% of the GPU kept free for the CUDA context and fragmentation.
 Compute: 6N FLOPs per trained token (LoRA: 4N, no weight gradients), +2N per token for a reference forward
 each step (methods needing reference logits), the cached reference log-probs once per SFT checkpoint (2N per
-token of every pair; shared by all preference trials), and evaluation: 2N per generated token for the policy
-(its log-probs for KL come with its samples) plus the SFT model's KL forward (2N per token) for preference
-trials. GPU-seconds = FLOPs / (peak × utilisation).
+token of every pair; shared by all preference trials), and evaluation, per prompt and token of prompt
+(cost.prompt_tokens) and new tokens: 2N for the policy (prefill and sampling; its log-probs for KL come with its
+samples), 2N for the SFT model's KL forward in preference trials, and 2R for the reward model (R parameters,
+from its config.json or cost.reward_parameters). GPU-seconds = FLOPs / (peak × utilisation). Evaluation is
+counted in FLOPs only: sampling is bound by each decode step's latency, so on a GPU it costs more than this
+says (docs/cost.md).
 """
 
 from __future__ import annotations
@@ -191,7 +194,41 @@ def training_memory(shape: ModelShape, method, training, gpus: int, sharding: st
     return TrainingMemory(trainable, weights, gradients, optimizer, reference, layers + logits)
 
 
-def plan_trial(trial: TrialSpec, shape: ModelShape, cost: CostSpec, pairs: Optional[int]) -> TrialPlan:
+def prompt_tokens(cost: CostSpec, training) -> int:
+    """Tokens of one evaluation prompt: cost.prompt_tokens, else half a sequence (sequence_tokens)."""
+    return cost.prompt_tokens or max(sequence_tokens(cost, training) // 2, 1)
+
+
+def reward_parameters(spec: SweepSpec) -> tuple[Optional[int], str]:
+    """(the reward model's parameters, where that came from): none for the synthetic reward; a local folder's or
+    the HF cache's config.json (never the network), else cost.reward_parameters; (None, why) when unknown."""
+    reward = spec.reward
+    if reward.kind == "synthetic":
+        return 0, "the synthetic reward has no model"
+    if spec.cost.reward_parameters:
+        return spec.cost.reward_parameters, "cost.reward_parameters"
+    config = None
+    if reward.path:
+        file = Path(reward.path).expanduser() / "config.json"
+        config = json.loads(file.read_text()) if file.is_file() else None
+    elif reward.hub_id:
+        config = _hub_config(reward.hub_id, None)
+    if config is not None and {"hidden_size", "intermediate_size", "num_hidden_layers"} <= set(config):
+        return parameter_count(shape_from_config(config)), "its config.json"
+    return None, "unknown (no config.json on this machine): not counted; set cost.reward_parameters"
+
+
+def eval_flops(trial: TrialSpec, parameters: int, reward: int, cost: CostSpec) -> float:
+    """A trial's evaluation: every prompt prefilled and its new tokens sampled by the policy (2N per token), the
+    SFT model's KL forward over the same tokens for a preference trial (2N), and the reward model scoring each
+    generation (2R per token)."""
+    tokens = trial.evaluation.num_prompts * (prompt_tokens(cost, trial.training) + trial.evaluation.max_new_tokens)
+    kl = 2 * parameters if METHODS[trial.method].kind is StageKind.PREFERENCE else 0
+    return tokens * (2 * parameters + kl + 2 * reward)
+
+
+def plan_trial(trial: TrialSpec, shape: ModelShape, cost: CostSpec, pairs: Optional[int], reward: int = 0
+               ) -> TrialPlan:
     method = METHODS[trial.method]
     t = trial.training
     n = parameter_count(shape)
@@ -204,10 +241,8 @@ def plan_trial(trial: TrialSpec, shape: ModelShape, cost: CostSpec, pairs: Optio
     epochs = int(trial.hparams.get("epochs", 1))
     trained_tokens = (pairs or 0) * sequences * s * epochs if method.trains else 0
     per_token = (4 if lora else 6) * n + (2 * n if method.needs_reference_logits else 0)
-    generated = trial.evaluation.num_prompts * trial.evaluation.max_new_tokens
-    eval_flops = generated * (2 * n + (2 * n if method.kind is StageKind.PREFERENCE else 0))
     return TrialPlan(**dataclasses.asdict(memory), parameters=n, gpus=gpus, train_flops=trained_tokens * per_token,
-                     eval_flops=eval_flops)
+                     eval_flops=eval_flops(trial, n, reward, cost))
 
 
 def reference_flops(parameters: int, spec: SweepSpec, pairs: Optional[int]) -> float:
@@ -256,9 +291,10 @@ def plan_stages(spec: SweepSpec, stages: list[StagePlan]) -> tuple[Optional[Swee
     if shape is None:
         return None, source
     pairs = train_pairs(spec)
+    reward, _ = reward_parameters(spec)
     out = []
     for stage in stages:
-        plans = [plan_trial(t, shape, spec.cost, pairs) for t in _representative_trials(stage)]
+        plans = [plan_trial(t, shape, spec.cost, pairs, reward or 0) for t in _representative_trials(stage)]
         mean_hours = sum(p.gpu_hours(spec.cost) for p in plans) / len(plans)
         out.append(StageEstimate(stage.stage, stage.size, plans[0], mean_hours * 3600 / plans[0].gpus,
                                  mean_hours * stage.size))

@@ -503,6 +503,10 @@ class CostSpec(Strict):
                                                                "training.max_length, an upper bound)")
     train_pairs: Optional[int] = Field(None, gt=0, description="training pairs of a hub dataset (default: "
                                                                "data.n_train)")
+    prompt_tokens: Optional[int] = Field(None, gt=0, description="mean tokens of an evaluation prompt (default: "
+                                                                 "half of mean_tokens)")
+    reward_parameters: Optional[int] = Field(None, gt=0, description="the reward model's parameters, when no "
+                                                                     "config.json of it is on this machine")
     model_shape: Optional[ModelShape] = None
 
 

@@ -246,7 +246,9 @@ def _override(raw: dict, item: str) -> str:
     value = _read_yaml(text, f"--set {item}")  # the file's rules: a safe loader, no alias bomb
     node = raw
     for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
+        child = node.get(part)
+        if child is None:  # absent, or `section: null` in the file: the override starts the mapping
+            child = node[part] = {}
         if not isinstance(child, dict):
             where = ".".join(parts[:depth + 1])
             raise SpecError(f"--set {item}", field, f"{where} is a {type(child).__name__} in the spec, not a mapping")

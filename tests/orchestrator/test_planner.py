@@ -66,11 +66,12 @@ def test_full_fine_tuning_memory_and_flops_by_hand():
     assert (dpo.weights, dpo.gradients, dpo.optimizer, dpo.reference) == (5600, 5600, 11200, 0)  # 4N, 4N, 8N
     # 8 sequences (4 pairs x chosen and rejected) of 10 tokens: 2 layers x 87*10*8*8 (fp32) + logits 16*10*8*10
     assert dpo.activations == 2 * 87 * 10 * 8 * 8 + 16 * 10 * 8 * 10 == 124_160
-    # 100 pairs x 2 sequences x 10 tokens x 1 epoch x 6N; evaluation 16*8 tokens x (2N sampling + 2N SFT KL pass)
-    assert dpo.train_flops == 2000 * 6 * 1400 and dpo.eval_flops == 128 * 4 * 1400  # sampling + the SFT KL pass
+    # 100 pairs x 2 sequences x 10 tokens x 1 epoch x 6N; evaluation 16 prompts x (5 prompt + 8 new tokens) x (2N
+    # prefill and sampling + 2N SFT KL pass)
+    assert dpo.train_flops == 2000 * 6 * 1400 and dpo.eval_flops == 16 * 13 * 4 * 1400  # policy + SFT KL pass
     sft = _trial("sft")  # chosen only: 4 sequences, half the tokens
     assert sft.activations == 2 * 87 * 10 * 4 * 8 + 16 * 10 * 4 * 10 == 62_080
-    assert sft.train_flops == 1000 * 6 * 1400 and sft.eval_flops == 128 * 2 * 1400
+    assert sft.train_flops == 1000 * 6 * 1400 and sft.eval_flops == 16 * 13 * 2 * 1400
 
 
 def test_precision_checkpointing_reference_lora_and_fsdp_by_hand():
@@ -99,7 +100,33 @@ def test_fit_and_gpu_hours():
     dpo = _trial("dpo")
     assert dpo.fits(80) and not dpo.fits(1e-4)  # 146,560 bytes vs 0.9 * 1e-4 GiB = 96,637 bytes
     cost = CostSpec(peak_tflops=1e-6, utilization=0.5)  # 5e5 FLOP/s
-    assert dpo.gpu_hours(cost) == pytest.approx((16_800_000 + 716_800) / 5e5 / 3600)  # eval: 128 x 4N
+    # eval: 16 prompts x (5 prompt tokens, half the 10-token sequence, + 8 new) x 4N (the policy and the SFT model's
+    # KL pass); the synthetic reward has no model
+    assert dpo.gpu_hours(cost) == pytest.approx((16_800_000 + 16 * 13 * 4 * 1400) / 5e5 / 3600)
+
+
+def test_the_evaluation_term_counts_prompts_new_tokens_and_the_reward_model(tmp_path):
+    import json
+
+    from orchestrator.planner import eval_flops, reward_parameters
+
+    folder = tmp_path / "reward"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2,
+                                                    "num_attention_heads": 2, "vocab_size": 10,
+                                                    "tie_word_embeddings": True}))
+    text = SPEC.format(training="", gpus=1, sharding="ddp").replace(
+        "stages:", f"reward: {{kind: hf, path: {folder}}}\nstages:")
+    spec = parse_spec(text)
+    assert reward_parameters(spec) == (1400, "its config.json")  # SMALL's shape: N = 1400
+    dpo = next(s for s in plan_sweep(spec) if s.stage == "dpo").trials[0]
+    sft = next(s for s in plan_sweep(spec) if s.stage == "sft").trials[0]
+    assert eval_flops(dpo, 1400, 1400, spec.cost) == 16 * (5 + 8) * (2 + 2 + 2) * 1400  # policy, KL, reward
+    assert eval_flops(sft, 1400, 1400, spec.cost) == 16 * (5 + 8) * (2 + 2) * 1400      # no KL pass for SFT
+    hub = parse_spec(text.replace(f"path: {folder}", "hub_id: nobody/not-in-any-cache"))
+    assert reward_parameters(hub)[0] is None and "set cost.reward_parameters" in reward_parameters(hub)[1]
+    given = parse_spec(text.replace("gpu_memory_gb: 80,", "gpu_memory_gb: 80, reward_parameters: 7,"))
+    assert reward_parameters(given) == (7, "cost.reward_parameters")
 
 
 def test_unknown_shape_is_said_not_guessed():
