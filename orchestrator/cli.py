@@ -80,10 +80,14 @@ def _describe_range(search_range) -> str:
     return f"{kind} in [{search_range.low:g}, {search_range.high:g}]"
 
 
+def _stage_head(stage) -> str:
+    return f"stage {stage.stage} ({stage.size} trial{'s' * (stage.size != 1)})"
+
+
 def _stage_line(stage) -> str:
     """'stage dpo (20 trials): beta 5 × learning_rate 2 × epochs 2' (values per varied hyperparameter), the
     plan's summary of one stage."""
-    head = f"stage {stage.stage} ({stage.size} trial{'s' * (stage.size != 1)})"
+    head = _stage_head(stage)
     if stage.search:
         return f"{head}: an Optuna search ({stage.search.settings.sampler}) over {', '.join(stage.search.space)}"
     values: dict[str, set] = {}
@@ -95,7 +99,7 @@ def _stage_line(stage) -> str:
 
 
 def _print_stage(stage) -> None:
-    print(f"\nstage {stage.stage} ({stage.size} trial{'s' * (stage.size != 1)})")
+    print(f"\n{_stage_head(stage)}")
     if stage.search:
         s = stage.search
         print(f"  optuna search ({s.settings.sampler}, seed {s.settings.seed}, maximizing {s.settings.metric}): "
@@ -373,9 +377,8 @@ def _is_sweep_name(arg: Optional[str]) -> bool:
 
 
 def cmd_report(args) -> int:
-    changes = getattr(args, "set", None), getattr(args, "only", None)
-    if _is_sweep_name(args.spec) and any(changes):
-        raise SpecError("--set" if changes[0] else "--only", "", f"{args.spec!r} is read from the tracking store "
+    if _is_sweep_name(args.spec) and (args.set or args.only):  # report always parses both flags
+        raise SpecError("--set" if args.set else "--only", "", f"{args.spec!r} is read from the tracking store "
                         "as a sweep's name; --set and --only change a spec (give its YAML file or built-in name)")
     source = args.spec if _is_sweep_name(args.spec) else _load(args)
     out, run_id = api.report(source, tracking_uri=args.tracking_uri, out=args.out, fmt=args.format,

@@ -76,6 +76,14 @@ def _hub_config(hub_id: str, revision: Optional[str]) -> Optional[dict]:
     return json.loads(Path(found).read_text()) if isinstance(found, str) else None
 
 
+def _config_here(path: Optional[str], hub_id: Optional[str], revision: Optional[str] = None) -> Optional[dict]:
+    """A model's config.json from a local folder or the local HF cache (never the network), or None."""
+    if path:
+        file = Path(path).expanduser() / "config.json"
+        return json.loads(file.read_text()) if file.is_file() else None
+    return _hub_config(hub_id, revision) if hub_id else None
+
+
 def model_shape(spec: SweepSpec) -> tuple[Optional[ModelShape], str]:
     """(shape, where it came from); (None, why) when nothing on this machine says."""
     model = spec.model
@@ -83,12 +91,7 @@ def model_shape(spec: SweepSpec) -> tuple[Optional[ModelShape], str]:
         return ModelShape(hidden_size=model.hidden_size, intermediate_size=model.intermediate_size,
                           num_layers=model.num_layers, num_heads=model.num_heads,
                           vocab_size=4 + len(vocabulary()), tie_embeddings=True), "the tiny model's spec"
-    config = None
-    if model.path and not model.gguf_file:
-        file = Path(model.path).expanduser() / "config.json"
-        config = json.loads(file.read_text()) if file.is_file() else None
-    elif model.hub_id:
-        config = _hub_config(model.hub_id, model.revision)
+    config = None if model.gguf_file else _config_here(model.path, model.hub_id, model.revision)
     if config is not None:
         return shape_from_config(config), "config.json"
     if spec.cost.model_shape is not None:
@@ -207,12 +210,7 @@ def reward_parameters(spec: SweepSpec) -> tuple[Optional[int], str]:
         return 0, "the synthetic reward has no model"
     if spec.cost.reward_parameters:
         return spec.cost.reward_parameters, "cost.reward_parameters"
-    config = None
-    if reward.path:
-        file = Path(reward.path).expanduser() / "config.json"
-        config = json.loads(file.read_text()) if file.is_file() else None
-    elif reward.hub_id:
-        config = _hub_config(reward.hub_id, None)
+    config = _config_here(reward.path, reward.hub_id)
     if config is not None and {"hidden_size", "intermediate_size", "num_hidden_layers"} <= set(config):
         return parameter_count(shape_from_config(config)), "its config.json"
     return None, "unknown (no config.json on this machine): not counted; set cost.reward_parameters"
