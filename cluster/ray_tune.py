@@ -19,6 +19,7 @@ from cluster.base import Progress, TrialFn
 from orchestrator.core.runs import RunStatus
 from orchestrator.core.task import TrialResult, TrialTask
 from orchestrator.runtime.lifecycle import record_lost_trial
+from orchestrator.runtime.server import credential_env
 
 # Tune's per-trial CSV/JSON/TensorBoard loggers duplicate what MLflow holds and cost time per trial.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -61,8 +62,11 @@ def run_ray_train_ranks(task: TrialTask, out: Path) -> None:
         raise RankFailed(f"the trial's Ray Train run failed: {type(exc).__name__}: {last_line(str(exc))}") from None
 
 
-def _tune_trial(config: dict, tasks: list[str], trial_fn: TrialFn) -> dict:
-    """Runs in a Ray worker: one task by its index in the batch."""
+def _tune_trial(config: dict, tasks: list[str], trial_fn: TrialFn, credential: dict[str, str]) -> dict:
+    """Runs in a Ray worker: one task by its index in the batch. `credential`: the tracking server's login, which a
+    worker on another node does not inherit (handed over in Ray's object store, never in a job's runtime_env, which
+    Ray records)."""
+    os.environ.update(credential)
     task = TrialTask.model_validate_json(tasks[config["index"]])
     return {"result": trial_fn(task).model_dump_json()}
 
@@ -156,7 +160,8 @@ class RayExecutor:
             return []
         self._connect()
         trainable = tune.with_resources(
-            tune.with_parameters(_tune_trial, tasks=[t.model_dump_json() for t in tasks], trial_fn=trial_fn),
+            tune.with_parameters(_tune_trial, tasks=[t.model_dump_json() for t in tasks], trial_fn=trial_fn,
+                                 credential=credential_env()),
             self.resources)
         storage = Path(tasks[0].runtime.workdir) / "ray_results"
         tuner = tune.Tuner(

@@ -25,11 +25,13 @@ from orchestrator.core.spec import Choice, IntRange, SweepSpec
 from orchestrator.core.spec_file import SpecError, field_line
 from orchestrator.grid import PlanError, preference_stages, tracked_name
 from orchestrator.infra.errors import first_line
+from orchestrator.infra.net import is_loopback
 from orchestrator.pipeline import SweepError
 from orchestrator.planner import plan_stages, prompt_tokens, reward_parameters, sequence_tokens
 from orchestrator.progress import Output
 from orchestrator.runtime.kept_models import verify_kept_best
-from orchestrator.runtime.server import TrackingServerError, mlflow_command, stop_server, wait_healthy
+from orchestrator.runtime.server import (TrackingServerError, mlflow_command, stop_server, store_login, wait_healthy,
+                                         with_login)
 from orchestrator.runtime.store import (BadTrackingUri, CorruptArtifact, StoreUnavailable, check_reachable,
                                         check_writable, is_unreachable, resolve_tracking_uri, sqlite_path, store_exists)
 from orchestrator.runtime.sweep_runs import existing_trials, runs_view_url, sweep_experiments
@@ -306,10 +308,6 @@ def cmd_run(args) -> int:
     return EXIT_FAILED if outcome.failed else EXIT_OK
 
 
-def _loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
 def _port_taken(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         try:
@@ -327,17 +325,16 @@ def cmd_ui(args) -> int:
     if not store_exists(uri):
         print(f"error: no tracking store at {uri}: run a sweep here first, or pass --tracking-uri", file=sys.stderr)
         return EXIT_FAILED
-    if not _loopback(args.host):
-        print(f"warning: --host {args.host} serves the whole tracking store (every run, parameter, metric and "
-              "artifact) to anyone who can reach this machine; MLflow's UI asks for no login", file=sys.stderr)
+    # beyond loopback the UI asks for the store's login (the one the sweeps' servers use), as they do
+    login = None if is_loopback(args.host) or not uri.startswith("sqlite:") else store_login(sqlite_path(uri))
     if _port_taken(args.host, args.port):
         print(f"error: port {args.port} on {args.host} is in use (another sweep ui or MLflow server?); choose one "
               "with --port", file=sys.stderr)
         return EXIT_FAILED
     mlflow, env = mlflow_command()
     url = f"http://{args.host}:{args.port}"
-    command = [mlflow, "ui", "--backend-store-uri", uri, "--registry-store-uri", uri, "--host", args.host, "--port",
-               str(args.port)]
+    command, env = with_login([mlflow, "ui", "--backend-store-uri", uri, "--registry-store-uri", uri, "--host",
+                               args.host, "--port", str(args.port)], env, login)
     # the server's own output (MLflow's and uvicorn's warnings, access lines) goes to a log file beside the store:
     # the terminal shows the URLs, once they answer, and nothing else unless the server fails
     log = ui_log_path(uri)
@@ -346,6 +343,8 @@ def cmd_ui(args) -> int:
     try:
         wait_healthy(url, process, timeout=180)
         print(f"MLflow UI for {uri} at {url} (Ctrl-C stops it; server log: {log})", flush=True)
+        if login is not None:
+            print(f"  it asks for a login: {login.how_to_log_in()}", flush=True)
         for name, experiment_id in sweep_experiments(uri)[:UI_LISTED_SWEEPS]:
             print(f"  sweep {name}: {runs_view_url(url, experiment_id)}", flush=True)
         return process.wait()

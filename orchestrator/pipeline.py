@@ -20,7 +20,8 @@ from orchestrator.core.methods import StageKind
 from orchestrator.core.runs import (OUTCOMES, SELECTION_METRIC, RunStatus, TrialRecord, best_first, ended,
                                     latest_per_key, resume_done)
 from orchestrator.core.spec import SweepSpec
-from orchestrator.core.tags import TAG_CHECKPOINT, TAG_SAMPLES, TAG_STAGE_KEY, TAG_WEIGHTS
+from orchestrator.core.tags import (TAG_CHECKPOINT, TAG_CHECKPOINT_ARTIFACT, TAG_SAMPLES, TAG_SAMPLES_SHA,
+                                    TAG_STAGE_KEY, TAG_WEIGHTS)
 from orchestrator.core.task import TrialResult, TrialRuntime, TrialTask
 from orchestrator.grid import StagePlan, plan_sweep, preference_stages, tracked_name
 from orchestrator.infra.files import exclusive_lock, folder_problem, verified_mismatch
@@ -28,7 +29,7 @@ from orchestrator.progress import Output, TrialProgress
 from orchestrator.runtime.kept_models import keep_models, registered_model_name, verify_kept_best
 from orchestrator.runtime.lifecycle import run_trial
 from orchestrator.runtime.server import store_for_workers
-from orchestrator.runtime.store import prepare_store
+from orchestrator.runtime.store import local_artifact_root, prepare_store, unreachable_artifacts
 from orchestrator.runtime.sweep_runs import SweepTracker
 from orchestrator.search import run_search, study_name, study_storage
 
@@ -105,23 +106,46 @@ def start_order(tasks: list[TrialTask], seed: Optional[int]) -> list[TrialTask]:
     return shuffled
 
 
-def select_init(records: list[TrialRecord], stage: StagePlan) -> dict[str, str]:
-    """Runtime fields that point preference trials at the best finished trial of `stage`."""
+def select_init(records: list[TrialRecord], stage: StagePlan, shared_workdir: bool = True) -> dict[str, str]:
+    """Runtime fields that point preference trials at the best finished trial of `stage`: its folder on the shared
+    workdir, or (shared_workdir false) its run, whose artifacts hold the checkpoint (runtime.node_files)."""
     finished = [r for r in latest_per_key(stage_records(records, stage)) if r.status == RunStatus.FINISHED]
     if not finished:
         raise SweepError(f"no trial of stage {stage.stage!r} finished, so there is no checkpoint to start the "
                          "preference stages from; see the FAILED runs' posweep.failure tag")
     best = min(finished, key=lambda r: best_first(r.metrics.get(SELECTION_METRIC, float("nan")), r.trial_key))
+    if not shared_workdir:
+        if TAG_CHECKPOINT_ARTIFACT not in best.tags or TAG_SAMPLES_SHA not in best.tags:
+            raise SweepError(f"the selected {stage.stage} trial {best.run_name!r} (run {best.run_id}) ran with a "
+                             "shared workdir: its checkpoint is on that disk, not in the tracking store. Delete that "
+                             "run in MLflow and rerun (it runs again), or set executor.shared_workdir: true")
+        return {"init_run_id": best.run_id, "init_trial_key": best.trial_key}
     checkpoint, samples = best.tags.get(TAG_CHECKPOINT), best.tags.get(TAG_SAMPLES)
     if not checkpoint or not Path(checkpoint).is_dir() or not samples or not Path(samples).is_file():
         raise SweepError(f"the selected {stage.stage} trial {best.run_name!r} (run {best.run_id}) has no "
-                         f"checkpoint/samples on disk ({checkpoint}); the workdir was removed or moved. "
-                         "Delete that run in MLflow (or use a fresh tracking store) and rerun")
+                         f"checkpoint/samples at {checkpoint} on the driver's disk: the workdir was removed or moved, "
+                         "or the trial ran on a node that does not share it (executor.shared_workdir: false is for "
+                         "clusters without a shared disk). Delete that run in MLflow (or use a fresh tracking store) "
+                         "and rerun")
     problem = folder_problem(Path(checkpoint)) or verified_mismatch(Path(samples), unrecorded_ok=True)
     if problem:  # preference trials would start from, or compare against, what that trial did not write
         raise SweepError(f"the selected {stage.stage} trial {best.run_name!r} (run {best.run_id}) left files that "
                          f"cannot be trusted: {problem}. Delete that run in MLflow and rerun: it runs again")
     return {"init_checkpoint": checkpoint, "init_trial_key": best.trial_key, "sft_samples": samples}
+
+
+def check_artifacts_reachable(tracker: SweepTracker, shared_workdir: bool, served: bool) -> None:
+    """Without a shared workdir, trials on other nodes must reach the sweep's artifacts through the store: the
+    server this sweep started (`served`) serves them; an experiment whose artifacts are paths on a disk, in a store
+    used directly or through a user's server that does not proxy them, cannot give them to other nodes."""
+    if shared_workdir or served:
+        return
+    location = tracker.artifact_location
+    if unreachable_artifacts(location):
+        raise SweepError(f"executor.shared_workdir is false, but sweep {tracker.sweep!r} keeps its artifacts at "
+                         f"{location}, a path on one disk that trials on other nodes cannot reach: use a SQLite "
+                         "store (sweep run serves its artifacts), an MLflow server started with --serve-artifacts, "
+                         "or set executor.shared_workdir: true")
 
 
 # Stages that can run side by side: the untrained baseline with the SFT grid, then every preference method
@@ -132,22 +156,30 @@ def phases(stages: list[StagePlan]) -> list[list[StagePlan]]:
     return [first, [s for s in stages if s not in first]]
 
 
-class _StageRunner:
-    """Runs the phases of one sweep through one executor, against one tracking URI."""
+def runtime_fields(spec: SweepSpec, tracker: SweepTracker, tracking_uri: str, share_work: bool,
+                   served_root: Optional[str]) -> dict:
+    """The TrialRuntime fields every trial of the sweep shares (a stage adds its own)."""
+    keep = spec.checkpoints.keep
+    fields = dict(sweep=tracker.sweep, tracking_uri=tracking_uri, experiment_id=tracker.experiment_id,
+                  workdir=str(Path(spec.workdir).resolve()), share_work=share_work,
+                  checkpoint_every=spec.executor.checkpoint_every,
+                  processes=spec.executor.processes_per_trial, sharding=spec.executor.sharding,
+                  keep_models=None if keep == "none" else keep, register_models=spec.checkpoints.registry,
+                  system_metrics_interval=(spec.tracking.system_metrics_interval
+                                           if spec.tracking.system_metrics else None),
+                  shared_workdir=spec.executor.shares_workdir, node_dir=spec.executor.node_dir,
+                  served_root=served_root)
+    fields["rank_launcher"], fields["rank_resources"] = spec.executor.rank_launch()
+    return fields
 
-    def __init__(self, spec: SweepSpec, tracker: SweepTracker, executor, tracking_uri: str, share_work: bool,
-                 progress: TrialProgress, trial_fn):
+
+class _StageRunner:
+    """Runs the phases of one sweep through one executor, its trials sharing `runtime` (runtime_fields)."""
+
+    def __init__(self, spec: SweepSpec, tracker: SweepTracker, executor, runtime: dict, progress: TrialProgress,
+                 trial_fn):
         self.spec, self.tracker, self.executor, self.trial_fn = spec, tracker, executor, trial_fn
-        self.progress = progress
-        keep = spec.checkpoints.keep
-        self.runtime = dict(sweep=tracker.sweep, tracking_uri=tracking_uri, experiment_id=tracker.experiment_id,
-                            workdir=str(Path(spec.workdir).resolve()), share_work=share_work,
-                            checkpoint_every=spec.executor.checkpoint_every,
-                            processes=spec.executor.processes_per_trial, sharding=spec.executor.sharding,
-                            keep_models=None if keep == "none" else keep, register_models=spec.checkpoints.registry,
-                            system_metrics_interval=(spec.tracking.system_metrics_interval
-                                                     if spec.tracking.system_metrics else None))
-        self.runtime["rank_launcher"], self.runtime["rank_resources"] = spec.executor.rank_launch()
+        self.progress, self.runtime = progress, runtime
         self.results: list[TrialResult] = []
 
     def _runtime(self, stage: StagePlan, parent: str, init: dict[str, str]) -> TrialRuntime:
@@ -215,8 +247,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, *, smoke: bool = False, execut
     """Run (or resume) a sweep: only trials without a FINISHED run (grids) or the rest of a search's budget.
     `output` takes its messages (a progress bar on a terminal, a line per trial otherwise; QUIET: none);
     `trial_fn` is the lifecycle's run_trial (train and evaluate) unless a probe replaces it (load tests)."""
-    echo = output.echo
-    started = time.monotonic()
+    echo, started = output.echo, time.monotonic()
     stages = plan_sweep(spec, smoke)
     name = tracked_name(spec, smoke)
     executor = executor or make_executor(spec.executor)
@@ -227,6 +258,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, *, smoke: bool = False, execut
         if uri != tracking_uri:
             echo(f"trials run in parallel: serving {tracking_uri} through an MLflow server at {uri}")
         tracker = SweepTracker(uri, name)
+        check_artifacts_reachable(tracker, spec.executor.shares_workdir, served=uri != tracking_uri)
         tracker.show_trials(hyperparameter_names(stages))
         for stage in preference_stages(stages):  # each keeps its method's best model
             problem = verify_kept_best(uri, name, stage.stage, spec.checkpoints.keep, Path(spec.workdir).resolve())
@@ -249,14 +281,16 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, *, smoke: bool = False, execut
                      + ("the search keeps them as stopped (they are its history)" if stage.search else
                         "they run again"))
         progress = TrialProgress(sum(s.size for s in stages), skipped, output)
-        runner = _StageRunner(spec, tracker, executor, uri, share_work, progress, trial_fn or run_trial)
+        served_root = local_artifact_root(tracking_uri) if uri != tracking_uri else None  # our server serves it
+        runtime = runtime_fields(spec, tracker, uri, share_work, served_root)
+        runner = _StageRunner(spec, tracker, executor, runtime, progress, trial_fn or run_trial)
         init: dict[str, str] = {}
         try:
             for phase in phases(stages):
                 runner.run_phase(phase, finished, init)
                 sft = next((s for s in phase if s.kind is StageKind.SFT), None)
                 if sft is not None:
-                    init = select_init(tracker.trials(sft.stage), sft)
+                    init = select_init(tracker.trials(sft.stage), sft, spec.executor.shares_workdir)
         finally:
             progress.close()
             close = getattr(executor, "close", None)

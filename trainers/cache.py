@@ -52,8 +52,13 @@ def save_tensors(obj, path: str) -> None:
         torch.save(obj, f)
 
 
+def reference_cache_name(key: str) -> str:
+    """The entry's path under the cache folder (and its name between nodes: orchestrator.core.outcome.SharedFiles)."""
+    return f"ref_logps/{key}.pt"
+
+
 def reference_cache_path(cache_dir: Path, key: str) -> Path:
-    return Path(cache_dir) / "ref_logps" / f"{key}.pt"
+    return Path(cache_dir) / reference_cache_name(key)
 
 
 def cached_reference_logps(cache_dir: Path, key: str, n_pairs: int,

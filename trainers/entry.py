@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 
 from orchestrator.core.methods import METHODS
-from orchestrator.core.outcome import BodyFailed, Checkpointing, DeviceUsage, Report, RungJudge, TrialLog, TrialOutcome
+from orchestrator.core.outcome import (BodyFailed, Checkpointing, DeviceUsage, Report, RungJudge, SharedFiles, TrialLog,
+                                       TrialOutcome)
 from orchestrator.core.tags import TAG_DEVICE
 from orchestrator.core.task import TrialTask
 from trainers.distributed import launch_ranks, launched, train_with_launched_ranks
@@ -31,7 +32,7 @@ def device_usage(accelerator, processes: int = 1) -> DeviceUsage:
 
 
 def train_and_evaluate(task: TrialTask, log: TrialLog, judge: RungJudge, checkpointing: Optional[Checkpointing],
-                       report: Optional[Report]) -> TrialOutcome:
+                       report: Optional[Report], shared: Optional[SharedFiles]) -> TrialOutcome:
     """The trial body of every real trial (orchestrator.core.outcome.TrialBody). Whatever breaks it is raised as
     BodyFailed with the device it held, so the FAILED run is charged for it."""
     usage = DeviceUsage(count=task.runtime.processes)
@@ -39,7 +40,7 @@ def train_and_evaluate(task: TrialTask, log: TrialLog, judge: RungJudge, checkpo
         accelerator = make_accelerator()
         usage = device_usage(accelerator, task.runtime.processes)
         log.set_tags({TAG_DEVICE: usage.device})
-        hooks = BodyHooks(log, judge, checkpointing, report)
+        hooks = BodyHooks(log, judge, checkpointing, report, shared)
         if task.runtime.processes == 1:
             outcome = execute(task, METHODS[task.trial.method], hooks, accelerator)
         elif launched():  # the cluster started the other ranks (SLURM tasks); this process is rank 0

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from orchestrator.core.methods import METHODS, StageKind
-from orchestrator.core.outcome import Checkpointing, Report, RungJudge, TrialLog, TrialOutcome
+from orchestrator.core.outcome import Checkpointing, Report, RungJudge, SharedFiles, TrialLog, TrialOutcome
 from orchestrator.core.rungs import TrialStopped, rungs_of
 from orchestrator.core.task import TrialTask
 from orchestrator.infra.files import write_folder_atomically
@@ -103,7 +103,7 @@ class ProbeBody:
     prompts: int = 0
 
     def __call__(self, task: TrialTask, log: TrialLog, judge: RungJudge, checkpointing: Optional[Checkpointing],
-                 report: Optional[Report]) -> TrialOutcome:
+                 report: Optional[Report], shared: Optional[SharedFiles]) -> TrialOutcome:
         marker = task.trial_dir / "probe-died"
         if self.die_once and not marker.exists():  # a worker lost mid-trial: the executor must retry it
             marker.write_text(str(os.getpid()))

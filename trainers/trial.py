@@ -21,14 +21,15 @@ from transformers.utils import logging as hf_logging
 
 from orchestrator.core.errors import failing_phase as any_failing_phase
 from orchestrator.core.methods import Method, StageKind
-from orchestrator.core.outcome import Checkpointing, Report, RungJudge, TrialLog, TrialOutcome
+from orchestrator.core.outcome import Checkpointing, Report, RungJudge, SharedFiles, TrialLog, TrialOutcome
 from orchestrator.core.rungs import TrialStopped, rungs_of
 from orchestrator.core.spec import TrainHParams
 from orchestrator.core.tags import TAG_EVAL_CUTS, TAG_LAYOUT, TAG_REF_CACHE, TAG_REF_CACHE_SHA
 from orchestrator.core.task import TrialTask
 from orchestrator.infra.files import folder_problem, sidecar, verified_mismatch
 from trainers.adapters import AdapterDisabled, apply_lora, is_lora, merged
-from trainers.cache import cached_reference_logps, reference_cache_key, reference_cache_path, shared_encoded_pairs
+from trainers.cache import (cached_reference_logps, reference_cache_key, reference_cache_name, reference_cache_path,
+                            shared_encoded_pairs)
 from trainers.data import encode_pairs
 from trainers.evaluate import EvalSettings, SftBaseline, evaluate
 from trainers.logprobs import choose_layout, describe_head
@@ -59,6 +60,7 @@ class TrialContext:
     init: Path              # the checkpoint it starts from (the base model, or the selected SFT trial's)
     tokenizer: object
     model: torch.nn.Module  # the policy (LoRA-wrapped when training.lora is set)
+    shared_files: Optional[SharedFiles] = None  # cache entries between nodes that share no disk (BodyHooks.shared)
     _reward: Optional[object] = None
     _start: Optional[torch.nn.Module] = None  # the starting checkpoint, once loaded (start_model)
     _baseline: Optional[SftBaseline] = None   # what a preference trial compares against, once built
@@ -136,9 +138,15 @@ def _reference(ctx: TrialContext, raw_pairs, pairs) -> tuple:
         return compute()
     key = reference_cache_key(ctx.init, raw_pairs, training.max_length)
     cache_dir = Path(ctx.task.runtime.workdir) / "cache"
+    path, name = reference_cache_path(cache_dir, key), reference_cache_name(key)
+    # nodes without a shared disk: another node's entry from the store before computing one here
+    fetched = (ctx.shared_files is not None and verified_mismatch(path) is not None
+               and ctx.shared_files.fetch(name, path))
     reference, hit = cached_reference_logps(cache_dir, key, len(pairs), compute)
-    digest = sidecar(reference_cache_path(cache_dir, key)).read_text().strip()
-    ctx.logger.set_tags({TAG_REF_CACHE: "hit" if hit else "miss", TAG_REF_CACHE_SHA: digest})
+    if not hit and ctx.shared_files is not None:
+        ctx.shared_files.publish(name, path)
+    how = ("fetched from the store" if fetched else "hit") if hit else "miss"
+    ctx.logger.set_tags({TAG_REF_CACHE: how, TAG_REF_CACHE_SHA: sidecar(path).read_text().strip()})
     return reference
 
 
@@ -233,7 +241,7 @@ def _load(task: TrialTask, method: Method, hooks: "BodyHooks", accelerator) -> t
     remote = getattr(trial.model, "trust_remote_code", False)
     model = _trainable_model(load_causal_lm(init, accelerator.device, remote), trial.training, method)
     ctx = TrialContext(task, method, hooks.log, hooks.judge, hooks.checkpointing, accelerator, init,
-                       load_tokenizer(init, remote), model)
+                       load_tokenizer(init, remote), model, hooks.shared)
     if method.trains:
         train_data, eval_data = load_splits(trial.data, ctx.shared)
         return ctx, train_data, eval_data
@@ -335,6 +343,7 @@ class BodyHooks:
     judge: RungJudge
     checkpointing: Optional[Checkpointing] = None
     report: Optional[Report] = None
+    shared: Optional[SharedFiles] = None  # cache entries between nodes that share no disk
 
 
 def execute(task: TrialTask, method: Method, hooks: BodyHooks, accelerator) -> TrialOutcome:

@@ -1,12 +1,13 @@
 """A trial body's contract with the runtime that runs it: what it is handed and what it returns.
 
-    outcome = body(task, log, judge, checkpointing, report)
+    outcome = body(task, log, judge, checkpointing, report, shared)
 
 The runtime (orchestrator.runtime.lifecycle) opens the trial's run, hands the body a TrialLog to write curves and
-tags into it, a RungJudge for early stopping, where to save its training state (Checkpointing) and a progress
-callback, and records the TrialOutcome the body returns: its metrics and cost, its per-sample records, the
-checkpoint later stages start from, the weights to keep, or the rung it was stopped at. A body never writes the
-run's outcome itself and never imports the runtime; it raises BodyFailed (with what it held) when it breaks.
+tags into it, a RungJudge for early stopping, where to save its training state (Checkpointing), a progress
+callback and, on nodes that share no disk, SharedFiles to pass cache entries between nodes, and records the
+TrialOutcome the body returns: its metrics and cost, its per-sample records, the checkpoint later stages start
+from, the weights to keep, or the rung it was stopped at. A body never writes the run's outcome itself and never
+imports the runtime; it raises BodyFailed (with what it held) when it breaks.
 """
 
 from __future__ import annotations
@@ -90,6 +91,21 @@ class BodyFailed(Exception):
         self.usage = usage
 
 
+class SharedFiles(Protocol):
+    """Cache entries (reference log-probs) a trial shares with the sweep's trials on other nodes, when the nodes
+    share no disk (executor.shared_workdir: false; with a shared workdir its cache folder is shared already and a
+    body gets None). `name` is the entry's path under the cache folder, e.g. "ref_logps/<key>.pt"."""
+
+    def fetch(self, name: str, target: Path) -> bool:
+        """Put the entry another trial published at `target` (its sha256 in the sidecar beside it, checked against
+        the one recorded at publishing); False when none has been published."""
+        ...
+
+    def publish(self, name: str, path: Path) -> None:
+        """Make the file at `path` (written with its sidecar) the entry `name` for the sweep's other trials."""
+        ...
+
+
 class TrialBody(Protocol):
     def __call__(self, task: TrialTask, log: TrialLog, judge: RungJudge, checkpointing: Optional[Checkpointing],
-                 report: Optional[Report]) -> TrialOutcome: ...
+                 report: Optional[Report], shared: Optional[SharedFiles]) -> TrialOutcome: ...

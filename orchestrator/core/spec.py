@@ -325,6 +325,18 @@ class ExecutorBase(Strict):
         "ddp", description="with processes_per_trial > 1: ddp (a full copy of the weights, gradients and AdamW "
                            "state in every process) or fsdp (torch FSDP2: each decoder layer's parameters, "
                            "gradients and optimizer state split over the processes)")
+    shared_workdir: Optional[bool] = Field(
+        None, description="whether every node sees the sweep's workdir at the driver's path (one machine, a shared "
+                          "filesystem); false: trials keep their files on their node (node_dir) and read what "
+                          "other trials left from the tracking store. Default: true; false for ray (unless ranks: "
+                          "ray_train)")
+    node_dir: Optional[str] = Field(
+        None, description="with shared_workdir false: where a trial keeps its files on its node (~ expanded there); "
+                          "default TMPDIR/posweep-nodes")
+
+    @property
+    def shares_workdir(self) -> bool:
+        return True if self.shared_workdir is None else self.shared_workdir
 
     def rank_launch(self) -> tuple[str, dict[str, float]]:
         """How a multi-process trial's ranks start (trainers.distributed.RANK_LAUNCHERS) and what each gets."""
@@ -334,6 +346,13 @@ class ExecutorBase(Strict):
 class LocalExecutorSpec(ExecutorBase):
     """Trials one after another in the driver process."""
     kind: Literal["local"] = "local"
+
+    @model_validator(mode="after")
+    def _on_the_drivers_disk(self):
+        if self.shared_workdir is False:
+            raise ValueError("shared_workdir: false is for trials on other nodes (executor kind ray); the local "
+                             "executor runs every trial in the driver's process, on its disk")
+        return self
 
 
 class RayResources(Strict):
@@ -355,6 +374,22 @@ class RayExecutorSpec(ExecutorBase):
     resources_per_trial: RayResources = Field(default_factory=RayResources)
     max_concurrent_trials: Optional[int] = Field(None, gt=0)
     max_failures: int = Field(2, ge=0, description="retries of a trial whose worker process or node died")
+
+    @property
+    def shares_workdir(self) -> bool:
+        """Ray clusters are mostly nodes with their own disks (cloud VMs, Kubernetes pods): not shared unless said,
+        or unless ranks: ray_train, which needs a shared filesystem."""
+        if self.shared_workdir is None:
+            return self.rank_launch()[0] == "ray_train"
+        return self.shared_workdir
+
+    @model_validator(mode="after")
+    def _ranks_reach_the_trial_folder(self):
+        if self.shared_workdir is False and self.rank_launch()[0] == "ray_train":
+            raise ValueError("ranks: ray_train places a trial's ranks on any node, and rank 0 leaves its outcome in "
+                             "the trial's folder: it needs shared_workdir: true (a shared filesystem); or use "
+                             "ranks: spawn")
+        return self
 
     def rank_launch(self) -> tuple[str, dict[str, float]]:
         if self.ranks == "spawn" or self.processes_per_trial == 1:
@@ -382,6 +417,13 @@ class SlurmExecutorSpec(ExecutorBase):
                                            "(e.g. account, qos, constraint)")
     nodes_per_trial: int = Field(1, ge=1, description="nodes of one multi-process trial: its processes_per_trial "
                                                      "ranks run as srun tasks, processes_per_trial / nodes per node")
+
+    @model_validator(mode="after")
+    def _jobs_share_a_folder(self):
+        if self.shared_workdir is False:
+            raise ValueError("shared_workdir: false is not possible on SLURM: submitit hands every job its task "
+                             "and takes its result through files in executor.folder, which the nodes must share")
+        return self
 
     @model_validator(mode="after")
     def _ranks_fill_nodes(self):

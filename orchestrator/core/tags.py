@@ -11,6 +11,17 @@ TAG_INIT_KEY = "posweep.init_trial_key"
 TAG_CHECKPOINT = "posweep.checkpoint"
 TAG_SAMPLES = "posweep.samples"
 TAG_SAMPLES_SHA = "posweep.samples_sha256"  # content hash of samples.json, checked by the trials that read it
+# Without a shared workdir (executor.shared_workdir: false) what later trials read from a trial is in its artifacts:
+# the checkpoint folder (its ready marker lists every file's sha256) and samples.json as written (TAG_SAMPLES_SHA)
+CHECKPOINT_ARTIFACT = "checkpoint"
+SAMPLES_FILE_ARTIFACT = "posweep/samples.json"
+TAG_CHECKPOINT_ARTIFACT = "posweep.checkpoint_artifact"  # set once CHECKPOINT_ARTIFACT is whole in the store
+TAG_INIT_FROM = "posweep.init_from"  # where a trial on a node without the workdir got its start checkpoint
+TAG_NODE = "posweep.node"            # the machine a trial ran on (POSWEEP_NODE_NAME, else the host name)
+# cache entries passed between nodes (orchestrator.core.outcome.SharedFiles): artifacts under SHARED_ARTIFACTS/<name>,
+# tagged TAG_SHARED<name> = sha256 once whole
+SHARED_ARTIFACTS = "shared"
+TAG_SHARED = "posweep.shared/"
 TAG_REF_CACHE_SHA = "posweep.ref_cache_sha256"  # of the reference-log-prob cache file the trial read or wrote
 TAG_FAILURE = "posweep.failure"
 TAG_REF_CACHE = "posweep.ref_cache"  # hit | miss: whether the trial computed its reference log-probs
@@ -29,6 +40,7 @@ TAG_WEIGHTS = "posweep.weights"      # "uploading", then "logged" once model/ is
 WEIGHTS_HELD = ("uploading", "logged")  # states in which a run's artifacts may hold weights
 TAG_PARENT = "mlflow.parentRunId"
 TAG_NOTE = "mlflow.note.content"
+LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"  # the artifacts the UI lists as tables
 WEIGHTS_ARTIFACT = "model"           # a kept model: a Hugging Face folder under the run's artifacts
 # MLflow 3 opens an experiment on its GenAI overview unless told it holds model training
 TAG_EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"

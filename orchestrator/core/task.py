@@ -19,10 +19,17 @@ class TrialRuntime(Strict):
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-    workdir: str                          # absolute; shared by every worker of the sweep
+    workdir: str                          # absolute; the driver's (shared by the nodes when shared_workdir)
     init_checkpoint: Optional[str] = None  # HF folder of the selected SFT trial (preference stages)
     init_trial_key: Optional[str] = None
     sft_samples: Optional[str] = None      # JSON per-sample records of the selected SFT trial
+    # executor.shared_workdir: false: the nodes share no disk with the driver. A trial keeps its files under
+    # node_dir (default: TMPDIR/posweep-nodes) and reads what other trials left (the selected SFT trial's, init_run_id)
+    # from the store, through the tracking server when it serves served_root (the store's file:// artifact root)
+    shared_workdir: bool = True
+    node_dir: Optional[str] = None
+    init_run_id: Optional[str] = None
+    served_root: Optional[str] = None
     # Reuse work across trials (reference log-probs, the SFT baseline's generations and scores). Off only to
     # measure what sharing saves (`sweep run --no-shared-work`); results are the same either way.
     share_work: bool = True

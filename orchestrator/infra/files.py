@@ -38,16 +38,18 @@ def exclusive_lock(path: Path, shared: bool = False, on_wait: Optional[Callable[
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def write_file_atomically(path: Path, write: Callable[[str], None]) -> None:
+def write_file_atomically(path: Path, write: Callable[[str], None], mode: Optional[int] = None) -> None:
     """`write(tmp_path)` then rename onto `path`: a reader sees the old file or the whole new one, never half.
-    A failed write removes its temporary file and raises OSError naming the errno and `path`."""
+    The file gets `mode` (a secret: 0o600), else what the umask gives. A failed write removes its temporary file
+    and raises OSError naming the errno and `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp makes 0600: a shared workdir's readers need the umask's
+        # mkstemp makes 0600: a shared workdir's readers need the umask's
+        os.chmod(tmp, 0o666 & ~process_umask() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -28,15 +28,16 @@ from orchestrator.core.outcome import BodyFailed, DeviceUsage, Report, TrialBody
 from orchestrator.core.registry import Registry
 from orchestrator.core.rungs import TrialStopped, rung_signature, rung_value_key, stop_signature
 from orchestrator.core.runs import RunStatus, TrialRecord, resume_done
-from orchestrator.core.tags import (TAG_CHECKPOINT, TAG_FAILURE, TAG_INIT_KEY, TAG_KEY, TAG_METHOD, TAG_RESUMED,
-                                    TAG_RUNG_SIGNATURE, TAG_SAMPLES, TAG_SAMPLES_SHA, TAG_STAGE, TAG_STAGE_KEY,
-                                    TAG_STOPPED_AT_RUNG, TAG_STOPPED_AT_STEP, TAG_STOPPED_UNDER, TAG_STOP_REASON,
-                                    TAG_SWEEP)
+from orchestrator.core.tags import (TAG_CHECKPOINT, TAG_FAILURE, TAG_INIT_FROM, TAG_INIT_KEY, TAG_KEY, TAG_METHOD,
+                                    TAG_NODE, TAG_RESUMED, TAG_RUNG_SIGNATURE, TAG_SAMPLES, TAG_SAMPLES_SHA, TAG_STAGE,
+                                    TAG_STAGE_KEY, TAG_STOPPED_AT_RUNG, TAG_STOPPED_AT_STEP, TAG_STOPPED_UNDER,
+                                    TAG_STOP_REASON, TAG_SWEEP)
 from orchestrator.core.task import TrialResult, TrialTask
 from orchestrator.infra.errors import first_line
 from orchestrator.infra.files import exclusive_lock, write_file_atomically, write_verified
 from orchestrator.runtime.judge import AshaJudge
 from orchestrator.runtime.kept_models import keep_models
+from orchestrator.runtime.node_files import fetch_inputs, node_name, on_this_node, publish_outputs, shared_files
 from orchestrator.runtime.store import is_unreachable
 from orchestrator.runtime.trial_log import SystemMetrics, TrialLogger
 
@@ -76,13 +77,17 @@ def record_samples(task: TrialTask, logger: TrialLogger, samples: list[dict]) ->
 
 
 def record_outcome(task: TrialTask, logger: TrialLogger, outcome: TrialOutcome) -> None:
-    """What a finished body leaves besides its metrics: its samples, the checkpoint later stages start from, and
-    the weights it keeps (the run's model/ artifacts; the folder they were written to goes after)."""
+    """What a finished body leaves besides its metrics: its samples, the checkpoint later stages start from (in
+    the store too, without a shared workdir), and the weights it keeps (the run's model/ artifacts; the folder they
+    were written to goes after)."""
+    samples = None
     if outcome.samples is not None:
         with failing_phase("writing samples.json"):
-            record_samples(task, logger, outcome.samples)
+            samples = record_samples(task, logger, outcome.samples)
     if outcome.checkpoint is not None:
         logger.set_tags({TAG_CHECKPOINT: str(outcome.checkpoint)})
+        with failing_phase("publishing the checkpoint and samples to the tracking store"):
+            publish_outputs(task, logger, outcome.checkpoint, samples)
     if outcome.weights is not None:
         try:
             with failing_phase("keeping the trained weights (run artifacts model/)"):
@@ -113,7 +118,7 @@ def _trial_tags(task: TrialTask) -> dict[str, str]:
 
 def _logger(task: TrialTask) -> TrialLogger:
     runtime = task.runtime
-    return TrialLogger(runtime.tracking_uri, runtime.experiment_id, runtime.parent_run_id)
+    return TrialLogger(runtime.tracking_uri, runtime.experiment_id, runtime.parent_run_id, runtime.served_root)
 
 
 def _open_run(task: TrialTask, logger: TrialLogger, earlier: list[TrialRecord]) -> str:
@@ -132,7 +137,7 @@ def _open_run(task: TrialTask, logger: TrialLogger, earlier: list[TrialRecord]) 
         return resume_id
     if saving is not None:  # a fresh start: an old checkpoint without its run is not resumed
         shutil.rmtree(saving.folder, ignore_errors=True)
-    run_id = logger.start(task.trial.run_name, _trial_tags(task), trial_params(task))
+    run_id = logger.start(task.trial.run_name, {**_trial_tags(task), TAG_NODE: node_name()}, trial_params(task))
     if saving is not None:
         write_file_atomically(run_id_file, lambda tmp: Path(tmp).write_text(run_id))
     return run_id
@@ -152,7 +157,9 @@ def _finished_result(task: TrialTask, runs: list[TrialRecord]) -> Optional[Trial
 
 def run_trial(task: TrialTask, report: Optional[Report] = None, body: Optional[TrialBody] = None) -> TrialResult:
     """Run one trial exactly once per key. `body` is the trainers' training and evaluation (TRIAL_BODIES["train"],
-    loaded here, in the worker) unless a probe replaces it (cluster.probe: dispatch benchmarks, executor tests)."""
+    loaded here, in the worker) unless a probe replaces it (cluster.probe: dispatch benchmarks, executor tests).
+    Without a shared workdir the trial's files are on its node's disk (runtime.node_files)."""
+    task = on_this_node(task)
     with trial_lock(task.trial_dir):
         try:
             return _run_locked(task, report, body or TRIAL_BODIES["train"])
@@ -236,7 +243,9 @@ def _run_locked(task: TrialTask, report: Optional[Report], body: TrialBody) -> T
     cost = lambda usage: cost_metrics(usage.device, usage.count, time.monotonic() - started)  # noqa: E731
     try:
         with _system_metrics(task, logger):
-            outcome = body(task, logger, AshaJudge.for_trial(logger, task), checkpointing(task), report)
+            task = _with_inputs(task, logger)
+            outcome = body(task, logger, AshaJudge.for_trial(logger, task), checkpointing(task), report,
+                           shared_files(task, logger))
             record_outcome(task, logger, outcome)
     except KeyboardInterrupt:
         logger.finish(RunStatus.KILLED)
@@ -252,6 +261,15 @@ def _run_locked(task: TrialTask, report: Optional[Report], body: TrialBody) -> T
     return _record_finish(task, logger, run_id, outcome, cost(outcome.usage))
 
 
+def _with_inputs(task: TrialTask, logger: TrialLogger) -> TrialTask:
+    """The task with the files it starts from on this node (runtime.node_files.fetch_inputs), said in its run."""
+    with failing_phase("fetching the selected SFT trial's checkpoint and samples"):
+        task, came = fetch_inputs(task, logger)
+    if came:
+        logger.set_tags({TAG_INIT_FROM: came})
+    return task
+
+
 def _system_metrics(task: TrialTask, logger: TrialLogger):
     interval = task.runtime.system_metrics_interval
     return SystemMetrics(logger, interval) if interval else contextlib.nullcontext()
@@ -263,6 +281,8 @@ def _keep_models(task: TrialTask) -> None:
     the policy again when its run ends, and says so if it still cannot."""
     runtime, method = task.runtime, task.trial.method
     if not runtime.keep_models or METHODS[method].kind is not StageKind.PREFERENCE:
+        return
+    if not runtime.shared_workdir:  # the policy deletes artifacts under the driver's disk: the driver applies it
         return
     try:
         keep_models(runtime.tracking_uri, runtime.sweep, method, runtime.keep_models, runtime.register_models,

@@ -1,14 +1,19 @@
 """The MLflow server a parallel sweep logs through, started by `sweep run` and supervised while it runs.
 
 One server process owns a local SQLite store, so trials in other processes (Ray workers, Slurm jobs) never
-write the file concurrently; a server that dies is started again on the same port. The client side of
+write the file concurrently; a server that dies is started again on the same port. It also serves the store's
+artifacts (MLflow's proxied artifact access), so a trial on a node without the driver's disk uploads and
+downloads them over HTTP (orchestrator.runtime.store.artifact_repository). Listening beyond loopback it runs
+MLflow's basic-auth app: only holders of the store's credential (ServerLogin) read or write. The client side of
 MLflow is orchestrator.runtime (the MLflow adapter).
 """
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -16,12 +21,14 @@ import sys
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 from urllib.parse import urlparse
 
-from orchestrator.infra.net import free_port
-from orchestrator.runtime.store import sqlite_path
+from orchestrator.infra.files import write_file_atomically
+from orchestrator.infra.net import free_port, is_loopback
+from orchestrator.runtime.store import local_artifact_root, sqlite_path
 
 
 class TrackingServerError(RuntimeError):
@@ -105,6 +112,75 @@ class _SupervisedServer:
         stop_server(self.process)
 
 
+# MLflow's client sends these as HTTP basic auth on every request (and Ray forwards them to workers on other nodes)
+CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+AUTH_FOLDER = "mlflow-auth"  # beside the store's database: credentials.ini (mode 0600) and users.db
+ADMIN_USER = "posweep-admin"
+
+
+@dataclass(frozen=True)
+class ServerLogin:
+    """The store's admin credential for MLflow's basic-auth app. `config` is the app's ini file (it holds the
+    password, so it is 0600, and so is its folder); the password itself is never printed, logged or tagged."""
+    config: Path
+    username: str
+    password: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"MLFLOW_TRACKING_USERNAME": self.username, "MLFLOW_TRACKING_PASSWORD": self.password}
+
+    def how_to_log_in(self) -> str:
+        return f"log in as {self.username!r}; the password is admin_password in {self.config} (readable by you only)"
+
+
+def store_login(db: Path) -> ServerLogin:
+    """The store's credential, created on first use: a random password in AUTH_FOLDER/credentials.ini (0600) and
+    the auth app's user database beside it. The app creates its admin user from the ini once; later starts
+    (reruns, `sweep ui`) read the same file, so the password the users table holds never changes."""
+    folder = Path(db).parent / AUTH_FOLDER
+    config = folder / "credentials.ini"
+    if not config.is_file():
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+        parser = configparser.ConfigParser()
+        parser["mlflow"] = {
+            "default_permission": "NO_PERMISSIONS", "database_uri": f"sqlite:///{folder / 'users.db'}",
+            "admin_username": ADMIN_USER, "admin_password": secrets.token_urlsafe(24),
+            "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+            # the app checks the password (PBKDF2, ~0.1 s) on every request unless it caches a good one
+            "auth_cache_ttl_seconds": "600"}
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                parser.write(f)
+        write_file_atomically(config, write, mode=0o600)
+    parser = configparser.ConfigParser()
+    parser.read(config)
+    return ServerLogin(config, parser["mlflow"]["admin_username"], parser["mlflow"]["admin_password"])
+
+
+def server_command(db: Path, host: str, port: int, login: Optional[ServerLogin]) -> tuple[list[str], dict[str, str]]:
+    """`mlflow server` for a SQLite store: its artifacts served from the store's own folder (mlartifacts/ beside
+    the database, where runs' file:// artifact URIs point, so the store reads the same without a server), behind
+    the basic-auth app when `login` is given."""
+    mlflow, env = mlflow_command()
+    root = local_artifact_root(f"sqlite:///{db}")
+    command = [mlflow, "server", "--backend-store-uri", f"sqlite:///{db}", "--default-artifact-root", root,
+               "--serve-artifacts", "--artifacts-destination", root, "--host", host, "--port", str(port),
+               "--workers", "1"]
+    return with_login(command, env, login)
+
+
+def with_login(command: list[str], env: dict[str, str], login: Optional[ServerLogin]
+               ) -> tuple[list[str], dict[str, str]]:
+    """An `mlflow server`/`mlflow ui` command behind MLflow's basic-auth app with the store's login (as is without)."""
+    if login is None:
+        return command, env
+    return [*command, "--app-name", "basic-auth"], {**env, "MLFLOW_AUTH_CONFIG_PATH": str(login.config),
+                                                    "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+
+
 @contextlib.contextmanager
 def mlflow_server(sqlite_uri: str, host: str = "127.0.0.1", timeout: float = 180.0,
                   meanwhile: Optional[Callable[[], None]] = None, restarts: int = 3,
@@ -112,28 +188,54 @@ def mlflow_server(sqlite_uri: str, host: str = "127.0.0.1", timeout: float = 180
     """Serve a SQLite tracking store over HTTP for the duration of the block; yields the server's URI.
 
     One server process owns the SQLite file, so parallel trials never write it concurrently. Artifacts keep
-    the store's local layout (mlartifacts/ beside the database; workers write them directly), so the store
-    reads the same with or without the server. A server that dies is started again (`restarts` times). Its
-    log goes to `log_dir` (a sweep's workdir: nothing is left in the working tree), else beside the database."""
+    the store's local layout (mlartifacts/ beside the database): workers that share the driver's disk write
+    them directly, others through the server. Beyond loopback the server asks for the store's credential,
+    which this process's clients (and the trials it starts) get through MLFLOW_TRACKING_USERNAME/PASSWORD for
+    the block. A server that dies is started again (`restarts` times). Its log goes to `log_dir` (a sweep's
+    workdir: nothing is left in the working tree), else beside the database."""
     db = sqlite_path(sqlite_uri)
     db.parent.mkdir(parents=True, exist_ok=True)
     port = free_port(host)
     url = f"http://{host}:{port}"
     log = Path(log_dir or db.parent) / "mlflow-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    mlflow, env = mlflow_command()
-    command = [mlflow, "server", "--backend-store-uri", f"sqlite:///{db}", "--default-artifact-root",
-               (db.parent / "mlartifacts").as_uri(), "--no-serve-artifacts", "--host", host, "--port", str(port),
-               "--workers", "1"]
+    login = None if is_loopback(host) else store_login(db)
+    command, env = server_command(db, host, port, login)
     server = _SupervisedServer(command, env, url, log, restarts)
     try:
-        if meanwhile:  # e.g. start Ray: the server takes ~10 s to come up, let that overlap
-            meanwhile()
-        wait_healthy(url, server.process, timeout, log)
-        server.start_watching()
-        yield url
+        with _credentials_in_environment(login):
+            if meanwhile:  # e.g. start Ray: the server takes ~10 s to come up, let that overlap
+                meanwhile()
+            wait_healthy(url, server.process, timeout, log)
+            server.start_watching()
+            yield url
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def _credentials_in_environment(login: Optional[ServerLogin]):
+    """MLflow's client reads its credential from the environment on every request; the block's clients (and the
+    processes it starts) use the store's login, and the environment is as it was afterwards."""
+    if login is None:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in login.env}
+    os.environ.update(login.env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def credential_env() -> dict[str, str]:
+    """The tracking credential of this process (the sweep's server login, or the user's own for their server),
+    for workers that do not inherit the driver's environment (Ray workers on other nodes)."""
+    return {k: os.environ[k] for k in CREDENTIAL_VARIABLES if os.environ.get(k)}
 
 
 def _die_with_parent() -> None:

@@ -193,6 +193,29 @@ def local_artifact_root(uri: str) -> Optional[str]:
     return (sqlite_path(uri).parent / "mlartifacts").as_uri()
 
 
+def artifact_repository(client, run_id: str, served_root: Optional[str] = None):
+    """Where a run's artifacts are read and written from this process. With `served_root` (the file:// root that
+    the sweep's own server serves, orchestrator.runtime.server) a run under it goes through the server's proxy,
+    over HTTP: this process need not see the driver's disk. Otherwise the run's artifact URI as MLflow resolves it
+    (a local folder, mlflow-artifacts:/ through a user's server, an object store)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    uri = client.get_run(run_id).info.artifact_uri
+    prefix = (served_root or "").rstrip("/") + "/"
+    if served_root and uri.startswith(prefix):
+        from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+
+        return HttpArtifactRepository(f"{client.tracking_uri.rstrip('/')}/api/2.0/mlflow-artifacts/artifacts/"
+                                      f"{uri[len(prefix):]}")
+    return get_artifact_repository(uri, tracking_uri=client.tracking_uri)
+
+
+def unreachable_artifacts(location: str) -> bool:
+    """Whether artifacts at `location` (an experiment's) are written to a path on the writer's own disk, which a
+    trial on another node cannot share with the driver."""
+    return urlparse(location).scheme in ("", "file")
+
+
 class CorruptArtifact(ValueError):
     """An artifact a trial logged no longer reads as what it was (truncated, edited); the message names the run."""
 

@@ -41,6 +41,11 @@ class SweepTracker:
         else:
             self.experiment_id = experiment.experiment_id
 
+    @property
+    def artifact_location(self) -> str:
+        """Where the experiment's runs keep their artifacts (a file:// folder, mlflow-artifacts:/, an object store)."""
+        return self.client.get_experiment(self.experiment_id).artifact_location
+
     def show_trials(self, params: Iterable[str]) -> None:
         """Mark the experiment as model training (MLflow 3 then opens it on its runs, not its GenAI overview) and
         store the runs view `sweep ui` links to: trial metrics and these params as columns, best first."""

@@ -5,15 +5,17 @@ it runs."""
 from __future__ import annotations
 
 import contextlib
+import json
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator.core.runs import RunStatus, TrialRecord
-from orchestrator.core.tags import (SAMPLES_ARTIFACT, TAG_KEY, TAG_KIND, TAG_PARENT, TAG_RUNG_SIGNATURE, TAG_STAGE_KEY,
-                                    TAG_WEIGHTS, WEIGHTS_ARTIFACT)
-from orchestrator.runtime.store import all_runs, record_of, store_client
+from orchestrator.core.tags import (LOGGED_ARTIFACTS, SAMPLES_ARTIFACT, TAG_KEY, TAG_KIND, TAG_PARENT,
+                                    TAG_RUNG_SIGNATURE, TAG_STAGE_KEY, TAG_WEIGHTS, WEIGHTS_ARTIFACT)
+from orchestrator.runtime.store import all_runs, artifact_repository, record_of, store_client
 
 MAX_PARAM_LENGTH = 6000
 
@@ -75,10 +77,12 @@ def _system_monitors() -> list:
 class TrialLogger:
     """Trial-side logging into one child run; usable from any process that can reach the store."""
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str):
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, served_root: Optional[str] = None):
         self.client = store_client(uri)
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
+        self.served_root = served_root  # artifacts under it go through the tracking server (store.artifact_repository)
         self.run_id: Optional[str] = None
+        self._repositories: dict[str, Any] = {}  # run id -> its artifact repository (resolving one reads the run)
 
     def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
         from mlflow.entities import Param
@@ -102,20 +106,51 @@ class TrialLogger:
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def artifacts(self, run_id: Optional[str] = None):
+        """The artifact repository of this run (or another run of the store, to read what it left)."""
+        run_id = run_id or self.run_id
+        if run_id not in self._repositories:
+            self._repositories[run_id] = artifact_repository(self.client, run_id, self.served_root)
+        return self._repositories[run_id]
+
+    def _log_file(self, write, artifact_file: str) -> None:
+        """`write(path)` into a temporary file, logged as `artifact_file` (folders in its name kept)."""
+        folder, _, name = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory(prefix="posweep-artifact-") as tmp:
+            path = Path(tmp) / name
+            write(path)
+            self.artifacts().log_artifact(str(path), folder or None)
+
     def log_samples(self, samples: list[dict], artifact_file: str = SAMPLES_ARTIFACT) -> None:
-        """Per-sample records as an MLflow table (viewable in the UI's artifact and evaluation views)."""
+        """Per-sample records as an MLflow table (viewable in the UI's artifact and evaluation views): the JSON
+        MLflow's log_table writes, and the tag that lists it as a table."""
+        import pandas as pd
+
         columns = {key: [s.get(key) for s in samples] for key in samples[0]} if samples else {}
-        self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
+        self._log_file(lambda path: pd.DataFrame(columns).to_json(path, orient="split", index=False,
+                                                                   date_format="iso"), artifact_file)
+        self.set_tags({LOGGED_ARTIFACTS: json.dumps([{"path": artifact_file, "type": "table"}])})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._log_file(lambda path: path.write_text(text), artifact_file)
+
+    def log_file(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        self.artifacts().log_artifact(str(path), artifact_path)
+
+    def log_folder(self, folder: Path, artifact_path: str) -> None:
+        self.artifacts().log_artifacts(str(folder), artifact_path)
 
     def log_weights(self, folder: Path) -> None:
         """A trained model folder as the run's model/ artifacts, tagged "logged" once the copy is whole (and
         "uploading" before, so a process killed mid-copy leaves a run whose partial weights are found and deleted)."""
         self.set_tags({TAG_WEIGHTS: "uploading"})
-        self.client.log_artifacts(self.run_id, str(folder), WEIGHTS_ARTIFACT)
+        self.log_folder(folder, WEIGHTS_ARTIFACT)
         self.set_tags({TAG_WEIGHTS: "logged"})
+
+    def download(self, run_id: str, artifact_path: str, destination: Path) -> Path:
+        """An artifact (file or folder) of a run of this store into `destination`; the local path."""
+        destination.mkdir(parents=True, exist_ok=True)
+        return Path(self.artifacts(run_id).download_artifacts(artifact_path, str(destination)))
 
     def finish(self, status: RunStatus) -> None:
         self.client.set_terminated(self.run_id, RunStatus(status).value)

@@ -42,7 +42,7 @@ def test_a_returned_outcome_is_recorded_with_its_samples_checkpoint_curves_and_c
     checkpoint.mkdir()
     handed = {}
 
-    def body(task, log, judge, checkpointing, report):
+    def body(task, log, judge, checkpointing, report, shared):
         handed.update(log=log, judge=judge, checkpointing=checkpointing)
         log.log_metrics({"train/loss": 0.25}, step=3)  # a curve, written while the body runs
         return TrialOutcome(usage=DeviceUsage("cuda:H100", 2), metrics={"mean_score": 0.5},
@@ -62,7 +62,7 @@ def test_a_returned_outcome_is_recorded_with_its_samples_checkpoint_curves_and_c
 
 
 def test_body_failed_records_its_cause_and_the_device_it_held(task):
-    def body(task, log, judge, checkpointing, report):
+    def body(task, log, judge, checkpointing, report, shared):
         try:
             raise ValueError("the loss went to NaN at step 7")
         except ValueError as exc:
@@ -79,7 +79,7 @@ def test_body_failed_records_its_cause_and_the_device_it_held(task):
 def test_a_stopped_outcome_ends_the_run_stopped(task):
     decision = RungDecision(rung=1, step=2, metric="rung/mean_score", value=0.1, cutoff=0.4, compared=3, stop=True)
 
-    def body(task, log, judge, checkpointing, report):
+    def body(task, log, judge, checkpointing, report, shared):
         return TrialOutcome(stopped=TrialStopped(decision, "below the cutoff", {1: 0.1}))
 
     result = run_trial(task, body=body)
@@ -93,7 +93,7 @@ def test_a_stopped_outcome_ends_the_run_stopped(task):
 def test_a_finished_key_is_not_run_again(task):
     calls = []
 
-    def body(task, log, judge, checkpointing, report):
+    def body(task, log, judge, checkpointing, report, shared):
         calls.append(task.trial.trial_key)
         return TrialOutcome(metrics={"mean_score": 1.0})
 

@@ -198,3 +198,21 @@ def test_an_override_changes_the_spec_and_its_trial_keys_and_names_itself_when_w
         api.load("quickstart", overrides=["data.kind=nope"])
     only = api.load("quickstart", only=["simpo"])
     assert list(only.stages.methods) == ["simpo"] and only.stages.sft == base.stages.sft
+
+
+@pytest.mark.parametrize("executor, shared", [
+    ("{kind: local}", True), ("{kind: slurm}", True), ("{kind: ray}", False),
+    ("{kind: ray, shared_workdir: true}", True),
+    ("{kind: ray, processes_per_trial: 2, ranks: ray_train}", True),  # Ray Train's ranks need a shared folder
+])
+def test_where_a_sweep_keeps_its_files_by_default(executor, shared):
+    assert parse_spec(GOOD + f"executor: {executor}\n").executor.shares_workdir is shared
+
+
+@pytest.mark.parametrize("executor, message", [
+    ("{kind: local, shared_workdir: false}", "the local executor runs every trial in the driver's process"),
+    ("{kind: slurm, shared_workdir: false}", "submitit hands every job its task"),
+    ("{kind: ray, shared_workdir: false, processes_per_trial: 2, ranks: ray_train}", "it needs shared_workdir: true"),
+])
+def test_a_workdir_that_must_be_shared_cannot_be_declared_unshared(executor, message):
+    assert message in error_of(GOOD + f"executor: {executor}\n").message

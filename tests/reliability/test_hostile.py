@@ -10,6 +10,8 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -297,7 +299,7 @@ def test_10_a_port_in_use_is_refused_before_any_url(tmp_path):
     assert f"port {port} on 127.0.0.1 is in use" in one_line_error(done, 1) and "http://" not in done.stdout
 
 
-def test_20_a_ui_on_every_interface_warns_and_sigterm_stops_its_server(tmp_path):
+def test_20_a_ui_on_every_interface_asks_for_the_stores_login_and_sigterm_stops_its_server(tmp_path):
     uri, _ = sweep(tmp_path, base_spec(tmp_path))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -306,10 +308,18 @@ def test_20_a_ui_on_every_interface_warns_and_sigterm_stops_its_server(tmp_path)
                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = ui.stdout.readline()  # printed only once the UI answers
     assert f"at http://0.0.0.0:{port}" in line
+    login = ui.stdout.readline()
+    config = tmp_path / "mlflow-auth" / "credentials.ini"
+    assert "it asks for a login: log in as 'posweep-admin'" in login and str(config) in login
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5")
+    assert refused.value.code == 401
     ui.send_signal(signal.SIGTERM)
     ui.wait(60)
-    assert "serves the whole tracking store" in ui.stderr.read()
-    with socket.socket() as again:  # the MLflow server went with it: the port is free
+    password = next(x.split("=", 1)[1].strip() for x in config.read_text().splitlines() if x.startswith("admin_pass"))
+    assert password not in line + login + ui.stdout.read() + ui.stderr.read()
+    with socket.socket() as again:  # the MLflow server went with it: the port is free (bar TIME_WAIT of the request)
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(("127.0.0.1", port))
 
 

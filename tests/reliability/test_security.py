@@ -118,3 +118,42 @@ def test_a_token_in_the_environment_is_never_logged(tmp_path):
         if path.is_file():
             assert FAKE_TOKEN.encode() not in path.read_bytes(), path
     assert FAKE_TOKEN not in proc.stdout + proc.stderr
+
+
+def _request(url: str, method: str = "GET", body: dict | None = None) -> int:
+    """The HTTP status of one request without credentials."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_a_server_beyond_loopback_asks_for_the_stores_login_and_keeps_it_secret(tmp_path):
+    from orchestrator.runtime.server import AUTH_FOLDER, CREDENTIAL_VARIABLES
+    from orchestrator.runtime.store import store_client
+
+    assert not any(os.environ.get(k) for k in CREDENTIAL_VARIABLES)
+    with mlflow_server(f"sqlite:///{tmp_path / 'mlflow.db'}", host="0.0.0.0") as url:
+        client = store_client(url)  # this process's clients hold the login for the block
+        experiment = client.create_experiment("guarded")
+        run = client.create_run(experiment).info.run_id
+        api = f"http://127.0.0.1:{url.rsplit(':', 1)[1]}/api/2.0/mlflow"
+        assert _request(f"{api}/runs/get?run_id={run}") == 401
+        assert _request(f"{api}/runs/create", "POST", {"experiment_id": experiment}) == 401
+        assert _request(f"{api}/experiments/delete", "POST", {"experiment_id": experiment}) == 401
+        assert _request(f"{api}/artifacts/list?run_id={run}") == 401
+        assert client.get_experiment(experiment).lifecycle_stage == "active"
+    assert not any(os.environ.get(k) for k in CREDENTIAL_VARIABLES)  # the environment is as it was
+    config = tmp_path / AUTH_FOLDER / "credentials.ini"
+    assert oct(config.stat().st_mode & 0o777) == "0o600" and oct(config.parent.stat().st_mode & 0o777) == "0o700"
+    password = next(x.split("=", 1)[1].strip() for x in config.read_text().splitlines() if x.startswith("admin_pass"))
+    assert len(password) >= 24
+    for log in tmp_path.glob("*.log"):
+        assert password not in log.read_text(errors="replace")
