@@ -157,9 +157,12 @@ def phases(stages: list[StagePlan]) -> list[list[StagePlan]]:
 
 
 def runtime_fields(spec: SweepSpec, tracker: SweepTracker, tracking_uri: str, share_work: bool,
-                   served_root: Optional[str]) -> dict:
-    """The TrialRuntime fields every trial of the sweep shares (a stage adds its own)."""
+                   store_uri: str) -> dict:
+    """The TrialRuntime fields every trial of the sweep shares (a stage adds its own). `tracking_uri`: where trials
+    log (the server this sweep started for `store_uri`, or the store itself)."""
     keep = spec.checkpoints.keep
+    # trials on nodes without the driver's disk reach the store's artifacts through the server this sweep started
+    served = tracking_uri != store_uri and not spec.executor.shares_workdir
     fields = dict(sweep=tracker.sweep, tracking_uri=tracking_uri, experiment_id=tracker.experiment_id,
                   workdir=str(Path(spec.workdir).resolve()), share_work=share_work,
                   checkpoint_every=spec.executor.checkpoint_every,
@@ -168,7 +171,7 @@ def runtime_fields(spec: SweepSpec, tracker: SweepTracker, tracking_uri: str, sh
                   system_metrics_interval=(spec.tracking.system_metrics_interval
                                            if spec.tracking.system_metrics else None),
                   shared_workdir=spec.executor.shares_workdir, node_dir=spec.executor.node_dir,
-                  served_root=served_root)
+                  served_root=local_artifact_root(store_uri) if served else None)
     fields["rank_launcher"], fields["rank_resources"] = spec.executor.rank_launch()
     return fields
 
@@ -281,8 +284,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, *, smoke: bool = False, execut
                      + ("the search keeps them as stopped (they are its history)" if stage.search else
                         "they run again"))
         progress = TrialProgress(sum(s.size for s in stages), skipped, output)
-        served_root = local_artifact_root(tracking_uri) if uri != tracking_uri else None  # our server serves it
-        runtime = runtime_fields(spec, tracker, uri, share_work, served_root)
+        runtime = runtime_fields(spec, tracker, uri, share_work, tracking_uri)
         runner = _StageRunner(spec, tracker, executor, runtime, progress, trial_fn or run_trial)
         init: dict[str, str] = {}
         try:
