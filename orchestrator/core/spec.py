@@ -334,9 +334,20 @@ class ExecutorBase(Strict):
         None, description="with shared_workdir false: where a trial keeps its files on its node (~ expanded there); "
                           "default TMPDIR/posweep-nodes")
 
+    def needs_shared_workdir(self) -> Optional[str]:
+        """Why this executor's trials need the driver's workdir (shared_workdir: false is then refused), or None."""
+        return None
+
     @property
     def shares_workdir(self) -> bool:
         return True if self.shared_workdir is None else self.shared_workdir
+
+    @model_validator(mode="after")
+    def _workdir_can_be_unshared(self):
+        reason = self.needs_shared_workdir()
+        if self.shared_workdir is False and reason:
+            raise ValueError(f"shared_workdir: false is not possible here: {reason}")
+        return self
 
     def rank_launch(self) -> tuple[str, dict[str, float]]:
         """How a multi-process trial's ranks start (trainers.distributed.RANK_LAUNCHERS) and what each gets."""
@@ -347,12 +358,9 @@ class LocalExecutorSpec(ExecutorBase):
     """Trials one after another in the driver process."""
     kind: Literal["local"] = "local"
 
-    @model_validator(mode="after")
-    def _on_the_drivers_disk(self):
-        if self.shared_workdir is False:
-            raise ValueError("shared_workdir: false is for trials on other nodes (executor kind ray); the local "
-                             "executor runs every trial in the driver's process, on its disk")
-        return self
+    def needs_shared_workdir(self) -> Optional[str]:
+        return ("the local executor runs every trial in the driver's process, on its disk (shared_workdir: false is "
+                "for trials on other nodes: executor kind ray)")
 
 
 class RayResources(Strict):
@@ -375,21 +383,19 @@ class RayExecutorSpec(ExecutorBase):
     max_concurrent_trials: Optional[int] = Field(None, gt=0)
     max_failures: int = Field(2, ge=0, description="retries of a trial whose worker process or node died")
 
+    def needs_shared_workdir(self) -> Optional[str]:
+        if self.rank_launch()[0] != "ray_train":
+            return None
+        return ("ranks: ray_train places a trial's ranks on any node, and rank 0 leaves its outcome in the trial's "
+                "folder: it needs shared_workdir: true (a shared filesystem); or use ranks: spawn")
+
     @property
     def shares_workdir(self) -> bool:
         """Ray clusters are mostly nodes with their own disks (cloud VMs, Kubernetes pods): not shared unless said,
-        or unless ranks: ray_train, which needs a shared filesystem."""
+        or unless the trials need it (ranks: ray_train)."""
         if self.shared_workdir is None:
-            return self.rank_launch()[0] == "ray_train"
+            return self.needs_shared_workdir() is not None
         return self.shared_workdir
-
-    @model_validator(mode="after")
-    def _ranks_reach_the_trial_folder(self):
-        if self.shared_workdir is False and self.rank_launch()[0] == "ray_train":
-            raise ValueError("ranks: ray_train places a trial's ranks on any node, and rank 0 leaves its outcome in "
-                             "the trial's folder: it needs shared_workdir: true (a shared filesystem); or use "
-                             "ranks: spawn")
-        return self
 
     def rank_launch(self) -> tuple[str, dict[str, float]]:
         if self.ranks == "spawn" or self.processes_per_trial == 1:
@@ -418,12 +424,9 @@ class SlurmExecutorSpec(ExecutorBase):
     nodes_per_trial: int = Field(1, ge=1, description="nodes of one multi-process trial: its processes_per_trial "
                                                      "ranks run as srun tasks, processes_per_trial / nodes per node")
 
-    @model_validator(mode="after")
-    def _jobs_share_a_folder(self):
-        if self.shared_workdir is False:
-            raise ValueError("shared_workdir: false is not possible on SLURM: submitit hands every job its task "
-                             "and takes its result through files in executor.folder, which the nodes must share")
-        return self
+    def needs_shared_workdir(self) -> Optional[str]:
+        return ("submitit hands every job its task and takes its result through files in executor.folder, which the "
+                "nodes must share")
 
     @model_validator(mode="after")
     def _ranks_fill_nodes(self):
