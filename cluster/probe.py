@@ -12,6 +12,6 @@ from orchestrator.runtime.lifecycle import run_trial
 from trainers.probe import ProbeBody
 
 
-def probe_trial(task: TrialTask, report: Optional[Report] = None, *, steps: int = 0, seconds: float = 0.0,
-                die_once: bool = False, prompts: int = 0) -> TrialResult:
-    return run_trial(task, report, body=ProbeBody(steps, seconds, die_once, prompts))
+def probe_trial(task: TrialTask, report: Optional[Report] = None, **options) -> TrialResult:
+    """`options`: ProbeBody's fields (steps, seconds, die_once, prompts, timings, seconds_per_epoch)."""
+    return run_trial(task, report, body=ProbeBody(**options))

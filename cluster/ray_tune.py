@@ -1,10 +1,11 @@
-"""Ray Tune executor: the pending trials of a batch become one Tune run (a grid over task indices).
+"""Ray executor: every trial is a Ray task, submitted the moment a slot frees and awaited with ray.wait.
 
-Tune schedules trials on a local Ray or an existing cluster with the resources the spec asks for (fractional
-GPUs let small trials share a card), caps concurrency, and retries a trial whose worker process or node died
-(`max_failures`). A trial's own failures (a diverged loss, a bad file) are not retried: the trial function
-records them FAILED and returns, as on every executor. Resume is ours (trial keys in MLflow, checkpoints in the
-trial folder), not Tune's experiment restore: Tune's files under WORKDIR/ray_results are only its logs.
+Ray places each task on a local Ray or an existing cluster with the resources the spec asks for (fractional GPUs
+let small trials share a card) and retries a task whose worker process or node died (`max_failures`, Ray's
+max_retries); the driver keeps at most `slots` in flight. A trial's own failures (a diverged loss, a bad file)
+are not retried: the trial function records them FAILED and returns, as on every executor. Resume is ours
+(trial keys in MLflow, checkpoints in the trial folder). Only a ranks: ray_train trial writes under
+WORKDIR/ray_results (its Ray Train run's logs). (The module keeps its name from when trials were Ray Tune trials.)
 """
 
 from __future__ import annotations
@@ -15,18 +16,17 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from cluster.base import Progress, TrialFn
-from orchestrator.core.runs import RunStatus
+from cluster.base import BlockingRun, Progress, Submitted, TrialFn
 from orchestrator.core.task import TrialResult, TrialTask
 from orchestrator.runtime.lifecycle import record_lost_trial
 from orchestrator.runtime.server import credential_env
 
-# Tune's per-trial CSV/JSON/TensorBoard loggers duplicate what MLflow holds and cost time per trial.
+# Ray Train (ranks: ray_train) may run on Tune: its per-trial CSV/JSON/TensorBoard loggers duplicate MLflow.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
-# A Tune trial whose ranks run as a Ray Train run only drives them (MLflow run, lock, the Train controller).
+# A trial whose ranks run as a Ray Train run only drives them (MLflow run, lock, the Train controller).
 TRAIN_DRIVER_RESOURCES = {"cpu": 0.1}
 
 
@@ -40,7 +40,7 @@ def _ray_train_worker(config: dict) -> None:
 
 
 def run_ray_train_ranks(task: TrialTask, out: Path) -> None:
-    """A multi-process trial's ranks as a Ray Train run inside its Tune trial: task.runtime.processes workers,
+    """A multi-process trial's ranks as a Ray Train run inside its Ray task: task.runtime.processes workers,
     each with task.runtime.rank_resources, placed wherever the cluster has them (several nodes for a trial
     larger than one); gloo on CPU, NCCL on GPUs. Worker 0 leaves its log and outcome in `out`, in the trial
     folder, which every node must see (the sweep's workdir is shared)."""
@@ -62,13 +62,11 @@ def run_ray_train_ranks(task: TrialTask, out: Path) -> None:
         raise RankFailed(f"the trial's Ray Train run failed: {type(exc).__name__}: {last_line(str(exc))}") from None
 
 
-def _tune_trial(config: dict, tasks: list[str], trial_fn: TrialFn, credential: dict[str, str]) -> dict:
-    """Runs in a Ray worker: one task by its index in the batch. `credential`: the tracking server's login, which a
-    worker on another node does not inherit (handed over in Ray's object store, never in a job's runtime_env, which
-    Ray records)."""
+def _ray_trial(task_json: str, trial_fn: TrialFn, credential: dict[str, str]) -> str:
+    """Runs in a Ray worker: one task. `credential`: the tracking server's login, which a worker on another node
+    does not inherit (handed over in Ray's object store, never in a job's runtime_env, which Ray records)."""
     os.environ.update(credential)
-    task = TrialTask.model_validate_json(tasks[config["index"]])
-    return {"result": trial_fn(task).model_dump_json()}
+    return trial_fn(TrialTask.model_validate_json(task_json)).model_dump_json()
 
 
 def _lost_reason(error: BaseException, retries: int) -> str:
@@ -77,37 +75,13 @@ def _lost_reason(error: BaseException, retries: int) -> str:
             f"{type(error).__name__}: {first}")[:2000]
 
 
-class _ProgressCallback:
-    """Forwards Tune's trial events to the driver's progress bar."""
-
-    def __new__(cls, tasks: list[TrialTask], progress: Optional[Progress]):
-        from ray.tune import Callback
-
-        class ProgressCallback(Callback):
-            def on_trial_start(self, iteration, trials, trial, **info):
-                if progress:
-                    progress.trial_started(tasks[trial.config["index"]])
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                if progress and trial.last_result.get("result"):
-                    progress.trial_done(TrialResult.model_validate_json(trial.last_result["result"]))
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                if progress:
-                    task = tasks[trial.config["index"]]
-                    progress.trial_done(TrialResult(trial_key=task.trial.trial_key, run_id=None,
-                                                    status=RunStatus.FAILED, error="worker died (retries exhausted)",
-                                                    lost=True))
-
-        return ProgressCallback()
-
-
-class RayExecutor:
+class RayExecutor(BlockingRun):
     parallel = True
 
     def __init__(self, spec):
         self.spec = spec
         self._owns_ray = False
+        self._shared = None  # (trial_fn, remote function, its object ref, the login's object ref)
 
     def start(self) -> None:
         """Connect to (or start) Ray now; the pipeline does it while the tracking server comes up."""
@@ -122,8 +96,16 @@ class RayExecutor:
         if self.spec.address:
             ray.init(address=self.spec.address, **options)
         else:
-            ray.init(num_cpus=self.spec.num_cpus, **options)
+            ray.init(num_cpus=self.spec.num_cpus, _system_config=self._local_worker_config(), **options)
         self._owns_ray = True
+
+    def _local_worker_config(self) -> dict:
+        """Ray keeps at most num_cpus idle worker processes and kills the others after 1 s idle: with fractional-CPU
+        trials (32 at once on 2 CPUs) a trial's worker often died between two trials and the next one paid a new
+        Python and its imports (350 worker processes for 974 trials, measured). Keep one per slot."""
+        cpus = self.spec.num_cpus or os.cpu_count() or 1
+        slots = self.spec.max_concurrent_trials or math.floor(cpus / self.resources["cpu"])
+        return {"num_workers_soft_limit": slots} if slots > cpus else {}
 
     @property
     def trains_with_ray_train(self) -> bool:
@@ -131,7 +113,7 @@ class RayExecutor:
 
     @property
     def resources(self) -> dict[str, float]:
-        """What each Tune trial reserves: the whole trial, or only the driver of its Ray Train run (whose
+        """What each trial's Ray task reserves: the whole trial, or only the driver of its Ray Train run (whose
         workers reserve the trial's resources themselves)."""
         if self.trains_with_ray_train:
             return TRAIN_DRIVER_RESOURCES
@@ -152,39 +134,55 @@ class RayExecutor:
             fits.append(math.floor(total.get("GPU", 0) / self.spec.resources_per_trial.gpu))
         return max(1, min(fits))
 
-    def run(self, tasks: list[TrialTask], trial_fn: TrialFn, progress: Optional[Progress] = None
-            ) -> list[TrialResult]:
-        from ray import tune
+    def _remote(self, trial_fn: TrialFn):
+        """The remote function and its shared arguments (the trial function and the login, put in the object store
+        once per trial function)."""
+        import ray
 
-        if not tasks:
-            return []
+        if self._shared is None or self._shared[0] is not trial_fn:
+            r = self.resources
+            options = dict(num_cpus=r["cpu"], max_retries=self.spec.max_failures, retry_exceptions=False)
+            if r.get("gpu"):
+                options["num_gpus"] = r["gpu"]
+            self._shared = (trial_fn, ray.remote(_ray_trial).options(**options), ray.put(trial_fn),
+                            ray.put(credential_env()))
+        return self._shared[1:]
+
+    def submit(self, task: TrialTask, trial_fn: TrialFn, progress: Optional[Progress] = None) -> Submitted:
+        """A Ray task for the trial, retried by Ray (max_failures) when its worker process or node dies; Ray
+        places it where its resources are free (drive keeps at most `slots` in flight)."""
         self._connect()
-        trainable = tune.with_resources(
-            tune.with_parameters(_tune_trial, tasks=[t.model_dump_json() for t in tasks], trial_fn=trial_fn,
-                                 credential=credential_env()),
-            self.resources)
-        storage = Path(tasks[0].runtime.workdir) / "ray_results"
-        tuner = tune.Tuner(
-            trainable, param_space={"index": tune.grid_search(list(range(len(tasks))))},
-            # Ray Train runs wait for all their workers at once: cap the drivers at what the cluster fits, so
-            # no driver holds a slot while its workers cannot be placed
-            tune_config=tune.TuneConfig(max_concurrent_trials=self.slots if self.trains_with_ray_train
-                                        else self.spec.max_concurrent_trials, reuse_actors=True),
-            run_config=tune.RunConfig(
-                name=f"{tasks[0].runtime.sweep}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-                storage_path=str(storage), verbose=0,
-                failure_config=tune.FailureConfig(max_failures=self.spec.max_failures),
-                callbacks=[_ProgressCallback(tasks, progress)]))
-        results: list[Optional[TrialResult]] = [None] * len(tasks)
-        for outcome in tuner.fit():
-            index = outcome.config["index"]
-            if outcome.error is None and (outcome.metrics or {}).get("result"):
-                results[index] = TrialResult.model_validate_json(outcome.metrics["result"])
-            else:
-                error = outcome.error or RuntimeError("no result reported")
-                results[index] = record_lost_trial(tasks[index], _lost_reason(error, self.spec.max_failures))
-        return [r if r is not None else record_lost_trial(tasks[i], "Ray Tune returned no outcome for the trial")
-                for i, r in enumerate(results)]
+        remote, fn_ref, credential_ref = self._remote(trial_fn)
+        ref = remote.remote(task.model_dump_json(), fn_ref, credential_ref)
+        if progress:
+            progress.trial_started(task)
+        return Submitted(task, ref)
+
+    def wait_any(self, pending: list[Submitted], progress: Optional[Progress] = None
+                 ) -> list[tuple[Submitted, TrialResult]]:
+        import ray
+
+        by_ref = {h.ref: h for h in pending}
+        ready, rest = ray.wait(list(by_ref), num_returns=1)  # blocks for the first; then whatever else is done
+        more = ray.wait(rest, num_returns=len(rest), timeout=0)[0] if rest else []
+        return [(by_ref[ref], self._result(by_ref[ref])) for ref in [*ready, *more]]
+
+    def _result(self, handle: Submitted) -> TrialResult:
+        import ray
+
+        try:
+            return TrialResult.model_validate_json(ray.get(handle.ref))
+        except ray.exceptions.RayTaskError as exc:  # raised outside the trial's own error handling (not retried)
+            return record_lost_trial(handle.task, f"the trial raised outside its own error handling: "
+                                                  f"{type(exc.cause).__name__}: {str(exc.cause)[:500]}")
+        except ray.exceptions.RayError as exc:  # its worker process or node died beyond the retries
+            return record_lost_trial(handle.task, _lost_reason(exc, self.spec.max_failures))
+
+    def cancel(self, pending: list[Submitted]) -> None:
+        import ray
+
+        for handle in pending:
+            ray.cancel(handle.ref, force=True)
 
     def close(self) -> None:
         if self._owns_ray:

@@ -1,6 +1,6 @@
-"""SLURM executor through submitit: one job array per batch of trials (`map_array`).
+"""SLURM executor through submitit: one job per trial, submitted when a slot frees (array_parallelism in flight).
 
-Every array task runs the trial function in a fresh Python on a compute node and is a submitit
+Every job runs the trial function in a fresh Python on a compute node and is a submitit
 Checkpointable: when Slurm preempts it or its time runs out, submitit requeues it, and the trial resumes
 from the training state it saves every `checkpoint_every` steps (trainers.train.Checkpointing); a job
 requeued by hand (`scontrol requeue`) resumes the same way. A trial of processes_per_trial N > 1 is one job
@@ -22,7 +22,7 @@ from typing import Optional
 
 import submitit
 
-from cluster.base import Progress, TrialFn
+from cluster.base import BlockingRun, Progress, Submitted, TrialFn
 from orchestrator.core.task import TrialResult, TrialTask
 from orchestrator.runtime.lifecycle import record_lost_trial
 
@@ -75,11 +75,13 @@ def unschedulable(state: str, reason: str) -> bool:
     return state == "PENDING" and reason.startswith(UNSCHEDULABLE_REASONS)
 
 
-class SlurmExecutor:
+class SlurmExecutor(BlockingRun):
     parallel = True
 
     def __init__(self, spec):
         self.spec = spec
+        self._seen: dict[str, dict[str, float]] = {}  # job id -> when it was first seen started/stuck/gone
+        self._submitter = None  # ((folder, job name), the submitit executor)
 
     @property
     def slots(self) -> int:
@@ -104,61 +106,56 @@ class SlurmExecutor:
         executor.update_parameters(**params)
         return executor
 
-    def submit(self, tasks: list[TrialTask], trial_fn: TrialFn) -> list:
-        folder = Path(self.spec.folder or Path(tasks[0].runtime.workdir) / "slurm")
-        executor = self._executor(folder, f"posweep-{tasks[0].runtime.sweep}")
-        return executor.map_array(SlurmTrial(trial_fn), [t.model_dump_json() for t in tasks])
+    def submit(self, task: TrialTask, trial_fn: TrialFn, progress: Optional[Progress] = None) -> Submitted:
+        """One job for the trial (sbatch through submitit); Slurm queues it, drive keeps at most
+        array_parallelism submitted."""
+        folder = Path(self.spec.folder or Path(task.runtime.workdir) / "slurm")
+        name = f"posweep-{task.runtime.sweep}"
+        if self._submitter is None or self._submitter[0] != (folder, name):
+            self._submitter = ((folder, name), self._executor(folder, name))
+        executor = self._submitter[1]
+        return Submitted(task, executor.submit(SlurmTrial(trial_fn), task.model_dump_json()))
 
-    def run(self, tasks: list[TrialTask], trial_fn: TrialFn, progress: Optional[Progress] = None
-            ) -> list[TrialResult]:
-        if not tasks:
-            return []
-        return self.wait(tasks, self.submit(tasks, trial_fn), progress)
+    def wait_any(self, pending: list[Submitted], progress: Optional[Progress] = None
+                 ) -> list[tuple[Submitted, TrialResult]]:
+        """Poll squeue every poll_seconds until a job has a result or has left the queue without one (or could not
+        be scheduled for unschedulable_timeout_min)."""
+        while True:
+            states = queue_states([h.ref.job_id for h in pending])
+            done = [(h, r) for h in pending
+                    for r in [self._poll(h, states.get(h.ref.job_id, (None, "")), progress)] if r is not None]
+            if done:
+                return done
+            time.sleep(self.spec.poll_seconds)
 
-    def wait(self, tasks: list[TrialTask], jobs: list, progress: Optional[Progress] = None) -> list[TrialResult]:
-        """Poll until every job has a result or has left the queue without one."""
-        results: dict[int, TrialResult] = {}
-        started: set[int] = set()
-        gone_since: dict[int, float] = {}
-        stuck_since: dict[int, float] = {}
-        while len(results) < len(jobs):
-            states = queue_states([j.job_id for i, j in enumerate(jobs) if i not in results])
-            for i, job in enumerate(jobs):
-                if i in results:
-                    continue
-                state, reason = states.get(job.job_id, (None, ""))
-                if state is not None and unschedulable(state, reason):
-                    stuck_since.setdefault(i, time.monotonic())
-                    if time.monotonic() - stuck_since[i] > self.spec.unschedulable_timeout_min * 60:
-                        subprocess.run(["scancel", job.job_id], capture_output=True)
-                        results[i] = record_lost_trial(
-                            tasks[i], f"slurm job {job.job_id} could not be scheduled for "
-                                      f"{self.spec.unschedulable_timeout_min:g} min ({reason}); cancelled")
-                        if progress:
-                            progress.trial_done(results[i])
-                        continue
-                else:
-                    stuck_since.pop(i, None)
-                if state == "RUNNING" and i not in started:
-                    started.add(i)
-                    if progress:
-                        progress.trial_started(tasks[i])
-                result = self._result(job, tasks[i])
-                if result is None and state is None:
-                    gone_since.setdefault(i, time.monotonic())
-                    if time.monotonic() - gone_since[i] > RESULT_GRACE_SECONDS:
-                        result = record_lost_trial(tasks[i], f"slurm job {job.job_id} left the queue without a "
-                                                             "result (cancelled, node failure, or out of time "
-                                                             "and requeues)")
-                elif state is not None:
-                    gone_since.pop(i, None)
-                if result is not None:
-                    results[i] = result
-                    if progress:
-                        progress.trial_done(result)
-            if len(results) < len(jobs):
-                time.sleep(self.spec.poll_seconds)
-        return [results[i] for i in range(len(jobs))]
+    def _poll(self, handle: Submitted, queue_state: tuple[Optional[str], str], progress: Optional[Progress]
+              ) -> Optional[TrialResult]:
+        """The job's result if it ended (lost ones recorded FAILED with the reason), else None."""
+        job, task, (state, reason) = handle.ref, handle.task, queue_state
+        now, seen = time.monotonic(), self._seen.setdefault(job.job_id, {})
+        if state is not None and unschedulable(state, reason):
+            if now - seen.setdefault("stuck", now) > self.spec.unschedulable_timeout_min * 60:
+                subprocess.run(["scancel", job.job_id], capture_output=True)
+                return record_lost_trial(task, f"slurm job {job.job_id} could not be scheduled for "
+                                               f"{self.spec.unschedulable_timeout_min:g} min ({reason}); cancelled")
+        else:
+            seen.pop("stuck", None)
+        if state == "RUNNING" and "started" not in seen:
+            seen["started"] = now
+            if progress:
+                progress.trial_started(task)
+        result = self._result(job, task)
+        if result is None and state is None:
+            if now - seen.setdefault("gone", now) > RESULT_GRACE_SECONDS:
+                return record_lost_trial(task, f"slurm job {job.job_id} left the queue without a result (cancelled, "
+                                               "node failure, or out of time and requeues)")
+        elif state is not None:
+            seen.pop("gone", None)
+        return result
+
+    def cancel(self, pending: list[Submitted]) -> None:
+        if pending:
+            subprocess.run(["scancel", *[h.ref.job_id for h in pending]], capture_output=True)
 
     @staticmethod
     def _result(job, task: TrialTask) -> Optional[TrialResult]:

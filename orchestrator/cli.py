@@ -33,7 +33,8 @@ from orchestrator.runtime.kept_models import verify_kept_best
 from orchestrator.runtime.server import (TrackingServerError, mlflow_command, stop_server, store_login, wait_healthy,
                                          with_login)
 from orchestrator.runtime.store import (BadTrackingUri, CorruptArtifact, StoreUnavailable, check_reachable,
-                                        check_writable, is_unreachable, resolve_tracking_uri, sqlite_path, store_exists)
+                                        check_writable, is_unreachable, redacted, resolve_tracking_uri, sqlite_path,
+                                        store_exists)
 from orchestrator.runtime.sweep_runs import existing_trials, runs_view_url, sweep_experiments
 from orchestrator.status import TrialCost, cost_estimate, elapsed_seconds, format_hours, status_table
 from trainers.preflight import InputError, Preflight
@@ -247,7 +248,7 @@ def cmd_status(args) -> int:
     name = tracked_name(spec, args.smoke)
     records = existing_trials(uri, name)
     table = status_table(stages, records, spec)
-    print(f"sweep {name!r} in {uri}")
+    print(f"sweep {name!r} in {redacted(uri)}")
     print(f"  {'stage':<12} {'planned':>7} {'done':>5} {'running':>7} {'failed':>6} {'stopped':>7} {'pending':>7} "
           f"{'trial-h':>8} {'GPU-h':>8}")
     for row in table.to_dict("records") + [{**table.sum(numeric_only=True).to_dict(), "stage": "all"}]:
@@ -304,7 +305,7 @@ def cmd_run(args) -> int:
     if outcome.models:
         print("\nbest models (MLflow Model Registry, alias best): "
               + ", ".join(f"{name} v{version}" for name, version in outcome.models.items()))
-    print(f"\nbrowse: sweep ui --tracking-uri {uri}")
+    print(f"\nbrowse: sweep ui --tracking-uri {redacted(uri)}")
     return EXIT_FAILED if outcome.failed else EXIT_OK
 
 
@@ -326,7 +327,12 @@ def cmd_ui(args) -> int:
         print(f"error: no tracking store at {uri}: run a sweep here first, or pass --tracking-uri", file=sys.stderr)
         return EXIT_FAILED
     # beyond loopback the UI asks for the store's login (the one the sweeps' servers use), as they do
-    login = None if is_loopback(args.host) or not uri.startswith("sqlite:") else store_login(sqlite_path(uri))
+    if not is_loopback(args.host) and not uri.startswith("sqlite:"):
+        print(f"error: --host {args.host} serves the store beyond this machine, behind the login kept beside a SQLite "
+              f"store; {redacted(uri)} has no such folder: serve it on 127.0.0.1 (e.g. through an SSH tunnel)",
+              file=sys.stderr)
+        return EXIT_FAILED
+    login = None if is_loopback(args.host) else store_login(sqlite_path(uri).parent)
     if _port_taken(args.host, args.port):
         print(f"error: port {args.port} on {args.host} is in use (another sweep ui or MLflow server?); choose one "
               "with --port", file=sys.stderr)
@@ -342,7 +348,7 @@ def cmd_ui(args) -> int:
         process = subprocess.Popen(command, env=env, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
     try:
         wait_healthy(url, process, timeout=180)
-        print(f"MLflow UI for {uri} at {url} (Ctrl-C stops it; server log: {log})", flush=True)
+        print(f"MLflow UI for {redacted(uri)} at {url} (Ctrl-C stops it; server log: {log})", flush=True)
         if login is not None:
             print(f"  it asks for a login: {login.how_to_log_in()}", flush=True)
         for name, experiment_id in sweep_experiments(uri)[:UI_LISTED_SWEEPS]:

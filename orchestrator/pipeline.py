@@ -10,12 +10,12 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pandas as pd
 
 from analysis.summary import best_per_stage, trials_frame
-from cluster import make_executor
+from cluster import drive, make_executor
 from orchestrator.core.methods import StageKind
 from orchestrator.core.runs import (OUTCOMES, SELECTION_METRIC, RunStatus, TrialRecord, best_first, ended,
                                     latest_per_key, resume_done)
@@ -23,13 +23,14 @@ from orchestrator.core.spec import SweepSpec
 from orchestrator.core.tags import (TAG_CHECKPOINT, TAG_CHECKPOINT_ARTIFACT, TAG_SAMPLES, TAG_SAMPLES_SHA,
                                     TAG_STAGE_KEY, TAG_WEIGHTS)
 from orchestrator.core.task import TrialResult, TrialRuntime, TrialTask
+from orchestrator.core.trials import TrialSpec
 from orchestrator.grid import StagePlan, plan_sweep, preference_stages, tracked_name
 from orchestrator.infra.files import exclusive_lock, folder_problem, verified_mismatch
 from orchestrator.progress import Output, TrialProgress
 from orchestrator.runtime.kept_models import keep_models, registered_model_name, verify_kept_best
 from orchestrator.runtime.lifecycle import run_trial
 from orchestrator.runtime.server import store_for_workers
-from orchestrator.runtime.store import local_artifact_root, prepare_store, unreachable_artifacts
+from orchestrator.runtime.store import local_artifact_root, prepare_store, redacted, unreachable_artifacts
 from orchestrator.runtime.sweep_runs import SweepTracker
 from orchestrator.search import run_search, study_name, study_storage
 
@@ -171,9 +172,13 @@ def runtime_fields(spec: SweepSpec, tracker: SweepTracker, tracking_uri: str, sh
                   system_metrics_interval=(spec.tracking.system_metrics_interval
                                            if spec.tracking.system_metrics else None),
                   shared_workdir=spec.executor.shares_workdir, node_dir=spec.executor.node_dir,
-                  served_root=local_artifact_root(store_uri) if served else None)
+                  served_root=local_artifact_root(store_uri, Path(spec.workdir)) if served else None)
     fields["rank_launcher"], fields["rank_resources"] = spec.executor.rank_launch()
     return fields
+
+
+def _task_of(trial: Optional[TrialSpec], runtime: TrialRuntime) -> Optional[TrialTask]:
+    return None if trial is None else TrialTask(trial=trial, runtime=runtime)
 
 
 class _StageRunner:
@@ -189,19 +194,37 @@ class _StageRunner:
         return TrialRuntime(**{**self.runtime, "early_stopping": stage.early_stopping(self.spec)},
                             parent_run_id=parent, stage_key=stage.stage_key, **init)
 
-    def _run(self, tasks: list[TrialTask]) -> list[TrialResult]:
-        self.progress.expect(tasks)
-        results = self.executor.run(tasks, self.trial_fn, self.progress) if tasks else []
-        self.results += results
-        unrecorded = [r for r in results if r.unrecorded]
+    def _drive(self, next_task: Callable[[], Optional[TrialTask]],
+               on_result: Callable[[TrialResult], None] = lambda result: None) -> None:
+        """Run tasks from next_task on the executor, slots kept full (cluster.drive), each result to on_result as
+        it ends. A result the store could not record stops new tasks; those running end, then the sweep stops."""
+        unrecorded: list[TrialResult] = []
+
+        def next_one() -> Optional[TrialTask]:
+            task = None if unrecorded else next_task()
+            if task is not None:
+                self.progress.expect([task])
+            return task
+
+        def done(task: TrialTask, result: TrialResult) -> None:
+            self.results.append(result)
+            if result.unrecorded:
+                unrecorded.append(result)
+            elif task.runtime.early_stopping and not unrecorded:  # the next decisions read the stage's rung record
+                self.tracker.rung_records.refresh(task.runtime.parent_run_id, task.runtime.stage_key)
+            on_result(result)
+
+        drive(self.executor, next_one, self.trial_fn, done, self.progress)
         if unrecorded:  # going on would run trials whose results cannot be kept
             raise SweepError(f"the tracking store stopped answering: {len(unrecorded)} trial(s) could not record "
                              f"their outcome ({unrecorded[0].error}). Finished trials are safe in the store; "
                              "rerun the same command to run the missing ones")
-        return results
 
     def run_phase(self, phase: list[StagePlan], finished: dict[str, set[str]], init: dict[str, str]) -> None:
         parents = {s.stage: self.tracker.stage_run(s.stage, _stage_description(s, self.tracker.sweep)) for s in phase}
+        for stage in phase:
+            if stage.early_stopping(self.spec):  # what a resumed stage's trials decide against, read once here
+                self.tracker.rung_records.refresh(parents[stage.stage], stage.stage_key)
         try:
             self._run_stages(phase, parents, finished, init)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the stage runs end KILLED, as their trials do
@@ -226,7 +249,8 @@ class _StageRunner:
                                if t.trial_key not in finished[stage.stage]]
         self.tracker.close_stale(t.trial.trial_key for t in grid_tasks)  # one search for the whole phase
         stopping = self.spec.search.early_stopping
-        self._run(start_order(grid_tasks, stopping.order_seed if stopping else None))
+        queue = start_order(grid_tasks, stopping.order_seed if stopping else None)[::-1]
+        self._drive(lambda: queue.pop() if queue else None)
         for stage in phase:
             if stage.search is not None:
                 self._search(stage, self._runtime(stage, parents[stage.stage], init))
@@ -241,8 +265,9 @@ class _StageRunner:
                                                        "search; waiting for it to end")):
             previous = ended(stage_records(self.tracker.trials(stage.stage), stage))
             run_search(stage.search, previous,
-                       lambda trials: self._run([TrialTask(trial=t, runtime=runtime) for t in trials]),
-                       self.executor.slots, study_storage(workdir, echo), name, echo)
+                       lambda next_trial, on_result: self._drive(
+                           lambda: _task_of(next_trial(), runtime), on_result),
+                       study_storage(workdir, echo), name, echo)
 
 
 def run_sweep(spec: SweepSpec, tracking_uri: str, *, smoke: bool = False, executor=None, output: Output = Output(),
@@ -257,10 +282,11 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, *, smoke: bool = False, execut
     prepare_store(tracking_uri)  # once, under its lock: another driver or the server may open it at once
     with store_for_workers(tracking_uri, executor.parallel, spec.tracking.server_host,
                            meanwhile=getattr(executor, "start", None),
-                           restarts=spec.tracking.server_restarts, log_dir=Path(spec.workdir)) as uri:
+                           restarts=spec.tracking.server_restarts, log_dir=Path(spec.workdir),
+                           workdir=Path(spec.workdir)) as uri:
         if uri != tracking_uri:
-            echo(f"trials run in parallel: serving {tracking_uri} through an MLflow server at {uri}")
-        tracker = SweepTracker(uri, name)
+            echo(f"trials run in parallel: serving {redacted(tracking_uri)} through an MLflow server at {uri}")
+        tracker = SweepTracker(uri, name, workdir=Path(spec.workdir))
         check_artifacts_reachable(tracker, spec.executor.shares_workdir, served=uri != tracking_uri)
         tracker.show_trials(hyperparameter_names(stages))
         for stage in preference_stages(stages):  # each keeps its method's best model
@@ -271,7 +297,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, *, smoke: bool = False, execut
         finished = {s.stage: done_keys(before, s, spec) for s in stages}
         skipped = sum(len(keys) for keys in finished.values())
         echo(f"sweep {name!r}: {sum(s.size for s in stages)} trials in {len(stages)} stages; tracking "
-             f"{tracking_uri} (experiment {tracker.experiment_id}); executor {spec.executor.kind}")
+             f"{redacted(tracking_uri)} (experiment {tracker.experiment_id}); executor {spec.executor.kind}")
         if skipped:
             echo(f"resuming: skipping {skipped} trials already done")
         for stage in stages:

@@ -62,7 +62,7 @@ def _inputs(sweep: str, tracker: SweepTracker, records, methods: list[str], show
     own = {m: [k for k in METHODS[m].params.model_fields] for m in methods}
     frame = _frame(records, methods)
     wanted = [r for r in records if r.status == RunStatus.FINISHED and r.stage in methods]
-    samples = {r.trial_key: tracker.load_samples(r.run_id)
+    samples = {r.trial_key: tracker.load_samples(r.run_id, artifact_uri=r.artifact_uri)
                for r in tqdm(wanted, desc="loading samples", unit="run", disable=None if show_progress else True)}
     return ReportInputs(sweep=sweep, frame=frame[frame["stage"].isin(methods)].reset_index(drop=True),
                         samples=samples_frame(samples), methods=methods, hyperparameters=own,

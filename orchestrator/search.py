@@ -1,7 +1,8 @@
 """Optuna over a stage's declared space (search.kind optuna), on any executor.
 
-The stage asks Optuna for a batch of points as wide as the executor runs at once, runs the batch as ordinary
-trials (each keyed by its resolved config, like a grid trial), and tells Optuna their scores. Resume is ours
+The stage keeps every slot of the executor busy: it asks Optuna for a point whenever a slot frees, runs it as an
+ordinary trial (keyed by its resolved config, like a grid trial), and tells Optuna its score the moment it ends
+(no batch waits for its slowest trial). Resume is ours
 as for grids: MLflow is the source of truth. Each run of the sweep rebuilds the stage's study from the stage's
 FINISHED/FAILED runs (replayed), then asks and tells the rest of the budget.
 
@@ -27,6 +28,7 @@ from orchestrator.core.rungs import logged_rung_values
 from orchestrator.core.runs import RunStatus, TrialRecord
 from orchestrator.core.spec import Choice, FloatRange, IntRange, SearchRange, coerce_hparam
 from orchestrator.core.task import TrialResult
+from orchestrator.core.trials import TrialSpec
 from orchestrator.grid import StageSearch
 from orchestrator.infra.errors import first_line
 
@@ -36,7 +38,9 @@ SAMPLERS: Registry[Callable[[int], optuna.samplers.BaseSampler]] = Registry("sea
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
 })
 
-RunBatch = Callable[[list], list[TrialResult]]  # [TrialSpec] -> one TrialResult each, in order
+# drive(next_trial, on_result): runs trials from next_trial (a TrialSpec, or None: no more) as slots free, and
+# hands each result to on_result as its trial ends (the pipeline's, over the executor: cluster.base.drive)
+Drive = Callable[[Callable[[], Optional[TrialSpec]], Callable[[TrialResult], None]], None]
 
 
 def distribution(search_range: SearchRange) -> optuna.distributions.BaseDistribution:
@@ -179,40 +183,50 @@ def _ask_new(study: optuna.Study, search: StageSearch, dists: dict, seen: set[st
     return None
 
 
-def run_search(search: StageSearch, previous: list[TrialRecord], run_batch: RunBatch, batch_size: int,
-               storage=None, name: Optional[str] = None, notice: Notice = lambda line: None) -> list[TrialResult]:
+def _tell(study: optuna.Study, trial: optuna.Trial, result: TrialResult, metric: str) -> None:
+    """Tell Optuna how an asked trial ended: its links, its rung values (Optuna step = rung number), its state."""
+    for attr, value in _links(result.trial_key, result.run_id).items():
+        trial.set_user_attr(attr, value)
+    state, value = _told_state(result.metrics, result.status, metric)
+    for rung, rung_value in logged_rung_values(result.metrics).items():
+        trial.report(rung_value, rung)
+    if state == optuna.trial.TrialState.COMPLETE:
+        study.tell(trial, value)
+    else:
+        study.tell(trial, state=state)
+
+
+def run_search(search: StageSearch, previous: list[TrialRecord], drive: Drive, storage=None,
+               name: Optional[str] = None, notice: Notice = lambda line: None) -> list[TrialResult]:
     """Run the rest of the stage's budget (n_trials minus its completed runs; the plan caps it at a finite space's
-    distinct points) in batches of `batch_size`, each point once. The study lives in `storage` under `name` when
-    given (study_storage, study_name), else in memory."""
+    distinct points), each point once, asynchronously: `drive` asks for a point whenever a slot is free and hands
+    back each result as its trial ends, which is told at once, so the next point asked already knows it (points
+    asked while others run are kept apart by the constant-liar sampler). The study lives in `storage` under `name`
+    when given (study_storage, study_name), else in memory."""
     study = new_study(search, len(previous), storage, name)
     replay(study, search, previous)
     dists = {k: distribution(v) for k, v in search.space.items()}
     seen = {r.trial_key for r in previous}
+    asked: dict[str, optuna.Trial] = {}  # trial key -> its asked trial, until told
     results: list[TrialResult] = []
-    remaining = search.n_trials - len(previous)
-    while remaining > 0:
-        asked = []
-        for _ in range(min(batch_size, remaining)):
-            trial = _ask_new(study, search, dists, seen)
-            if trial is None:
-                break
-            asked.append(trial)
-        if not asked:
+    budget = search.n_trials - len(previous)
+
+    def next_trial() -> Optional[TrialSpec]:
+        if len(results) + len(asked) >= budget:
+            return None
+        trial = _ask_new(study, search, dists, seen)
+        if trial is None:
             notice(f"stage {search.template.stage}: the search stops after {len(seen)} trials, under its budget of "
                    f"{search.n_trials}: the sampler proposed only points that have run, {MAX_REPEATS} times in a "
                    "row")
-            break
-        batch = run_batch([search.trial(t.params) for t in asked])
-        for trial, result in zip(asked, batch):
-            for attr, value in _links(result.trial_key, result.run_id).items():
-                trial.set_user_attr(attr, value)
-            state, value = _told_state(result.metrics, result.status, search.settings.metric)
-            for rung, rung_value in logged_rung_values(result.metrics).items():  # Optuna step = rung number
-                trial.report(rung_value, rung)
-            if state == optuna.trial.TrialState.COMPLETE:
-                study.tell(trial, value)
-            else:
-                study.tell(trial, state=state)
-        results += batch
-        remaining -= len(asked)
+            return None
+        spec = search.trial(trial.params)
+        asked[spec.trial_key] = trial
+        return spec
+
+    def on_result(result: TrialResult) -> None:
+        _tell(study, asked.pop(result.trial_key), result, search.settings.metric)
+        results.append(result)
+
+    drive(next_trial, on_result)
     return results

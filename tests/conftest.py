@@ -15,3 +15,20 @@ def _no_tracking_uri_leaks_between_tests():
     yield
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         os.environ.pop(name, None)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL cluster for the session (tests/local_postgres.py); its URI prefix."""
+    import local_postgres
+
+    with local_postgres.postgres_cluster() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_uri(postgres_server):
+    """A fresh PostgreSQL database of the session's cluster, as a tracking URI."""
+    import local_postgres
+
+    return local_postgres.new_database(postgres_server)

@@ -65,7 +65,7 @@ def test_documented_executor_search_and_cost_examples_are_valid_specs():
     executors = re.findall(r"```yaml\n(.*?)\n```", _doc("executors.md"), re.S)[0]
     chunks = re.split(r"\n(?=executor:)", executors)
     kinds = [TypeAdapter(ExecutorSpec).validate_python(yaml.safe_load(c)["executor"]).kind for c in chunks]
-    assert kinds == ["local", "ray", "slurm"]
+    assert kinds == ["local", "local", "ray", "slurm"]  # in the driver; 4 worker processes
     search = re.findall(r"```yaml\n(.*?)\n```", _section(_doc("spec.md"), "Search beyond grids"), re.S)[0]
     spec = parse_spec("name: s\n" + search.replace("  methods:\n", "  sft: {grid: {learning_rate: [0.001]}}\n"
                                                    "  methods:\n", 1))

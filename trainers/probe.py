@@ -5,6 +5,7 @@ dispatch overhead (benchmarks/bench_dispatch.py), testing executors, tracking un
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -49,7 +50,7 @@ def noop_sweep_yaml(name: str, workdir, n_beta: int, n_lr: int, executor: str = 
     """A sweep spec for probe trials at scale: base + 1 SFT + 3 methods x n_beta x n_lr preference trials (with
     `early_stopping`, a rung half way and ASHA)."""
     betas = ", ".join(f"{0.05 * (i + 1):.2f}" for i in range(n_beta))
-    lrs = ", ".join(f"{1e-5 * (i + 1):.0e}" for i in range(n_lr))
+    lrs = ", ".join(f"{1e-5 * (i + 1):.4g}" for i in range(n_lr))  # distinct past 9 (1e-04 twice with .0e)
     rungs, search = (ASHA_RUNGS, ASHA_SEARCH) if early_stopping else ("", "")
     return NOOP_SWEEP.format(name=name, workdir=workdir, betas=betas, lrs=lrs, executor=executor, restarts=restarts,
                              rungs=rungs, search=search)
@@ -96,11 +97,15 @@ class ProbeBody:
     """A TrialBody (orchestrator.core.outcome) that trains nothing: `steps` metric points spread over `seconds`,
     optionally dying once (SIGKILL) to test an executor's retries, and `prompts` fake samples for whole no-op
     sweeps. With evaluation.rungs, each rung reports probe_score to the trial's judge (early stopping as real
-    trials). cluster.probe.probe_trial runs it through the real trial path."""
+    trials). With `timings`, what its tracking calls took is logged at the end (probe/log_ms_STEP, probe/rung_ms:
+    the rung decision, its read of the stage included), for load benchmarks. cluster.probe.probe_trial runs it
+    through the real trial path."""
     steps: int = 0
     seconds: float = 0.0
     die_once: bool = False
     prompts: int = 0
+    timings: bool = False
+    seconds_per_epoch: float = 0.0  # more sleep: this × the trial's epochs (lengths that vary with a hyperparameter)
 
     def __call__(self, task: TrialTask, log: TrialLog, judge: RungJudge, checkpointing: Optional[Checkpointing],
                  report: Optional[Report], shared: Optional[SharedFiles]) -> TrialOutcome:
@@ -109,19 +114,35 @@ class ProbeBody:
             marker.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
         rungs = rungs_of(task.trial.evaluation, self.steps) if self.steps else {}
+        seconds = self.seconds + self.seconds_per_epoch * float(task.trial.hparams.get("epochs", 1))
+        took: dict[str, float] = {}
         for step in range(1, self.steps + 1):  # `seconds` is spread over the steps, like a training loop's logging
-            log.log_metrics({"probe/step_value": float(step)}, step)
+            with _timed(took, f"probe/log_ms_{step}"):
+                log.log_metrics({"probe/step_value": float(step)}, step)
             if step in rungs:  # the score it will finish with, as every rung's (ASHA's decisions are then known)
                 try:
-                    judge(rungs[step], step, {"mean_score": probe_score(task.trial.hparams)})
+                    with _timed(took, "probe/rung_ms"):
+                        judge(rungs[step], step, {"mean_score": probe_score(task.trial.hparams)})
                 except TrialStopped as stopped:
+                    if self.timings:
+                        log.log_metrics(took)
                     return TrialOutcome(stopped=stopped)
             if report:
                 report(step, self.steps)
-            time.sleep(self.seconds / self.steps)
+            time.sleep(seconds / self.steps)
         if not self.steps:
-            time.sleep(self.seconds)
+            time.sleep(seconds)
         outcome = _probe_outcome(task, self.prompts) if self.prompts else TrialOutcome()
         outcome.metrics.update({"mean_score": outcome.metrics.get("mean_score", probe_score(task.trial.hparams)),
-                                "probe_steps": float(self.steps)})
+                                "probe_steps": float(self.steps), **(took if self.timings else {})})
         return outcome
+
+
+@contextlib.contextmanager
+def _timed(into: dict[str, float], name: str):
+    """Milliseconds the block took, into[name] (also when it raises: a rung's stop is a decision too)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        into[name] = (time.perf_counter() - started) * 1000

@@ -87,6 +87,7 @@ class TrialRecord(BaseModel):
     tags: dict[str, str]
     start_time: Optional[int] = None   # ms since the epoch
     end_time: Optional[int] = None
+    artifact_uri: Optional[str] = None  # where its artifacts are (MLflow's run.info.artifact_uri)
 
 
 def run_status(mlflow_status: str, tags: dict[str, str]) -> RunStatus:

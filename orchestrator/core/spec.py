@@ -355,11 +355,13 @@ class ExecutorBase(Strict):
 
 
 class LocalExecutorSpec(ExecutorBase):
-    """Trials one after another in the driver process."""
+    """Trials one after another in the driver process, or `workers` at once in worker processes of this machine."""
     kind: Literal["local"] = "local"
+    workers: int = Field(1, ge=1, description="trials at once: 1 runs them in the driver; N > 1 in N worker "
+                                              "processes (the tracking store is then served to them, as for ray)")
 
     def needs_shared_workdir(self) -> Optional[str]:
-        return ("the local executor runs every trial in the driver's process, on its disk (shared_workdir: false is "
+        return ("the local executor runs every trial on the driver's machine, on its disk (shared_workdir: false is "
                 "for trials on other nodes: executor kind ray)")
 
 
@@ -405,14 +407,15 @@ class RayExecutorSpec(ExecutorBase):
 
 
 class SlurmExecutorSpec(ExecutorBase):
-    """One submitit job array per batch of trials; every trial a requeueable job (Checkpointable)."""
+    """One submitit job per trial, submitted as a slot frees; every trial a requeueable job (Checkpointable)."""
     kind: Literal["slurm"]
     partition: Optional[str] = None
     gpus_per_node: int = Field(0, ge=0)
     cpus_per_task: int = Field(1, gt=0)
     mem_gb: Optional[float] = Field(None, gt=0)
     timeout_min: int = Field(60, gt=0)
-    array_parallelism: int = Field(64, gt=0, description="most array tasks running at once")
+    array_parallelism: int = Field(64, gt=0, description="most trial jobs submitted at once (the "
+                                   "name is from when a batch was one job array)")
     unschedulable_timeout_min: float = Field(
         10.0, gt=0, description="a job pending because no node can take it (drained/down nodes, partition down) "
                                 "this long is cancelled and recorded FAILED instead of waited on")
@@ -556,13 +559,16 @@ class CostSpec(Strict):
 
 
 class TrackingSpec(Strict):
-    uri: Optional[str] = Field(None, description="MLflow tracking URI; default sqlite:///mlflow.db")
+    uri: Optional[str] = Field(None, description="MLflow tracking URI: sqlite:///PATH.db (default "
+                                                 "sqlite:///mlflow.db), postgresql://USER:PASSWORD@HOST/DB, or an "
+                                                 "MLflow server")
     system_metrics: bool = Field(True, description="log CPU, memory, disk, network (and GPU, where pynvml is "
                                  "installed) utilisation into every trial run, as MLflow's system metrics")
     system_metrics_interval: float = Field(10.0, ge=0.5, le=3600, description="seconds between system-metric samples; "
                                            "every trial logs at least one, when it ends")
     server_host: str = Field("127.0.0.1", description="where the MLflow server that `sweep run` starts for "
-                             "parallel trials on a SQLite store listens; only widen it on a trusted network")
+                             "parallel trials on a SQLite or PostgreSQL store listens; only widen it on a trusted "
+                             "network")
     server_restarts: int = Field(3, ge=0, description="times that server is started again if it dies mid-sweep "
                                  "(trials retry their requests with backoff meanwhile)")
 

@@ -105,7 +105,7 @@ def trial_lock(folder: Path):
         yield
 
 
-def _trial_tags(task: TrialTask) -> dict[str, str]:
+def trial_tags(task: TrialTask) -> dict[str, str]:
     trial, runtime = task.trial, task.runtime
     tags = {TAG_SWEEP: runtime.sweep, TAG_STAGE: trial.stage, TAG_METHOD: trial.method,
             TAG_KEY: trial.trial_key, TAG_STAGE_KEY: runtime.stage_key}
@@ -137,7 +137,7 @@ def _open_run(task: TrialTask, logger: TrialLogger, earlier: list[TrialRecord]) 
         return resume_id
     if saving is not None:  # a fresh start: an old checkpoint without its run is not resumed
         shutil.rmtree(saving.folder, ignore_errors=True)
-    run_id = logger.start(task.trial.run_name, {**_trial_tags(task), TAG_NODE: node_name()}, trial_params(task))
+    run_id = logger.start(task.trial.run_name, {**trial_tags(task), TAG_NODE: node_name()}, trial_params(task))
     if saving is not None:
         write_file_atomically(run_id_file, lambda tmp: Path(tmp).write_text(run_id))
     return run_id
@@ -304,7 +304,7 @@ def record_lost_trial(task: TrialTask, reason: str) -> TrialResult:
     if running is not None:
         logger.reopen(running.run_id)
     else:
-        logger.start(task.trial.run_name, _trial_tags(task), trial_params(task))
+        logger.start(task.trial.run_name, trial_tags(task), trial_params(task))
     logger.set_tags({TAG_FAILURE: reason[:5000]})
     logger.finish(RunStatus.FAILED)
     return TrialResult(trial_key=task.trial.trial_key, run_id=logger.run_id, status=RunStatus.FAILED, error=reason,

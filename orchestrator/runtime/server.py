@@ -28,7 +28,8 @@ from urllib.parse import urlparse
 
 from orchestrator.infra.files import write_file_atomically
 from orchestrator.infra.net import free_port, is_loopback
-from orchestrator.runtime.store import local_artifact_root, sqlite_path
+from orchestrator.infra.process import die_with_parent
+from orchestrator.runtime.store import is_database_server, redacted, store_home
 
 
 class TrackingServerError(RuntimeError):
@@ -80,7 +81,7 @@ class _SupervisedServer:
     def _spawn(self) -> subprocess.Popen:
         with open(self.log, "ab") as out:
             return subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=_die_with_parent, env=self.env)
+                                    preexec_fn=die_with_parent, env=self.env)
 
     def start_watching(self) -> None:
         self._watch.start()
@@ -114,7 +115,7 @@ class _SupervisedServer:
 
 # MLflow's client sends these as HTTP basic auth on every request (and Ray forwards them to workers on other nodes)
 CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
-AUTH_FOLDER = "mlflow-auth"  # beside the store's database: credentials.ini (mode 0600) and users.db
+AUTH_FOLDER = "mlflow-auth"  # in the store's home (store_home): credentials.ini (mode 0600) and users.db
 ADMIN_USER = "posweep-admin"
 
 
@@ -134,11 +135,11 @@ class ServerLogin:
         return f"log in as {self.username!r}; the password is admin_password in {self.config} (readable by you only)"
 
 
-def store_login(db: Path) -> ServerLogin:
+def store_login(home: Path) -> ServerLogin:
     """The store's credential, created on first use: a random password in AUTH_FOLDER/credentials.ini (0600) and
     the auth app's user database beside it. The app creates its admin user from the ini once; later starts
     (reruns, `sweep ui`) read the same file, so the password the users table holds never changes."""
-    folder = Path(db).parent / AUTH_FOLDER
+    folder = Path(home) / AUTH_FOLDER
     config = folder / "credentials.ini"
     if not config.is_file():
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -160,13 +161,21 @@ def store_login(db: Path) -> ServerLogin:
     return ServerLogin(config, parser["mlflow"]["admin_username"], parser["mlflow"]["admin_password"])
 
 
-def server_command(db: Path, host: str, port: int, login: Optional[ServerLogin]) -> tuple[list[str], dict[str, str]]:
-    """`mlflow server` for a SQLite store: its artifacts served from the store's own folder (mlartifacts/ beside
-    the database, where runs' file:// artifact URIs point, so the store reads the same without a server), behind
-    the basic-auth app when `login` is given."""
+# The server's database connections: one for each of its request threads (anyio's default pool, 40). With MLflow's
+# default (5 + 10 overflow) a request waited 30 s for one and failed with a 400 that clients do not retry: 16 of the
+# first 86 trials of a 1,000-trial simulation at 32 at once (benchmarks/bench_scale.py) ended FAILED so.
+SERVER_POOL = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "10", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "40"}
+
+
+def server_command(store_uri: str, home: Path, host: str, port: int, login: Optional[ServerLogin]
+                   ) -> tuple[list[str], dict[str, str]]:
+    """`mlflow server` for a local store (a SQLite file, or a database server such as PostgreSQL): its artifacts
+    served from the store's home (mlartifacts/, where runs' file:// artifact URIs point, so the store reads the same
+    without a server), behind the basic-auth app when `login` is given."""
     mlflow, env = mlflow_command()
-    root = local_artifact_root(f"sqlite:///{db}")
-    command = [mlflow, "server", "--backend-store-uri", f"sqlite:///{db}", "--default-artifact-root", root,
+    env = {**env, **SERVER_POOL}
+    root = (home / "mlartifacts").as_uri()
+    command = [mlflow, "server", "--backend-store-uri", store_uri, "--default-artifact-root", root,
                "--serve-artifacts", "--artifacts-destination", root, "--host", host, "--port", str(port),
                "--workers", "1"]
     return with_login(command, env, login)
@@ -182,25 +191,28 @@ def with_login(command: list[str], env: dict[str, str], login: Optional[ServerLo
 
 
 @contextlib.contextmanager
-def mlflow_server(sqlite_uri: str, host: str = "127.0.0.1", timeout: float = 180.0,
+def mlflow_server(store_uri: str, host: str = "127.0.0.1", timeout: float = 180.0,
                   meanwhile: Optional[Callable[[], None]] = None, restarts: int = 3,
-                  log_dir: Optional[Path] = None) -> Iterator[str]:
-    """Serve a SQLite tracking store over HTTP for the duration of the block; yields the server's URI.
+                  log_dir: Optional[Path] = None, workdir: Optional[Path] = None) -> Iterator[str]:
+    """Serve a local tracking store (a SQLite file, or a database server such as PostgreSQL, whose home is then
+    WORKDIR/mlflow-store: store.store_home) over HTTP for the duration of the block; yields the server's URI.
 
-    One server process owns the SQLite file, so parallel trials never write it concurrently. Artifacts keep
-    the store's local layout (mlartifacts/ beside the database): workers that share the driver's disk write
-    them directly, others through the server. Beyond loopback the server asks for the store's credential,
-    which this process's clients (and the trials it starts) get through MLFLOW_TRACKING_USERNAME/PASSWORD for
-    the block. A server that dies is started again (`restarts` times). Its log goes to `log_dir` (a sweep's
-    workdir: nothing is left in the working tree), else beside the database."""
-    db = sqlite_path(sqlite_uri)
-    db.parent.mkdir(parents=True, exist_ok=True)
+    One server process owns a SQLite file, so parallel trials never write it concurrently (and trials never need
+    a database's login). Artifacts keep the store's local layout (mlartifacts/ in its home): workers that share
+    the driver's disk write them directly, others through the server. Beyond loopback the server asks for the
+    store's credential, which this process's clients (and the trials it starts) get through
+    MLFLOW_TRACKING_USERNAME/PASSWORD for the block. A server that dies is started again (`restarts` times). Its
+    log goes to `log_dir` (a sweep's workdir: nothing is left in the working tree), else to the store's home."""
+    home = store_home(store_uri, workdir)
+    if home is None:
+        raise ValueError(f"no local folder for the store {redacted(store_uri)}'s artifacts: pass the sweep's workdir")
+    home.mkdir(parents=True, exist_ok=True)
     port = free_port(host)
     url = f"http://{host}:{port}"
-    log = Path(log_dir or db.parent) / "mlflow-server.log"
+    log = Path(log_dir or home) / "mlflow-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    login = None if is_loopback(host) else store_login(db)
-    command, env = server_command(db, host, port, login)
+    login = None if is_loopback(host) else store_login(home)
+    command, env = server_command(store_uri, home, host, port, login)
     server = _SupervisedServer(command, env, url, log, restarts)
     try:
         with _credentials_in_environment(login):
@@ -238,16 +250,6 @@ def credential_env() -> dict[str, str]:
     return {k: os.environ[k] for k in CREDENTIAL_VARIABLES if os.environ.get(k)}
 
 
-def _die_with_parent() -> None:
-    """Linux: the server gets SIGTERM when the driver dies, even by SIGKILL, so a rerun never finds an orphan
-    server still writing the SQLite file."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def stop_server(process: subprocess.Popen) -> None:
     """SIGTERM the server's process group (it runs workers), SIGKILL what is left after 15 s. Returns once no
     process of the group is left: the leader can exit while a worker still holds the port, and a server started
@@ -278,12 +280,13 @@ def _group_ended(process: subprocess.Popen, timeout: float) -> bool:
 @contextlib.contextmanager
 def store_for_workers(uri: str, parallel: bool, host: str = "127.0.0.1",
                       meanwhile: Optional[Callable[[], None]] = None, restarts: int = 3,
-                      log_dir: Optional[Path] = None) -> Iterator[str]:
-    """The tracking URI that the driver and every worker use: a local SQLite store is put behind an MLflow
-    server when trials run in parallel; anything else (a server URI, a sequential sweep) is used as is.
-    `meanwhile` runs once either way (while the server starts, if one does)."""
-    if parallel and urlparse(uri).scheme == "sqlite":
-        with mlflow_server(uri, host, meanwhile=meanwhile, restarts=restarts, log_dir=log_dir) as url:
+                      log_dir: Optional[Path] = None, workdir: Optional[Path] = None) -> Iterator[str]:
+    """The tracking URI that the driver and every worker use: a local store (a SQLite file, a PostgreSQL
+    database) is put behind an MLflow server when trials run in parallel; anything else (a server URI, a
+    sequential sweep) is used as is. `meanwhile` runs once either way (while the server starts, if one does)."""
+    if parallel and (urlparse(uri).scheme == "sqlite" or is_database_server(uri)):
+        with mlflow_server(uri, host, meanwhile=meanwhile, restarts=restarts, log_dir=log_dir,
+                           workdir=workdir) as url:
             yield url
     else:
         if meanwhile:

@@ -141,14 +141,38 @@ def _cached_client(uri: str, create: bool):
     from mlflow.tracking import MlflowClient
 
     _quiet_mlflow()
-    if urlparse(uri).scheme != "sqlite":
+    scheme = urlparse(uri).scheme.split("+")[0]
+    if scheme in SERVER_SCHEMES:
         return MlflowClient(tracking_uri=uri)
+    if scheme != "sqlite":  # a database server (PostgreSQL, ...): MLflow creates or migrates its tables now
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+        except Exception as exc:  # noqa: BLE001 - a driver error, a refused connection, a bad login: one line
+            raise StoreUnavailable(f"the tracking database {redacted(uri)} cannot be used: "
+                                   f"{type(exc).__name__}: {first_line(exc)}") from None
+        return client
     if not create and not sqlite_path(uri).is_file():
         raise StoreUnavailable(f"no tracking store at {uri}")
     with _store_lock(uri, exclusive=create):  # MLflow creates or migrates the tables when it builds the client
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
     return client
+
+
+def redacted(uri: str) -> str:
+    """`uri` with the password of its login, if any, replaced by ***: for messages and logs."""
+    parsed = urlparse(uri)
+    if not parsed.password:
+        return uri
+    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)).geturl()
+
+
+def is_database_server(uri: str) -> bool:
+    """A store in a database server MLflow's SQL store opens (PostgreSQL, MySQL, SQL Server): not a file, not
+    an MLflow server."""
+    scheme = urlparse(uri).scheme.split("+")[0]
+    return scheme in DATABASE_SCHEMES and scheme != "sqlite"
 
 
 def prepare_store(uri: str) -> None:
@@ -185,12 +209,22 @@ def check_writable(uri: str) -> None:
                                    "fix its permissions or pass another --tracking-uri")
 
 
-def local_artifact_root(uri: str) -> Optional[str]:
-    """Artifacts of a local SQLite store go beside the database file, not wherever the CWD happens to be."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "sqlite":
-        return None
-    return (sqlite_path(uri).parent / "mlartifacts").as_uri()
+def store_home(uri: str, workdir: Optional[Path] = None) -> Optional[Path]:
+    """The folder that holds what a store keeps beside its database (mlartifacts/, mlflow-auth/): a SQLite store's
+    own folder; for a database server, WORKDIR/mlflow-store of the sweep that uses it (None without a workdir);
+    None for an MLflow server (it keeps its own)."""
+    if urlparse(uri).scheme == "sqlite":
+        return sqlite_path(uri).parent
+    if is_database_server(uri) and workdir is not None:
+        return Path(workdir).expanduser().resolve() / "mlflow-store"
+    return None
+
+
+def local_artifact_root(uri: str, workdir: Optional[Path] = None) -> Optional[str]:
+    """Artifacts of a local store go in its home (store_home: beside a SQLite database, in the sweep's workdir for
+    a database server), not wherever the CWD happens to be (MLflow's default, ./mlruns)."""
+    home = store_home(uri, workdir)
+    return None if home is None else (home / "mlartifacts").as_uri()
 
 
 def artifact_repository(client, run_id: str, served_root: Optional[str] = None):
@@ -226,7 +260,8 @@ def record_of(run) -> TrialRecord:
                        stage=tags.get(TAG_STAGE, ""), method=tags.get(TAG_METHOD, ""),
                        status=run_status(run.info.status, tags),
                        params=dict(run.data.params), metrics=dict(run.data.metrics), tags=dict(tags),
-                       start_time=run.info.start_time, end_time=run.info.end_time)
+                       start_time=run.info.start_time, end_time=run.info.end_time,
+                       artifact_uri=run.info.artifact_uri)
 
 
 def all_runs(client, experiment_id: str, filter_string: str) -> list:

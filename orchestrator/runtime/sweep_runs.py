@@ -7,13 +7,15 @@ import json
 import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
+from urllib.parse import urlparse
 
 from orchestrator.core.runs import SELECTION_METRIC, TRIAL_METRICS, RunStatus, TrialRecord
 from orchestrator.core.tags import (MODEL_TRAINING, RUNS_VIEW_KEY, SAMPLES_ARTIFACT, TAG_EXPERIMENT_KIND, TAG_KIND,
                                     TAG_NOTE, TAG_RUNS_VIEW, TAG_STAGE, TAG_STOPPED_AT_RUNG, TAG_SWEEP)
 from orchestrator.infra.errors import first_line
+from orchestrator.runtime.rung_record import RungRecords
 from orchestrator.runtime.store import (CorruptArtifact, StoreUnavailable, all_runs, local_artifact_root, record_of,
-                                        store_client, store_exists)
+                                        redacted, store_client, store_exists)
 
 
 def existing_trials(uri: str, sweep: str) -> list[TrialRecord]:
@@ -29,17 +31,18 @@ def existing_trials(uri: str, sweep: str) -> list[TrialRecord]:
 class SweepTracker:
     """Driver-side view of one sweep's experiment."""
 
-    def __init__(self, uri: str, sweep: str, create: bool = True):
+    def __init__(self, uri: str, sweep: str, create: bool = True, workdir: Optional[Path] = None):
         self.uri, self.sweep = uri, sweep
         self.client = store_client(uri, create)
         experiment = self.client.get_experiment_by_name(sweep)
         if experiment is None and not create:
-            raise LookupError(f"no sweep {sweep!r} in {uri}")
+            raise LookupError(f"no sweep {sweep!r} in {redacted(uri)}")
         if experiment is None:
             self.experiment_id = self.client.create_experiment(
-                sweep, artifact_location=local_artifact_root(uri), tags={TAG_SWEEP: sweep})
+                sweep, artifact_location=local_artifact_root(uri, workdir), tags={TAG_SWEEP: sweep})
         else:
             self.experiment_id = experiment.experiment_id
+        self.rung_records = RungRecords(self.client, self.experiment_id)
 
     @property
     def artifact_location(self) -> str:
@@ -103,19 +106,28 @@ class SweepTracker:
         self.client.set_terminated(run_id, RunStatus.FINISHED.value)
         return run_id
 
-    def load_samples(self, run_id: str, artifact_file: str = SAMPLES_ARTIFACT) -> list[dict]:
+    def load_samples(self, run_id: str, artifact_file: str = SAMPLES_ARTIFACT, artifact_uri: Optional[str] = None
+                     ) -> list[dict]:
         """A trial's per-sample records, read back from its table artifact; a damaged artifact (truncated,
-        edited) raises CorruptArtifact naming the run."""
+        edited) raises CorruptArtifact naming the run. `artifact_uri` (the run's, from its record): when it is a
+        folder this process sees, the file is read in place, without a copy or a read of the run (a report of
+        10,000 runs reads 10,000 tables)."""
+        local = Path(urlparse(artifact_uri).path) / artifact_file if artifact_uri and urlparse(
+            artifact_uri).scheme == "file" else None
+        if local is not None and local.is_file():
+            return self._table(run_id, artifact_file, local)
         with tempfile.TemporaryDirectory() as tmp:
-            path = self.client.download_artifacts(run_id, artifact_file, tmp)
-            try:
-                table = json.loads(Path(path).read_text())
-                return [dict(zip(table["columns"], row)) for row in table["data"]]
-            except (ValueError, KeyError, TypeError) as exc:
-                name = self.client.get_run(run_id).info.run_name
-                raise CorruptArtifact(f"run {run_id} ({name!r}): its artifact {artifact_file} is damaged "
-                                      f"({type(exc).__name__}: {first_line(exc)}); delete that run and rerun the "
-                                      "sweep to run it again") from None
+            return self._table(run_id, artifact_file, Path(self.client.download_artifacts(run_id, artifact_file, tmp)))
+
+    def _table(self, run_id: str, artifact_file: str, path: Path) -> list[dict]:
+        try:
+            table = json.loads(path.read_text())
+            return [dict(zip(table["columns"], row)) for row in table["data"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            name = self.client.get_run(run_id).info.run_name
+            raise CorruptArtifact(f"run {run_id} ({name!r}): its artifact {artifact_file} is damaged "
+                                  f"({type(exc).__name__}: {first_line(exc)}); delete that run and rerun the "
+                                  "sweep to run it again") from None
 
 
 def runs_view_state(params: Iterable[str]) -> str:

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator.core.runs import RunStatus, TrialRecord
-from orchestrator.core.tags import (LOGGED_ARTIFACTS, SAMPLES_ARTIFACT, TAG_KEY, TAG_KIND, TAG_PARENT,
-                                    TAG_RUNG_SIGNATURE, TAG_STAGE_KEY, TAG_WEIGHTS, WEIGHTS_ARTIFACT)
+from orchestrator.core.tags import (LOGGED_ARTIFACTS, SAMPLES_ARTIFACT, TAG_KEY, TAG_KIND, TAG_PARENT, TAG_WEIGHTS,
+                                    WEIGHTS_ARTIFACT)
+from orchestrator.runtime.rung_record import RungValues, merge_rung_values, read_record, stage_query, values_since
 from orchestrator.runtime.store import all_runs, artifact_repository, record_of, store_client
 
 MAX_PARAM_LENGTH = 6000
@@ -166,14 +167,19 @@ class TrialLogger:
 
     def rung_values(self, stage_key: str, metric: str, exclude_key: str, signature: str) -> list[float]:
         """The value of `metric` (asha/rung_K) of every other trial key of the stage that logged it under the same
-        rung signature, one per key (a key run again after its process died logs the same value again)."""
-        values: dict[str, float] = {}
-        query = f"tags.`{TAG_STAGE_KEY}` = '{stage_key}' and tags.`{TAG_RUNG_SIGNATURE}` = '{signature}'"
-        for run in all_runs(self.client, self.experiment_id, query):
-            key = run.data.tags.get(TAG_KEY)
-            if key != exclude_key and metric in run.data.metrics:
-                values.setdefault(key, run.data.metrics[metric])
-        return list(values.values())
+        rung signature, one per key: from the stage's rung record (runtime.rung_record) and the runs it cannot
+        hold yet, or, without a record, from every run of the stage."""
+        record = read_record(self.artifacts(self.parent_run_id), signature)
+        found: RungValues = {}
+        if record is None:
+            merge_rung_values(found, all_runs(self.client, self.experiment_id, stage_query(stage_key, signature)))
+        else:
+            found[signature] = {metric: dict(record["values"].get(metric, {}))}
+            newer = values_since(self.client, self.experiment_id, stage_key, record["as_of_ms"])
+            for key, value in newer.get(signature, {}).get(metric, {}).items():
+                found[signature][metric].setdefault(key, value)
+        values = found.get(signature, {}).get(metric, {})
+        return [value for key, value in values.items() if key != exclude_key]
 
     def reopen(self, run_id: str) -> None:
         """Continue logging into an earlier attempt's run (a trial resumed from its checkpoint)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from local_postgres import tracking_store
 
 from cluster import make_executor
 from cluster.probe import probe_trial
@@ -26,13 +27,15 @@ def local_ray():
     ray.shutdown()
 
 
-def test_eight_concurrent_trials_log_every_step_through_the_mlflow_server(tmp_path, local_ray, tasks_for):
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_eight_concurrent_trials_log_every_step_through_the_mlflow_server(tmp_path, local_ray, tasks_for, store,
+                                                                          request):
     """8 trials at once (a quarter CPU each), 100 metric steps each, over the server `sweep run` starts for a
-    SQLite store: every run FINISHED, every step present, one run per key."""
-    sqlite = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    SQLite store or a PostgreSQL database: every run FINISHED, every step present, one run per key."""
+    store_uri = tracking_store(store, tmp_path, request)
     executor = make_executor(RayExecutorSpec(kind="ray", resources_per_trial=RayResources(cpu=0.25),
                                              max_concurrent_trials=8))
-    with store_for_workers(sqlite, parallel=True) as uri:
+    with store_for_workers(store_uri, parallel=True, workdir=tmp_path / "work") as uri:
         assert uri.startswith("http://127.0.0.1:")
         tasks = tasks_for(tmp_path, uri, "concurrent", 8)
         results = executor.run(tasks, functools.partial(probe_trial, steps=100, seconds=1.0))
@@ -41,10 +44,10 @@ def test_eight_concurrent_trials_log_every_step_through_the_mlflow_server(tmp_pa
         for result in results:
             history = client.get_metric_history(result.run_id, "probe/step_value")
             assert sorted(m.step for m in history) == list(range(1, 101))
-    records = SweepTracker(sqlite, "concurrent").trials()  # the file is readable directly once the server stops
+    records = SweepTracker(store_uri, "concurrent").trials()  # the file is readable directly once the server stops
     assert sorted(r.status for r in records) == ["FINISHED"] * 8
     assert len({r.trial_key for r in records}) == 8
-    starts = sorted(store_client(sqlite).get_run(r.run_id).info.start_time for r in records)
+    starts = sorted(store_client(store_uri).get_run(r.run_id).info.start_time for r in records)
     assert starts[-1] - starts[0] < 1000 * 1.0 * 4, "the 8 trials did not overlap"
 
 

@@ -70,6 +70,21 @@ def test_a_small_sweep_completes_on_slurm(tmp_path, slurm):
     assert list((tmp_path / "work" / "slurm").glob("*/*_result.pkl"))  # each trial ran as its own job
 
 
+def _submit(executor, tasks, trial_fn) -> list:
+    """Submit each task: its submitit job (`.ref`, with its job_id) and the handle to wait on."""
+    return [executor.submit(task, trial_fn) for task in tasks]
+
+
+def _wait_all(executor, handles) -> list:
+    """The handles' results, in their order, through the executor's wait_any."""
+    results, pending = {}, list(handles)
+    while pending:
+        for handle, result in executor.wait_any(pending):
+            pending.remove(handle)
+            results[id(handle)] = result
+    return [results[id(h)] for h in handles]
+
+
 def test_a_requeued_job_resumes_from_its_checkpoint(tmp_path, slurm, tasks_for):
     """`scontrol requeue` kills the running job mid-training and puts it back in the queue; the rerun
     continues from the last saved step, in the same MLflow run, and the trial finishes once."""
@@ -81,14 +96,14 @@ def test_a_requeued_job_resumes_from_its_checkpoint(tmp_path, slurm, tasks_for):
         long = task.trial.model_copy(update={
             "method": "sft", "stage": "sft", "hparams": {"learning_rate": 1e-3, "epochs": 300}, "init": None})
         task = task.model_copy(update={"trial": long})
-        jobs = executor.submit([task], run_trial)
+        jobs = _submit(executor, [task], run_trial)
         step_file = task.trial_dir / "resume" / "step"
         _wait_for(lambda: step_file.exists() and int(step_file.read_text()) >= 20, 240, "20 steps saved")
-        subprocess.run(["scontrol", "requeue", jobs[0].job_id], check=True)
+        subprocess.run(["scontrol", "requeue", jobs[0].ref.job_id], check=True)
         # Slurm holds a requeued job for ~2 minutes (BeginTime); release it now
-        _wait_for(lambda: _job_state(jobs[0].job_id) == "PENDING", 60, "the job to be requeued")
-        subprocess.run(["scontrol", "update", f"JobId={jobs[0].job_id}", "StartTime=now"], check=True)
-        [result] = executor.wait([task], jobs)
+        _wait_for(lambda: _job_state(jobs[0].ref.job_id) == "PENDING", 60, "the job to be requeued")
+        subprocess.run(["scontrol", "update", f"JobId={jobs[0].ref.job_id}", "StartTime=now"], check=True)
+        [result] = _wait_all(executor, jobs)
         assert result.status == "FINISHED", result.error
         run = store_client(uri).get_run(result.run_id)
         assert int(run.data.tags[TAG_RESUMED]) >= 20
@@ -109,13 +124,13 @@ def test_a_cancelled_job_is_reported_failed_not_waited_on(tmp_path, slurm, tasks
     sqlite = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with store_for_workers(sqlite, parallel=True) as uri:
         tasks = tasks_for(tmp_path, uri, "cancel", 2)
-        jobs = executor.submit(tasks, functools.partial(probe_trial, steps=1, seconds=300))
-        _wait_for(lambda: _job_state(jobs[0].job_id) == "RUNNING", 120, "the job to run")
+        jobs = _submit(executor, tasks, functools.partial(probe_trial, steps=1, seconds=300))
+        _wait_for(lambda: _job_state(jobs[0].ref.job_id) == "RUNNING", 120, "the job to run")
         time.sleep(2)
-        subprocess.run(["scancel", jobs[0].job_id], check=True)
-        subprocess.run(["scancel", jobs[1].job_id], check=True)
+        subprocess.run(["scancel", jobs[0].ref.job_id], check=True)
+        subprocess.run(["scancel", jobs[1].ref.job_id], check=True)
         started = time.monotonic()
-        results = executor.wait(tasks, jobs)
+        results = _wait_all(executor, jobs)
         assert time.monotonic() - started < 60
     assert [r.status for r in results] == ["FAILED", "FAILED"]
     assert "left the queue without a result" in results[0].error
@@ -135,11 +150,11 @@ def test_jobs_on_a_drained_node_are_reported_failed_not_waited_on(tmp_path, slur
             tasks = tasks_for(tmp_path, uri, "drained", 2)
             started = time.monotonic()
             jobs = executor.submit(tasks, functools.partial(probe_trial, steps=1))
-            results = executor.wait(tasks, jobs)
+            results = _wait_all(executor, jobs)
             assert time.monotonic() - started < 60
         assert [r.status for r in results] == ["FAILED", "FAILED"]
         assert "could not be scheduled for 0.1 min (Nodes required for job are DOWN, DRAINED" in results[0].error
-        assert all(_job_state(j.job_id) == "" for j in jobs)  # cancelled: nothing left in the queue
+        assert all(_job_state(j.ref.job_id) == "" for j in jobs)  # cancelled: nothing left in the queue
         records = SweepTracker(sqlite, "drained").trials()
         assert sorted(r.status for r in records) == ["FAILED", "FAILED"]
         assert all("cancelled" in r.tags[TAG_FAILURE] for r in records)

@@ -1,4 +1,5 @@
-"""Optuna search stages: spec validation, batches, resume by replay, and a real sweep with a searched stage."""
+"""Optuna search stages: spec validation, asynchronous asks as slots free, resume by replay, and a real sweep with
+a searched stage."""
 
 import math
 
@@ -36,13 +37,37 @@ def spec_for(tmp_path, n=6, sampler="tpe"):
     return parse_spec(SPEC.format(workdir=tmp_path / "work", n=n, sampler=sampler))
 
 
-def fake_batch(log):
-    """Runs no training: scores each trial with the probe's known function."""
-    def run_batch(trials):
-        log.append([t.hparams for t in trials])
-        return [TrialResult(trial_key=t.trial_key, run_id=None, status="FINISHED",
-                            metrics={"mean_score": probe_score(t.hparams)}) for t in trials]
-    return run_batch
+def scored(trial, i):
+    return TrialResult(trial_key=trial.trial_key, run_id=None, status="FINISHED",
+                       metrics={"mean_score": probe_score(trial.hparams)})
+
+
+def fake_drive(log, slots=1, result=scored, duration=lambda trial, i: 1.0):
+    """An executor of `slots` on a simulated clock, training nothing: asks for a trial whenever a slot is free,
+    ends the one due first (`duration(trial, i)` after its start) and hands back `result(trial, i)` (i: the order it
+    was asked in). `log` gets ("ask", hparams) and ("end", hparams) in the order they happen."""
+    def drive(next_trial, on_result):
+        now, running, more, asked = 0.0, [], True, 0
+        while True:
+            while more and len(running) < slots:
+                trial = next_trial()
+                if trial is None:
+                    more = False
+                else:
+                    log.append(("ask", trial.hparams))
+                    running.append((now + duration(trial, asked), asked, trial))
+                    asked += 1
+            if not running:
+                return
+            running.sort(key=lambda r: (r[0], r[1]))
+            now, i, trial = running.pop(0)
+            log.append(("end", trial.hparams))
+            on_result(result(trial, i))
+    return drive
+
+
+def asked(log):
+    return [hparams for event, hparams in log if event == "ask"]
 
 
 def test_plan_has_a_searched_stage_with_its_budget(tmp_path):
@@ -54,31 +79,45 @@ def test_plan_has_a_searched_stage_with_its_budget(tmp_path):
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random"])
-def test_points_stay_in_their_ranges_come_in_executor_sized_batches_and_repeat_with_the_seed(tmp_path, sampler):
+def test_points_stay_in_their_ranges_fill_the_slots_and_repeat_with_the_seed(tmp_path, sampler):
     search = plan_sweep(spec_for(tmp_path, n=5, sampler=sampler))[-1].search
     log, again = [], []
-    run_search(search, [], fake_batch(log), batch_size=2)
-    run_search(search, [], fake_batch(again), batch_size=2)
-    assert [len(b) for b in log] == [2, 2, 1]
-    points = [p for b in log for p in b]
+    run_search(search, [], fake_drive(log, slots=2))
+    run_search(search, [], fake_drive(again, slots=2))
+    assert [event for event, _ in log] == ["ask", "ask", "end", "ask", "end", "ask", "end", "ask", "end", "end"]
+    points = asked(log)
+    assert len(points) == 5 and len({tuple(sorted(p.items())) for p in points}) == 5
     assert all(1e-5 <= p["learning_rate"] <= 1e-3 and 0.05 <= p["beta"] <= 0.5 and p["epochs"] == 1 for p in points)
     assert log == again
+
+
+def test_a_slot_that_frees_gets_the_next_point_at_once_while_a_long_trial_runs(tmp_path):
+    """No batch barrier: with 2 slots, the first trial asked takes 10 time units and every other 1; the other slot
+    runs trials 2, 3, 4, 5 one after another while the first still runs, each told before the next is asked."""
+    search = plan_sweep(spec_for(tmp_path, n=5))[-1].search
+    log = []
+    run_search(search, [], fake_drive(log, slots=2, duration=lambda trial, i: 10.0 if i == 0 else 1.0))
+    points = asked(log)
+    ends = [hparams for event, hparams in log if event == "end"]
+    assert ends[-1] == points[0]  # the long one ends last ...
+    assert ends[:4] == points[1:]  # ... after the 4 short ones, each asked when the one before it ended
+    assert [event for event, _ in log] == ["ask", "ask", "end", "ask", "end", "ask", "end", "ask", "end", "end"]
 
 
 def test_a_resumed_search_replays_completed_trials_and_runs_only_the_rest(tmp_path):
     search = plan_sweep(spec_for(tmp_path, n=5))[-1].search
     first = []
-    results = run_search(search, [], fake_batch(first), batch_size=1)
-    points = [b[0] for b in first]
+    results = run_search(search, [], fake_drive(first))
+    points = asked(first)
     previous = [TrialRecord(run_id=str(i), run_name="", trial_key=r.trial_key, stage="dpo", method="dpo",
                             status="FINISHED", params={k: str(v) for k, v in p.items()},
                             metrics=r.metrics, tags={}) for i, (p, r) in enumerate(zip(points[:3], results[:3]))]
     rest = []
-    run_search(search, previous, fake_batch(rest), batch_size=1)
-    assert len(rest) == 2  # 5 - 3 replayed
+    run_search(search, previous, fake_drive(rest))
+    assert len(asked(rest)) == 2  # 5 - 3 replayed
     # a resumed study does not draw its seeded startup points again (that would rerun trials it has)
     replayed = {(p["learning_rate"], p["beta"]) for p in points[:3]}
-    assert not {(b[0]["learning_rate"], b[0]["beta"]) for b in rest} & replayed
+    assert not {(p["learning_rate"], p["beta"]) for p in asked(rest)} & replayed
 
 
 def test_space_errors_are_one_line_with_the_field(tmp_path):
@@ -148,21 +187,20 @@ def test_a_stopped_trial_is_told_to_optuna_as_pruned_with_its_rung_values_live_a
     search = plan_sweep(spec_for(tmp_path, n=3))[-1].search
     storage = optuna.storages.InMemoryStorage()
 
-    def run_batch(trials):
-        return [TrialResult(trial_key=t.trial_key, run_id=None, status="STOPPED", error="rung 2 ...",
+    def result(t, i):
+        return (TrialResult(trial_key=t.trial_key, run_id=None, status="STOPPED", error="rung 2 ...",
                             metrics={"asha/rung_1": 0.5, "asha/rung_2": 0.25, "stopped_at_step": 8.0})
                 if i == 1 else TrialResult(trial_key=t.trial_key, run_id=None, status="FINISHED",
-                                           metrics={"mean_score": 1.0, "asha/rung_1": 0.75})
-                for i, t in enumerate(trials)]
+                                           metrics={"mean_score": 1.0, "asha/rung_1": 0.75}))
 
-    run_search(search, [], run_batch, batch_size=3, storage=storage, name="live")
+    run_search(search, [], fake_drive([], slots=3, result=result), storage=storage, name="live")
     trials = optuna.load_study(study_name="live", storage=storage).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
     assert trials[1].intermediate_values == {1: 0.5, 2: 0.25} and trials[0].value == 1.0
     record = TrialRecord(run_id="r", run_name="", trial_key="k", stage="dpo", method="dpo", status="STOPPED",
                          params={k: str(v) for k, v in trials[1].params.items()},
                          metrics={"asha/rung_1": 0.5, "asha/rung_2": 0.25}, tags={})
-    run_search(search, [record], fake_batch([]), batch_size=2, storage=storage, name="replayed")
+    run_search(search, [record], fake_drive([], slots=2), storage=storage, name="replayed")
     replayed = optuna.load_study(study_name="replayed", storage=storage).trials
     assert replayed[0].state.name == "PRUNED" and replayed[0].intermediate_values == {1: 0.5, 2: 0.25}
     assert len(replayed) == 3  # the stopped trial counts in the budget, as a pruned trial does

@@ -210,7 +210,7 @@ def test_where_a_sweep_keeps_its_files_by_default(executor, shared):
 
 
 @pytest.mark.parametrize("executor, message", [
-    ("{kind: local, shared_workdir: false}", "the local executor runs every trial in the driver's process"),
+    ("{kind: local, shared_workdir: false}", "the local executor runs every trial on the driver's machine"),
     ("{kind: slurm, shared_workdir: false}", "submitit hands every job its task"),
     ("{kind: ray, shared_workdir: false, processes_per_trial: 2, ranks: ray_train}", "it needs shared_workdir: true"),
 ])

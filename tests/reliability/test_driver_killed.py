@@ -7,11 +7,16 @@ import subprocess
 import sys
 import time
 
+import optuna
 import pytest
+from local_postgres import tracking_store
 from reliability_support import finished_trials
 
+from orchestrator.core.spec_file import load_spec
+from orchestrator.grid import plan_sweep
 from orchestrator.runtime.kept_models import registered_model_name
 from orchestrator.runtime.sweep_runs import SweepTracker
+from orchestrator.search import study_name, study_storage
 
 SPEC = """\
 name: resume-{kind}
@@ -30,17 +35,18 @@ EXECUTORS = {"local": "{kind: local}", "ray": "{kind: ray, num_cpus: 2, max_conc
 TOTAL = 7  # untrained + 1 SFT + 3 DPO + 2 SimPO
 
 
-def kill_the_driver_after(tmp_path, spec_text: str, ended: int) -> list[str]:
-    """Start `sweep run` on the spec in a subprocess, SIGKILL it once `ended` trial runs have ended (MLflow
-    status FINISHED: finished or stopped early), and return the command (to rerun it)."""
+def kill_the_driver_after(tmp_path, spec_text: str, ended: int, uri: str = "") -> list[str]:
+    """Start `sweep run` on the spec in a subprocess (tracking `uri`, default TMP/mlflow.db), SIGKILL it once
+    `ended` trial runs have ended (MLflow status FINISHED: finished or stopped early), and return the command (to
+    rerun it)."""
     spec = tmp_path / "spec.yaml"
     spec.write_text(spec_text)
-    db = tmp_path / "mlflow.db"
-    command = [sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--no-progress", "--tracking-uri",
-               f"sqlite:///{db}"]
+    uri = uri or f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = uri if uri.startswith("postgresql://") else tmp_path / "mlflow.db"
+    command = [sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--no-progress", "--tracking-uri", uri]
     driver = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 400
-    while finished_trials(db) < ended and driver.poll() is None and time.monotonic() < deadline:
+    while finished_trials(store) < ended and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert driver.poll() is None, "the sweep ended before it could be killed:\n" + driver.stdout.read()
     os.kill(driver.pid, signal.SIGKILL)
@@ -48,13 +54,14 @@ def kill_the_driver_after(tmp_path, spec_text: str, ended: int) -> list[str]:
     return command
 
 
-@pytest.mark.parametrize("kind", ["local", "ray"])
-def test_sigkill_the_driver_then_rerun_finishes_only_the_rest(tmp_path, kind):
-    db = tmp_path / "mlflow.db"
+@pytest.mark.parametrize("kind,store", [("local", "sqlite"), ("ray", "sqlite"), ("ray", "postgresql")])
+def test_sigkill_the_driver_then_rerun_finishes_only_the_rest(tmp_path, kind, store, request):
+    """With a PostgreSQL store the sweep's server serves the database; the same guarantees hold."""
+    uri = tracking_store(store, tmp_path, request)
     command = kill_the_driver_after(tmp_path, SPEC.format(kind=kind, workdir=tmp_path / "work",
-                                                          executor=EXECUTORS[kind]), 3)
+                                                          executor=EXECUTORS[kind]), 3, uri)
     time.sleep(2)  # the dying driver's helpers (Ray, the MLflow server) go down with it
-    done_before = finished_trials(db)
+    done_before = finished_trials(uri if store == "postgresql" else tmp_path / "mlflow.db")
     assert 3 <= done_before < TOTAL
 
     rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -62,12 +69,12 @@ def test_sigkill_the_driver_then_rerun_finishes_only_the_rest(tmp_path, kind):
     assert f"resuming: skipping {done_before} trials already done" in rerun.stdout
     assert f"{TOTAL - done_before} trials run, {done_before} skipped" in rerun.stdout
 
-    records = SweepTracker(f"sqlite:///{db}", f"resume-{kind}").trials()
+    records = SweepTracker(uri, f"resume-{kind}").trials()
     finished = [r.trial_key for r in records if r.status == "FINISHED"]
     assert len(finished) == len(set(finished)) == TOTAL  # every key once, none twice
     assert not [r for r in records if r.status == "RUNNING"]
     assert {r.status for r in records} <= {"FINISHED", "KILLED"}
-    assert_only_the_best_models_kept(f"sqlite:///{db}", f"resume-{kind}", records, tmp_path / "work")
+    assert_only_the_best_models_kept(uri, f"resume-{kind}", records, tmp_path / "work")
 
 
 def assert_only_the_best_models_kept(uri, sweep, records, workdir):
@@ -120,3 +127,45 @@ def test_sigkill_an_early_stopping_sweep_then_rerun_neither_duplicates_nor_resum
         if record.trial_key in before:
             assert [r.run_id for r in records if r.trial_key == record.trial_key] == [record.run_id]
             assert record.end_time == before[record.trial_key].end_time
+
+
+SEARCH_SPEC = """\
+name: resume-search
+workdir: {workdir}
+data: {{kind: synthetic, n_train: 128, n_eval: 16}}
+training: {{batch_size: 16, max_length: 40, log_every: 5}}
+evaluation: {{num_prompts: 16, max_new_tokens: 16}}
+stages:
+  sft: {{grid: {{learning_rate: [3.0e-3], epochs: [1]}}}}
+  methods:
+    dpo:
+      grid: {{epochs: [1]}}
+      space: {{learning_rate: {{low: 1.0e-5, high: 1.0e-3, log: true}}, beta: {{low: 0.05, high: 0.5}}}}
+search: {{kind: optuna, n_trials: 8, sampler: tpe, seed: 0}}
+executor: {{kind: local, workers: 2}}
+"""
+
+
+def test_sigkill_the_driver_mid_asynchronous_search_then_rerun_runs_each_asked_point_once(tmp_path):
+    """A searched stage on 2 local workers, the driver SIGKILLed once 5 trial runs ended (3 of the search's, with
+    others in flight): the rerun replays the ended ones into the study and asks only the rest of the budget; every
+    point that ran ended once, the budget is met exactly, and the journal's study holds one COMPLETE trial per
+    MLflow run of the stage."""
+    db = tmp_path / "mlflow.db"
+    command = kill_the_driver_after(tmp_path, SEARCH_SPEC.format(workdir=tmp_path / "work"), 5)
+    time.sleep(2)
+    before = [r for r in SweepTracker(f"sqlite:///{db}", "resume-search").trials("dpo") if r.status == "FINISHED"]
+    rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    records = SweepTracker(f"sqlite:///{db}", "resume-search").trials("dpo")
+    finished = [r.trial_key for r in records if r.status == "FINISHED"]
+    assert len(finished) == len(set(finished)) == 8  # the budget, each point once
+    assert {r.trial_key for r in before} <= set(finished)
+    assert not [r for r in records if r.status == "RUNNING"]
+    assert {r.status for r in records} <= {"FINISHED", "KILLED"}  # attempts in flight at the kill: closed KILLED
+
+    stage = plan_sweep(load_spec(tmp_path / "spec.yaml"))[-1]
+    study = optuna.load_study(study_name=study_name("resume-search", "dpo", stage.stage_key),
+                              storage=study_storage(tmp_path / "work"))
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert sorted(t.user_attrs["posweep_trial_key"] for t in complete) == sorted(finished)
