@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.robustness import best_of_k_curve, expected_best_of_k, pareto_front, probability_beats, table1
+from analysis.robustness import best_of_k_curve, curve_ks, expected_best_of_k, pareto_front, probability_beats, table1
 from analysis.summary import trials_frame
 
 
@@ -168,3 +168,26 @@ def test_edge_of_grid_names_each_extreme_the_best_run_sits_on():
     frame.loc[frame.run_name == "s1", "beta"] = 2.2
     assert edge_of_grid(frame, "simpo", ["learning_rate", "beta", "gamma"]) == []
     assert edge_of_grid(frame, "dpo", ["beta"]) == []            # no finished run
+
+
+def test_expected_best_of_k_holds_for_a_method_of_thousands_of_runs():
+    """A report of 10,000 runs (3,333 per method) raised OverflowError: C(3333, k) has ~1,000 digits. The log-space
+    weights match exact rational arithmetic where it is still feasible, and the curve's default k stay few."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(2)
+    scores, n_failed = list(rng.normal(size=397)), 3
+    for k in (1, 7, 150, 400):
+        total = math.comb(400, k)
+        exact = sum(Fraction(math.comb(n_failed + j, k - 1), total) * Fraction(s)
+                    for j, s in enumerate(sorted(scores)))
+        all_failed = Fraction(math.comb(n_failed, k), total) if n_failed >= k else Fraction(0)
+        mean, p_fail = expected_best_of_k(scores, n_failed, k)
+        assert mean == pytest.approx(float(exact / (1 - all_failed)), rel=1e-9)
+        assert p_fail == pytest.approx(float(all_failed), abs=1e-12)
+    big = sorted(rng.normal(size=3333))
+    best_of_half = expected_best_of_k(big, 0, 1666)[0]  # the best of any 1,666 is at least the 1,666th smallest
+    assert big[1665] < best_of_half < big[-1]
+    ks = curve_ks(3333)
+    assert ks[:50] == list(range(1, 51)) and ks[-1] == 3333 and len(ks) < 100
+    assert curve_ks(100) == list(range(1, 101))

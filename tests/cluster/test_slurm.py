@@ -149,7 +149,7 @@ def test_jobs_on_a_drained_node_are_reported_failed_not_waited_on(tmp_path, slur
         with store_for_workers(sqlite, parallel=True) as uri:
             tasks = tasks_for(tmp_path, uri, "drained", 2)
             started = time.monotonic()
-            jobs = executor.submit(tasks, functools.partial(probe_trial, steps=1))
+            jobs = _submit(executor, tasks, functools.partial(probe_trial, steps=1))
             results = _wait_all(executor, jobs)
             assert time.monotonic() - started < 60
         assert [r.status for r in results] == ["FAILED", "FAILED"]
