@@ -50,7 +50,8 @@ PROMPTS = 16
 
 
 def noop_spec(name: str, workdir: Path, trials: int, executor: str, early_stopping: bool = True):
-    """A no-op sweep of base + SFT + about `trials` preference trials (3 methods × β × learning rates)."""
+    """A no-op sweep of base + SFT + about `trials` preference trials: 3 methods × β × learning rates, each grid
+    rounded down to a rectangle (--trials 1000 plans 972, 10000 plans 9,918)."""
     per_method = max(1, trials // 3)
     n_beta = max(1, int(per_method ** 0.5))
     return parse_spec(noop_sweep_yaml(name, workdir, n_beta=n_beta, n_lr=max(1, per_method // n_beta),

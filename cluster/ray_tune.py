@@ -2,8 +2,9 @@
 
 Ray places each task on a local Ray or an existing cluster with the resources the spec asks for (fractional GPUs
 let small trials share a card) and retries a task whose worker process or node died (`max_failures`, Ray's
-max_retries); the driver keeps at most `slots` in flight. A trial's own failures (a diverged loss, a bad file)
-are not retried: the trial function records them FAILED and returns, as on every executor. Resume is ours
+max_retries), or whose trial function raised (a tracking request broken by a server restart); the driver keeps at
+most `slots` in flight. A trial's own failures (a diverged loss, a bad file) are not retried: the trial function
+records them FAILED and returns, as on every executor. Resume is ours
 (trial keys in MLflow, checkpoints in the trial folder). Only a ranks: ray_train trial writes under
 WORKDIR/ray_results (its Ray Train run's logs). (The module keeps its name from when trials were Ray Tune trials.)
 """
@@ -141,7 +142,10 @@ class RayExecutor(BlockingRun):
 
         if self._shared is None or self._shared[0] is not trial_fn:
             r = self.resources
-            options = dict(num_cpus=r["cpu"], max_retries=self.spec.max_failures, retry_exceptions=False)
+            # retry_exceptions: an exception that escapes the trial function is not the trial's own failure (those are
+            # recorded and returned) but its process's: a tracking request broken mid-response by a server restart
+            # (IncompleteRead) failed a trial until it was retried, as Ray Tune retried it before issue 25
+            options = dict(num_cpus=r["cpu"], max_retries=self.spec.max_failures, retry_exceptions=True)
             if r.get("gpu"):
                 options["num_gpus"] = r["gpu"]
             self._shared = (trial_fn, ray.remote(_ray_trial).options(**options), ray.put(trial_fn),
@@ -172,8 +176,9 @@ class RayExecutor(BlockingRun):
 
         try:
             return TrialResult.model_validate_json(ray.get(handle.ref))
-        except ray.exceptions.RayTaskError as exc:  # raised outside the trial's own error handling (not retried)
-            return record_lost_trial(handle.task, f"the trial raised outside its own error handling: "
+        except ray.exceptions.RayTaskError as exc:  # raised outside the trial's own error handling, every retry
+            return record_lost_trial(handle.task, f"the trial raised outside its own error handling "
+                                                  f"{self.spec.max_failures + 1} time(s): "
                                                   f"{type(exc.cause).__name__}: {str(exc.cause)[:500]}")
         except ray.exceptions.RayError as exc:  # its worker process or node died beyond the retries
             return record_lost_trial(handle.task, _lost_reason(exc, self.spec.max_failures))

@@ -47,8 +47,11 @@ def test_eight_concurrent_trials_log_every_step_through_the_mlflow_server(tmp_pa
     records = SweepTracker(store_uri, "concurrent").trials()  # the file is readable directly once the server stops
     assert sorted(r.status for r in records) == ["FINISHED"] * 8
     assert len({r.trial_key for r in records}) == 8
-    starts = sorted(store_client(store_uri).get_run(r.run_id).info.start_time for r in records)
-    assert starts[-1] - starts[0] < 1000 * 1.0 * 4, "the 8 trials did not overlap"
+    # at some moment several trials were logging at once (not when each started: Ray starts 2 worker processes at
+    # a time on 2 CPUs, and the second test of the module waits for them after the first's idled out)
+    spans = [(i.start_time, i.end_time) for i in (store_client(store_uri).get_run(r.run_id).info for r in records)]
+    at_once = max(sum(start <= moment < end for start, end in spans) for moment, _ in spans)
+    assert at_once >= 3, f"at most {at_once} of the 8 trials ran at once"
 
 
 def test_a_worker_killed_mid_trial_is_retried_and_finishes_once(tmp_path, local_ray, tasks_for):
