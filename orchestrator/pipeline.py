@@ -282,8 +282,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, *, smoke: bool = False, execut
     prepare_store(tracking_uri)  # once, under its lock: another driver or the server may open it at once
     with store_for_workers(tracking_uri, executor.parallel, spec.tracking.server_host,
                            meanwhile=getattr(executor, "start", None),
-                           restarts=spec.tracking.server_restarts, log_dir=Path(spec.workdir),
-                           workdir=Path(spec.workdir)) as uri:
+                           restarts=spec.tracking.server_restarts, workdir=Path(spec.workdir)) as uri:
         if uri != tracking_uri:
             echo(f"trials run in parallel: serving {redacted(tracking_uri)} through an MLflow server at {uri}")
         tracker = SweepTracker(uri, name, workdir=Path(spec.workdir))

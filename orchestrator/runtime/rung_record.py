@@ -103,11 +103,19 @@ class RungRecords:
         # no tag filter)
         query = stage_query(stage_key) if previous is None else f"attributes.end_time >= {previous[0] - OVERLAP_MS}"
         ended = [r for r in all_runs(self.client, self.experiment_id, query) if r.info.status != RunStatus.RUNNING]
-        values: RungValues = json.loads(json.dumps(previous[1])) if previous else {}
+        values: RungValues = previous[1] if previous else {}  # the driver's own copy: merged into in place
+        before = {signature: _count(by_metric) for signature, by_metric in values.items()}
         merge_rung_values(values, ended, stage_key)
         self.kept[stage_run_id] = (as_of, values)
+        changed = [s for s, by_metric in values.items() if _count(by_metric) != before.get(s)]
+        # a record left as it was keeps its older as_of_ms: decisions then read a few more ended runs, still right
         with tempfile.TemporaryDirectory(prefix="posweep-rungs-") as tmp:
-            for signature, by_metric in values.items():
+            for signature in changed:
                 path = Path(tmp) / f"{signature}.json"
-                path.write_text(json.dumps({"as_of_ms": as_of, "values": by_metric}))
+                path.write_text(json.dumps({"as_of_ms": as_of, "values": values[signature]}))
                 self.client.log_artifact(stage_run_id, str(path), RECORD_FOLDER)
+
+
+def _count(by_metric: dict[str, dict[str, float]]) -> int:
+    """Values held for one signature (keys are only ever added, so a new count means new values)."""
+    return sum(len(by_key) for by_key in by_metric.values())

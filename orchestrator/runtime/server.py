@@ -193,7 +193,7 @@ def with_login(command: list[str], env: dict[str, str], login: Optional[ServerLo
 @contextlib.contextmanager
 def mlflow_server(store_uri: str, host: str = "127.0.0.1", timeout: float = 180.0,
                   meanwhile: Optional[Callable[[], None]] = None, restarts: int = 3,
-                  log_dir: Optional[Path] = None, workdir: Optional[Path] = None) -> Iterator[str]:
+                  workdir: Optional[Path] = None) -> Iterator[str]:
     """Serve a local tracking store (a SQLite file, or a database server such as PostgreSQL, whose home is then
     WORKDIR/mlflow-store: store.store_home) over HTTP for the duration of the block; yields the server's URI.
 
@@ -202,14 +202,14 @@ def mlflow_server(store_uri: str, host: str = "127.0.0.1", timeout: float = 180.
     the driver's disk write them directly, others through the server. Beyond loopback the server asks for the
     store's credential, which this process's clients (and the trials it starts) get through
     MLFLOW_TRACKING_USERNAME/PASSWORD for the block. A server that dies is started again (`restarts` times). Its
-    log goes to `log_dir` (a sweep's workdir: nothing is left in the working tree), else to the store's home."""
+    log goes to the sweep's `workdir` (nothing is left in the working tree), else to the store's home."""
     home = store_home(store_uri, workdir)
     if home is None:
         raise ValueError(f"no local folder for the store {redacted(store_uri)}'s artifacts: pass the sweep's workdir")
     home.mkdir(parents=True, exist_ok=True)
     port = free_port(host)
     url = f"http://{host}:{port}"
-    log = Path(log_dir or home) / "mlflow-server.log"
+    log = Path(workdir or home) / "mlflow-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     login = None if is_loopback(host) else store_login(home)
     command, env = server_command(store_uri, home, host, port, login)
@@ -280,13 +280,13 @@ def _group_ended(process: subprocess.Popen, timeout: float) -> bool:
 @contextlib.contextmanager
 def store_for_workers(uri: str, parallel: bool, host: str = "127.0.0.1",
                       meanwhile: Optional[Callable[[], None]] = None, restarts: int = 3,
-                      log_dir: Optional[Path] = None, workdir: Optional[Path] = None) -> Iterator[str]:
+                      workdir: Optional[Path] = None) -> Iterator[str]:
     """The tracking URI that the driver and every worker use: a local store (a SQLite file, a PostgreSQL
     database) is put behind an MLflow server when trials run in parallel; anything else (a server URI, a
-    sequential sweep) is used as is. `meanwhile` runs once either way (while the server starts, if one does)."""
+    sequential sweep) is used as is. `meanwhile` runs once either way (while the server starts, if one does);
+    `workdir`: the sweep's (the server's log; a database store's artifacts and login, store.store_home)."""
     if parallel and (urlparse(uri).scheme == "sqlite" or is_database_server(uri)):
-        with mlflow_server(uri, host, meanwhile=meanwhile, restarts=restarts, log_dir=log_dir,
-                           workdir=workdir) as url:
+        with mlflow_server(uri, host, meanwhile=meanwhile, restarts=restarts, workdir=workdir) as url:
             yield url
     else:
         if meanwhile:
