@@ -263,8 +263,7 @@ class _StageRunner:
         lock = workdir / "locks" / f"search-{self.tracker.sweep}-{stage.stage}.lock"
         with exclusive_lock(lock, on_wait=lambda: echo(f"stage {stage.stage}: another driver is running its "
                                                        "search; waiting for it to end")):
-            previous = ended(stage_records(self.tracker.trials(stage.stage), stage))
-            run_search(stage.search, previous,
+            run_search(stage.search, stage_records(self.tracker.trials(stage.stage), stage),
                        lambda next_trial, on_result: self._drive(
                            lambda: _task_of(next_trial(), runtime), on_result),
                        study_storage(workdir, echo), name, echo)

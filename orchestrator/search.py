@@ -4,7 +4,8 @@ The stage keeps every slot of the executor busy: it asks Optuna for a point when
 ordinary trial (keyed by its resolved config, like a grid trial), and tells Optuna its score the moment it ends
 (no batch waits for its slowest trial). Resume is ours
 as for grids: MLflow is the source of truth. Each run of the sweep rebuilds the stage's study from the stage's
-FINISHED/FAILED runs (replayed), then asks and tells the rest of the budget.
+ended runs (replayed), runs again first the points whose trials a killed driver left running, then asks and tells
+the rest of the budget.
 
 The study is kept in an Optuna journal file in the sweep's workdir (WORKDIR/optuna/studies.log, one study per
 searched stage, named SWEEP/STAGE/STAGE_KEY), so `optuna-dashboard WORKDIR/optuna/studies.log` and
@@ -25,7 +26,7 @@ import optuna
 from orchestrator.core.methods import METHODS
 from orchestrator.core.registry import Registry
 from orchestrator.core.rungs import logged_rung_values
-from orchestrator.core.runs import RunStatus, TrialRecord
+from orchestrator.core.runs import RunStatus, TrialRecord, ended, latest_per_key
 from orchestrator.core.spec import Choice, FloatRange, IntRange, SearchRange, coerce_hparam
 from orchestrator.core.task import TrialResult
 from orchestrator.core.trials import TrialSpec
@@ -196,15 +197,34 @@ def _tell(study: optuna.Study, trial: optuna.Trial, result: TrialResult, metric:
         study.tell(trial, state=state)
 
 
+def interrupted_points(search: StageSearch, records: list[TrialRecord]) -> list[dict]:
+    """The points of the stage's runs left RUNNING by a driver that is gone (the caller holds the stage's search
+    lock), one per key, without the keys that ended since: asked and started, never told. A rerun runs them again
+    first, within the budget (`sweep status` already counts them in it); the trial closes the dead attempt's run
+    KILLED, or, if that attempt is still alive (a SLURM job outlives its driver), waits on the trial's lock and
+    takes its result."""
+    done = {r.trial_key for r in ended(records)}
+    running = [r for r in latest_per_key(records) if r.status == RunStatus.RUNNING and r.trial_key not in done]
+    return [{k: _logged_value(search, k, r.params[k]) for k in search.space} for r in running]
+
+
 def run_search(search: StageSearch, previous: list[TrialRecord], drive: Drive, storage=None,
                name: Optional[str] = None, notice: Notice = lambda line: None) -> list[TrialResult]:
-    """Run the rest of the stage's budget (n_trials minus its completed runs; the plan caps it at a finite space's
+    """Run the rest of the stage's budget (n_trials minus its ended runs; the plan caps it at a finite space's
     distinct points), each point once, asynchronously: `drive` asks for a point whenever a slot is free and hands
     back each result as its trial ends, which is told at once, so the next point asked already knows it (points
-    asked while others run are kept apart by the constant-liar sampler). The study lives in `storage` under `name`
-    when given (study_storage, study_name), else in memory."""
+    asked while others run are kept apart by the constant-liar sampler). `previous`: the stage's runs; the ended
+    ones are replayed, the interrupted ones (interrupted_points) are asked first. The study lives in `storage`
+    under `name` when given (study_storage, study_name), else in memory."""
+    interrupted = interrupted_points(search, previous)
+    previous = ended(previous)
     study = new_study(search, len(previous), storage, name)
     replay(study, search, previous)
+    for point in interrupted:
+        study.enqueue_trial(point)
+    if interrupted:
+        notice(f"stage {search.template.stage}: {len(interrupted)} point(s) whose trials were running when the last "
+               "driver stopped run again first")
     dists = {k: distribution(v) for k, v in search.space.items()}
     seen = {r.trial_key for r in previous}
     asked: dict[str, optuna.Trial] = {}  # trial key -> its asked trial, until told

@@ -120,6 +120,29 @@ def test_a_resumed_search_replays_completed_trials_and_runs_only_the_rest(tmp_pa
     assert not {(p["learning_rate"], p["beta"]) for p in asked(rest)} & replayed
 
 
+def test_points_a_killed_driver_left_running_run_again_first_within_the_budget(tmp_path):
+    """The CI failure of stop 30: a run left RUNNING by a SIGKILLed driver stayed RUNNING for ever, its point never
+    asked again (the rerun drew the whole rest of the budget anew). Now its point is the first asked, and counts in
+    the budget; a key that ended since (a run of it FINISHED) is not run again."""
+    search = plan_sweep(spec_for(tmp_path, n=5))[-1].search
+    first = []
+    results = run_search(search, [], fake_drive(first))
+    points = asked(first)
+
+    def record(i, status):
+        return TrialRecord(run_id=f"{i}-{status}", run_name="", trial_key=results[i].trial_key, stage="dpo",
+                           method="dpo", status=status, params={k: str(v) for k, v in points[i].items()},
+                           metrics=results[i].metrics if status == "FINISHED" else {}, tags={})
+
+    previous = [record(0, "FINISHED"), record(1, "FINISHED"), record(1, "RUNNING"), record(2, "RUNNING")]
+    rest, notices = [], []
+    again = run_search(search, previous, fake_drive(rest), notice=notices.append)
+    assert asked(rest)[0] == points[2]  # the interrupted point, asked first
+    assert len(asked(rest)) == 3 and points[1] not in asked(rest)  # 5 - 2 ended; the ended key is not rerun
+    assert again[0].trial_key == results[2].trial_key
+    assert notices == ["stage dpo: 1 point(s) whose trials were running when the last driver stopped run again first"]
+
+
 def test_space_errors_are_one_line_with_the_field(tmp_path):
     bad = {
         "learning_rate: {low: 0.0, high: 1.0e-3, log: true}": "log range needs low > 0",

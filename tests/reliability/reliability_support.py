@@ -6,24 +6,25 @@ import signal
 import sqlite3
 from pathlib import Path
 
-FINISHED_TRIALS = ("select count(*) from runs r join tags t on t.run_uuid = r.run_uuid where "
-                   "t.key = 'posweep.run_kind' and t.value = 'trial' and r.status = 'FINISHED'")
+TRIALS_WITH_STATUS = ("select count(*) from runs r join tags t on t.run_uuid = r.run_uuid where "
+                      "t.key = 'posweep.run_kind' and t.value = 'trial' and r.status = '{status}'")
 
 
-def finished_trials(store) -> int:
-    """FINISHED trial runs in a store, read directly (while a server owns it; 0 while it is busy): a SQLite file's
-    path, or a postgresql:// URI."""
+def finished_trials(store, status: str = "FINISHED") -> int:
+    """Trial runs of this MLflow status (FINISHED by default) in a store, read directly (while a server owns it; 0
+    while it is busy): a SQLite file's path, or a postgresql:// URI."""
+    query = TRIALS_WITH_STATUS.format(status=status)
     if str(store).startswith("postgresql://"):
         import psycopg
 
         try:
             with psycopg.connect(str(store)) as con:
-                return con.execute(FINISHED_TRIALS).fetchone()[0]
+                return con.execute(query).fetchone()[0]
         except psycopg.Error:
             return 0
     try:
         with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5) as con:
-            return con.execute(FINISHED_TRIALS).fetchone()[0]
+            return con.execute(query).fetchone()[0]
     except sqlite3.Error:
         return 0
 

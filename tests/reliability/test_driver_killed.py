@@ -35,10 +35,10 @@ EXECUTORS = {"local": "{kind: local}", "ray": "{kind: ray, num_cpus: 2, max_conc
 TOTAL = 7  # untrained + 1 SFT + 3 DPO + 2 SimPO
 
 
-def kill_the_driver_after(tmp_path, spec_text: str, ended: int, uri: str = "") -> list[str]:
+def kill_the_driver_after(tmp_path, spec_text: str, ended: int, uri: str = "", running: int = 0) -> list[str]:
     """Start `sweep run` on the spec in a subprocess (tracking `uri`, default TMP/mlflow.db), SIGKILL it once
-    `ended` trial runs have ended (MLflow status FINISHED: finished or stopped early), and return the command (to
-    rerun it)."""
+    `ended` trial runs have ended (MLflow status FINISHED: finished or stopped early) and `running` are RUNNING,
+    and return the command (to rerun it)."""
     spec = tmp_path / "spec.yaml"
     spec.write_text(spec_text)
     uri = uri or f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -46,7 +46,8 @@ def kill_the_driver_after(tmp_path, spec_text: str, ended: int, uri: str = "") -
     command = [sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--no-progress", "--tracking-uri", uri]
     driver = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 400
-    while finished_trials(store) < ended and driver.poll() is None and time.monotonic() < deadline:
+    while (finished_trials(store) < ended or finished_trials(store, "RUNNING") < running) \
+            and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert driver.poll() is None, "the sweep ended before it could be killed:\n" + driver.stdout.read()
     os.kill(driver.pid, signal.SIGKILL)
@@ -147,20 +148,25 @@ executor: {{kind: local, workers: 2}}
 
 
 def test_sigkill_the_driver_mid_asynchronous_search_then_rerun_runs_each_asked_point_once(tmp_path):
-    """A searched stage on 2 local workers, the driver SIGKILLed once 5 trial runs ended (3 of the search's, with
-    others in flight): the rerun replays the ended ones into the study and asks only the rest of the budget; every
-    point that ran ended once, the budget is met exactly, and the journal's study holds one COMPLETE trial per
-    MLflow run of the stage."""
+    """A searched stage on 2 local workers, the driver SIGKILLed once 5 trial runs ended (3 of the search's) and one
+    is in flight: the rerun replays the ended ones into the study, runs the interrupted points again first (their
+    dead runs closed KILLED) and asks only the rest of the budget; every point that ran ended once, the budget is met
+    exactly, and the journal's study holds one COMPLETE trial per MLflow run of the stage."""
     db = tmp_path / "mlflow.db"
-    command = kill_the_driver_after(tmp_path, SEARCH_SPEC.format(workdir=tmp_path / "work"), 5)
+    command = kill_the_driver_after(tmp_path, SEARCH_SPEC.format(workdir=tmp_path / "work"), 5, running=1)
     time.sleep(2)
-    before = [r for r in SweepTracker(f"sqlite:///{db}", "resume-search").trials("dpo") if r.status == "FINISHED"]
+    at_kill = SweepTracker(f"sqlite:///{db}", "resume-search").trials("dpo")
+    before = [r for r in at_kill if r.status == "FINISHED"]
+    interrupted = {r.trial_key for r in at_kill if r.status == "RUNNING"}
+    assert interrupted, "no trial was in flight at the kill: the test no longer exercises an interrupted point"
     rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"stage dpo: {len(interrupted)} point(s) whose trials were running when the last driver stopped run " \
+           "again first" in rerun.stdout
     records = SweepTracker(f"sqlite:///{db}", "resume-search").trials("dpo")
     finished = [r.trial_key for r in records if r.status == "FINISHED"]
     assert len(finished) == len(set(finished)) == 8  # the budget, each point once
-    assert {r.trial_key for r in before} <= set(finished)
+    assert {r.trial_key for r in before} | interrupted <= set(finished)  # an interrupted point ran again
     assert not [r for r in records if r.status == "RUNNING"]
     assert {r.status for r in records} <= {"FINISHED", "KILLED"}  # attempts in flight at the kill: closed KILLED
 
