@@ -263,7 +263,10 @@ class _StageRunner:
         lock = workdir / "locks" / f"search-{self.tracker.sweep}-{stage.stage}.lock"
         with exclusive_lock(lock, on_wait=lambda: echo(f"stage {stage.stage}: another driver is running its "
                                                        "search; waiting for it to end")):
-            run_search(stage.search, stage_records(self.tracker.trials(stage.stage), stage),
+            records = stage_records(self.tracker.trials(stage.stage), stage)
+            done = {r.trial_key for r in ended(records)}
+            self.tracker.close_stale({r.trial_key for r in records} - done, records)  # a dead driver's, as for grids
+            run_search(stage.search, records,  # as read: its interrupted points run again first
                        lambda next_trial, on_result: self._drive(
                            lambda: _task_of(next_trial(), runtime), on_result),
                        study_storage(workdir, echo), name, echo)

@@ -199,12 +199,13 @@ def _tell(study: optuna.Study, trial: optuna.Trial, result: TrialResult, metric:
 
 def interrupted_points(search: StageSearch, records: list[TrialRecord]) -> list[dict]:
     """The points of the stage's runs left RUNNING by a driver that is gone (the caller holds the stage's search
-    lock), one per key, without the keys that ended since: asked and started, never told. A rerun runs them again
-    first, within the budget (`sweep status` already counts them in it); the trial closes the dead attempt's run
-    KILLED, or, if that attempt is still alive (a SLURM job outlives its driver), waits on the trial's lock and
-    takes its result."""
+    lock and has closed those runs KILLED), one per key, without the keys that ended since: asked and started,
+    never told. A rerun runs them again first, within the budget (`sweep status` already counts them in it); if
+    the old attempt is still alive (a SLURM job outlives its driver), the new one waits on the trial's lock and
+    takes its result. A run killed before its params were logged names no point: it is left out."""
     done = {r.trial_key for r in ended(records)}
-    running = [r for r in latest_per_key(records) if r.status == RunStatus.RUNNING and r.trial_key not in done]
+    running = [r for r in latest_per_key(records) if r.status == RunStatus.RUNNING and r.trial_key not in done
+               and all(k in r.params for k in search.space)]
     return [{k: _logged_value(search, k, r.params[k]) for k in search.space} for r in running]
 
 

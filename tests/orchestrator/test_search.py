@@ -123,7 +123,8 @@ def test_a_resumed_search_replays_completed_trials_and_runs_only_the_rest(tmp_pa
 def test_points_a_killed_driver_left_running_run_again_first_within_the_budget(tmp_path):
     """The CI failure of stop 30: a run left RUNNING by a SIGKILLed driver stayed RUNNING for ever, its point never
     asked again (the rerun drew the whole rest of the budget anew). Now its point is the first asked, and counts in
-    the budget; a key that ended since (a run of it FINISHED) is not run again."""
+    the budget; a key that ended since (a run of it FINISHED) is not run again; a run killed before its params were
+    logged names no point and is left out."""
     search = plan_sweep(spec_for(tmp_path, n=5))[-1].search
     first = []
     results = run_search(search, [], fake_drive(first))
@@ -134,7 +135,10 @@ def test_points_a_killed_driver_left_running_run_again_first_within_the_budget(t
                            method="dpo", status=status, params={k: str(v) for k, v in points[i].items()},
                            metrics=results[i].metrics if status == "FINISHED" else {}, tags={})
 
-    previous = [record(0, "FINISHED"), record(1, "FINISHED"), record(1, "RUNNING"), record(2, "RUNNING")]
+    killed_before_its_params = TrialRecord(run_id="x", run_name="", trial_key="x", stage="dpo", method="dpo",
+                                           status="RUNNING", params={}, metrics={}, tags={})
+    previous = [record(0, "FINISHED"), record(1, "FINISHED"), record(1, "RUNNING"), record(2, "RUNNING"),
+                killed_before_its_params]
     rest, notices = [], []
     again = run_search(search, previous, fake_drive(rest), notice=notices.append)
     assert asked(rest)[0] == points[2]  # the interrupted point, asked first
