@@ -87,12 +87,12 @@ def drive(executor: Executor, next_task: NextTask, trial_fn: TrialFn, on_done: O
 def run_tasks(executor: Executor, tasks: list[TrialTask], trial_fn: TrialFn, progress: Optional[Progress] = None
               ) -> list[TrialResult]:
     """Every task once (the blocking form: the loop above over a list); one TrialResult per task, in order."""
-    queue = list(enumerate(tasks))[::-1]
+    queue = tasks[::-1]
     position = {id(task): i for i, task in enumerate(tasks)}
     results: list[Optional[TrialResult]] = [None] * len(tasks)
 
     def next_task() -> Optional[TrialTask]:
-        return queue.pop()[1] if queue else None
+        return queue.pop() if queue else None
 
     def on_done(task: TrialTask, result: TrialResult) -> None:
         results[position[id(task)]] = result

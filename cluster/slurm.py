@@ -124,6 +124,8 @@ class SlurmExecutor(BlockingRun):
             states = queue_states([h.ref.job_id for h in pending])
             done = [(h, r) for h in pending
                     for r in [self._poll(h, states.get(h.ref.job_id, (None, "")), progress)] if r is not None]
+            for handle, _ in done:
+                self._seen.pop(handle.ref.job_id, None)
             if done:
                 return done
             time.sleep(self.spec.poll_seconds)

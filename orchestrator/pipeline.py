@@ -18,7 +18,7 @@ from analysis.summary import best_per_stage, trials_frame
 from cluster import drive, make_executor
 from orchestrator.core.methods import StageKind
 from orchestrator.core.runs import (OUTCOMES, SELECTION_METRIC, RunStatus, TrialRecord, best_first, ended,
-                                    latest_per_key, resume_done)
+                                    latest_per_key, resume_done, running_per_key)
 from orchestrator.core.spec import SweepSpec
 from orchestrator.core.tags import (TAG_CHECKPOINT, TAG_CHECKPOINT_ARTIFACT, TAG_SAMPLES, TAG_SAMPLES_SHA,
                                     TAG_STAGE_KEY, TAG_WEIGHTS)
@@ -84,7 +84,7 @@ def done_keys(records: list[TrialRecord], stage: StagePlan, spec: SweepSpec) -> 
 def to_run(records: list[TrialRecord], stage: StagePlan, spec: SweepSpec) -> int:
     """How many of the stage's trials `sweep run` would run now: the planned ones (the search budget) that are
     neither done (done_keys) nor running. One count for `run`, `status` and `plan`."""
-    running = {r.trial_key for r in latest_per_key(stage_records(records, stage)) if r.status == RunStatus.RUNNING}
+    running = {r.trial_key for r in running_per_key(stage_records(records, stage))}
     done = done_keys(records, stage, spec)
     return max(stage.size - len(done) - len(running - done), 0)
 
@@ -264,8 +264,8 @@ class _StageRunner:
         with exclusive_lock(lock, on_wait=lambda: echo(f"stage {stage.stage}: another driver is running its "
                                                        "search; waiting for it to end")):
             records = stage_records(self.tracker.trials(stage.stage), stage)
-            done = {r.trial_key for r in ended(records)}
-            self.tracker.close_stale({r.trial_key for r in records} - done, records)  # a dead driver's, as for grids
+            # a dead driver's (this one holds the stage's search lock), as for grids
+            self.tracker.close_stale({r.trial_key for r in running_per_key(records)}, records)
             run_search(stage.search, records,  # as read: its interrupted points run again first
                        lambda next_trial, on_result: self._drive(
                            lambda: _task_of(next_trial(), runtime), on_result),

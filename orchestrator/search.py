@@ -26,7 +26,7 @@ import optuna
 from orchestrator.core.methods import METHODS
 from orchestrator.core.registry import Registry
 from orchestrator.core.rungs import logged_rung_values
-from orchestrator.core.runs import RunStatus, TrialRecord, ended, latest_per_key
+from orchestrator.core.runs import RunStatus, TrialRecord, ended, running_per_key
 from orchestrator.core.spec import Choice, FloatRange, IntRange, SearchRange, coerce_hparam
 from orchestrator.core.task import TrialResult
 from orchestrator.core.trials import TrialSpec
@@ -203,10 +203,8 @@ def interrupted_points(search: StageSearch, records: list[TrialRecord]) -> list[
     never told. A rerun runs them again first, within the budget (`sweep status` already counts them in it); if
     the old attempt is still alive (a SLURM job outlives its driver), the new one waits on the trial's lock and
     takes its result. A run killed before its params were logged names no point: it is left out."""
-    done = {r.trial_key for r in ended(records)}
-    running = [r for r in latest_per_key(records) if r.status == RunStatus.RUNNING and r.trial_key not in done
-               and all(k in r.params for k in search.space)]
-    return [{k: _logged_value(search, k, r.params[k]) for k in search.space} for r in running]
+    return [{k: _logged_value(search, k, r.params[k]) for k in search.space} for r in running_per_key(records)
+            if all(k in r.params for k in search.space)]
 
 
 def run_search(search: StageSearch, previous: list[TrialRecord], drive: Drive, storage=None,

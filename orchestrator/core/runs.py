@@ -114,6 +114,12 @@ def latest_per_key(records: list[TrialRecord]) -> list[TrialRecord]:
     return list(by_key.values())
 
 
+def running_per_key(records: list[TrialRecord]) -> list[TrialRecord]:
+    """The keys whose standing run (latest_per_key) is RUNNING, one record each: running now, or left so by a
+    driver that died. Such a key has no FINISHED or STOPPED run, and no ended run newer than that one."""
+    return [r for r in latest_per_key(records) if r.status == RunStatus.RUNNING]
+
+
 def ended(records: list[TrialRecord]) -> list[TrialRecord]:
     """The keys that ran to an outcome (OUTCOMES), one record each (latest_per_key)."""
     return [r for r in latest_per_key(records) if r.status in OUTCOMES]

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 from orchestrator.infra.files import write_file_atomically
 from orchestrator.infra.net import free_port, is_loopback
 from orchestrator.infra.process import die_with_parent
-from orchestrator.runtime.store import is_database_server, redacted, store_home
+from orchestrator.runtime.store import artifact_root, is_database_server, redacted, store_home
 
 
 class TrackingServerError(RuntimeError):
@@ -174,7 +174,7 @@ def server_command(store_uri: str, home: Path, host: str, port: int, login: Opti
     without a server), behind the basic-auth app when `login` is given."""
     mlflow, env = mlflow_command()
     env = {**env, **SERVER_POOL}
-    root = (home / "mlartifacts").as_uri()
+    root = artifact_root(home)
     command = [mlflow, "server", "--backend-store-uri", store_uri, "--default-artifact-root", root,
                "--serve-artifacts", "--artifacts-destination", root, "--host", host, "--port", str(port),
                "--workers", "1"]

@@ -37,6 +37,11 @@ class BadTrackingUri(ValueError):
     a folder or a file that is not a database). Its message is the one line a command prints; exit code 2."""
 
 
+def store_scheme(uri: str) -> str:
+    """The URI's scheme without its driver: postgresql+psycopg2://... is postgresql."""
+    return urlparse(uri).scheme.split("+")[0]
+
+
 def _suggested_store(path: Path) -> str:
     return f"sqlite:///{(path if path.suffix == '.db' else path / 'mlflow.db').expanduser().resolve()}"
 
@@ -44,7 +49,7 @@ def _suggested_store(path: Path) -> str:
 def tracking_uri_problem(uri: str) -> Optional[str]:
     """Why `uri` cannot name a tracking store, or None. Reads at most the first bytes of a local file; creates
     nothing."""
-    scheme = urlparse(uri).scheme.split("+")[0]  # postgresql+psycopg2://...
+    scheme = store_scheme(uri)
     if scheme in ("", "file") or (len(scheme) == 1 and uri[1:3] in (":\\", ":/")):  # a path (or a drive letter)
         path = Path(uri.removeprefix("file://") if scheme == "file" else uri)
         return (f"tracking URI {uri!r} is a folder path: MLflow's file store, which MLflow 3 no longer opens; use a "
@@ -141,7 +146,7 @@ def _cached_client(uri: str, create: bool):
     from mlflow.tracking import MlflowClient
 
     _quiet_mlflow()
-    scheme = urlparse(uri).scheme.split("+")[0]
+    scheme = store_scheme(uri)
     if scheme in SERVER_SCHEMES:
         return MlflowClient(tracking_uri=uri)
     if scheme != "sqlite":  # a database server (PostgreSQL, ...): MLflow creates or migrates its tables now
@@ -171,7 +176,7 @@ def redacted(uri: str) -> str:
 def is_database_server(uri: str) -> bool:
     """A store in a database server MLflow's SQL store opens (PostgreSQL, MySQL, SQL Server): not a file, not
     an MLflow server."""
-    scheme = urlparse(uri).scheme.split("+")[0]
+    scheme = store_scheme(uri)
     return scheme in DATABASE_SCHEMES and scheme != "sqlite"
 
 
@@ -224,7 +229,13 @@ def local_artifact_root(uri: str, workdir: Optional[Path] = None) -> Optional[st
     """Artifacts of a local store go in its home (store_home: beside a SQLite database, in the sweep's workdir for
     a database server), not wherever the CWD happens to be (MLflow's default, ./mlruns)."""
     home = store_home(uri, workdir)
-    return None if home is None else (home / "mlartifacts").as_uri()
+    return None if home is None else artifact_root(home)
+
+
+def artifact_root(home: Path) -> str:
+    """The artifact root of a store whose home is `home` (store_home): what runs' file:// URIs and the server's
+    --artifacts-destination name."""
+    return (home / "mlartifacts").as_uri()
 
 
 def artifact_repository(client, run_id: str, served_root: Optional[str] = None):

@@ -112,8 +112,8 @@ class SweepTracker:
         edited) raises CorruptArtifact naming the run. `artifact_uri` (the run's, from its record): when it is a
         folder this process sees, the file is read in place, without a copy or a read of the run (a report of
         10,000 runs reads 10,000 tables)."""
-        local = Path(urlparse(artifact_uri).path) / artifact_file if artifact_uri and urlparse(
-            artifact_uri).scheme == "file" else None
+        where = urlparse(artifact_uri or "")
+        local = Path(where.path) / artifact_file if where.scheme == "file" else None
         if local is not None and local.is_file():
             return self._table(run_id, artifact_file, local)
         with tempfile.TemporaryDirectory() as tmp:

@@ -170,15 +170,15 @@ class TrialLogger:
         rung signature, one per key: from the stage's rung record (runtime.rung_record) and the runs it cannot
         hold yet, or, without a record, from every run of the stage."""
         record = read_record(self.artifacts(self.parent_run_id), signature)
-        found: RungValues = {}
         if record is None:
+            found: RungValues = {}
             merge_rung_values(found, all_runs(self.client, self.experiment_id, stage_query(stage_key, signature)))
+            values = found.get(signature, {}).get(metric, {})
         else:
-            found[signature] = {metric: dict(record["values"].get(metric, {}))}
+            values = dict(record["values"].get(metric, {}))
             newer = values_since(self.client, self.experiment_id, stage_key, record["as_of_ms"])
             for key, value in newer.get(signature, {}).get(metric, {}).items():
-                found[signature][metric].setdefault(key, value)
-        values = found.get(signature, {}).get(metric, {})
+                values.setdefault(key, value)
         return [value for key, value in values.items() if key != exclude_key]
 
     def reopen(self, run_id: str) -> None:

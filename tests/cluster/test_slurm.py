@@ -76,12 +76,14 @@ def _submit(executor, tasks, trial_fn) -> list:
 
 
 def _wait_all(executor, handles) -> list:
-    """The handles' results, in their order, through the executor's wait_any."""
+    """The handles' results, in their order, through the executor's wait_any; once all have ended the executor
+    remembers none of their jobs (it kept one entry per trial for the whole sweep before the review of issue 25)."""
     results, pending = {}, list(handles)
     while pending:
         for handle, result in executor.wait_any(pending):
             pending.remove(handle)
             results[id(handle)] = result
+    assert not set(executor._seen) & {h.ref.job_id for h in handles}
     return [results[id(h)] for h in handles]
 
 
